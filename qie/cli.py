@@ -1,0 +1,136 @@
+"""`python -m qie`: edit images (one or a folder), print environment info, build the tiny model.
+
+Examples:
+    python -m qie edit photo.jpg --prompt "pure white background" --output out.png --model tiny
+    python -m qie edit photos/ --prompt "remove the watermark" --output edited/ --steps 8
+    python -m qie info
+    python -m qie make-tiny ./tiny-qie
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import QieError
+
+log = logging.getLogger("qie")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qie", description="Qwen-Image-Edit-2509, fast.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="edit one image (or 2-3 together), or every image in a folder")
+    edit.add_argument("inputs", nargs="+", help="1-3 image files edited together, or one folder (batch)")
+    edit.add_argument("--prompt", required=True, help="the edit instruction")
+    edit.add_argument("--output", required=True, help="output PNG (or folder, for a folder input)")
+    edit.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
+    edit.add_argument("--steps", type=int, default=40)
+    edit.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns CFG off)")
+    edit.add_argument("--seed", type=int, default=None, help="random when omitted; saved in the PNG")
+    edit.add_argument("--height", type=int)
+    edit.add_argument("--width", type=int)
+    edit.add_argument("--max-side", type=int, help="cap the longer output side (px)")
+    edit.add_argument("--resize-to-input", action="store_true", help="return the result at the input's size")
+    edit.add_argument(
+        "--condition-area",
+        choices=["model", "output"],
+        default="model",
+        help="VAE-encode inputs at ~1024² (model, default) or at the output's area (faster for small outputs)",
+    )
+    _add_model_args(edit)
+
+    sub.add_parser("info", help="versions, device and free GPU memory")
+
+    tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="Qwen/Qwen-Image-Edit-2509", help="hub id, local folder, or 'tiny'")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--plan", default="auto", help="memory plan (default: auto)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return {"edit": cmd_edit, "info": cmd_info, "make-tiny": cmd_make_tiny}[args.command](args)
+    except QieError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .batch import edit_folder, edit_one
+    from .editor import Editor
+
+    inputs = [Path(p) for p in args.inputs]
+    folder = len(inputs) == 1 and inputs[0].is_dir()
+    params = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "true_cfg_scale": args.cfg,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "max_side": args.max_side,
+        "resize_to_input": args.resize_to_input,
+        "condition_area": args.condition_area,
+    }
+    if not folder:
+        from .request import EditRequest
+
+        EditRequest(images=inputs, **params)  # fail on bad input before loading the model
+    editor = Editor.load(args.model, args.device, args.dtype, revision=args.revision, plan=args.plan)
+    if folder:
+        report = edit_folder(editor, inputs[0], Path(args.output), params)
+        print(report.summary())
+        return 0 if not report.failed else 1
+    result = edit_one(editor, inputs, Path(args.output), params)
+    print(f"wrote {args.output}: {result.summary()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .versions import installed, known_problems
+
+    print(f"qie {__version__}")
+    for name, version in installed().items():
+        print(f"{name:16} {version or '-'}")
+    try:
+        import torch
+    except ImportError:
+        print("device           torch is not installed")
+        return 0
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            name = torch.cuda.get_device_name(i)
+            print(f"cuda:{i:<11} {name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    else:
+        print("device           cpu (no CUDA GPU found)")
+    for problem in known_problems():
+        print(f"warning: {problem}")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import save_tiny_pipeline
+
+    path = save_tiny_pipeline(args.path, seed=args.seed)
+    print(f"saved the tiny pipeline to {path}; load it with --model {path}")
+    return 0

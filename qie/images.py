@@ -1,0 +1,128 @@
+"""Opening, normalizing and saving images: the one place that touches image files.
+
+Input images become RGB `PIL.Image`s: EXIF orientation applied, alpha composited on white,
+palette / grayscale / CMYK / 16-bit converted, animated images reduced to their first frame.
+Images above `MAX_INPUT_PIXELS` are refused before their pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .errors import ImageError
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_PIXELS = 40_000_000  # ~ 6300 x 6300; overridable with QIE_MAX_INPUT_PIXELS
+MIN_INPUT_SIDE = 8
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+ImageInput = Image.Image | str | os.PathLike | bytes
+
+
+def max_input_pixels() -> int:
+    """The pixel limit for one input image (env `QIE_MAX_INPUT_PIXELS` overrides the default)."""
+    return int(os.environ.get("QIE_MAX_INPUT_PIXELS", MAX_INPUT_PIXELS))
+
+
+def load_image(source: ImageInput, name: str = "image") -> Image.Image:
+    """Open `source` (a path, raw bytes or a PIL image) as a normalized RGB image.
+
+    Raises `ImageError` naming `name` when the file is missing, unreadable or outside the limits.
+
+    Example:
+        >>> from PIL import Image
+        >>> load_image(Image.new("RGBA", (32, 16))).mode
+        'RGB'
+    """
+    if isinstance(source, Image.Image):
+        return normalize_image(source, name)
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(name, "<0 bytes>", "the upload is empty; send a PNG, JPEG or WebP file")
+        return _open(io.BytesIO(source), name, "<bytes>")
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(name, str(path), "no such file; check the path")
+    if path.stat().st_size == 0:
+        raise ImageError(name, str(path), "the file is empty (0 bytes); use a PNG, JPEG or WebP image")
+    with path.open("rb") as fh:
+        return _open(fh, name, str(path))
+
+
+def _open(fh: Any, name: str, shown: str) -> Image.Image:
+    limit = max_input_pixels()
+    try:
+        with Image.open(fh) as img:
+            width, height = img.size  # read from the header: nothing decoded yet
+            if width * height > limit:
+                raise ImageError(
+                    name,
+                    f"{shown} ({width}x{height})",
+                    f"the image has {width * height:,} pixels, more than the limit of {limit:,}; "
+                    "downscale it first (or raise QIE_MAX_INPUT_PIXELS)",
+                )
+            img.load()
+            return normalize_image(img, name)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(
+            name, shown, f"cannot be read as an image ({type(exc).__name__}); use a PNG, JPEG or WebP file"
+        ) from exc
+
+
+def normalize_image(img: Image.Image, name: str = "image") -> Image.Image:
+    """Return an RGB copy of `img`: first frame, EXIF-upright, alpha composited on white."""
+    if getattr(img, "n_frames", 1) > 1:
+        log.warning("%s is animated (%d frames); using the first frame", name, img.n_frames)
+        img.seek(0)
+    img = ImageOps.exif_transpose(img) or img
+    width, height = img.size
+    if min(width, height) < MIN_INPUT_SIDE:
+        raise ImageError(
+            name, f"{width}x{height}", f"both sides must be at least {MIN_INPUT_SIDE} px; use a larger image"
+        )
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit integer gray: scale to 8 bit instead of clipping.
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
+    """Save `image` as PNG with `metadata` as text chunks (one per key, plus all of it as JSON).
+
+    The file is written beside its final name and renamed, so a batch that is stopped never
+    leaves a half-written output that a resumed run would skip.
+    """
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
+    info.add_itxt("qie", json.dumps(dict(metadata), default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG", pnginfo=info)
+    partial.replace(path)
+    return path
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The edit parameters saved by `save_png` in `path`."""
+    with Image.open(path) as img:
+        text = img.text.get("qie")
+    return json.loads(text) if text else {}

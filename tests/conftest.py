@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny pipeline per test session, built offline into a temporary cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Keep the tiny model cache inside the test session, never in the user's home.
+    if "QIE_CACHE" not in os.environ:
+        cache = Path(config.rootpath) / ".pytest_cache" / "qie"
+        os.environ["QIE_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_editor():
+    from qie import Editor
+
+    return Editor.load("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_editor) -> Path:
+    from qie.models import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture()
+def photo():
+    from PIL import Image
+
+    return Image.open(EXAMPLES / "coffee-cup.jpg").convert("RGB")
+
+
+def small_request(image, **kw):
+    """A cheap request for the tiny model: small output, condition encoded at the output's area."""
+    from qie import EditRequest
+
+    params = {
+        "prompt": "replace the background with white",
+        "steps": 3,
+        "seed": 1,
+        "max_side": 128,
+        "condition_area": "output",
+    }
+    params.update(kw)
+    return EditRequest(images=[image], **params)

@@ -1,0 +1,114 @@
+"""Validation at the one input boundary: each bad value gets an error naming it and the fix."""
+
+import io
+import logging
+
+import pytest
+from PIL import Image
+
+from qie import EditRequest, ImageError, InvalidRequestError
+
+
+@pytest.fixture()
+def img():
+    return Image.new("RGB", (640, 480), (10, 200, 30))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "fix_words"),
+    [
+        ({"prompt": ""}, "prompt", "describe the edit"),
+        ({"prompt": "   \n\t"}, "prompt", "describe the edit"),
+        ({"prompt": "x" * 2001}, "prompt", "at most 2000"),
+        ({"prompt": 42}, "prompt", "give text"),
+        ({"steps": 1}, "steps", "from 2 to 100"),
+        ({"steps": 101}, "steps", "from 2 to 100"),
+        ({"steps": 2.5}, "steps", "whole number"),
+        ({"true_cfg_scale": 0.5}, "true_cfg_scale", "1.0 (off)"),
+        ({"true_cfg_scale": 25}, "true_cfg_scale", "1.0 (off)"),
+        ({"seed": -1}, "seed", "whole number"),
+        ({"seed": 2**32}, "seed", "whole number"),
+        ({"height": 512}, "height", "give width too"),
+        ({"height": 32, "width": 32}, "width", "between 64"),
+        ({"height": 4096, "width": 4096}, "width x height", "at most"),
+        ({"max_side": 10}, "max_side", "at least 64"),
+        ({"condition_area": "huge"}, "condition_area", "one of"),
+    ],
+)
+def test_bad_parameters_name_the_parameter(img, kwargs, param, fix_words):
+    params = {"images": [img], "prompt": "white background", **kwargs}
+    with pytest.raises(InvalidRequestError) as info:
+        EditRequest(**params)
+    assert info.value.param == param
+    assert param in str(info.value) and fix_words in str(info.value)
+
+
+def test_too_many_and_too_few_images(img):
+    with pytest.raises(InvalidRequestError, match="1 to 3 images"):
+        EditRequest(images=[img] * 4, prompt="x")
+    with pytest.raises(InvalidRequestError, match="1 to 3 images"):
+        EditRequest(images=[], prompt="x")
+
+
+def test_unreadable_files(tmp_path, img):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    for path, words in [
+        (corrupt, "cannot be read"),
+        (empty, "empty"),
+        (text, "cannot be read"),
+        (tmp_path / "missing.png", "no such file"),
+    ]:
+        with pytest.raises(ImageError) as info:
+            EditRequest(images=[path], prompt="x")
+        assert words in str(info.value)
+        assert info.value.param == "images[0]"
+
+
+def test_decompression_bomb_refused_before_decoding(monkeypatch):
+    monkeypatch.setenv("QIE_MAX_INPUT_PIXELS", "10000")
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 200)).save(buf, format="PNG")
+    with pytest.raises(ImageError, match="more than the limit"):
+        EditRequest(images=[buf.getvalue()], prompt="x")
+
+
+def test_modes_are_normalized_to_rgb():
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
+    req = EditRequest(images=[rgba, Image.new("L", (64, 64)), Image.new("CMYK", (64, 64))], prompt="x")
+    assert all(im.mode == "RGB" for im in req.images)
+    assert req.images[0].getpixel((0, 0)) == (255, 255, 255)  # alpha composited on white
+
+
+def test_defaults_settle_seed_and_size(img):
+    req = EditRequest(images=[img], prompt="  white background  ")
+    assert req.prompt == "white background"
+    assert isinstance(req.seed, int) and 0 <= req.seed < 2**32
+    assert (req.width, req.height) == (1184, 896)
+    assert req.width % 32 == 0 and req.height % 32 == 0
+    assert req.uses_cfg
+    assert not EditRequest(images=[img], prompt="x", true_cfg_scale=1.0).uses_cfg
+
+
+def test_explicit_size_rounded_to_16_with_warning(img, caplog):
+    with caplog.at_level(logging.WARNING):
+        req = EditRequest(images=[img], prompt="x", width=500, height=300)
+    assert (req.width, req.height) == (496, 288)
+    assert "not a multiple of 16" in caplog.text
+
+
+def test_request_is_frozen_and_options_read_only(img):
+    req = EditRequest(images=[img], prompt="x", options={"a": 1})
+    with pytest.raises(AttributeError):
+        req.prompt = "y"
+    with pytest.raises(TypeError):
+        req.options["a"] = 2
+
+
+def test_control_characters_removed(img):
+    req = EditRequest(images=[img], prompt="white\x00 back\x07ground\nplease")
+    assert req.prompt == "white background\nplease"
