@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, device and free GPU memory")
 
+    bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
+    bench.add_argument("--sections", default="stock,resident,fp8,budgets", help="stock,resident,fp8,budgets")
+    bench.add_argument("--sizes", default="1024,768", help="square output sizes, comma list")
+    bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
+    bench.add_argument("--probe-steps", type=int, default=4, help="CFG steps timed per configuration")
+    bench.add_argument("--e2e-40", action="store_true", help="also time full 40-step CFG edits (slow)")
+    bench.add_argument("--scale", choices=["full", "tiny"], default="full", help="tiny: check the bench on CPU")
+    bench.add_argument("--device")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="benchmarks", help="folder for the JSON")
+    bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
+
     tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -67,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return {"edit": cmd_edit, "info": cmd_info, "make-tiny": cmd_make_tiny}[args.command](args)
+        commands = {"edit": cmd_edit, "info": cmd_info, "make-tiny": cmd_make_tiny, "bench": cmd_bench}
+        return commands[args.command](args)
     except QieError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -123,9 +136,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"cuda:{i:<11} {name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
     else:
         print("device           cpu (no CUDA GPU found)")
-    for problem in known_problems():
-        print(f"warning: {problem}")
+    for level, problem in known_problems():
+        print(f"{logging.getLevelName(level).lower()}: {problem}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

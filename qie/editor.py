@@ -24,6 +24,7 @@ from .plans import Plan, choose_plan
 from .request import EditRequest, EditResult
 from .stages import VAE_IMAGE_SIZE
 from .telemetry import StageTimer
+from .versions import warn_known_problems
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ class Editor:
         if device is None:
             check_hardware(MODELS.get(model), dev)
         dt = resolve_dtype(dev, dtype)
+        warn_known_problems()
         start = time.perf_counter()
         pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
         chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
-        chosen.apply(pipe, dev)
+        chosen.apply(pipe, dev, vram_budget_gib)
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
         return cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
 
@@ -97,7 +99,7 @@ class Editor:
             self.lock.release()
 
     def _edit_locked(self, request: EditRequest, *, on_step, cancel) -> EditResult:
-        pipe, device = self.pipe, self.pipe._execution_device
+        pipe, device = self.pipe, self.device
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
         with torch.inference_mode():
@@ -140,6 +142,7 @@ class Editor:
             seed=request.seed,
             timings=dict(timer.timings),
             peak_vram_gib=timer.peak_vram_gib(),
+            stage_peaks_gib=dict(timer.peaks_gib),
             model=self.model,
             revision=self.revision,
             plan=self.plan.name,

@@ -115,6 +115,7 @@ class EditResult:
     steps_run: int
     steps_skipped: int = 0
     notes: tuple[str, ...] = ()
+    stage_peaks_gib: Mapping[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for people: per-stage times, peak VRAM, plan and seed."""
