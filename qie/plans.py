@@ -27,10 +27,12 @@ from .errors import InvalidRequestError, ResourceError
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-# Activations + workspace of one 1024² edit (8192 image tokens + text): stock peak 42.5 GiB minus
-# 38.3 GiB resident, measured on an H100 (see NOTES in benchmarks/README.md).
-ACTIVATIONS_GIB_1024 = 4.2
-TOKENS_1024 = 8192
+TOKENS_1024 = 8192  # output + one condition image at 1024²
+# Peak memory above the resident weights, per stage, measured for a 1024² edit with CFG on an
+# H100 (benchmarks/bench-h100-a.json, stage_peaks_gib minus resident_gib).
+DENOISE_ACT_GIB_1024 = 0.75
+VAE_ACT_GIB_1024 = 4.2  # VAE decode, untiled; encode needs about half
+VAE_TILED_ACT_GIB = 0.6
 # What the CUDA context, cuBLAS workspaces and allocator fragmentation take beyond tensors.
 OVERHEAD_GIB = 0.8
 
@@ -44,15 +46,23 @@ class Sizes:
     transformer_rest: float  # embeddings, norms, projections outside the blocks
     text_encoder: float
     text_encoder_layer: float  # the largest streamed text-encoder layer
+    text_encoder_embed: float  # token embedding (and the same-size LM head), streamed whole
     vae: float
-    tokens: int = 2 * TOKENS_1024
+    tokens: int = TOKENS_1024
 
     @property
     def transformer(self) -> float:
         return sum(self.blocks) + self.transformer_rest
 
-    def activations(self) -> float:
-        return max(1.0, ACTIVATIONS_GIB_1024 * self.tokens / (2 * TOKENS_1024))
+    def denoise_act(self) -> float:
+        return max(0.3, DENOISE_ACT_GIB_1024 * self.tokens / TOKENS_1024)
+
+    def vae_act(self, tiled: bool) -> float:
+        return VAE_TILED_ACT_GIB if tiled else VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
+
+    def text_encoder_stream(self) -> float:
+        """Text-encoder memory while it streams: two layers in flight or the embedding."""
+        return max(2 * self.text_encoder_layer, self.text_encoder_embed) + 0.3
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def measure_sizes(pipe, tokens: int = 2 * TOKENS_1024) -> Sizes:
+def measure_sizes(pipe, tokens: int = TOKENS_1024) -> Sizes:
     """Component sizes of `pipe` (counted in bf16, whatever the current dtype)."""
     from .streaming import block_bytes
 
@@ -82,6 +92,7 @@ def measure_sizes(pipe, tokens: int = 2 * TOKENS_1024) -> Sizes:
         transformer_rest=gib(pipe.transformer) - sum(gib(b) for b in blocks),
         text_encoder=gib(pipe.text_encoder),
         text_encoder_layer=max((gib(layer) for layer in te_layers), default=0.0),
+        text_encoder_embed=gib(pipe.text_encoder.get_input_embeddings()),
         vae=gib(pipe.vae),
         tokens=tokens,
     )
@@ -132,6 +143,7 @@ def _fp8_te_stream(pipe, device: torch.device, budget_gib: float | None) -> None
     pipe.vae.to(device)
     quantize_transformer(pipe.transformer, device)
     _stream_text_encoder(pipe, device)
+    pipe.vae.enable_tiling()  # VAE decode at 1024² otherwise peaks at ~4 GiB
 
 
 def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
@@ -147,6 +159,7 @@ def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
             child.to(device)
     BlockStreamer(blocks, device, resident=resident, storage="fp8", compute_dtype=pipe.transformer.dtype)
     pipe.vae.to(device)
+    pipe.vae.enable_tiling()
     _stream_text_encoder(pipe, device)
 
 
@@ -155,10 +168,30 @@ def _model_offload(pipe, device: torch.device, budget_gib: float | None) -> None
     pipe.enable_model_cpu_offload(device=device)
 
 
+def _resident_need(s: Sizes) -> float:
+    weights = s.transformer + s.text_encoder + s.vae
+    return weights + max(s.denoise_act(), s.vae_act(tiled=False)) + OVERHEAD_GIB
+
+
+def _resident_fp8_need(s: Sizes) -> float:
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.text_encoder + s.vae
+    return weights + max(s.denoise_act(), s.vae_act(tiled=False)) + OVERHEAD_GIB
+
+
+def _fp8_te_stream_need(s: Sizes) -> float:
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae
+    return weights + max(s.denoise_act(), s.vae_act(tiled=True), s.text_encoder_stream()) + OVERHEAD_GIB
+
+
 def _stream_fixed(s: Sizes) -> float:
     """What the stream plan needs besides resident blocks: activations, buffers, small parts."""
     buffers = 2 * max(s.blocks_fp8) + max(s.blocks)  # two blocks in flight + one upcast to bf16
-    return s.transformer_rest + s.vae + s.activations() + buffers + 2 * s.text_encoder_layer + OVERHEAD_GIB
+    stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
+    return s.transformer_rest + s.vae + stage + OVERHEAD_GIB
+
+
+def _model_offload_need(s: Sizes) -> float:
+    return max(s.transformer + s.denoise_act(), s.text_encoder, s.vae + s.vae_act(tiled=False)) + OVERHEAD_GIB
 
 
 def resident_blocks(s: Sizes, budget_gib: float) -> int:
@@ -180,27 +213,20 @@ PLANS: dict[str, Plan] = {
             "resident",
             "every component on the GPU in bf16 (stock diffusers numerics)",
             _resident,
-            lambda s: s.transformer + s.text_encoder + s.vae + s.activations() + OVERHEAD_GIB,
+            _resident_need,
             needs_cuda=False,
         ),
         Plan(
             "resident-fp8",
             "transformer in torchao fp8 (rowwise, dynamic activations), the rest bf16 on the GPU",
             _resident_fp8,
-            lambda s: sum(s.blocks_fp8) + s.transformer_rest + s.text_encoder + s.vae + s.activations() + OVERHEAD_GIB,
+            _resident_fp8_need,
         ),
         Plan(
             "fp8-te-stream",
             "transformer in torchao fp8 on the GPU, text encoder streamed from pinned host memory",
             _fp8_te_stream,
-            lambda s: (
-                sum(s.blocks_fp8)
-                + s.transformer_rest
-                + s.vae
-                + s.activations()
-                + 2 * s.text_encoder_layer
-                + OVERHEAD_GIB
-            ),
+            _fp8_te_stream_need,
         ),
         Plan(
             "stream",
@@ -212,7 +238,7 @@ PLANS: dict[str, Plan] = {
             "model-offload",
             "components moved to the GPU one stage at a time (diffusers enable_model_cpu_offload)",
             _model_offload,
-            lambda s: max(s.transformer, s.text_encoder) + s.activations() + OVERHEAD_GIB,
+            _model_offload_need,
         ),
     ]
 }
