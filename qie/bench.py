@@ -184,6 +184,13 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = datetime.now(timezone.utc)
+        self.t0 = time.perf_counter()
+
+    def check_time(self, what: str) -> None:
+        """Stop starting new work once `--max-seconds` have passed, so the JSON always comes back."""
+        elapsed = time.perf_counter() - self.t0
+        if self.args.max_seconds and elapsed > self.args.max_seconds:
+            raise TimeoutError(f"skipped {what}: {elapsed:.0f}s > --max-seconds {self.args.max_seconds}")
 
     # -- building ------------------------------------------------------------------------------
 
@@ -222,6 +229,7 @@ class Bench:
 
     def measure(self, name: str, plan: str, size: int, run, *, e2e_40: bool = False) -> Row:
         """Warm up, then 8 steps without CFG and `--probe-steps` with CFG; compare with the reference."""
+        self.check_time(f"{name} @ {size}")
         row = Row(name=name, size=size, plan=plan, resident_gib=self.resident_gib())
         run(size, 2, True)  # warm-up with CFG (both prompt lengths): kernels, autotuning, compilation
         nocfg = run(size, 8, False)
@@ -361,33 +369,48 @@ class Bench:
             )
 
     def run_budgets(self) -> None:
+        for budget in self.args.budgets:
+            try:
+                self.check_time(f"budget {budget:g} GiB")
+                self.run_budget(budget)
+            except Exception as exc:  # one budget failing must not hide the others
+                self.errors.append(
+                    {
+                        "section": f"budget {budget:g}",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "trace": traceback.format_exc()[-3000:],
+                    }
+                )
+                print(f"[bench] budget {budget:g} GiB failed: {type(exc).__name__}: {exc}", flush=True)
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    def run_budget(self, budget: float) -> None:
         from .plans import choose_plan, measure_sizes, resident_blocks
 
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        for budget in self.args.budgets:
-            pipe = self.fresh_pipe()
-            plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
-            blocks = resident_blocks(measure_sizes(pipe), budget) if plan.name == "stream" else None
-            editor = self.editor(pipe, plan.name, budget_gib=budget)
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
-            row = self.measure(
-                f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c, e=editor: probe_qie(e, s, n, c)
-            )
-            self.budgets.append(
-                {
-                    "budget_gib": budget,
-                    "plan": plan.name,
-                    "resident_blocks": blocks,
-                    "step_s_cfg": row.step_s_cfg,
-                    "step_s_nocfg": row.step_s_nocfg,
-                    "peak_gib": row.peak_gib,
-                    "ratio_step_cfg": row.ratio_step_cfg,
-                }
-            )
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            pipe = editor = None  # release this build before the next one  # noqa: F841
+        pipe = self.fresh_pipe()
+        plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
+        blocks = resident_blocks(measure_sizes(pipe), budget) if plan.name == "stream" else None
+        editor = self.editor(pipe, plan.name, budget_gib=budget)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
+        self.budgets.append(
+            {
+                "budget_gib": budget,
+                "plan": plan.name,
+                "resident_blocks": blocks,
+                "step_s_cfg": row.step_s_cfg,
+                "step_s_nocfg": row.step_s_nocfg,
+                "peak_gib": row.peak_gib,
+                "ratio_step_cfg": row.ratio_step_cfg,
+                "ratio_step_nocfg": row.ratio_step_nocfg,
+            }
+        )
 
     def table(self) -> str:
         lines = [

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default="benchmarks", help="folder for the JSON")
     bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
+    bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
 
     tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
     tiny.add_argument("path")
