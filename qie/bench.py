@@ -395,6 +395,8 @@ class Bench:
         plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
         blocks = resident_blocks(measure_sizes(pipe), budget) if plan.name == "stream" else None
         editor = self.editor(pipe, plan.name, budget_gib=budget)
+        if plan.name != "stream":
+            editor.enable_compile()
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))

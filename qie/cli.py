@@ -72,6 +72,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--plan", default="auto", help="memory plan (default: auto)")
+    parser.add_argument("--vram-budget", type=float, help="GiB the plan may use (default: free VRAM)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +111,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from .request import EditRequest
 
         EditRequest(images=inputs, **params)  # fail on bad input before loading the model
-    editor = Editor.load(args.model, args.device, args.dtype, revision=args.revision, plan=args.plan)
+    editor = Editor.load(
+        args.model,
+        args.device,
+        args.dtype,
+        revision=args.revision,
+        plan=args.plan,
+        vram_budget_gib=args.vram_budget,
+        compile=args.compile,
+    )
     if folder:
         report = edit_folder(editor, inputs[0], Path(args.output), params)
         print(report.summary())

@@ -54,6 +54,7 @@ class Editor:
         self.revision = revision
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
+        self.compiled = False
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -67,8 +68,13 @@ class Editor:
         plan: str = "auto",
         vram_budget_gib: float | None = None,
         fixes: dict[str, bool] | None = None,
+        compile: bool = False,
     ) -> Editor:
-        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan."""
+        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan.
+
+        With `compile=True` (CUDA only) the transformer block is compiled and warmed up once at
+        1024²; if compiling fails, the editor logs a warning and runs eager.
+        """
         dev = resolve_device(device)
         if device is None:
             check_hardware(MODELS.get(model), dev)
@@ -79,7 +85,30 @@ class Editor:
         chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
         chosen.apply(pipe, dev, vram_budget_gib)
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
-        return cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        if compile:
+            editor.enable_compile()
+        return editor
+
+    def enable_compile(self, warm_up_size: int = 1024) -> bool:
+        """Compile the transformer block (regional) and warm it up; False and eager on failure."""
+        from .compile import compile_blocks, uncompile_blocks
+
+        if self.device.type != "cuda" or self.plan.name in ("stream", "model-offload"):
+            log.warning("compile skipped: it needs CUDA and a plan with resident weights (plan %s)", self.plan.name)
+            return False
+        if not compile_blocks(self.pipe.transformer):
+            return False
+        start = time.perf_counter()
+        try:
+            self.edit(warm_up_request(warm_up_size))
+        except Exception as exc:  # an unsupported op shows up only when the graph is traced
+            log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
+            uncompile_blocks(self.pipe.transformer)
+            return False
+        self.compiled = True
+        log.info("compiled and warmed up in %.0fs", time.perf_counter() - start)
+        return True
 
     def edit(
         self,
@@ -165,6 +194,18 @@ class Editor:
                 ).images[0]
             finally:
                 self.pipe.maybe_free_model_hooks()
+
+
+def warm_up_request(size: int) -> EditRequest:
+    """A 2-step CFG edit of a plain image at `size`²: traces both prompt lengths once."""
+    return EditRequest(
+        images=[Image.new("RGB", (size, size), (128, 128, 128))],
+        prompt="warm up",
+        steps=2,
+        seed=0,
+        width=size,
+        height=size,
+    )
 
 
 _editor: Editor | None = None
