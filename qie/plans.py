@@ -46,7 +46,7 @@ class Sizes:
     transformer_rest: float  # embeddings, norms, projections outside the blocks
     text_encoder: float
     text_encoder_layer: float  # the largest streamed text-encoder layer
-    text_encoder_embed: float  # token embedding (and the same-size LM head), streamed whole
+    text_encoder_embed: float  # token embedding, streamed whole; the LM head has the same size
     vae: float
     tokens: int = TOKENS_1024
 
@@ -118,22 +118,26 @@ def _resident_fp8(pipe, device: torch.device, budget_gib: float | None) -> None:
 
 
 def _stream_text_encoder(pipe, device: torch.device) -> None:
-    # diffusers' group offloading does this job: every text-encoder layer streamed from pinned
-    # memory on a side stream. The encoder runs once or twice per edit, so full streaming is cheap.
-    # Qwen2.5-VL keeps its layer lists two levels down (model.visual.blocks,
-    # model.language_model.layers): `block_modules` makes group offloading recurse to them.
+    # diffusers' group offloading does this job: the vision tower's blocks and the language model's
+    # layers streamed from pinned memory on a side stream, one ahead of the compute. The encoder
+    # runs once or twice per edit, so streaming all of it costs little. It is applied to the two
+    # layer stacks separately (recursing from the top registers its prefetch tracker twice). The LM
+    # head stays on the GPU; `encode_prompt` asks it for one token's logits only.
     from diffusers.hooks import apply_group_offloading
 
-    pipe.text_encoder.to("cpu")
-    apply_group_offloading(
-        pipe.text_encoder,
-        onload_device=device,
-        offload_type="block_level",
-        num_blocks_per_group=1,
-        use_stream=device.type == "cuda",
-        record_stream=device.type == "cuda",
-        block_modules=["model", "visual", "language_model"],
-    )
+    te = pipe.text_encoder
+    te.to("cpu")
+    on_cuda = device.type == "cuda"
+    for part in (te.model.visual, te.model.language_model):
+        apply_group_offloading(
+            part,
+            onload_device=device,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=on_cuda,
+            record_stream=on_cuda,
+        )
+    te.lm_head.to(device)
 
 
 def _fp8_te_stream(pipe, device: torch.device, budget_gib: float | None) -> None:
@@ -179,7 +183,7 @@ def _resident_fp8_need(s: Sizes) -> float:
 
 
 def _fp8_te_stream_need(s: Sizes) -> float:
-    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae + s.text_encoder_embed  # + resident LM head
     return weights + max(s.denoise_act(), s.vae_act(tiled=True), s.text_encoder_stream()) + OVERHEAD_GIB
 
 
@@ -187,7 +191,7 @@ def _stream_fixed(s: Sizes) -> float:
     """What the stream plan needs besides resident blocks: activations, buffers, small parts."""
     buffers = 2 * max(s.blocks_fp8) + max(s.blocks)  # two blocks in flight + one upcast to bf16
     stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
-    return s.transformer_rest + s.vae + stage + OVERHEAD_GIB
+    return s.transformer_rest + s.vae + s.text_encoder_embed + stage + OVERHEAD_GIB  # + resident LM head
 
 
 def _model_offload_need(s: Sizes) -> float:
