@@ -46,7 +46,7 @@ class Sizes:
     transformer_rest: float  # embeddings, norms, projections outside the blocks
     text_encoder: float
     text_encoder_layer: float  # the largest streamed text-encoder layer
-    text_encoder_embed: float  # token embedding, streamed whole; the LM head has the same size
+    text_encoder_embed: float  # token embedding; the LM head has the same size (both stay resident)
     vae: float
     tokens: int = TOKENS_1024
 
@@ -61,8 +61,8 @@ class Sizes:
         return VAE_TILED_ACT_GIB if tiled else VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
 
     def text_encoder_stream(self) -> float:
-        """Text-encoder memory while it streams: two layers in flight or the embedding."""
-        return max(2 * self.text_encoder_layer, self.text_encoder_embed) + 0.3
+        """Text-encoder memory while it streams: two layers in flight and activations."""
+        return 2 * self.text_encoder_layer + 0.5
 
 
 @dataclass(frozen=True)
@@ -121,14 +121,18 @@ def _stream_text_encoder(pipe, device: torch.device) -> None:
     # diffusers' group offloading does this job: the vision tower's blocks and the language model's
     # layers streamed from pinned memory on a side stream, one ahead of the compute. The encoder
     # runs once or twice per edit, so streaming all of it costs little. It is applied to the two
-    # layer stacks separately (recursing from the top registers its prefetch tracker twice). The LM
-    # head stays on the GPU; `encode_prompt` asks it for one token's logits only.
+    # layer stacks separately (recursing from the top registers its prefetch tracker twice). The
+    # token embedding is looked up outside the language model's forward, where no group hook
+    # fires, so it stays on the GPU with the LM head (`encode_prompt` asks for one token's logits).
     from diffusers.hooks import apply_group_offloading
 
     te = pipe.text_encoder
     te.to("cpu")
     on_cuda = device.type == "cuda"
-    for part in (te.model.visual, te.model.language_model):
+    lm = te.model.language_model
+    embed = lm.embed_tokens
+    lm.embed_tokens = torch.nn.Identity()  # keep it out of the language model's offload group
+    for part in (te.model.visual, lm):
         apply_group_offloading(
             part,
             onload_device=device,
@@ -137,6 +141,7 @@ def _stream_text_encoder(pipe, device: torch.device) -> None:
             use_stream=on_cuda,
             record_stream=on_cuda,
         )
+    lm.embed_tokens = embed.to(device)
     te.lm_head.to(device)
 
 
@@ -183,7 +188,7 @@ def _resident_fp8_need(s: Sizes) -> float:
 
 
 def _fp8_te_stream_need(s: Sizes) -> float:
-    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae + s.text_encoder_embed  # + resident LM head
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae + 2 * s.text_encoder_embed  # embedding + LM head
     return weights + max(s.denoise_act(), s.vae_act(tiled=True), s.text_encoder_stream()) + OVERHEAD_GIB
 
 
@@ -191,7 +196,7 @@ def _stream_fixed(s: Sizes) -> float:
     """What the stream plan needs besides resident blocks: activations, buffers, small parts."""
     buffers = 2 * max(s.blocks_fp8) + max(s.blocks)  # two blocks in flight + one upcast to bf16
     stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
-    return s.transformer_rest + s.vae + s.text_encoder_embed + stage + OVERHEAD_GIB  # + resident LM head
+    return s.transformer_rest + s.vae + 2 * s.text_encoder_embed + stage + OVERHEAD_GIB  # + embedding, LM head
 
 
 def _model_offload_need(s: Sizes) -> float:
