@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -24,6 +24,9 @@ from .errors import InvalidRequestError
 from .geometry import DEFAULT_AREA, output_size
 from .images import ImageInput, image_digest, load_image
 from .masking import DEFAULT_FEATHER, MAX_FEATHER, check_region
+
+if TYPE_CHECKING:
+    from .tiling import Tiling
 
 MAX_IMAGES = 3
 MAX_PROMPT_CHARS = 2000
@@ -102,7 +105,7 @@ class EditRequest:
         return self.images[-1].size
 
     @property
-    def tiling(self):
+    def tiling(self) -> Tiling | None:
         """The VAE tiling (`qie.tiling.Tiling`) asked for, or None when `tile_size` is None."""
         if self.tile_size is None:
             return None

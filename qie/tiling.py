@@ -15,7 +15,6 @@ borders get no taper. diffusers' built-in `vae.enable_tiling()` blends linearly 
 stride; this module replaces it (it is switched off while a tiled call runs).
 
 Example:
-    >>> import torch
     >>> from qie.tiling import tiled_decode
     >>> image = tiled_decode(pipe.vae, latents, tile=512, overlap=32)  # doctest: +SKIP
     >>> image.shape  # (B, 3, T, 8*h, 8*w), like vae.decode(latents).sample   # doctest: +SKIP
@@ -89,8 +88,7 @@ def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """
     if length <= tile:
         return [(0, length)]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    count = max(count, 2)
+    count = math.ceil((length - overlap) / (tile - overlap))  # >= 2 here
     starts = [round(i * (length - tile) / (count - 1)) for i in range(count)]
     return [(s, s + tile) for s in starts]
 
