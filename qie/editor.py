@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import stages
+from . import cache, masking, stages
 from .errors import BusyError
 from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from .plans import Plan, choose_plan
@@ -55,6 +55,7 @@ class Editor:
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
         self.compiled = False
+        self.cache = cache.EditCache()  # prompt embeddings and condition latents (qie/cache.py)
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -132,19 +133,23 @@ class Editor:
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
         with torch.inference_mode():
+            # --- prompt / condition cache (qie/cache.py) ---
+            self.cache.bind(pipe)
+            notes: list[str] = []
+            ids = {"model": self.model, "revision": self.revision}
             with timer("text_encode"):
-                small = stages.prompt_images(pipe, request.images)
-                fix = self.fixes["mm_token_type_ids"]
-                prompt = stages.encode_prompt(pipe, request.prompt, small, device=device, forward_mm_token_type_ids=fix)
-                negative = None
-                if request.uses_cfg:
-                    negative = stages.encode_prompt(
-                        pipe, request.negative_prompt, small, device=device, forward_mm_token_type_ids=fix
-                    )
+                prompt, negative, hit = cache.encode_prompts(
+                    self.cache, pipe, request, **ids, fixes=self.fixes, device=device
+                )
+                notes += ["prompt cache hit"] if hit else []
             dtype = prompt.embeds.dtype
             with timer("condition_encode"):
                 area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
-                condition = stages.encode_condition(pipe, request.images, device=device, dtype=dtype, area=area)
+                condition, hit = cache.encode_condition(
+                    self.cache, pipe, request, **ids, area=area, device=device, dtype=dtype
+                )
+                notes += ["condition cache hit"] if hit else []
+            # --- end prompt / condition cache ---
             with timer("denoise"):
                 noise = stages.prepare_noise(
                     pipe, request.width, request.height, device=device, dtype=dtype, generator=generator
@@ -163,9 +168,15 @@ class Editor:
                     cancel=cancel,
                 )
             with timer("decode"):
-                image = stages.decode(pipe, latents, request.width, request.height)
+                image = stages.decode(pipe, latents, request.width, request.height, tile=request.tiling)
         if request.resize_to_input:
             image = image.resize(request.input_size, Image.Resampling.LANCZOS)
+        # --- masked edit: the original's pixels outside the region (qie/masking.py) ---
+        if request.has_region:
+            image = masking.keep_outside_region(request, image)
+            notes.append(f"kept the original outside the {'mask' if request.mask is not None else 'box'}")
+        if request.tiling is not None:
+            notes.append(f"VAE tiled ({request.tile_size} px tiles, {request.tile_overlap} px overlap)")
         return EditResult(
             image=image,
             seed=request.seed,
@@ -176,6 +187,7 @@ class Editor:
             revision=self.revision,
             plan=self.plan.name,
             steps_run=request.steps,
+            notes=tuple(notes),
         )
 
     def reference(self, request: EditRequest) -> Image.Image:

@@ -7,6 +7,7 @@ Images above `MAX_INPUT_PIXELS` are refused before their pixels are decoded.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -126,3 +127,15 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
     with Image.open(path) as img:
         text = img.text.get("qie")
     return json.loads(text) if text else {}
+
+
+def image_digest(image: Image.Image) -> str:
+    """A hex digest of an image's mode, size and pixels (equal pixels, equal digest), for cache keys.
+
+    Example:
+        >>> image_digest(Image.new("RGB", (4, 4))) == image_digest(Image.new("RGB", (4, 4)))
+        True
+    """
+    digest = hashlib.blake2b(f"{image.mode}:{image.size}".encode(), digest_size=20)
+    digest.update(image.tobytes())
+    return digest.hexdigest()

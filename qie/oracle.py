@@ -28,6 +28,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "mm_token_type_ids": Tolerance(
         255, 10.0, "deliberate fix: 3-D M-RoPE positions change the prompt embeddings, so the edit changes"
     ),
+    # --- tiled VAE and prompt/condition cache ---
+    "vae_tiling": Tolerance(
+        48, 35.0, "each tile sees zero padding at its edges, hidden by the Hann blend (tiny, 128-px tiles: 22 / 44 dB)"
+    ),
+    "prompt_cache": Tolerance(0, math.inf, "cached text-encoder outputs and condition latents are the same tensors"),
 }
 
 

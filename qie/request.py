@@ -16,13 +16,17 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .errors import InvalidRequestError
 from .geometry import DEFAULT_AREA, output_size
-from .images import ImageInput, load_image
+from .images import ImageInput, image_digest, load_image
+from .masking import DEFAULT_FEATHER, MAX_FEATHER, check_region
+
+if TYPE_CHECKING:
+    from .tiling import Tiling
 
 MAX_IMAGES = 3
 MAX_PROMPT_CHARS = 2000
@@ -30,6 +34,7 @@ MIN_STEPS, MAX_STEPS = 2, 100  # one step with the model's terminal shift yields
 MAX_CFG = 20.0
 MAX_SEED = 2**32 - 1
 DEFAULT_NEGATIVE_PROMPT = " "
+DEFAULT_TILE_OVERLAP = 32  # pixels: 4 latent pixels at the VAE's 8x scale
 CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
 
 
@@ -57,6 +62,12 @@ class EditRequest:
     resize_to_input: bool = False
     condition_area: str = "model"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # --- tiled VAE (qie/tiling.py) and masked edit (qie/masking.py) ---
+    tile_size: int | None = None
+    tile_overlap: int = DEFAULT_TILE_OVERLAP
+    mask: ImageInput | None = None
+    box: tuple[int, int, int, int] | None = None
+    mask_feather: int = DEFAULT_FEATHER
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: settle fields once, here
@@ -75,6 +86,13 @@ class EditRequest:
         if self.condition_area not in CONDITION_AREAS:
             raise InvalidRequestError("condition_area", self.condition_area, f"use one of {CONDITION_AREAS}")
         set_(self, "options", MappingProxyType(dict(self.options)))
+        # --- tiled VAE and masked edit ---
+        if self.tile_size is not None:
+            _ = self.tiling  # validates tile_size and tile_overlap
+        mask, box = check_region(self.mask, self.box, self.input_size)
+        set_(self, "mask", mask)
+        set_(self, "box", box)
+        set_(self, "mask_feather", _check_int("mask_feather", self.mask_feather, 0, MAX_FEATHER))
 
     @property
     def uses_cfg(self) -> bool:
@@ -85,6 +103,20 @@ class EditRequest:
     def input_size(self) -> tuple[int, int]:
         """(width, height) of the last input image, the one the output is framed like."""
         return self.images[-1].size
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The VAE tiling (`qie.tiling.Tiling`) asked for, or None when `tile_size` is None."""
+        if self.tile_size is None:
+            return None
+        from .tiling import Tiling  # imports torch: only when tiling is asked for
+
+        return Tiling(self.tile_size, self.tile_overlap)
+
+    @property
+    def has_region(self) -> bool:
+        """True when a `mask` or `box` limits the edit to a region."""
+        return self.mask is not None or self.box is not None
 
     def parameters(self) -> dict[str, Any]:
         """The request's parameters as plain values (for metadata, logs and cache keys)."""
@@ -98,6 +130,11 @@ class EditRequest:
             "height": self.height,
             "condition_area": self.condition_area,
             "options": dict(self.options),
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "box": self.box,
+            "mask": image_digest(self.mask)[:16] if self.mask is not None else None,
+            "mask_feather": self.mask_feather,
         }
 
 
