@@ -22,6 +22,7 @@ from .errors import BusyError
 from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from .plans import Plan, choose_plan
 from .request import EditRequest, EditResult
+from .speed_options import SpeedSetup, request_speed, setup_speed
 from .stages import VAE_IMAGE_SIZE
 from .telemetry import StageTimer
 
@@ -53,6 +54,7 @@ class Editor:
         self.revision = revision
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
+        self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -66,8 +68,17 @@ class Editor:
         plan: str = "auto",
         vram_budget_gib: float | None = None,
         fixes: dict[str, bool] | None = None,
+        attention: str | None = "auto",
+        fast_lora: str | None = None,
+        fast_steps: int = 8,
+        fast_fuse: bool = True,
     ) -> Editor:
-        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan."""
+        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan.
+
+        `attention` names a diffusers attention backend ("auto": the fastest available);
+        `fast_lora` (a file, folder or hub id of the Lightning LoRA) enables fast mode with
+        `fast_steps` steps, fused into the weights unless `fast_fuse` is False (see README).
+        """
         dev = resolve_device(device)
         if device is None:
             check_hardware(MODELS.get(model), dev)
@@ -76,8 +87,13 @@ class Editor:
         pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
         chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
         chosen.apply(pipe, dev)
+        speed = setup_speed(
+            pipe, dev, dt, attention_backend=attention, fast_lora=fast_lora, fast_steps=fast_steps, fast_fuse=fast_fuse
+        )
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
-        return cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        editor.speed = speed
+        return editor
 
     def edit(
         self,
@@ -100,13 +116,13 @@ class Editor:
         pipe, device = self.pipe, self.pipe._execution_device
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
-        with torch.inference_mode():
+        with torch.inference_mode(), request_speed(pipe, self.speed, request) as run:
             with timer("text_encode"):
                 small = stages.prompt_images(pipe, request.images)
                 fix = self.fixes["mm_token_type_ids"]
                 prompt = stages.encode_prompt(pipe, request.prompt, small, device=device, forward_mm_token_type_ids=fix)
                 negative = None
-                if request.uses_cfg:
+                if run.uses_cfg:
                     negative = stages.encode_prompt(
                         pipe, request.negative_prompt, small, device=device, forward_mm_token_type_ids=fix
                     )
@@ -124,12 +140,13 @@ class Editor:
                     condition,
                     prompt,
                     negative,
-                    steps=request.steps,
-                    true_cfg_scale=request.true_cfg_scale,
+                    steps=run.steps,
+                    true_cfg_scale=run.true_cfg_scale,
                     width=request.width,
                     height=request.height,
                     on_step=on_step,
                     cancel=cancel,
+                    observer=run.observer,
                 )
             with timer("decode"):
                 image = stages.decode(pipe, latents, request.width, request.height)
@@ -143,7 +160,10 @@ class Editor:
             model=self.model,
             revision=self.revision,
             plan=self.plan.name,
-            steps_run=request.steps,
+            steps_run=run.steps_run,
+            steps_skipped=run.steps - run.steps_run,
+            notes=run.finish_notes(),
+            cached_calls=run.cache.cached if run.cache is not None else 0,
         )
 
     def reference(self, request: EditRequest) -> Image.Image:

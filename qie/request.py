@@ -31,6 +31,10 @@ MAX_CFG = 20.0
 MAX_SEED = 2**32 - 1
 DEFAULT_NEGATIVE_PROMPT = " "
 CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
+# Speed options (README "Speed options"); the modes are defined where they are implemented.
+MODES = ("quality", "fast")
+ATTENTION_QUANT_MODES = ("off", "int8", "fp8")  # qie.attention
+STEP_CACHE_MODES = ("off", "fbcache", "taylorseer")  # qie.early_exit
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,14 @@ class EditRequest:
     resize_to_input: bool = False
     condition_area: str = "model"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # --- speed options (qie.speed_options) ---
+    mode: str | None = None  # "fast" (Lightning LoRA), "quality", None: the editor's default
+    attention_quant: str = "off"
+    step_cache: str = "off"
+    step_cache_threshold: float = 0.05  # fbcache: relative change of the first block's residual
+    step_cache_interval: int = 3  # taylorseer: a full pass every this many calls
+    early_exit_threshold: float | None = None  # relative change of the predicted clean image
+    early_exit_patience: int = 2
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: settle fields once, here
@@ -75,6 +87,22 @@ class EditRequest:
         if self.condition_area not in CONDITION_AREAS:
             raise InvalidRequestError("condition_area", self.condition_area, f"use one of {CONDITION_AREAS}")
         set_(self, "options", MappingProxyType(dict(self.options)))
+        self._check_speed_options()
+
+    def _check_speed_options(self) -> None:
+        for name, allowed in (
+            ("mode", (None, *MODES)),
+            ("attention_quant", ATTENTION_QUANT_MODES),
+            ("step_cache", STEP_CACHE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise InvalidRequestError(name, getattr(self, name), f"use one of {allowed}")
+        set_ = object.__setattr__
+        set_(self, "step_cache_threshold", _check_fraction("step_cache_threshold", self.step_cache_threshold))
+        set_(self, "step_cache_interval", _check_int("step_cache_interval", self.step_cache_interval, 1, MAX_STEPS))
+        if self.early_exit_threshold is not None:
+            set_(self, "early_exit_threshold", _check_fraction("early_exit_threshold", self.early_exit_threshold))
+        set_(self, "early_exit_patience", _check_int("early_exit_patience", self.early_exit_patience, 1, MAX_STEPS))
 
     @property
     def uses_cfg(self) -> bool:
@@ -98,6 +126,13 @@ class EditRequest:
             "height": self.height,
             "condition_area": self.condition_area,
             "options": dict(self.options),
+            "mode": self.mode,
+            "attention_quant": self.attention_quant,
+            "step_cache": self.step_cache,
+            "step_cache_threshold": self.step_cache_threshold,
+            "step_cache_interval": self.step_cache_interval,
+            "early_exit_threshold": self.early_exit_threshold,
+            "early_exit_patience": self.early_exit_patience,
         }
 
 
@@ -115,6 +150,7 @@ class EditResult:
     steps_run: int
     steps_skipped: int = 0
     notes: tuple[str, ...] = ()
+    cached_calls: int = 0  # transformer calls served by the step cache instead of computed
 
     def summary(self) -> str:
         """One line for people: per-stage times, peak VRAM, plan and seed."""
@@ -156,6 +192,12 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")
     return value
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise InvalidRequestError(name, value, "give a number from 0 to 1")
+    return float(value)
 
 
 def _check_cfg(value: Any) -> float:
