@@ -156,7 +156,9 @@ class EditResult:
         """One line for people: per-stage times, peak VRAM, plan and seed."""
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
         vram = f"peak VRAM {self.peak_vram_gib:.1f} GiB" if self.peak_vram_gib is not None else "CPU"
-        return f"{stages} | {vram} | plan {self.plan} | seed {self.seed} | steps {self.steps_run}"
+        skipped = f" ({self.steps_skipped} skipped)" if self.steps_skipped else ""
+        notes = "".join(f" | {note}" for note in self.notes)
+        return f"{stages} | {vram} | plan {self.plan} | seed {self.seed} | steps {self.steps_run}{skipped}{notes}"
 
 
 def _check_images(images: Any) -> tuple[Image.Image, ...]:
