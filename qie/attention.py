@@ -170,7 +170,8 @@ def quantized_backend(facts: AttentionFacts, mode: str) -> tuple[str | None, str
     if facts.device != "cuda" or facts.capability is None:
         return None, "quantized attention needs a CUDA GPU"
     if not facts.sageattention:
-        return None, "the sageattention package (>= 2.1.1) is not installed"
+        # PyPI's sageattention is 1.0.6; diffusers needs SageAttention 2 (built from source).
+        return None, "sageattention >= 2.1.1 is not installed"
     if facts.dtype not in ("bf16", "fp16"):
         return None, "quantized attention needs bf16 or fp16 activations"
     cap = facts.capability
