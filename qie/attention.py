@@ -75,32 +75,19 @@ def _candidates(facts: AttentionFacts) -> list[tuple[str, str | None]]:
     """(backend, reason it cannot run here or None), fastest first for this GPU generation."""
     cap = facts.capability or (0, 0)
     half = facts.dtype in ("bf16", "fp16")
-    flash3 = (
-        "_flash_3",
-        None
-        if facts.flash_attn_3 and cap >= (9, 0) and half
-        else "flash-attn 3 not installed"
-        if not facts.flash_attn_3
-        else "flash-attn 3 needs a Hopper GPU and bf16/fp16",
-    )
-    flash2 = (
-        "flash",
-        None
-        if facts.flash_attn and cap >= (8, 0) and half
-        else "flash-attn not installed"
-        if not facts.flash_attn
-        else "flash-attn 2 needs an Ampere or newer GPU and bf16/fp16",
-    )
-    cudnn = (
-        "_native_cudnn",
-        None
-        if facts.cudnn and cap >= (8, 0) and half
-        else "cuDNN attention needs cuDNN, an Ampere or newer GPU and bf16/fp16",
-    )
+    flash3 = ("_flash_3", _reason(facts.flash_attn_3, "flash-attn 3", cap >= (9, 0) and half, "a Hopper GPU"))
+    flash2 = ("flash", _reason(facts.flash_attn, "flash-attn", cap >= (8, 0) and half, "an Ampere or newer GPU"))
+    cudnn = ("_native_cudnn", _reason(facts.cudnn, "cuDNN", cap >= (8, 0) and half, "an Ampere or newer GPU"))
     # Measured at the model's shape on an H100: cuDNN SDPA 1.36 ms, flash-attn 2 class kernels 2.36 ms;
     # on Ampere flash-attn 2 is the fastest of the three.
     order = [flash3, cudnn, flash2] if cap >= (9, 0) else [flash2, cudnn]
     return [*order, (NATIVE, None)]
+
+
+def _reason(installed: bool, package: str, usable: bool, gpu: str) -> str | None:
+    if not installed:
+        return f"{package} not installed"
+    return None if usable else f"{package} attention needs {gpu} and bf16/fp16"
 
 
 def choose_backend(

@@ -8,7 +8,7 @@ stays separate and is switched on only for requests with `mode="fast"` (a little
 but the same editor serves quality requests exactly as without the LoRA).
 
 The LoRAs were distilled with a fixed time shift of 3 and no terminal shift: fast requests run
-with that scheduler (`LIGHTNING_SCHEDULER_CONFIG`); the model's own scheduler gives poor images.
+with that scheduler (`LIGHTNING_SCHEDULER_OVERRIDES`); the model's own scheduler gives poor images.
 
 `random_lightning_lora` writes a LoRA of the real key format and shapes with random values, for
 benchmarks and tests where the published file cannot be downloaded.
@@ -39,24 +39,14 @@ LIGHTNING_FOLDER = "Qwen-Image-Edit-2509"
 FAST_STEPS = (4, 8)
 ADAPTER = "fast"
 
-# The scheduler the Lightning LoRAs were distilled for, as in ModelTC/Qwen-Image-Lightning's
-# generate_with_diffusers.py: base_shift = max_shift = log(3) makes the dynamic shift a fixed
-# shift of 3 whatever the image size ("We use shift=3 in distillation"), and no terminal shift.
-LIGHTNING_SCHEDULER_CONFIG: dict[str, Any] = {
-    "base_image_seq_len": 256,
+# The Lightning LoRAs were distilled with a fixed time shift of 3 and no terminal shift. Their
+# diffusers example (ModelTC/Qwen-Image-Lightning, generate_with_diffusers.py) uses the model's
+# scheduler config with these three values changed: base_shift = max_shift = log(3) makes the
+# dynamic shift exp(mu) = 3 whatever the image size ("We use shift=3 in distillation").
+LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {
     "base_shift": math.log(3),
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
     "max_shift": math.log(3),
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
     "shift_terminal": None,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
 }
 
 
@@ -115,7 +105,7 @@ def load_fast_mode(pipe, source: str, *, steps: int = 8, fuse: bool = True) -> F
         pipe.unload_lora_weights()
     else:
         pipe.transformer.disable_lora()  # quality requests run without it
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config({**pipe.scheduler.config, **LIGHTNING_SCHEDULER_OVERRIDES})
     log.info("fast mode: %d-step Lightning LoRA from %s (%s)", steps, source, "fused" if fuse else "adapter")
     return FastMode(source=source, steps=steps, fused=fuse, scheduler=scheduler)
 

@@ -8,7 +8,7 @@ from conftest import small_request
 from safetensors.torch import load_file
 
 from qie import Editor, InvalidRequestError
-from qie.fast_mode import LIGHTNING_SCHEDULER_CONFIG, lora_target_modules, random_lightning_lora
+from qie.fast_mode import LIGHTNING_SCHEDULER_OVERRIDES, lora_target_modules, random_lightning_lora
 
 LAYER = "transformer_blocks.1.img_mlp.net.2"
 
@@ -61,8 +61,11 @@ def test_unfused_lora_switches_per_request(tiny_editor, lora_file, photo):
     seen = []
     fast = editor.edit(small_request(photo, mode="fast"), on_step=scheduler_probe(editor, seen))
     assert fast.steps_run == 4 and seen[-1] == (4, None)
-    scheduler = editor.speed.fast.scheduler
-    assert math.isclose(scheduler.config.base_shift, LIGHTNING_SCHEDULER_CONFIG["max_shift"])
+    # A fixed shift of 3 at any size: sigma' = 3 sigma / (1 + 2 sigma), no terminal stretch.
+    sigmas = torch.linspace(1.0, 1 / 4, 4, dtype=torch.float64)
+    expected = 3 * sigmas / (1 + 2 * sigmas)
+    torch.testing.assert_close(editor.speed.fast.scheduler.sigmas[:-1].double(), expected, rtol=1e-5, atol=1e-6)
+    assert math.isclose(LIGHTNING_SCHEDULER_OVERRIDES["max_shift"], math.log(3))
 
 
 def test_missing_lora_makes_fast_mode_unavailable_not_the_editor(photo, caplog):
