@@ -127,7 +127,11 @@ def request_speed(pipe, setup: SpeedSetup, request: EditRequest) -> Iterator[Req
                 log.warning("fast mode unavailable (%s); running the request's own steps and CFG", reason)
                 run.notes.append(f"fast mode unavailable: {setup.fast_unavailable}")
             else:
-                run.notes.append(stack.enter_context(setup.fast.active(pipe)))
+                note = stack.enter_context(setup.fast.active(pipe))
+                if request.steps != setup.fast.steps or request.uses_cfg:
+                    asked = f"steps={request.steps}, true_cfg_scale={request.true_cfg_scale}"
+                    note += f" (the request's {asked} do not apply)"
+                run.notes.append(note)
                 run.steps, run.true_cfg_scale = setup.fast.steps, 1.0
         facts = setup.facts or attention.probe_facts(pipe._execution_device, pipe.transformer.dtype)
         note = stack.enter_context(

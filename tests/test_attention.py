@@ -108,3 +108,15 @@ def test_attention_quant_falls_back_on_cpu_and_says_so(tiny_editor, photo, caplo
     assert "needs a CUDA GPU" in caplog.text
     plain = tiny_editor.edit(small_request(photo, steps=2))
     assert list(result.image.getdata()) == list(plain.image.getdata())
+
+
+@pytest.mark.gpu
+def test_auto_choice_runs_on_the_gpu(photo):
+    """On a CUDA GPU the automatic choice is a GPU kernel and the tiny model runs with it."""
+    import torch
+
+    from qie import Editor
+
+    editor = Editor.load("tiny", device="cuda", dtype=torch.bfloat16)
+    assert editor.speed.attention_backend in ("_flash_3", "flash", "_native_cudnn")
+    assert max(editor.edit(small_request(photo, steps=2)).image.size) == 128
