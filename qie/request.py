@@ -31,7 +31,7 @@ MAX_CFG = 20.0
 MAX_SEED = 2**32 - 1
 DEFAULT_NEGATIVE_PROMPT = " "
 CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
-# Speed options (README "Speed options"); the modes are defined where they are implemented.
+# Speed options (README "Speed options"), applied by qie.speed_options.
 MODES = ("quality", "fast")
 ATTENTION_QUANT_MODES = ("off", "int8", "fp8")  # qie.attention
 STEP_CACHE_MODES = ("off", "fbcache", "taylorseer")  # qie.early_exit
@@ -45,7 +45,8 @@ class EditRequest:
     `max_side` caps the longer side; `resize_to_input` returns the result at the last input
     image's own size. `condition_area` is where the input images are VAE-encoded: "model" (~1024²,
     as the pipeline does) or "output" (the output's area: fewer tokens, faster at small sizes).
-    `options` holds per-request engine options (see the README).
+    `options` holds per-request engine options (see the README). `mode`, `attention_quant`,
+    `step_cache*` and `early_exit*` are the speed options (README "Speed options").
     """
 
     images: Sequence[ImageInput]
