@@ -74,3 +74,17 @@ def test_missing_lora_makes_fast_mode_unavailable_not_the_editor(photo, caplog):
     result = editor.edit(small_request(photo, steps=2, mode="fast"))
     assert result.steps_run == 2
     assert result.notes[0].startswith("fast mode unavailable: LoRA not found")
+
+
+def test_random_lora_for_the_full_size_transformer_converts_like_the_published_files(tmp_path):
+    """The benchmark helper works on the full-size transformer built on the meta device (shapes only)."""
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel()  # the class defaults are the real 60-block config
+    n_layers = len(lora_target_modules(transformer))
+    assert n_layers == 60 * 14  # per block: 2 modulations, 8 attention projections, 2 x 2 MLP layers
+    path = random_lightning_lora(transformer, tmp_path / "full.safetensors", rank=1)
+    converted = QwenImageEditPlusPipeline.lora_state_dict(str(path))
+    assert len(converted) == 2 * n_layers
+    assert converted["transformer.transformer_blocks.59.img_mlp.net.2.lora_B.weight"].shape == (3072, 1)
