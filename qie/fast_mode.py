@@ -124,12 +124,19 @@ def _lora_location(source: str, weight: str) -> dict[str, Any]:
     return {"pretrained_model_name_or_path_or_dict": source, "subfolder": LIGHTNING_FOLDER, "weight_name": weight}
 
 
-def lora_target_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The Linear layers of the transformer blocks (attention, MLPs, modulation): what the LoRA adapts."""
+def lora_target_modules(transformer: torch.nn.Module, *, modulation: bool = False) -> dict[str, torch.nn.Linear]:
+    """The Linear layers of the transformer blocks that the Lightning LoRA adapts.
+
+    Attention projections (8) and MLP layers (4) of every block: 720 matrices in the full model,
+    the count loaders report for the Edit-2509 files (DiffSynth-Studio issue #1068). With
+    `modulation`, the blocks' img_mod/txt_mod layers too.
+    """
     return {
         name: module
         for name, module in transformer.named_modules()
-        if name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear)
+        if name.startswith("transformer_blocks.")
+        and isinstance(module, torch.nn.Linear)
+        and (modulation or "_mod." not in name)
     }
 
 
@@ -137,19 +144,20 @@ def random_lightning_lora(
     transformer: torch.nn.Module,
     path: str | Path,
     *,
-    rank: int = 32,
-    alpha: float | None = None,
+    rank: int = 64,
+    alpha: float = 8.0,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
     """Write a random LoRA with the Lightning files' key format and `transformer`'s shapes to `path`.
 
     Keys are `diffusion_model.<module>.lora_down.weight` (rank x in), `.lora_up.weight` (out x rank)
-    and `.alpha`, for every Linear in the transformer blocks. Works for the full-size transformer
-    (also on the meta device: only shapes are read). Values are small, so the delta keeps outputs finite.
+    and `.alpha`, for the layers of `lora_target_modules`. The defaults (rank 64, alpha 8) are what
+    the published Lightning files carry. Works for the full-size transformer (also on the meta
+    device: only shapes are read). Values are small, so the delta keeps outputs finite.
 
     Example:
-        >>> random_lightning_lora(pipe.transformer, "lora.safetensors", rank=32)  # doctest: +SKIP
+        >>> random_lightning_lora(pipe.transformer, "lora.safetensors")  # doctest: +SKIP
     """
     from safetensors.torch import save_file
 
@@ -161,7 +169,7 @@ def random_lightning_lora(
         up = torch.randn(linear.out_features, rank, generator=generator) * (0.01 / math.sqrt(rank))
         tensors[f"{key}.lora_down.weight"] = down.to(dtype)
         tensors[f"{key}.lora_up.weight"] = up.to(dtype)
-        tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank), dtype=dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
