@@ -28,6 +28,7 @@ from .request import ATTENTION_QUANT_MODES
 log = logging.getLogger(__name__)
 
 NATIVE = "native"
+CPU_BACKENDS = (NATIVE, "_native_math")  # PyTorch's own kernels that run without a GPU
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _candidates(facts: AttentionFacts) -> list[tuple[str, str | None]]:
     """(backend, reason it cannot run here or None), fastest first for this GPU generation."""
     cap = facts.capability or (0, 0)
     half = facts.dtype in ("bf16", "fp16")
-    flash3 = ("_flash_3", _reason(facts.flash_attn_3, "flash-attn 3", cap >= (9, 0) and half, "a Hopper GPU"))
+    flash3 = ("_flash_3", _reason(facts.flash_attn_3, "flash-attn 3", cap[0] == 9 and half, "a Hopper GPU"))
     flash2 = ("flash", _reason(facts.flash_attn, "flash-attn", cap >= (8, 0) and half, "an Ampere or newer GPU"))
     cudnn = ("_native_cudnn", _reason(facts.cudnn, "cuDNN", cap >= (8, 0) and half, "an Ampere or newer GPU"))
     # Measured at the model's shape on an H100: cuDNN SDPA 1.36 ms, flash-attn 2 class kernels 2.36 ms;
@@ -95,18 +96,23 @@ def choose_backend(
 ) -> BackendChoice:
     """The fastest backend these `facts` allow, or `override` ("auto"/None: choose) when it can run.
 
-    Off CUDA the choice is "native" (PyTorch SDPA) with no fallback to report. An `override`
+    Off CUDA the choice is "native" (PyTorch SDPA), or an override among `CPU_BACKENDS`. An `override`
     diffusers does not know raises `InvalidRequestError`; one that cannot run here falls back to
     the automatic choice, with the reason.
     """
-    if facts.device != "cuda":
-        return BackendChoice(NATIVE)
-    candidates = _candidates(facts)
     passed: list[str] = []
     if override not in (None, "auto"):
         names = (known or known_backends)()
         if override not in names:
             raise InvalidRequestError("attention", override, f"use 'auto' or one of {sorted(names)}")
+        if facts.device != "cuda":
+            if override in CPU_BACKENDS:
+                return BackendChoice(override)
+            passed.append(f"{override}: needs a CUDA GPU")
+    if facts.device != "cuda":
+        return BackendChoice(NATIVE, tuple(passed))
+    candidates = _candidates(facts)
+    if override not in (None, "auto"):
         reason = dict(candidates).get(override)
         if reason is None and _runnable(override, facts):
             return BackendChoice(override)
@@ -166,7 +172,7 @@ def quantized_backend(facts: AttentionFacts, mode: str) -> tuple[str | None, str
         if cap < (8, 0):
             return None, "int8 attention needs an Ampere or newer GPU"
         return "_sage_qk_int8_pv_fp16_cuda", ""
-    if cap >= (9, 0):
+    if cap[0] == 9:
         return "_sage_qk_int8_pv_fp8_cuda_sm90", ""
     if cap >= (8, 9):
         return "_sage_qk_int8_pv_fp8_cuda", ""

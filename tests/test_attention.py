@@ -6,7 +6,7 @@ import pytest
 from conftest import small_request
 
 from qie import InvalidRequestError
-from qie.attention import AttentionFacts, choose_backend, quantized_attention, quantized_backend
+from qie.attention import AttentionFacts, BackendChoice, choose_backend, quantized_attention, quantized_backend
 
 KNOWN = {"native", "_native_cudnn", "_native_flash", "flash", "_flash_3", "sage", "xformers", "flash_hub"}
 
@@ -37,6 +37,7 @@ def choose(f: AttentionFacts, override: str | None = None):
         ({"capability": (8, 0), "flash_attn": True}, "flash", 0),  # A100: flash-attn 2 first
         ({"capability": (8, 0)}, "_native_cudnn", 1),
         ({"capability": (7, 5)}, "native", 2),  # T4: neither flash-attn 2 nor cuDNN attention
+        ({"capability": (10, 0), "flash_attn_3": True}, "_native_cudnn", 1),  # flash-attn 3 is Hopper-only
         ({"dtype": "fp32", "flash_attn_3": True}, "native", 3),
         ({"cudnn": False}, "native", 3),
     ],
@@ -47,9 +48,10 @@ def test_auto_choice_follows_the_facts(kw, name, n_fallbacks):
     assert len(choice.fallbacks) == n_fallbacks
 
 
-def test_cpu_is_native_without_warnings():
-    choice = choose(facts(device="cpu", capability=None, cudnn=False))
-    assert choice.name == "native" and choice.fallbacks == ()
+def test_cpu_is_native_without_warnings_and_overrides_need_a_gpu():
+    cpu = facts(device="cpu", capability=None, cudnn=False)
+    assert choose(cpu) == BackendChoice("native")
+    assert choose(cpu, "_native_cudnn") == BackendChoice("native", ("_native_cudnn: needs a CUDA GPU",))
 
 
 def test_fallback_reasons_say_what_is_missing():
