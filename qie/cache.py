@@ -155,9 +155,11 @@ def encode_prompts(
     revision: str | None,
     fixes: dict[str, bool],
     device: torch.device,
+    uses_cfg: bool | None = None,
 ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, bool]:
     """The request's prompt (and, with CFG, negative prompt) embeddings, from the cache when there.
 
+    `uses_cfg` overrides the request's own CFG setting (fast mode runs without CFG).
     Returns (prompt, negative or None, True when nothing had to be encoded).
     """
     digests = digests_of(request.images)
@@ -172,7 +174,7 @@ def encode_prompts(
     base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))
     prompt, hit = cached(cache.prompts, ("prompt", request.prompt, *base), lambda: encode(request.prompt))
     negative = None
-    if request.uses_cfg:
+    if request.uses_cfg if uses_cfg is None else uses_cfg:
         negative, neg_hit = cached(
             cache.prompts, ("negative", request.negative_prompt, *base), lambda: encode(request.negative_prompt)
         )

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE-encode inputs at ~1024² (model, default) or at the output's area (faster for small outputs)",
     )
     _add_model_args(edit)
+    _add_speed_args(edit)
 
     sub.add_parser("info", help="versions, device and free GPU memory")
 
@@ -76,6 +77,34 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
 
 
+# --- speed options (README "Speed options") ---
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed options")
+    group.add_argument("--attention", default="auto", help="attention backend at load (default: fastest available)")
+    group.add_argument("--fast-lora", help="Lightning LoRA for fast mode: file, folder or hub id")
+    group.add_argument("--fast-steps", type=int, choices=[4, 8], default=8, help="which Lightning LoRA (4 or 8 steps)")
+    group.add_argument("--mode", choices=["quality", "fast"], help="fast: the Lightning LoRA's steps, CFG off")
+    group.add_argument("--attention-quant", choices=["off", "int8", "fp8"], default="off", help="SageAttention")
+    group.add_argument("--step-cache", choices=["off", "fbcache", "taylorseer"], default="off")
+    group.add_argument("--step-cache-threshold", type=float, default=0.05, help="fbcache: residual change to reuse")
+    group.add_argument("--step-cache-interval", type=int, default=3, help="taylorseer: full pass every N calls")
+    group.add_argument("--early-exit-threshold", type=float, help="stop when x0 changes less than this (relative)")
+    group.add_argument("--early-exit-patience", type=int, default=2, help="... for this many steps in a row")
+
+
+def _speed_params(args: argparse.Namespace) -> dict:
+    names = ("mode", "attention_quant", "step_cache", "step_cache_threshold", "step_cache_interval")
+    names += ("early_exit_threshold", "early_exit_patience")
+    return {name: getattr(args, name) for name in names}
+
+
+def _speed_load_args(args: argparse.Namespace) -> dict:
+    return {"attention": args.attention, "fast_lora": args.fast_lora, "fast_steps": args.fast_steps}
+
+
+# ---
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -106,6 +135,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "max_side": args.max_side,
         "resize_to_input": args.resize_to_input,
         "condition_area": args.condition_area,
+        **_speed_params(args),
     }
     if not folder:
         from .request import EditRequest
@@ -119,6 +149,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         plan=args.plan,
         vram_budget_gib=args.vram_budget,
         compile=args.compile,
+        **_speed_load_args(args),
     )
     if folder:
         report = edit_folder(editor, inputs[0], Path(args.output), params)

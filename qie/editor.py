@@ -22,6 +22,7 @@ from .errors import BusyError
 from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from .plans import Plan, choose_plan
 from .request import EditRequest, EditResult
+from .speed_options import SpeedSetup, request_speed, setup_speed
 from .stages import VAE_IMAGE_SIZE
 from .telemetry import StageTimer
 from .versions import warn_known_problems
@@ -56,6 +57,7 @@ class Editor:
         self.lock = threading.Lock()
         self.compiled = False
         self.cache = cache.EditCache()  # prompt embeddings and condition latents (qie/cache.py)
+        self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -70,9 +72,16 @@ class Editor:
         vram_budget_gib: float | None = None,
         fixes: dict[str, bool] | None = None,
         compile: bool = False,
+        attention: str | None = "auto",
+        fast_lora: str | None = None,
+        fast_steps: int = 8,
+        fast_fuse: bool = True,
     ) -> Editor:
         """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan.
 
+        `attention` names a diffusers attention backend ("auto": the fastest available);
+        `fast_lora` (a file, folder or hub id of the Lightning LoRA) enables fast mode with
+        `fast_steps` steps, fused into the weights unless `fast_fuse` is False (see README).
         With `compile=True` (CUDA only) the transformer block is compiled and warmed up once at
         1024²; if compiling fails, the editor logs a warning and runs eager.
         """
@@ -85,8 +94,12 @@ class Editor:
         pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
         chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
         chosen.apply(pipe, dev, vram_budget_gib)
+        speed = setup_speed(
+            pipe, dev, dt, attention_backend=attention, fast_lora=fast_lora, fast_steps=fast_steps, fast_fuse=fast_fuse
+        )
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
         editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        editor.speed = speed  # before compile: LoRA fusing and the attention backend change the graph
         if compile:
             editor.enable_compile()
         return editor
@@ -132,14 +145,14 @@ class Editor:
         pipe, device = self.pipe, self.device
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
-        with torch.inference_mode():
+        with torch.inference_mode(), request_speed(pipe, self.speed, request) as run:
             # --- prompt / condition cache (qie/cache.py) ---
             self.cache.bind(pipe)
             notes: list[str] = []
             ids = {"model": self.model, "revision": self.revision}
             with timer("text_encode"):
                 prompt, negative, hit = cache.encode_prompts(
-                    self.cache, pipe, request, **ids, fixes=self.fixes, device=device
+                    self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=run.uses_cfg
                 )
                 notes += ["prompt cache hit"] if hit else []
             dtype = prompt.embeds.dtype
@@ -160,12 +173,13 @@ class Editor:
                     condition,
                     prompt,
                     negative,
-                    steps=request.steps,
-                    true_cfg_scale=request.true_cfg_scale,
+                    steps=run.steps,
+                    true_cfg_scale=run.true_cfg_scale,
                     width=request.width,
                     height=request.height,
                     on_step=on_step,
                     cancel=cancel,
+                    observer=run.observer,
                 )
             with timer("decode"):
                 image = stages.decode(pipe, latents, request.width, request.height, tile=request.tiling)
@@ -186,8 +200,10 @@ class Editor:
             model=self.model,
             revision=self.revision,
             plan=self.plan.name,
-            steps_run=request.steps,
-            notes=tuple(notes),
+            steps_run=run.steps_run,
+            steps_skipped=run.steps - run.steps_run,
+            notes=(*run.finish_notes(), *notes),
+            cached_calls=run.cache.cached if run.cache is not None else 0,
         )
 
     def reference(self, request: EditRequest) -> Image.Image:

@@ -27,6 +27,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
+from .early_exit import StepObserver
 from .errors import CancelledError, InvalidRequestError
 from .tiling import Tiling, tiled_decode, tiled_encode
 
@@ -182,8 +183,12 @@ def denoise(
     height: int,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
+    observer: StepObserver | None = None,
 ) -> torch.Tensor:
-    """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`."""
+    """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`.
+
+    `observer` (qie.early_exit) sees each step and may stop the loop with the latents to decode.
+    """
     factor = pipe.vae_scale_factor
     img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]]
     timesteps = timesteps_for(pipe, steps, latents.shape[1], latents.device)
@@ -198,6 +203,14 @@ def denoise(
             neg = _predict(pipe, "uncond", model_input, timestep, negative, img_shapes)[:, :n_out]
             combined = neg + true_cfg_scale * (pred - neg)
             pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        # --- per-step observation / early stop (qie.early_exit) ---
+        if observer is not None:
+            final = observer.after_step(i, latents, pred, float(pipe.scheduler.sigmas[i]))
+            if final is not None:
+                if on_step is not None:
+                    on_step(len(timesteps), len(timesteps))
+                return final
+        # ---
         latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))

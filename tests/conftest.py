@@ -56,3 +56,15 @@ def small_request(image, **kw):
     }
     params.update(kw)
     return EditRequest(images=[image], **params)
+
+
+@pytest.fixture(scope="session")
+def oracle_case(tiny_editor):
+    """A small request and its stock diffusers reference image (computed once: the reference is slow on CPU)."""
+    from PIL import Image
+
+    from qie import EditRequest
+
+    image = Image.open(EXAMPLES / "cat.jpg").convert("RGB")
+    request = EditRequest(images=[image], prompt="make the cat wear a red hat", steps=3, seed=123, max_side=128)
+    return request, tiny_editor.reference(request)
