@@ -90,22 +90,23 @@ def build_demo(
                 prompt = gr.Textbox(
                     label="Instruction",
                     placeholder="e.g. Replace the background with pure white (Enter to edit)",
-                    lines=2,
+                    lines=1,  # one line: Enter submits (Shift+Enter on a multi-line box)
                     max_lines=6,
                     elem_id="prompt",
                 )
-                with gr.Group():
+                with gr.Accordion("E-commerce presets (fill the instruction)", open=True, elem_id="presets"):
                     with gr.Row():
                         language = gr.Radio(
                             [(label, code) for code, label in LANGUAGES.items()],
                             value="en",
-                            label="Preset language",
+                            label="Language",
                             elem_id="language",
                         )
                         price_tag = gr.Textbox(value=DEFAULT_PRICE_TAG, label="Price tag text", elem_id="price-tag")
                     with gr.Row():
                         preset_buttons = {
-                            key: gr.Button(p.label, size="sm", elem_id=f"preset-{key}") for key, p in PRESETS.items()
+                            key: gr.Button(p.label, size="sm", variant="secondary", elem_id=f"preset-{key}")
+                            for key, p in PRESETS.items()
                         }
                 with gr.Row():
                     edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
+from app_server import launch
 from conftest import EXAMPLES
 
 import qie
@@ -43,20 +43,6 @@ class RecordingEditor:
             return result
         finally:
             self.finished.set()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(editor, **kwargs):
-    import app
-
-    demo = app.build_demo(lambda: editor, **kwargs)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    return demo, url
 
 
 @pytest.fixture(scope="module")
