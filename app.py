@@ -350,11 +350,23 @@ def _explain(exc: qie.QieError) -> str:
     return str(exc)
 
 
-def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed, else `fn` itself."""
+def _spaces() -> Any | None:
+    """The Hugging Face `spaces` package when installed (it must be imported before torch on ZeroGPU)."""
     try:
         import spaces
     except ImportError:
+        return None
+    return spaces
+
+
+def _on_zero_gpu() -> bool:
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed, else `fn` itself."""
+    spaces = _spaces()
+    if spaces is None:
         return fn
     return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
 
@@ -411,6 +423,7 @@ def warm_up(editor: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, check the hardware, build the app and serve it."""
+    _spaces()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from qie.models import REAL_MODEL_ID
@@ -424,7 +437,9 @@ def main(argv: list[str] | None = None) -> None:
         return qie.get_editor(model, device=args.device)
 
     if args.preload and not notice:
-        warm_up(editor_factory())
+        editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
+        if not _on_zero_gpu():
+            warm_up(editor)
     demo = build_demo(editor_factory, notice=notice, queue_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None)
 

@@ -11,10 +11,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(editor, **kwargs):
-    """Build the app around `editor` and serve it; returns (demo, url). Close with `demo.close()`."""
+def launch(editor=None, *, factory=None, **kwargs):
+    """Build the app around `editor` (or `factory`) and serve it; returns (demo, url). Close with `demo.close()`."""
     import app
 
-    demo = app.build_demo(lambda: editor, **kwargs)
+    demo = app.build_demo(factory or (lambda: editor), **kwargs)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     return demo, url
