@@ -29,7 +29,9 @@ import gradio as gr
 import qie
 from qie.jobs import CancelBoard
 from qie.presets import (
+    CPU_DEMO_DEFAULTS,
     DEFAULT_PRICE_TAG,
+    EDIT_DEFAULTS,
     FEATURES,
     LANGUAGES,
     PRESETS,
@@ -49,6 +51,10 @@ GPU_CONCURRENCY_ID = "gpu"
 DEFAULT_QUEUE_SIZE = 20
 LOCK_TIMEOUT_S = 600.0  # how long a dequeued edit waits for the editor (e.g. behind an example being cached)
 OUTPUT_TTL_S = 3600.0  # downloaded PNGs are kept this long
+TINY_NOTICE = (
+    "Offline demo with the tiny random model: every stage runs for real, but its edits are noise. "
+    "For real edits, start the app on a CUDA GPU without --model."
+)
 TINY_HINT = "To try the app without a GPU, start the offline demo: python app.py --model tiny"
 
 EditorFactory = Callable[[], Any]
@@ -63,13 +69,16 @@ def build_demo(
     editor_factory: EditorFactory,
     *,
     notice: str | None = None,
+    defaults: dict[str, Any] | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     examples_dir: Path = ROOT / "examples",
 ) -> gr.Blocks:
     """The Blocks app. `editor_factory()` returns the `qie.Editor` (called at each edit; cache it).
 
-    `notice` is shown at the top (e.g. why the real model cannot run here).
+    `notice` is shown at the top (e.g. why the real model cannot run here); `defaults` overrides
+    the starting values of `EDIT_DEFAULTS` (steps, true_cfg_scale, max_side, condition_area).
     """
+    start = {**EDIT_DEFAULTS, **(defaults or {})}
     board = CancelBoard()
     run_edit = _on_gpu(_run_edit)
 
@@ -113,9 +122,14 @@ def build_demo(
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     mode = _feature_control(FEATURES["mode"])
-                    steps = gr.Slider(2, 100, value=40, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(2, 100, value=start["steps"], step=1, label="Steps", elem_id="steps")
                     true_cfg_scale = gr.Slider(
-                        1.0, 20.0, value=4.0, step=0.1, label="True CFG scale (1 = off, 2x faster)", elem_id="cfg"
+                        1.0,
+                        20.0,
+                        value=start["true_cfg_scale"],
+                        step=0.1,
+                        label="True CFG scale (1 = off, 2x faster)",
+                        elem_id="cfg",
                     )
                     negative_prompt = gr.Textbox(value=" ", label="Negative prompt", elem_id="negative-prompt")
                     with gr.Row():
@@ -124,7 +138,7 @@ def build_demo(
                     max_side = gr.Slider(
                         0,
                         2048,
-                        value=0,
+                        value=start["max_side"],
                         step=32,
                         label="Longest output side (px; 0 = auto, ~1 megapixel)",
                         elem_id="max-side",
@@ -135,7 +149,7 @@ def build_demo(
                         )
                         condition_area = gr.Radio(
                             [("model (~1024²)", "model"), ("output (faster when small)", "output")],
-                            value="model",
+                            value=start["condition_area"],
                             label="Encode the input images at",
                             elem_id="condition-area",
                         )
@@ -144,7 +158,12 @@ def build_demo(
                     early_exit = _feature_control(FEATURES["early_exit"])
             with gr.Column(scale=1):
                 result = gr.ImageSlider(
-                    label="Before / after", type="filepath", format="png", height=420, elem_id="result"
+                    label="Before / after",
+                    type="filepath",
+                    format="png",
+                    height=420,
+                    interactive=False,
+                    elem_id="result",
                 )
                 stats = gr.Textbox(label="Stats", interactive=False, elem_id="stats")
                 with gr.Row():
@@ -177,13 +196,13 @@ def build_demo(
             image_2: Upload = None,
             image_3: Upload = None,
             negative_prompt: str = " ",
-            steps: float = 40,
-            true_cfg_scale: float = 4.0,
+            steps: float = start["steps"],
+            true_cfg_scale: float = start["true_cfg_scale"],
             seed: float | None = 0,
             randomize_seed: bool = True,
-            max_side: float = 0,
+            max_side: float = start["max_side"],
             resize_to_input: bool = False,
-            condition_area: str = "model",
+            condition_area: str = start["condition_area"],
             mode: str = FEATURES["mode"].default,
             tile_size: str = FEATURES["tile_size"].default,
             attention_quant: str = FEATURES["attention_quant"].default,
@@ -208,8 +227,9 @@ def build_demo(
             try:
                 params.update(feature_request_fields(features))
                 edit_request = qie.EditRequest(images=images, **params)  # validate before touching the GPU
-                progress(0, desc="waiting for the model")
+                progress(0, desc="getting the model ready")
                 editor = editor_factory()
+                progress(0, desc="encoding the instruction and images")
                 key = request.session_hash if request is not None and request.session_hash else uuid.uuid4().hex
                 with board.job(key) as cancel:
                     out = run_edit(editor, edit_request, cancel, _progress_steps(progress))
@@ -302,7 +322,7 @@ def _feature_control(feature: Feature) -> gr.components.Component:
 
 def _mode_defaults(mode: str) -> tuple[int, float]:
     """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
-    return (8, 1.0) if mode == "fast" else (40, 4.0)
+    return (8, 1.0) if mode == "fast" else (EDIT_DEFAULTS["steps"], EDIT_DEFAULTS["true_cfg_scale"])
 
 
 def _progress_steps(progress: gr.Progress) -> Callable[[int, int], None]:
@@ -440,7 +460,11 @@ def main(argv: list[str] | None = None) -> None:
         editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
         if not _on_zero_gpu():
             warm_up(editor)
-    demo = build_demo(editor_factory, notice=notice, queue_size=args.queue_size)
+    defaults = None
+    if model == "tiny":
+        defaults = CPU_DEMO_DEFAULTS  # small and quick: its edits are noise anyway
+        notice = TINY_NOTICE
+    demo = build_demo(editor_factory, notice=notice, defaults=defaults, queue_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None)
 
 

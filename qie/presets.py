@@ -29,6 +29,11 @@ REPEATED_EDIT_WARNING = (
 )
 
 
+# The settings the app starts with (the model card's), and smaller ones for the tiny model's CPU demo.
+EDIT_DEFAULTS: dict[str, Any] = {"steps": 40, "true_cfg_scale": 4.0, "max_side": 0, "condition_area": "model"}
+CPU_DEMO_DEFAULTS: dict[str, Any] = {**EDIT_DEFAULTS, "steps": 4, "max_side": 384, "condition_area": "output"}
+
+
 @dataclass(frozen=True)
 class Preset:
     """One e-commerce instruction in English and Chinese; `{tag}` stands for the price-tag text."""

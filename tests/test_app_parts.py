@@ -154,3 +154,15 @@ def test_thread_safety_of_cancel_board():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_start_values_follow_the_defaults_given():
+    import app
+    from qie.presets import CPU_DEMO_DEFAULTS
+
+    demo = app.build_demo(lambda: None, defaults=CPU_DEMO_DEFAULTS)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["steps"].value == CPU_DEMO_DEFAULTS["steps"]
+    assert by_id["max-side"].value == CPU_DEMO_DEFAULTS["max_side"]
+    assert by_id["condition-area"].value == "output"
+    assert app.build_demo(lambda: None).blocks  # the model card's settings otherwise
