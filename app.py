@@ -15,6 +15,7 @@ Example (tests):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import tempfile
@@ -444,7 +445,10 @@ def warm_up(editor: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, check the hardware, build the app and serve it."""
     _spaces()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        parser.error('--mcp needs the MCP extra: pip install "gradio[mcp]==6.31.0"')
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from qie.models import REAL_MODEL_ID
 
@@ -465,7 +469,16 @@ def main(argv: list[str] | None = None) -> None:
         defaults = CPU_DEMO_DEFAULTS  # small and quick: its edits are noise anyway
         notice = TINY_NOTICE
     demo = build_demo(editor_factory, notice=notice, defaults=defaults, queue_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        mcp_server=args.mcp or None,
+        prevent_thread_lock=True,
+    )
+    if args.mcp and getattr(demo, "mcp_error", None):
+        log.warning("the MCP server did not start: %s", demo.mcp_error)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from app_server import launch
+from app_server import launch, wait_until
 from conftest import EXAMPLES
 
 import qie
@@ -103,7 +103,7 @@ def test_three_concurrent_clients_are_served_in_order(served, recorder):
     for i, cl in enumerate(clients):
         job = cl.submit(image=handle_file(str(EXAMPLES / "cat.jpg")), prompt=f"edit {i}", **CHEAP, api_name="/edit")
         jobs.append(job)
-        _wait(lambda job=job: job.status().code.name in ("IN_QUEUE", "PROCESSING", "PROGRESS", "FINISHED"))
+        wait_until(lambda job=job: job.status().code.name in ("IN_QUEUE", "PROCESSING", "PROGRESS", "FINISHED"))
     results = [job.result(timeout=120) for job in jobs]
     assert all("denoise" in stats for _, _, stats, _ in results)
     assert [p for p in recorder.prompts if p.startswith("edit ")] == ["edit 0", "edit 1", "edit 2"]
@@ -128,7 +128,7 @@ def test_cancel_stops_denoising_and_frees_the_editor(client, recorder, tiny_edit
     job = client.submit(
         image=handle_file(str(EXAMPLES / "rocket.jpg")), prompt="night sky", **{**CHEAP, "steps": 100}, api_name="/edit"
     )
-    _wait(lambda: tiny_editor.lock.locked())
+    wait_until(lambda: tiny_editor.lock.locked())
     started = time.perf_counter()
     assert client.predict(api_name="/cancel").startswith("Cancelled")
     assert recorder.finished.wait(30)
@@ -147,19 +147,11 @@ def test_full_queue_says_busy(tiny_editor):
             clients = [Client(url, verbose=False) for _ in range(3)]
             image = handle_file(str(EXAMPLES / "cat.jpg"))
             first = clients[0].submit(image=image, prompt="a", **CHEAP, api_name="/edit")
-            _wait(lambda: first.status().code.name in ("PROCESSING", "PROGRESS"))
+            wait_until(lambda: first.status().code.name in ("PROCESSING", "PROGRESS"))
             second = clients[1].submit(image=image, prompt="b", **CHEAP, api_name="/edit")
-            _wait(lambda: second.status().code.name == "IN_QUEUE")
+            wait_until(lambda: second.status().code.name == "IN_QUEUE")
             with pytest.raises(QueueError, match="[Qq]ueue is full.*try again"):
                 clients[2].predict(image=image, prompt="c", **CHEAP, api_name="/edit")
         assert first.result(timeout=60)[2] and second.result(timeout=60)[2]
     finally:
         demo.close()
-
-
-def _wait(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
