@@ -33,6 +33,7 @@ from qie.presets import (
     CPU_DEMO_DEFAULTS,
     DEFAULT_PRICE_TAG,
     EDIT_DEFAULTS,
+    FAST_MODE_SETTINGS,
     FEATURES,
     LANGUAGES,
     PRESETS,
@@ -64,6 +65,17 @@ Upload = dict[str, Any] | str | None  # Gradio's FileData dict (unprocessed even
 
 def _upload_path(upload: dict[str, Any] | str) -> str:
     return upload["path"] if isinstance(upload, dict) else upload
+
+
+def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float:
+    """A control's value as `kind` (sliders may send 40.0); EditRequest checks the range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise qie.InvalidRequestError(name, value, "give a number") from None
+    if kind is int and not number.is_integer():
+        raise qie.InvalidRequestError(name, value, "give a whole number")
+    return kind(number)
 
 
 def build_demo(
@@ -212,21 +224,25 @@ def build_demo(
             progress: gr.Progress = gr.Progress(),  # noqa: B008  (Gradio's way to ask for a progress bar)
         ) -> dict:
             """Edit 1-3 images with an instruction; returns before/after, the PNG, stats and the seed used."""
-            params = {
-                "prompt": prompt,
-                "negative_prompt": negative_prompt,
-                "steps": int(steps),
-                "true_cfg_scale": float(true_cfg_scale),
-                "seed": None if randomize_seed or seed is None else int(seed),
-                "max_side": int(max_side) or None,
-                "resize_to_input": bool(resize_to_input),
-                "condition_area": condition_area,
+            features = {
+                "mode": mode,
+                "tile_size": tile_size,
+                "attention_quant": attention_quant,
+                "early_exit": early_exit,
             }
-            features = {"mode": mode, "tile_size": tile_size, "attention_quant": attention_quant}
-            features["early_exit"] = early_exit
             images = [_upload_path(upload) for upload in (image, image_2, image_3) if upload]
             try:
-                params.update(feature_request_fields(features))
+                params = {
+                    "prompt": prompt,
+                    "negative_prompt": negative_prompt,
+                    "steps": _number("steps", steps, int),
+                    "true_cfg_scale": _number("true_cfg_scale", true_cfg_scale, float),
+                    "seed": None if randomize_seed or seed is None else _number("seed", seed, int),
+                    "max_side": _number("max_side", max_side or 0, int) or None,  # 0 = automatic size
+                    "resize_to_input": bool(resize_to_input),
+                    "condition_area": condition_area,
+                    **feature_request_fields(features),
+                }
                 edit_request = qie.EditRequest(images=images, **params)  # validate before touching the GPU
                 progress(0, desc="getting the model ready")
                 editor = editor_factory()
@@ -287,8 +303,15 @@ def build_demo(
 
         use_as_input.click(reuse, inputs_kwargs={"before_after": result}, outputs=[image], api_visibility="private")
 
+        def apply_mode(chosen: str) -> dict:
+            """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
+            settings = FAST_MODE_SETTINGS if chosen == "fast" else start
+            return {steps: settings["steps"], true_cfg_scale: settings["true_cfg_scale"]}
+
         if feature_available(FEATURES["mode"]):
-            mode.change(_mode_defaults, inputs=[mode], outputs=[steps, true_cfg_scale], api_visibility="private")
+            mode.change(
+                apply_mode, inputs_kwargs={"chosen": mode}, outputs=[steps, true_cfg_scale], api_visibility="private"
+            )
 
         examples = load_examples(examples_dir)
         if examples:
@@ -319,11 +342,6 @@ def _feature_control(feature: Feature) -> gr.components.Component:
     if feature.choices is None:
         return gr.Checkbox(**kwargs)
     return gr.Radio(list(feature.choices), **kwargs)
-
-
-def _mode_defaults(mode: str) -> tuple[int, float]:
-    """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
-    return (8, 1.0) if mode == "fast" else (EDIT_DEFAULTS["steps"], EDIT_DEFAULTS["true_cfg_scale"])
 
 
 def _progress_steps(progress: gr.Progress) -> Callable[[int, int], None]:
@@ -357,8 +375,11 @@ def _output_dir() -> Path:
     folder.mkdir(exist_ok=True)
     cutoff = time.time() - OUTPUT_TTL_S
     for old in folder.glob("*.png"):
-        if old.stat().st_mtime < cutoff:
-            old.unlink(missing_ok=True)
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # removed meanwhile by another request
+            continue
     return folder
 
 

@@ -91,6 +91,8 @@ def test_bad_requests_give_readable_errors_and_the_app_keeps_working(client, tmp
     not_image.write_text("this is text, not a picture")
     with pytest.raises(AppError, match="cannot be read as an image.*PNG, JPEG or WebP"):
         edit(client, image=not_image)
+    with pytest.raises(AppError, match="steps='many' is not valid: give a number"):
+        edit(client, steps="many")
     if not feature_available(FEATURES["tile_size"]):  # a disabled toggle refuses values instead of ignoring them
         with pytest.raises(AppError, match="tile_size=.*not available in this build"):
             edit(client, tile_size="512")

@@ -13,6 +13,7 @@ from conftest import ROOT
 import qie
 from qie.jobs import CancelBoard
 from qie.presets import (
+    FEATURES,
     PRESETS,
     Feature,
     capabilities,
@@ -166,3 +167,17 @@ def test_start_values_follow_the_defaults_given():
     assert by_id["max-side"].value == CPU_DEMO_DEFAULTS["max_side"]
     assert by_id["condition-area"].value == "output"
     assert app.build_demo(lambda: None).blocks  # the model card's settings otherwise
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_toggles_are_disabled_with_a_note_until_their_engine_exists(monkeypatch, live):
+    import app
+
+    monkeypatch.setattr(app, "feature_available", lambda feature: live)
+    demo = app.build_demo(lambda: None)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for name, feature in FEATURES.items():
+        control = by_id[f"feature-{name.replace('_', '-')}"]
+        assert control.interactive is live
+        assert ("Not available in this build" in control.info) is not live
+        assert feature.info in control.info
