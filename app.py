@@ -274,7 +274,9 @@ def build_demo(
         def cancel(request: gr.Request) -> dict:
             """Stop the running edit of this browser tab at its next step (a queued one is dropped)."""
             stopped = board.cancel(request.session_hash or "")
-            return {stats: "Cancelled: the edit stopped and the GPU is free." if stopped else "Nothing to cancel."}
+            if stopped:
+                return {stats: "Cancelled: the edit stops at its next step and frees the GPU."}
+            return {stats: "Cancelled: no edit of yours was running (a waiting one is dropped)."}
 
         cancel_btn.click(cancel, inputs=None, outputs=[stats], cancels=[edit_event], queue=False, api_name="cancel")
 
