@@ -101,19 +101,8 @@ class Editor:
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
         with torch.inference_mode():
-            with timer("text_encode"):
-                small = stages.prompt_images(pipe, request.images)
-                fix = self.fixes["mm_token_type_ids"]
-                prompt = stages.encode_prompt(pipe, request.prompt, small, device=device, forward_mm_token_type_ids=fix)
-                negative = None
-                if request.uses_cfg:
-                    negative = stages.encode_prompt(
-                        pipe, request.negative_prompt, small, device=device, forward_mm_token_type_ids=fix
-                    )
+            prompt, negative, condition = self.encode(request, timer)
             dtype = prompt.embeds.dtype
-            with timer("condition_encode"):
-                area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
-                condition = stages.encode_condition(pipe, request.images, device=device, dtype=dtype, area=area)
             with timer("denoise"):
                 noise = stages.prepare_noise(
                     pipe, request.width, request.height, device=device, dtype=dtype, generator=generator
@@ -145,6 +134,30 @@ class Editor:
             plan=self.plan.name,
             steps_run=request.steps,
         )
+
+    def encode(
+        self, request: EditRequest, timer: StageTimer
+    ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, stages.Condition]:
+        """Text-encode (prompt, negative) and VAE-encode one request; the caller holds the lock.
+
+        Shared by `edit` and `qie.batching.edit_batch`.
+        """
+        pipe, device = self.pipe, self.pipe._execution_device
+        with timer("text_encode"):
+            small = stages.prompt_images(pipe, request.images)
+            fix = self.fixes["mm_token_type_ids"]
+            prompt = stages.encode_prompt(pipe, request.prompt, small, device=device, forward_mm_token_type_ids=fix)
+            negative = None
+            if request.uses_cfg:
+                negative = stages.encode_prompt(
+                    pipe, request.negative_prompt, small, device=device, forward_mm_token_type_ids=fix
+                )
+        with timer("condition_encode"):
+            area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
+            condition = stages.encode_condition(
+                pipe, request.images, device=device, dtype=prompt.embeds.dtype, area=area
+            )
+        return prompt, negative, condition
 
     def reference(self, request: EditRequest) -> Image.Image:
         """The stock diffusers call, unchanged, for the same request: the oracle for tests and benchmarks."""

@@ -28,6 +28,9 @@ TOLERANCES: dict[str, Tolerance] = {
     "mm_token_type_ids": Tolerance(
         255, 10.0, "deliberate fix: 3-D M-RoPE positions change the prompt embeddings, so the edit changes"
     ),
+    "batching": Tolerance(
+        3, 50.0, "a batch pads prompts to one length with a mask; only float rounding of batched kernels changes"
+    ),
 }
 
 
