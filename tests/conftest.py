@@ -56,3 +56,12 @@ def small_request(image, **kw):
     }
     params.update(kw)
     return EditRequest(images=[image], **params)
+
+
+# --- a real redis-server for the result-cache and serve tests -----------------------------------
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    from redis_server import redis_server
+
+    with redis_server(str(tmp_path_factory.mktemp("redis"))) as url:
+        yield url
