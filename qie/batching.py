@@ -27,7 +27,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate
 from PIL import Image
 
 from . import stages
-from .errors import BusyError, InvalidRequestError
+from .errors import BusyError, InvalidRequestError, QieError
 from .request import EditRequest, EditResult
 from .stages import VAE_IMAGE_SIZE, PromptEmbeds
 from .telemetry import StageTimer
@@ -171,6 +171,34 @@ def group_by_key(requests: Sequence[EditRequest], max_batch: int) -> list[list[i
             chunks.append([])
         chunks[-1].append(i)
     return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def run_grouped(editor: Any, requests: Sequence[EditRequest], max_batch: int) -> list[EditResult | QieError]:
+    """Edit `requests` in batches of equal `batch_key` (at most `max_batch` each); results in request order.
+
+    A request that fails comes back as its `QieError` instead of a result. When a batch fails,
+    its requests are retried one at a time (WARNING logged), so one bad request fails alone.
+
+    Example:
+        >>> results = run_grouped(editor, [request_a, request_b, request_c], max_batch=2)  # doctest: +SKIP
+    """
+    out: list[EditResult | QieError | None] = [None] * len(requests)
+    for group in group_by_key(requests, max_batch):
+        try:
+            for i, result in zip(group, edit_batch(editor, [requests[i] for i in group]), strict=True):
+                out[i] = result
+            continue
+        except QieError as exc:
+            if len(group) == 1:
+                out[group[0]] = exc
+                continue
+            log.warning("a batch of %d failed (%s); running its requests one at a time", len(group), exc)
+        for i in group:
+            try:
+                out[i] = editor.edit(requests[i])
+            except QieError as exc:
+                out[i] = exc
+    return out  # type: ignore[return-value]
 
 
 def bench_batching(
