@@ -136,6 +136,7 @@ def _edit_batch_locked(editor: Any, requests: list[EditRequest]) -> list[EditRes
                 true_cfg_scale=first.true_cfg_scale,
                 width=first.width,
                 height=first.height,
+                predict=editor.predictor,
             )
         with timer("decode"):
             images = [stages.decode(pipe, latents[i : i + 1], first.width, first.height) for i in range(len(requests))]

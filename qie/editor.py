@@ -53,6 +53,7 @@ class Editor:
         self.revision = revision
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
+        self.predictor: stages.Predictor | None = None  # set by qie.parallel for CFG-parallel runs
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -119,6 +120,7 @@ class Editor:
                     height=request.height,
                     on_step=on_step,
                     cancel=cancel,
+                    predict=self.predictor,
                 )
             with timer("decode"):
                 image = stages.decode(pipe, latents, request.width, request.height)
