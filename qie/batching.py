@@ -177,8 +177,9 @@ def group_by_key(requests: Sequence[EditRequest], max_batch: int) -> list[list[i
 def run_grouped(editor: Any, requests: Sequence[EditRequest], max_batch: int) -> list[EditResult | QieError]:
     """Edit `requests` in batches of equal `batch_key` (at most `max_batch` each); results in request order.
 
-    A request that fails comes back as its `QieError` instead of a result. When a batch fails,
-    its requests are retried one at a time (WARNING logged), so one bad request fails alone.
+    A request that fails comes back as its `QieError` instead of a result. When a batch fails
+    (a bad request, or out of GPU memory), its requests are retried one at a time (WARNING
+    logged), so one bad request fails alone and a batch too big for the GPU still completes.
 
     Example:
         >>> results = run_grouped(editor, [request_a, request_b, request_c], max_batch=2)  # doctest: +SKIP
@@ -189,11 +190,15 @@ def run_grouped(editor: Any, requests: Sequence[EditRequest], max_batch: int) ->
             for i, result in zip(group, edit_batch(editor, [requests[i] for i in group]), strict=True):
                 out[i] = result
             continue
-        except QieError as exc:
+        except (QieError, torch.cuda.OutOfMemoryError) as exc:
             if len(group) == 1:
+                if not isinstance(exc, QieError):
+                    raise
                 out[group[0]] = exc
                 continue
             log.warning("a batch of %d failed (%s); running its requests one at a time", len(group), exc)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
         for i in group:
             try:
                 out[i] = editor.edit(requests[i])

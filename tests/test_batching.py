@@ -62,3 +62,32 @@ def test_batch_key_and_grouping(photo):
 def test_mixed_shapes_refused(tiny_editor, photo):
     with pytest.raises(InvalidRequestError, match="batch_key"):
         edit_batch(tiny_editor, [small_request(photo), small_request(photo, steps=2)])
+
+
+def test_run_grouped_isolates_a_failing_request(tiny_editor, photo, caplog, monkeypatch):
+    import logging
+
+    from qie import batching
+
+    good = small_request(photo, seed=1, steps=2)
+    bad = small_request(photo, seed=2, steps=2)
+    other = small_request(photo, seed=3, steps=3)
+    real_edit, real_batch = tiny_editor.edit, batching.edit_batch
+
+    def edit_batch_fails(editor, requests, **kw):
+        if len(requests) > 1:
+            raise InvalidRequestError("prompt", "<too long>", "shorten it")
+        return real_batch(editor, requests)
+
+    def edit(request, **kw):
+        if request is bad:
+            raise InvalidRequestError("prompt", "<too long>", "shorten it")
+        return real_edit(request, **kw)
+
+    monkeypatch.setattr(batching, "edit_batch", edit_batch_fails)
+    monkeypatch.setattr(tiny_editor, "edit", edit)
+    with caplog.at_level(logging.WARNING, logger="qie.batching"):
+        results = batching.run_grouped(tiny_editor, [good, other, bad], max_batch=4)
+    assert isinstance(results[2], InvalidRequestError)
+    assert results[0].seed == 1 and results[1].seed == 3
+    assert "a batch of 2 failed" in caplog.text
