@@ -84,7 +84,8 @@ def edit_batch(editor: Any, requests: Sequence[EditRequest], *, timeout: float |
 
     Text and condition encoding and the VAE decode run per request; the denoising loop runs
     once for the whole batch. Each result's `notes` says the batch size; its `timings` are the
-    batch's (shared by its images).
+    batch's (shared by its images). Requests with engine `options` are refused: `Editor.edit`
+    applies those.
     """
     if not requests:
         return []
@@ -92,6 +93,10 @@ def edit_batch(editor: Any, requests: Sequence[EditRequest], *, timeout: float |
     if len(keys) > 1:
         raise InvalidRequestError(
             "requests", f"<{len(keys)} different shapes>", "batch only requests with the same batch_key()"
+        )
+    if any(r.options for r in requests):
+        raise InvalidRequestError(
+            "options", "<per-request engine options>", "Editor.edit applies them: edit such requests one at a time"
         )
     if not editor.lock.acquire(timeout=-1 if timeout is None else timeout):
         raise BusyError(f"the editor stayed busy for {timeout:.0f}s; try again shortly")
@@ -177,38 +182,40 @@ def group_by_key(requests: Sequence[EditRequest], max_batch: int) -> list[list[i
 def run_grouped(editor: Any, requests: Sequence[EditRequest], max_batch: int) -> list[EditResult | QieError]:
     """Edit `requests` in batches of equal `batch_key` (at most `max_batch` each); results in request order.
 
-    A request that fails comes back as its `QieError` instead of a result. When a batch fails
-    (a bad request, or out of GPU memory), its requests are retried one at a time (WARNING
-    logged), so one bad request fails alone and a batch too big for the GPU still completes.
+    A request alone in its group, or one with per-request engine `options` (which only
+    `Editor.edit` applies), runs through `editor.edit`. A request that fails comes back as its
+    `QieError` instead of a result. When a batch fails (a bad request, or out of GPU memory),
+    its requests are retried one at a time (WARNING logged), so one bad request fails alone and
+    a batch too big for the GPU still completes.
 
     Example:
         >>> results = run_grouped(editor, [request_a, request_b, request_c], max_batch=2)  # doctest: +SKIP
     """
     out: list[EditResult | QieError | None] = [None] * len(requests)
+    singles: list[int] = []
     for group in group_by_key(requests, max_batch):
+        if len(group) == 1 or requests[group[0]].options:
+            singles += group
+            continue
         try:
             for i, result in zip(group, edit_batch(editor, [requests[i] for i in group]), strict=True):
                 out[i] = result
             continue
         except (QieError, torch.cuda.OutOfMemoryError) as exc:
-            if len(group) == 1:
-                if not isinstance(exc, QieError):
-                    raise
-                out[group[0]] = exc
-                continue
             log.warning("a batch of %d failed (%s); running its requests one at a time", len(group), exc)
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-        for i in group:
-            try:
-                out[i] = editor.edit(requests[i])
-            except QieError as exc:
-                out[i] = exc
+        singles += group
+    for i in sorted(singles):
+        try:
+            out[i] = editor.edit(requests[i])
+        except QieError as exc:
+            out[i] = exc
     return out  # type: ignore[return-value]
 
 
 def bench_batching(
-    editor: Any,
+    editor_or_pipe: Any,
     sizes: Sequence[tuple[int, int]] = ((1024, 1024),),
     batch_sizes: Sequence[int] = (1, 2, 4),
     *,
@@ -225,7 +232,11 @@ def bench_batching(
     Example:
         >>> rows = bench_batching(Editor.load(), sizes=[(1024, 1024)], batch_sizes=[1, 2])  # doctest: +SKIP
         >>> rows[1]["speedup_vs_batch1"]                                                    # doctest: +SKIP
+
+    A bare `QwenImageEditPlusPipeline` (e.g. full-size random weights already on the GPU) is
+    wrapped in an `Editor` with the "resident" plan.
     """
+    editor = editor_or_pipe if hasattr(editor_or_pipe, "encode") else _wrap_pipe(editor_or_pipe)
     rows = []
     for width, height in sizes:
         base = None
@@ -269,3 +280,11 @@ def bench_batching(
             )
             log.info("batch %d at %dx%d: %.2fs, %.0f images/hour", batch, width, height, best, per_hour)
     return rows
+
+
+def _wrap_pipe(pipe: Any) -> Any:
+    from .editor import Editor
+    from .plans import PLANS
+
+    device = pipe._execution_device
+    return Editor(pipe, model="pipeline", device=device, dtype=pipe.transformer.dtype, plan=PLANS["resident"])

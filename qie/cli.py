@@ -119,18 +119,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     inputs = [Path(p) for p in args.inputs]
     folder = len(inputs) == 1 and inputs[0].is_dir()
-    params = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "true_cfg_scale": args.cfg,
-        "seed": args.seed,
-        "height": args.height,
-        "width": args.width,
-        "max_side": args.max_side,
-        "resize_to_input": args.resize_to_input,
-        "condition_area": args.condition_area,
-    }
+    params = edit_params(args)
     if not folder:
         from .request import EditRequest
 
@@ -143,6 +132,22 @@ def cmd_edit(args: argparse.Namespace) -> int:
     result = edit_one(editor, inputs, Path(args.output), params)
     print(f"wrote {args.output}: {result.summary()}")
     return 0
+
+
+def edit_params(args: argparse.Namespace) -> dict:
+    """The `EditRequest` fields given on an `edit` command line (also used by `qie.parallel`)."""
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "true_cfg_scale": args.cfg,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "max_side": args.max_side,
+        "resize_to_input": args.resize_to_input,
+        "condition_area": args.condition_area,
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:

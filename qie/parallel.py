@@ -190,43 +190,30 @@ def enable(editor: Any, layout: ParallelLayout, rank: int) -> RankRole:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m qie.parallel IMAGES... --prompt ... --output out.png`."""
+    """`torchrun --nproc-per-node N -m qie.parallel IMAGES... --prompt ... --output out.png [--cp-mode ring]`.
+
+    Takes the options of `python -m qie edit` (one edit, not a folder) plus `--cp-mode`.
+    """
     import torch
     import torch.distributed as dist
 
     from .batch import edit_one
+    from .cli import build_parser, edit_params
     from .editor import Editor
 
-    parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m qie.parallel")
-    parser.add_argument("inputs", nargs="+")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--negative-prompt", default=" ")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--cfg", type=float, default=4.0)
-    parser.add_argument("--seed", type=int, default=0, help="fixed by default: every rank must draw the same noise")
-    parser.add_argument("--max-side", type=int)
-    parser.add_argument("--condition-area", choices=["model", "output"], default="model")
-    parser.add_argument("--cp-mode", choices=CP_MODES, default="ulysses")
-    parser.add_argument("--model", default="Qwen/Qwen-Image-Edit-2509")
-    parser.add_argument("--revision")
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present (cpu: gloo, CFG only)")
-    args = parser.parse_args(argv)
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--cp-mode", choices=CP_MODES, default="ulysses")
+    own, rest = extra.parse_known_args(argv)
+    args = build_parser().parse_args(["edit", *rest])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = edit_params(args)
+    if params["seed"] is None:
+        params["seed"] = 0  # every rank must draw the same noise
 
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    params = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "true_cfg_scale": args.cfg,
-        "seed": args.seed,
-        "max_side": args.max_side,
-        "condition_area": args.condition_area,
-    }
-    layout = plan_layout(world_size, cfg=args.cfg > 1, cp_mode=args.cp_mode, device_type=device_type)
+    layout = plan_layout(world_size, cfg=args.cfg > 1, cp_mode=own.cp_mode, device_type=device_type)
     if layout is not None and device_type == "cpu" and layout.cp_degree > 1:
         print("error: context parallelism needs CUDA GPUs; on CPU only CFG-parallel (2 ranks) runs", file=sys.stderr)
         return 2
@@ -236,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
-        editor = Editor.load(args.model, device, revision=args.revision, plan="resident")
+        editor = Editor.load(args.model, device, args.dtype, revision=args.revision, plan=args.plan)
         if layout is not None:
             enable(editor, layout, rank)
-        output = (
-            Path(args.output) if rank == 0 else Path(args.output).with_name(f".rank{rank}-{Path(args.output).name}")
-        )
+        output = Path(args.output)
+        if rank != 0:
+            output = output.with_name(f".rank{rank}-{output.name}")
         result = edit_one(editor, [Path(p) for p in args.inputs], output, params)
         if rank == 0:
             print(f"wrote {output} ({layout.describe() if layout else 'one device'}): {result.summary()}")

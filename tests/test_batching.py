@@ -59,9 +59,12 @@ def test_batch_key_and_grouping(photo):
     assert group_by_key([a, other_steps, b, a, b], max_batch=2) == [[0, 2], [3, 4], [1]]
 
 
-def test_mixed_shapes_refused(tiny_editor, photo):
+def test_mixed_shapes_and_engine_options_refused(tiny_editor, photo):
     with pytest.raises(InvalidRequestError, match="batch_key"):
         edit_batch(tiny_editor, [small_request(photo), small_request(photo, steps=2)])
+    with_options = small_request(photo, options={"step_cache": 0.1})
+    with pytest.raises(InvalidRequestError, match="one at a time"):
+        edit_batch(tiny_editor, [with_options, with_options])
 
 
 def test_run_grouped_isolates_a_failing_request(tiny_editor, photo, caplog, monkeypatch):
@@ -90,4 +93,5 @@ def test_run_grouped_isolates_a_failing_request(tiny_editor, photo, caplog, monk
         results = batching.run_grouped(tiny_editor, [good, other, bad], max_batch=4)
     assert isinstance(results[2], InvalidRequestError)
     assert results[0].seed == 1 and results[1].seed == 3
+    assert results[0].notes == () and results[1].notes == ()  # run alone, through Editor.edit
     assert "a batch of 2 failed" in caplog.text

@@ -135,3 +135,17 @@ def test_deployment_options_and_error_mapping():
     with pytest.raises(InvalidRequestError, match="steps='three' is not valid"):
         request_from_fields({"prompt": "x", "steps": "three"}, [PHOTO])
     assert ServeSettings.from_env({"QIE_MODEL": "tiny", "QIE_MAX_BATCH_SIZE": "4"}).max_batch_size == 4
+
+
+def test_health_check_and_cli_parser(tiny_editor):
+    from qie.cli import build_parser
+    from qie.serve import EditDeployment
+
+    replica = object.__new__(EditDeployment.func_or_class)  # the plain class, without Serve
+    replica.editor, replica.failures = tiny_editor, 0
+    replica.check_health()
+    replica.failures = 3
+    with pytest.raises(RuntimeError, match="3 edits in a row failed"):
+        replica.check_health()
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--cache", "redis://h:1/0", "--max-batch-size", "4"])
+    assert (args.command, args.model, args.cache, args.max_batch_size) == ("serve", "tiny", "redis://h:1/0", 4)
