@@ -34,6 +34,9 @@ TOLERANCES: dict[str, Tolerance] = {
     "cfg-parallel": Tolerance(
         0, math.inf, "each branch runs the same ops on another device; predictions are exchanged, not recomputed"
     ),
+    "context-parallel": Tolerance(
+        16, 35.0, "attention split over GPUs sums in another order; a first bound, not yet measured on GPUs"
+    ),
 }
 
 
