@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DISK_BYTES = 2 * 2**30
 DEFAULT_TTL_S = 7 * 24 * 3600
 KEY_VERSION = "1"  # bump when the meaning of a key changes
+CACHE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def open_cache(
         return None
     if spec == "disk":
         return DiskCache(root or default_disk_root(), max_bytes)
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(CACHE_URL_SCHEMES):
         try:
             import redis
         except ImportError:

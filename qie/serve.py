@@ -47,7 +47,7 @@ from .errors import BusyError, InvalidRequestError, QieError, ResourceError
 from .images import png_bytes
 from .models import REAL_MODEL_ID
 from .request import EditRequest
-from .result_cache import cache_key, open_cache
+from .result_cache import CACHE_URL_SCHEMES, cache_key, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class ServeSettings:
             raise InvalidRequestError("max_batch_size", self.max_batch_size, "give a whole number from 1 to 64")
         if self.batch_wait_timeout_s < 0:
             raise InvalidRequestError("batch_wait_timeout_s", self.batch_wait_timeout_s, "give 0 or more seconds")
+        if self.cache not in ("disk", "off", "none", "") and not self.cache.startswith(CACHE_URL_SCHEMES):
+            raise InvalidRequestError("cache", self.cache, "use 'disk', 'off' or a redis://host:port/db URL")
         if self.replicas is not None and self.replicas < 1:
             raise InvalidRequestError("replicas", self.replicas, "give 1 or more (or leave it unset: one per GPU)")
 

@@ -135,6 +135,10 @@ def test_deployment_options_and_error_mapping():
     with pytest.raises(InvalidRequestError, match="steps='three' is not valid"):
         request_from_fields({"prompt": "x", "steps": "three"}, [PHOTO])
     assert ServeSettings.from_env({"QIE_MODEL": "tiny", "QIE_MAX_BATCH_SIZE": "4"}).max_batch_size == 4
+    with pytest.raises(InvalidRequestError, match="cache='memcached://h' is not valid"):
+        ServeSettings(cache="memcached://h")
+    with pytest.raises(InvalidRequestError, match="max_batch_size=0"):
+        ServeSettings.from_dict({"max_batch_size": "0"})
 
 
 def test_health_check_and_cli_parser(tiny_editor):
