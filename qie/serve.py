@@ -79,6 +79,7 @@ class ServeSettings:
     max_replicas: int | None = None
     target_ongoing_requests: float = 2.0
     max_ongoing_requests: int = 8
+    max_queued_requests: int = 256  # beyond this the proxy answers 503 at once instead of queueing
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_replica: float = 1.0
 
@@ -129,6 +130,7 @@ def deployment_options(settings: ServeSettings, gpus_in_cluster: int) -> dict[st
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.cpus_per_replica},
         "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
     }
     per_gpu = max(1, int(gpus_in_cluster // gpus)) if gpus else 1
     if settings.autoscale:
