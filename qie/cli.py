@@ -5,6 +5,7 @@ Examples:
     python -m qie edit photos/ --prompt "remove the watermark" --output edited/ --steps 8
     python -m qie info
     python -m qie make-tiny ./tiny-qie
+    python -m qie serve --model tiny --cache redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -61,10 +62,49 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
     bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
 
+    _add_serve_parser(sub)
+
     tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+# --- serve (Ray Serve; extra `qie[serve]`) ------------------------------------------------------
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="HTTP edit service on Ray Serve (one replica per GPU)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--cache", default="disk", help="result cache: disk (default), off, or redis://host:port/db")
+    serve.add_argument("--max-batch-size", type=int, default=2, help="requests denoised together (same shape)")
+    serve.add_argument("--batch-wait-ms", type=float, default=50, help="how long a request waits for batch mates")
+    serve.add_argument("--replicas", type=int, help="default: one per GPU")
+    serve.add_argument("--autoscale", action="store_true", help="scale replicas with load (1 to one per GPU)")
+    serve.add_argument("--max-replicas", type=int, help="upper bound with --autoscale (default: GPU count)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeSettings, run_forever
+    except ImportError as exc:
+        print(f"error: serve needs Ray Serve ({exc}); pip install 'qie[serve]'", file=sys.stderr)
+        return 2
+    settings = ServeSettings(
+        model=args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        plan=args.plan,
+        cache=args.cache,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        replicas=args.replicas,
+        autoscale=args.autoscale,
+        max_replicas=args.max_replicas,
+    )
+    run_forever(settings, host=args.host, port=args.port)
+    return 0
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        commands = {"edit": cmd_edit, "info": cmd_info, "make-tiny": cmd_make_tiny, "bench": cmd_bench}
+        commands = {
+            "edit": cmd_edit,
+            "info": cmd_info,
+            "make-tiny": cmd_make_tiny,
+            "bench": cmd_bench,
+            "serve": cmd_serve,
+        }
         return commands[args.command](args)
     except QieError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -124,19 +170,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     inputs = [Path(p) for p in args.inputs]
     folder = len(inputs) == 1 and inputs[0].is_dir()
-    params = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "true_cfg_scale": args.cfg,
-        "seed": args.seed,
-        "height": args.height,
-        "width": args.width,
-        "max_side": args.max_side,
-        "resize_to_input": args.resize_to_input,
-        "condition_area": args.condition_area,
-        **_speed_params(args),
-    }
+    params = edit_params(args)
     if not folder:
         from .request import EditRequest
 
@@ -158,6 +192,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
     result = edit_one(editor, inputs, Path(args.output), params)
     print(f"wrote {args.output}: {result.summary()}")
     return 0
+
+
+def edit_params(args: argparse.Namespace) -> dict:
+    """The `EditRequest` fields given on an `edit` command line (also used by `qie.parallel`)."""
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "true_cfg_scale": args.cfg,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "max_side": args.max_side,
+        "resize_to_input": args.resize_to_input,
+        "condition_area": args.condition_area,
+        **_speed_params(args),
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ class Editor:
         self.compiled = False
         self.cache = cache.EditCache()  # prompt embeddings and condition latents (qie/cache.py)
         self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
+        self.predictor: stages.Predictor | None = None  # set by qie.parallel for CFG-parallel runs
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -146,23 +147,8 @@ class Editor:
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
         with torch.inference_mode(), request_speed(pipe, self.speed, request) as run:
-            # --- prompt / condition cache (qie/cache.py) ---
-            self.cache.bind(pipe)
-            notes: list[str] = []
-            ids = {"model": self.model, "revision": self.revision}
-            with timer("text_encode"):
-                prompt, negative, hit = cache.encode_prompts(
-                    self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=run.uses_cfg
-                )
-                notes += ["prompt cache hit"] if hit else []
+            prompt, negative, condition, notes = self.encode(request, timer, uses_cfg=run.uses_cfg)
             dtype = prompt.embeds.dtype
-            with timer("condition_encode"):
-                area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
-                condition, hit = cache.encode_condition(
-                    self.cache, pipe, request, **ids, area=area, device=device, dtype=dtype
-                )
-                notes += ["condition cache hit"] if hit else []
-            # --- end prompt / condition cache ---
             with timer("denoise"):
                 noise = stages.prepare_noise(
                     pipe, request.width, request.height, device=device, dtype=dtype, generator=generator
@@ -180,6 +166,7 @@ class Editor:
                     on_step=on_step,
                     cancel=cancel,
                     observer=run.observer,
+                    predict=self.predictor,
                 )
             with timer("decode"):
                 image = stages.decode(pipe, latents, request.width, request.height, tile=request.tiling)
@@ -205,6 +192,32 @@ class Editor:
             notes=(*run.finish_notes(), *notes),
             cached_calls=run.cache.cached if run.cache is not None else 0,
         )
+
+    def encode(
+        self, request: EditRequest, timer: StageTimer, uses_cfg: bool | None = None
+    ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, stages.Condition, list[str]]:
+        """Text-encode (prompt, negative) and VAE-encode one request, through the prompt/condition
+        cache; the caller holds the lock. Returns the encodings and notes on cache hits.
+
+        `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG). Shared by
+        `edit` and `qie.batching.edit_batch`.
+        """
+        pipe, device = self.pipe, self.device
+        self.cache.bind(pipe)
+        notes: list[str] = []
+        ids = {"model": self.model, "revision": self.revision}
+        with timer("text_encode"):
+            prompt, negative, hit = cache.encode_prompts(
+                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
+            )
+            notes += ["prompt cache hit"] if hit else []
+        with timer("condition_encode"):
+            area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
+            condition, hit = cache.encode_condition(
+                self.cache, pipe, request, **ids, area=area, device=device, dtype=prompt.embeds.dtype
+            )
+            notes += ["condition cache hit"] if hit else []
+        return prompt, negative, condition, notes
 
     def reference(self, request: EditRequest) -> Image.Image:
         """The stock diffusers call, unchanged, for the same request: the oracle for tests and benchmarks."""

@@ -47,6 +47,15 @@ TOLERANCES: dict[str, Tolerance] = {
     "attention-quant": Tolerance(
         16, 40.0, "int8 Q·K and fp8/fp16 P·V attention (SageAttention); where unavailable, bf16 attention: exact"
     ),
+    "batching": Tolerance(
+        3, 50.0, "a batch pads prompts to one length with a mask; only float rounding of batched kernels changes"
+    ),
+    "cfg-parallel": Tolerance(
+        0, math.inf, "each branch runs the same ops on another device; predictions are exchanged, not recomputed"
+    ),
+    "context-parallel": Tolerance(
+        16, 35.0, "attention split over GPUs sums in another order; a first bound, not yet measured on GPUs"
+    ),
 }
 
 

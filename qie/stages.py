@@ -37,6 +37,8 @@ IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 MAX_PROMPT_TOKENS = 1024  # the pipeline's tokenizer_max_length
 
 StepCallback = Callable[[int, int], None]
+# (pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale) -> velocity
+Predictor = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -184,13 +186,19 @@ def denoise(
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     observer: StepObserver | None = None,
+    predict: Predictor | None = None,
 ) -> torch.Tensor:
     """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`.
 
+    Batched inputs work as they are: `latents`/`condition.latents` of shape (B, tokens, C) and
+    prompts padded to one length with a mask (see `qie.batching`); every sample must share the
+    output size and condition shapes. `predict` replaces the guided prediction of one step
+    (default `guided_prediction`; CFG-parallel passes its own, see `qie.parallel`).
     `observer` (qie.early_exit) sees each step and may stop the loop with the latents to decode.
     """
     factor = pipe.vae_scale_factor
-    img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]]
+    img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]] * latents.shape[0]
+    predict = predict or guided_prediction
     timesteps = timesteps_for(pipe, steps, latents.shape[1], latents.device)
     n_out = latents.shape[1]
     for i, t in enumerate(timesteps):
@@ -198,11 +206,7 @@ def denoise(
             raise CancelledError(f"cancelled after {i} of {len(timesteps)} steps")
         model_input = torch.cat([latents, condition.latents], dim=1)
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        pred = _predict(pipe, "cond", model_input, timestep, prompt, img_shapes)[:, :n_out]
-        if negative is not None:
-            neg = _predict(pipe, "uncond", model_input, timestep, negative, img_shapes)[:, :n_out]
-            combined = neg + true_cfg_scale * (pred - neg)
-            pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        pred = predict(pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale)[:, :n_out]
         # --- per-step observation / early stop (qie.early_exit) ---
         if observer is not None:
             final = observer.after_step(i, latents, pred, float(pipe.scheduler.sigmas[i]))
@@ -215,6 +219,22 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
+
+
+def guided_prediction(
+    pipe, model_input, timestep, prompt: PromptEmbeds, negative: PromptEmbeds | None, img_shapes, true_cfg_scale: float
+) -> torch.Tensor:
+    """One step's velocity: the conditional prediction, guided by the negative one when given."""
+    pred = _predict(pipe, "cond", model_input, timestep, prompt, img_shapes)
+    if negative is None:
+        return pred
+    return cfg_combine(pred, _predict(pipe, "uncond", model_input, timestep, negative, img_shapes), true_cfg_scale)
+
+
+def cfg_combine(pred: torch.Tensor, neg: torch.Tensor, true_cfg_scale: float) -> torch.Tensor:
+    """True CFG with the pipeline's rescale: the guided velocity keeps the conditional one's norm."""
+    combined = neg + true_cfg_scale * (pred - neg)
+    return combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
 
 def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img_shapes) -> torch.Tensor:

@@ -68,3 +68,12 @@ def oracle_case(tiny_editor):
     image = Image.open(EXAMPLES / "cat.jpg").convert("RGB")
     request = EditRequest(images=[image], prompt="make the cat wear a red hat", steps=3, seed=123, max_side=128)
     return request, tiny_editor.reference(request)
+
+
+# --- a real redis-server for the result-cache and serve tests -----------------------------------
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    from redis_server import redis_server
+
+    with redis_server(str(tmp_path_factory.mktemp("redis"))) as url:
+        yield url
