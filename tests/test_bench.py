@@ -14,8 +14,17 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     monkeypatch.setattr("qie.editor.VAE_IMAGE_SIZE", 64 * 64)
 
     args = argparse.Namespace(
-        sections="stock,resident", sizes="64", budgets="", probe_steps=2, e2e_40=False, scale="tiny",
-        device="cpu", seed=0, out=str(tmp_path), tag="t", max_seconds=0,
+        sections="stock,resident",
+        sizes="64",
+        budgets="",
+        probe_steps=2,
+        e2e_40=False,
+        scale="tiny",
+        device="cpu",
+        seed=0,
+        out=str(tmp_path),
+        tag="t",
+        max_seconds=0,
     )
     assert run(args) == 0
     data = json.loads((tmp_path / "bench-t.json").read_text())
