@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import random
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -149,7 +150,9 @@ def _check_prompt(name: str, text: Any, *, required: bool) -> str | None:
 
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Integral):  # numpy integers
+            value = int(value)
+        elif isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")
@@ -159,6 +162,6 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
 
 
 def _check_cfg(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= MAX_CFG:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 1.0 <= value <= MAX_CFG:
         raise InvalidRequestError("true_cfg_scale", value, f"give a number from 1.0 (off) to {MAX_CFG}")
     return float(value)
