@@ -231,4 +231,4 @@ def test_token_limit_is_a_clear_error_and_the_editor_goes_on(tiny_editor, photo)
         tiny_editor.edit(small_request(photo, prompt=wordy, steps=2, max_side=96))
     assert isinstance(info.value, QieError) and info.value.param == "prompt"
     assert not tiny_editor.lock.locked()
-    assert tiny_editor.edit(small_request(photo, steps=2, max_side=96)).image.size == (64, 48)
+    assert tiny_editor.edit(small_request(photo, steps=2, max_side=96)).image.size == (96, 64)
