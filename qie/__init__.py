@@ -22,6 +22,7 @@ from .errors import (
     ModelLoadError,
     QieError,
     ResourceError,
+    SafetyError,
 )
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "ModelLoadError",
     "QieError",
     "ResourceError",
+    "SafetyError",
     "__version__",
     "get_editor",
     "set_editor",

@@ -116,6 +116,7 @@ class EditResult:
     steps_run: int
     steps_skipped: int = 0
     notes: tuple[str, ...] = ()
+    request_id: str = ""  # the id of the request's log line (qie.telemetry)
 
     def summary(self) -> str:
         """One line for people: per-stage times, peak VRAM, plan and seed."""
@@ -150,9 +151,8 @@ def _check_prompt(name: str, text: Any, *, required: bool) -> str | None:
 
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, numbers.Integral):  # numpy integers
-            value = int(value)
-        elif isinstance(value, float) and value.is_integer():
+        # numpy integers, and whole floats (web forms send numbers as floats)
+        if isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer()):
             value = int(value)
         else:
             raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")

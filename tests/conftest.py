@@ -56,3 +56,14 @@ def small_request(image, **kw):
     }
     params.update(kw)
     return EditRequest(images=[image], **params)
+
+
+def clone_editor(editor, **attrs):
+    """A second `Editor` on `editor`'s pipeline (its own plan, lock, safety filter), with `attrs` set."""
+    from qie import Editor
+    from qie.plans import PLANS
+
+    clone = Editor(editor.pipe, model=editor.model, device=editor.device, dtype=editor.dtype, plan=PLANS["resident"])
+    for name, value in attrs.items():
+        setattr(clone, name, value)
+    return clone
