@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .telemetry import install_redaction
+
+    install_redaction()
     try:
         return {"edit": cmd_edit, "info": cmd_info, "make-tiny": cmd_make_tiny}[args.command](args)
     except QieError as exc:
