@@ -1,0 +1,433 @@
+"""The qie web app: upload 1-3 photos, describe the edit (or pick an e-commerce preset), compare before/after.
+
+Run it:
+    python app.py --model tiny            # offline demo with the tiny random model (CPU is fine)
+    python app.py                         # the real Qwen-Image-Edit-2509 on a CUDA GPU
+
+On a Hugging Face Space it binds 0.0.0.0 and reads QIE_MODEL; with the `spaces` package installed
+the GPU function runs under ZeroGPU. Importing this module loads neither torch nor the model.
+
+Example (tests):
+    >>> demo = build_demo(lambda: qie.Editor.load("tiny"))      # doctest: +SKIP
+    >>> demo.launch(prevent_thread_lock=True)                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import qie
+from qie.jobs import CancelBoard
+from qie.presets import (
+    DEFAULT_PRICE_TAG,
+    FEATURES,
+    LANGUAGES,
+    PRESETS,
+    REPEATED_EDIT_WARNING,
+    Feature,
+    feature_available,
+    feature_request_fields,
+    load_examples,
+    preset_prompt,
+    unavailable_note,
+)
+
+log = logging.getLogger("qie.app")
+
+ROOT = Path(__file__).resolve().parent
+GPU_CONCURRENCY_ID = "gpu"
+DEFAULT_QUEUE_SIZE = 20
+LOCK_TIMEOUT_S = 600.0  # how long a dequeued edit waits for the editor (e.g. behind an example being cached)
+OUTPUT_TTL_S = 3600.0  # downloaded PNGs are kept this long
+TINY_HINT = "To try the app without a GPU, start the offline demo: python app.py --model tiny"
+
+EditorFactory = Callable[[], Any]
+Upload = dict[str, Any] | str | None  # Gradio's FileData dict (unprocessed event) or a path
+
+
+def _upload_path(upload: dict[str, Any] | str) -> str:
+    return upload["path"] if isinstance(upload, dict) else upload
+
+
+def build_demo(
+    editor_factory: EditorFactory,
+    *,
+    notice: str | None = None,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    examples_dir: Path = ROOT / "examples",
+) -> gr.Blocks:
+    """The Blocks app. `editor_factory()` returns the `qie.Editor` (called at each edit; cache it).
+
+    `notice` is shown at the top (e.g. why the real model cannot run here).
+    """
+    board = CancelBoard()
+    run_edit = _on_gpu(_run_edit)
+
+    with gr.Blocks(title="qie: Qwen-Image-Edit-2509", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# qie: instruction-based image editing\n"
+            "Upload a photo, describe the change or pick a preset, press **Edit**. "
+            "Model: [Qwen-Image-Edit-2509](https://huggingface.co/Qwen/Qwen-Image-Edit-2509)."
+        )
+        if notice:
+            gr.Markdown(f"**{notice}**", elem_id="notice")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(label="Image", type="filepath", height=320, elem_id="image-1")
+                with gr.Accordion("More images (optional, up to 3 in all)", open=False), gr.Row():
+                    image_2 = gr.Image(label="Image 2", type="filepath", height=200, elem_id="image-2")
+                    image_3 = gr.Image(label="Image 3", type="filepath", height=200, elem_id="image-3")
+                prompt = gr.Textbox(
+                    label="Instruction",
+                    placeholder="e.g. Replace the background with pure white (Enter to edit)",
+                    lines=1,  # one line: Enter submits (Shift+Enter on a multi-line box)
+                    max_lines=6,
+                    elem_id="prompt",
+                )
+                with gr.Accordion("E-commerce presets (fill the instruction)", open=True, elem_id="presets"):
+                    with gr.Row():
+                        language = gr.Radio(
+                            [(label, code) for code, label in LANGUAGES.items()],
+                            value="en",
+                            label="Language",
+                            elem_id="language",
+                        )
+                        price_tag = gr.Textbox(value=DEFAULT_PRICE_TAG, label="Price tag text", elem_id="price-tag")
+                    with gr.Row():
+                        preset_buttons = {
+                            key: gr.Button(p.label, size="sm", variant="secondary", elem_id=f"preset-{key}")
+                            for key, p in PRESETS.items()
+                        }
+                with gr.Row():
+                    edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    mode = _feature_control(FEATURES["mode"])
+                    steps = gr.Slider(2, 100, value=40, step=1, label="Steps", elem_id="steps")
+                    true_cfg_scale = gr.Slider(
+                        1.0, 20.0, value=4.0, step=0.1, label="True CFG scale (1 = off, 2x faster)", elem_id="cfg"
+                    )
+                    negative_prompt = gr.Textbox(value=" ", label="Negative prompt", elem_id="negative-prompt")
+                    with gr.Row():
+                        seed_box = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                        randomize_seed = gr.Checkbox(value=True, label="Randomize seed", elem_id="randomize-seed")
+                    max_side = gr.Slider(
+                        0,
+                        2048,
+                        value=0,
+                        step=32,
+                        label="Longest output side (px; 0 = auto, ~1 megapixel)",
+                        elem_id="max-side",
+                    )
+                    with gr.Row():
+                        resize_to_input = gr.Checkbox(
+                            value=False, label="Return at the input's size", elem_id="resize-to-input"
+                        )
+                        condition_area = gr.Radio(
+                            [("model (~1024²)", "model"), ("output (faster when small)", "output")],
+                            value="model",
+                            label="Encode the input images at",
+                            elem_id="condition-area",
+                        )
+                    tile_size = _feature_control(FEATURES["tile_size"])
+                    attention_quant = _feature_control(FEATURES["attention_quant"])
+                    early_exit = _feature_control(FEATURES["early_exit"])
+            with gr.Column(scale=1):
+                result = gr.ImageSlider(
+                    label="Before / after", type="filepath", format="png", height=420, elem_id="result"
+                )
+                stats = gr.Textbox(label="Stats", interactive=False, elem_id="stats")
+                with gr.Row():
+                    download = gr.DownloadButton("Download PNG", elem_id="download")
+                    use_as_input = gr.Button("Use as input", elem_id="use-as-input")
+
+        edit_inputs = {
+            "image": image,
+            "image_2": image_2,
+            "image_3": image_3,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "true_cfg_scale": true_cfg_scale,
+            "seed": seed_box,
+            "randomize_seed": randomize_seed,
+            "max_side": max_side,
+            "resize_to_input": resize_to_input,
+            "condition_area": condition_area,
+            "mode": mode,
+            "tile_size": tile_size,
+            "attention_quant": attention_quant,
+            "early_exit": early_exit,
+        }
+        edit_outputs = [result, download, stats, seed_box]
+
+        def edit(
+            image: Upload,
+            prompt: str,
+            image_2: Upload = None,
+            image_3: Upload = None,
+            negative_prompt: str = " ",
+            steps: float = 40,
+            true_cfg_scale: float = 4.0,
+            seed: float | None = 0,
+            randomize_seed: bool = True,
+            max_side: float = 0,
+            resize_to_input: bool = False,
+            condition_area: str = "model",
+            mode: str = FEATURES["mode"].default,
+            tile_size: str = FEATURES["tile_size"].default,
+            attention_quant: str = FEATURES["attention_quant"].default,
+            early_exit: bool = FEATURES["early_exit"].default,
+            request: gr.Request | None = None,
+            progress: gr.Progress = gr.Progress(),  # noqa: B008  (Gradio's way to ask for a progress bar)
+        ) -> dict:
+            """Edit 1-3 images with an instruction; returns before/after, the PNG, stats and the seed used."""
+            params = {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "steps": int(steps),
+                "true_cfg_scale": float(true_cfg_scale),
+                "seed": None if randomize_seed or seed is None else int(seed),
+                "max_side": int(max_side) or None,
+                "resize_to_input": bool(resize_to_input),
+                "condition_area": condition_area,
+            }
+            features = {"mode": mode, "tile_size": tile_size, "attention_quant": attention_quant}
+            features["early_exit"] = early_exit
+            images = [_upload_path(upload) for upload in (image, image_2, image_3) if upload]
+            try:
+                params.update(feature_request_fields(features))
+                edit_request = qie.EditRequest(images=images, **params)  # validate before touching the GPU
+                progress(0, desc="waiting for the model")
+                editor = editor_factory()
+                key = request.session_hash if request is not None and request.session_hash else uuid.uuid4().hex
+                with board.job(key) as cancel:
+                    out = run_edit(editor, edit_request, cancel, _progress_steps(progress))
+            except qie.QieError as exc:
+                raise gr.Error(_explain(exc), print_exception=False) from exc
+            return {
+                result: (out["before"], out["after"]),
+                download: out["png"],
+                stats: out["stats"],
+                seed_box: edit_request.seed,
+            }
+
+        edit_event = gr.on(
+            [edit_btn.click, prompt.submit],
+            edit,
+            inputs_kwargs=edit_inputs,
+            outputs=edit_outputs,
+            api_name="edit",
+            # Uploads reach the handler as files, so qie reads them and a non-image gets qie's message.
+            preprocess=False,
+            concurrency_id=GPU_CONCURRENCY_ID,
+            concurrency_limit=1,
+        )
+
+        def cancel(request: gr.Request) -> dict:
+            """Stop the running edit of this browser tab at its next step (a queued one is dropped)."""
+            stopped = board.cancel(request.session_hash or "")
+            return {stats: "Cancelled: the edit stopped and the GPU is free." if stopped else "Nothing to cancel."}
+
+        cancel_btn.click(cancel, inputs=None, outputs=[stats], cancels=[edit_event], queue=False, api_name="cancel")
+
+        def fill_preset(key: str, language: str, price_tag: str) -> dict:
+            try:
+                return {prompt: preset_prompt(key, language, price_tag)}
+            except qie.QieError as exc:
+                raise gr.Error(str(exc), print_exception=False) from exc
+
+        for key, button in preset_buttons.items():
+            button.click(
+                lambda language, price_tag, key=key: fill_preset(key, language, price_tag),
+                inputs_kwargs={"language": language, "price_tag": price_tag},
+                outputs=[prompt],
+                queue=False,
+                api_visibility="private",
+            )
+
+        def reuse(before_after: tuple[str | None, str | None] | None) -> dict:
+            """Put the last result into the first image slot, for another edit."""
+            after = before_after[1] if before_after else None
+            if not after:
+                raise gr.Error("There is no result yet: run an edit first.", print_exception=False)
+            gr.Warning(REPEATED_EDIT_WARNING)
+            return {image: after}
+
+        use_as_input.click(reuse, inputs_kwargs={"before_after": result}, outputs=[image], api_visibility="private")
+
+        if feature_available(FEATURES["mode"]):
+            mode.change(_mode_defaults, inputs=[mode], outputs=[steps, true_cfg_scale], api_visibility="private")
+
+        examples = load_examples(examples_dir)
+        if examples:
+            gr.Examples(
+                examples=[[str(e.image), e.prompt] for e in examples],
+                inputs=[image, prompt],
+                outputs=edit_outputs,
+                fn=lambda image, prompt: edit(image, prompt, randomize_seed=False),
+                cache_examples=True,
+                cache_mode="lazy",
+                label="Examples (CC0 / public-domain photos)",
+            )
+
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def _feature_control(feature: Feature) -> gr.components.Component:
+    """A control for `feature`: live when the build supports it, otherwise disabled and saying so."""
+    live = feature_available(feature)
+    kwargs = {
+        "value": feature.default,
+        "label": feature.label,
+        "info": feature.info if live else unavailable_note(feature),
+        "interactive": live,
+        "elem_id": f"feature-{feature.name.replace('_', '-')}",
+    }
+    if feature.choices is None:
+        return gr.Checkbox(**kwargs)
+    return gr.Radio(list(feature.choices), **kwargs)
+
+
+def _mode_defaults(mode: str) -> tuple[int, float]:
+    """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
+    return (8, 1.0) if mode == "fast" else (40, 4.0)
+
+
+def _progress_steps(progress: gr.Progress) -> Callable[[int, int], None]:
+    def on_step(step: int, total: int) -> None:
+        progress((step, total), desc="denoising", unit="steps")
+
+    return on_step
+
+
+def _run_edit(editor: Any, request: Any, cancel: Any, on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    """The GPU work of one edit: run it, write the PNG (with the CLI's metadata) and the before image."""
+    from qie.batch import png_metadata
+    from qie.images import save_png
+
+    result = editor.edit(request, on_step=on_step, cancel=cancel, timeout=LOCK_TIMEOUT_S)
+    out_dir = _output_dir()
+    png = save_png(
+        result.image, out_dir / f"qie-{result.seed}-{uuid.uuid4().hex[:8]}.png", png_metadata(editor, request, result)
+    )
+    before = request.images[-1].resize(result.image.size)
+    return {"before": before, "after": result.image, "png": str(png), "stats": _stats(result)}
+
+
+def _stats(result: Any) -> str:
+    return f"{result.summary()} | output {result.image.width}x{result.image.height}"
+
+
+def _output_dir() -> Path:
+    """Where result PNGs are written; files older than `OUTPUT_TTL_S` are removed on the way."""
+    folder = Path(tempfile.gettempdir()) / "qie-app"
+    folder.mkdir(exist_ok=True)
+    cutoff = time.time() - OUTPUT_TTL_S
+    for old in folder.glob("*.png"):
+        if old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
+    return folder
+
+
+def _explain(exc: qie.QieError) -> str:
+    """The error's own message, plus how to start the offline demo when the hardware is the problem."""
+    if isinstance(exc, qie.ResourceError):
+        return f"{exc} {TINY_HINT}"
+    if isinstance(exc, qie.BusyError):
+        return f"The app is busy: {exc}"
+    return str(exc)
+
+
+def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed, else `fn` itself."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
+
+
+def startup_notice(model: str, device: str | None = None) -> str | None:
+    """Why `model` cannot run on this machine (no GPU), with the way to the offline demo; None if it can."""
+    from qie.models import MODELS, check_hardware, resolve_device
+
+    if device is not None:
+        return None
+    try:
+        check_hardware(MODELS.get(model), resolve_device())
+    except qie.ResourceError as exc:
+        return f"{exc} {TINY_HINT}"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    on_space = bool(os.environ.get("SPACE_ID"))
+    parser = argparse.ArgumentParser(description="The qie web app (Gradio).")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("QIE_MODEL"),
+        help="hub id, local folder or 'tiny' (default: $QIE_MODEL, else Qwen/Qwen-Image-Edit-2509)",
+    )
+    parser.add_argument("--device", default=os.environ.get("QIE_DEVICE"), help="cuda, cuda:1, cpu (default: auto)")
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0" if on_space else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1; 0.0.0.0 on a Space)",
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--mcp", action="store_true", help="also serve the edit endpoint as an MCP tool")
+    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="waiting edits before 'busy'")
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        default=on_space or os.environ.get("QIE_PRELOAD") == "1",
+        help="load the model and run a small warm-up edit before serving (default on a Space)",
+    )
+    return parser
+
+
+def warm_up(editor: Any) -> None:
+    """One small edit, so the first user does not pay for lazy initialisation."""
+    start = time.perf_counter()
+    request = qie.EditRequest(
+        images=[ROOT / "examples" / "coffee-cup.jpg"], prompt="warm up", steps=2, seed=0, max_side=256
+    )
+    editor.edit(request)
+    log.info("warm-up edit took %.1fs", time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, check the hardware, build the app and serve it."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qie.models import REAL_MODEL_ID
+
+    model = args.model or REAL_MODEL_ID
+    notice = startup_notice(model, args.device)
+    if notice:
+        log.warning(notice)
+
+    def editor_factory() -> Any:
+        return qie.get_editor(model, device=args.device)
+
+    if args.preload and not notice:
+        warm_up(editor_factory())
+    demo = build_demo(editor_factory, notice=notice, queue_size=args.queue_size)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None)
+
+
+if __name__ == "__main__":
+    main()
