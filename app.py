@@ -27,7 +27,7 @@ from typing import Any
 import gradio as gr
 
 import qie
-from qie.jobs import CancelBoard
+from qie.jobs import CancelBoard, Deadline
 from qie.presets import (
     DEFAULT_PRICE_TAG,
     FEATURES,
@@ -41,6 +41,7 @@ from qie.presets import (
     preset_prompt,
     unavailable_note,
 )
+from qie.pricetag import tag_in_prompt
 
 log = logging.getLogger("qie.app")
 
@@ -49,6 +50,7 @@ GPU_CONCURRENCY_ID = "gpu"
 DEFAULT_QUEUE_SIZE = 20
 LOCK_TIMEOUT_S = 600.0  # how long a dequeued edit waits for the editor (e.g. behind an example being cached)
 OUTPUT_TTL_S = 3600.0  # downloaded PNGs are kept this long
+EDIT_TIMEOUT_S = float(os.environ.get("QIE_EDIT_TIMEOUT_S", "900"))  # a running edit is stopped after this
 TINY_HINT = "To try the app without a GPU, start the offline demo: python app.py --model tiny"
 
 EditorFactory = Callable[[], Any]
@@ -150,6 +152,9 @@ def build_demo(
                 with gr.Row():
                     download = gr.DownloadButton("Download PNG", elem_id="download")
                     use_as_input = gr.Button("Use as input", elem_id="use-as-input")
+                with gr.Accordion("Metrics (recent edits)", open=False, elem_id="metrics-panel"):
+                    metrics = gr.JSON(label="Latency, GPU memory, last edits", elem_id="metrics")
+                    refresh_metrics = gr.Button("Refresh", size="sm", elem_id="metrics-refresh")
 
         edit_inputs = {
             "image": image,
@@ -168,6 +173,7 @@ def build_demo(
             "tile_size": tile_size,
             "attention_quant": attention_quant,
             "early_exit": early_exit,
+            "price_tag": price_tag,
         }
         edit_outputs = [result, download, stats, seed_box]
 
@@ -188,6 +194,7 @@ def build_demo(
             tile_size: str = FEATURES["tile_size"].default,
             attention_quant: str = FEATURES["attention_quant"].default,
             early_exit: bool = FEATURES["early_exit"].default,
+            price_tag: str = "",
             request: gr.Request | None = None,
             progress: gr.Progress = gr.Progress(),  # noqa: B008  (Gradio's way to ask for a progress bar)
         ) -> dict:
@@ -211,10 +218,15 @@ def build_demo(
                 progress(0, desc="waiting for the model")
                 editor = editor_factory()
                 key = request.session_hash if request is not None and request.session_hash else uuid.uuid4().hex
+                # A price-tag edit that fails is replaced by the tag drawn from a template (and says so).
+                tag = price_tag if tag_in_prompt(edit_request.prompt, price_tag) else None
                 with board.job(key) as cancel:
-                    out = run_edit(editor, edit_request, cancel, _progress_steps(progress))
+                    deadline = Deadline(EDIT_TIMEOUT_S, parent=cancel)
+                    out = run_edit(editor, edit_request, deadline, _progress_steps(progress), tag)
             except qie.QieError as exc:
                 raise gr.Error(_explain(exc), print_exception=False) from exc
+            for note in out["notes"]:
+                gr.Warning(note)
             return {
                 result: (out["before"], out["after"]),
                 download: out["png"],
@@ -238,6 +250,15 @@ def build_demo(
             """Stop the running edit of this browser tab at its next step (a queued one is dropped)."""
             stopped = board.cancel(request.session_hash or "")
             return {stats: "Cancelled: the edit stopped and the GPU is free." if stopped else "Nothing to cancel."}
+
+        def show_metrics() -> dict:
+            """Recent latencies (p50/p95), peak GPU memory and the last edits."""
+            from qie.editor import current_editor
+            from qie.telemetry import metrics_view
+
+            return {metrics: metrics_view(current_editor())}
+
+        refresh_metrics.click(show_metrics, outputs=[metrics], queue=False, api_name="metrics")
 
         cancel_btn.click(cancel, inputs=None, outputs=[stats], cancels=[edit_event], queue=False, api_name="cancel")
 
@@ -312,22 +333,30 @@ def _progress_steps(progress: gr.Progress) -> Callable[[int, int], None]:
     return on_step
 
 
-def _run_edit(editor: Any, request: Any, cancel: Any, on_step: Callable[[int, int], None]) -> dict[str, Any]:
-    """The GPU work of one edit: run it, write the PNG (with the CLI's metadata) and the before image."""
+def _run_edit(
+    editor: Any, request: Any, cancel: Any, on_step: Callable[[int, int], None], tag: str | None = None
+) -> dict[str, Any]:
+    """The GPU work of one edit: run it, write the PNG (with the CLI's metadata) and the before image.
+
+    With `tag`, a failed or blocked edit falls back to the price tag drawn from a template.
+    """
     from qie.batch import png_metadata
     from qie.images import save_png
+    from qie.pricetag import edit_or_render
 
-    result = editor.edit(request, on_step=on_step, cancel=cancel, timeout=LOCK_TIMEOUT_S)
+    kwargs = {"on_step": on_step, "cancel": cancel, "timeout": LOCK_TIMEOUT_S}
+    result = edit_or_render(editor, request, tag, **kwargs) if tag else editor.edit(request, **kwargs)
     out_dir = _output_dir()
     png = save_png(
         result.image, out_dir / f"qie-{result.seed}-{uuid.uuid4().hex[:8]}.png", png_metadata(editor, request, result)
     )
     before = request.images[-1].resize(result.image.size)
-    return {"before": before, "after": result.image, "png": str(png), "stats": _stats(result)}
+    return {"before": before, "after": result.image, "png": str(png), "stats": _stats(result), "notes": result.notes}
 
 
 def _stats(result: Any) -> str:
-    return f"{result.summary()} | output {result.image.width}x{result.image.height}"
+    notes = "".join(f" | {note}" for note in result.notes)
+    return f"{result.summary()} | output {result.image.width}x{result.image.height}{notes}"
 
 
 def _output_dir() -> Path:
@@ -357,6 +386,24 @@ def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     except ImportError:
         return fn
     return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
+
+
+def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
+    """Serving settings for `demo.launch` (used by `main` and the tests): the upload size limit
+    (qie's input file limit) and a `/health` readiness route reporting `current_editor()`."""
+    from fastapi.routing import APIRoute
+
+    from qie.images import max_input_bytes
+
+    def health() -> dict[str, Any]:
+        from qie.telemetry import health
+
+        return health(current_editor())
+
+    return {
+        "max_file_size": max_input_bytes(),
+        "app_kwargs": {"routes": [APIRoute("/health", health, methods=["GET"])]},
+    }
 
 
 def startup_notice(model: str, device: str | None = None) -> str | None:
@@ -413,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, check the hardware, build the app and serve it."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qie.telemetry import install_redaction
+
+    install_redaction()
     from qie.models import REAL_MODEL_ID
 
     model = args.model or REAL_MODEL_ID
@@ -426,7 +476,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.preload and not notice:
         warm_up(editor_factory())
     demo = build_demo(editor_factory, notice=notice, queue_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=args.mcp or None)
+    from qie.editor import current_editor
+
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        mcp_server=args.mcp or None,
+        **launch_options(current_editor),
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     BusyError,
     CancelledError,
+    EditTimeoutError,
     ImageError,
     InvalidRequestError,
     ModelLoadError,
@@ -38,6 +39,7 @@ _LAZY = {
 __all__ = [
     "BusyError",
     "CancelledError",
+    "EditTimeoutError",
     "EditRequest",
     "EditResult",
     "Editor",

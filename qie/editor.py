@@ -20,7 +20,15 @@ import torch
 from PIL import Image
 
 from . import stages, telemetry
-from .errors import BusyError, CancelledError, InvalidRequestError, QieError, ResourceError, SafetyError
+from .errors import (
+    BusyError,
+    CancelledError,
+    EditTimeoutError,
+    InvalidRequestError,
+    QieError,
+    ResourceError,
+    SafetyError,
+)
 from .faults import arm_from_env
 from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from .plans import PLANS, Plan, choose_plan
@@ -119,7 +127,15 @@ class Editor:
         try:
             if self.safety is not None:
                 self.safety.check_inputs(request.images)
-            result = self._edit_with_step_down(request, on_step=on_step, cancel=cancel)
+            try:
+                result = self._edit_with_step_down(request, on_step=on_step, cancel=cancel)
+            except CancelledError as exc:
+                if not getattr(cancel, "expired", False):  # a `qie.jobs.Deadline` that ran out
+                    raise
+                raise EditTimeoutError(
+                    f"the edit ran past its limit of {cancel.seconds:.0f}s and was stopped ({exc}); "
+                    "lower steps or max_side, or try again when the server is less busy"
+                ) from None
             if self.safety is not None:
                 self.safety.check_output(result.image)
             return result
@@ -273,6 +289,7 @@ def _request_fields(request: EditRequest, editor: Editor) -> dict[str, Any]:
 def _outcome(exc: BaseException) -> str:
     kinds = [
         (BusyError, "busy"),
+        (EditTimeoutError, "timeout"),
         (CancelledError, "cancelled"),
         (SafetyError, "blocked"),
         (InvalidRequestError, "invalid"),
@@ -295,6 +312,11 @@ def get_editor(model: str | None = None, **load_kwargs: Any) -> Editor:
 
             _editor = Editor.load(model or os.environ.get("QIE_MODEL", REAL_MODEL_ID), **load_kwargs)
         return _editor
+
+
+def current_editor() -> Editor | None:
+    """The process-wide editor if it is loaded, without loading it (for health checks)."""
+    return _editor
 
 
 def set_editor(editor: Editor | None) -> None:

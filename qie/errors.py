@@ -39,6 +39,10 @@ class CancelledError(QieError):
     """The edit was cancelled before it finished."""
 
 
+class EditTimeoutError(CancelledError):
+    """The edit ran past its time limit and was stopped."""
+
+
 class BusyError(QieError):
     """The editor is busy with other work and the caller would not wait longer."""
 

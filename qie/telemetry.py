@@ -204,6 +204,16 @@ def health(editor: Any | None) -> dict[str, Any]:
     }
 
 
+def metrics_view(editor: Any | None, limit: int = 10) -> dict[str, Any]:
+    """What the app's metrics panel shows: latency / VRAM stats, memory now, the last `limit` requests."""
+    keys = ("request_id", "outcome", "seconds", "peak_vram_gib", "size", "steps", "plan")
+    return {
+        **RECENT.stats(),
+        **memory_status(editor.device if editor is not None else None),
+        "recent": [{k: r.get(k) for k in keys} for r in RECENT.records()[-limit:][::-1]],
+    }
+
+
 class RedactSecrets(logging.Filter):
     """Masks Hugging Face tokens and the values of secret-looking environment variables in log records."""
 
