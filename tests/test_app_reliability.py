@@ -84,6 +84,7 @@ def test_upload_limit_and_file_serving(tiny_editor, tmp_path, monkeypatch):
     monkeypatch.setenv("QIE_MAX_INPUT_BYTES", "20000")
     demo, url = launch(tiny_editor)
     try:
+        assert demo.delete_cache == (3600, 3600)  # Gradio's cache of uploads and results is cleaned hourly
         big = tmp_path / "big.png"
         Image.effect_noise((256, 256), 64).convert("RGB").save(big)  # ~190 kB: over the limit
         response = httpx.post(url + "gradio_api/upload", files={"files": ("big.png", big.read_bytes())})

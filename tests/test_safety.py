@@ -88,3 +88,11 @@ def test_classifier_failure_skips_with_warning_unless_required(classifiers, capl
     safety.required = True
     with pytest.raises(SafetyError, match="the check failed"):
         safety.check(Image.new("RGB", (16, 16)), "output")
+
+
+def test_editor_keeps_working_when_the_filter_cannot_load(monkeypatch, tmp_path, tiny_editor, photo, caplog):
+    monkeypatch.setenv("QIE_SAFETY", str(tmp_path / "missing-classifier"))
+    with caplog.at_level(logging.WARNING):
+        editor = clone_editor(tiny_editor)
+    assert editor.safety is None and "WITHOUT the safety filter" in caplog.text
+    assert editor.edit(small_request(photo, steps=2)).image.size == (128, 96)
