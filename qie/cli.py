@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, device and free GPU memory")
 
+    bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
+    bench.add_argument("--sections", default="stock,resident,fp8,budgets", help="stock,resident,fp8,budgets")
+    bench.add_argument("--sizes", default="1024,768", help="square output sizes, comma list")
+    bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
+    bench.add_argument("--probe-steps", type=int, default=4, help="CFG steps timed per configuration")
+    bench.add_argument("--e2e-40", action="store_true", help="also time full 40-step CFG edits (slow)")
+    bench.add_argument("--scale", choices=["full", "tiny"], default="full", help="tiny: check the bench on CPU")
+    bench.add_argument("--device")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="benchmarks", help="folder for the JSON")
+    bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
+    bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
+
     soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
     soak.add_argument("--edits", type=int, default=200)
     soak.add_argument("--size", type=int, default=64, help="image side (px)")
@@ -65,6 +78,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--plan", default="auto", help="memory plan (default: auto)")
+    parser.add_argument("--vram-budget", type=float, help="GiB the plan may use (default: free VRAM)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     install_redaction()
     try:
-        return {"edit": cmd_edit, "info": cmd_info, "make-tiny": cmd_make_tiny, "soak": cmd_soak}[args.command](args)
+        commands = {
+            "edit": cmd_edit,
+            "info": cmd_info,
+            "make-tiny": cmd_make_tiny,
+            "bench": cmd_bench,
+            "soak": cmd_soak,
+        }
+        return commands[args.command](args)
     except QieError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -104,7 +126,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from .request import EditRequest
 
         EditRequest(images=inputs, **params)  # fail on bad input before loading the model
-    editor = Editor.load(args.model, args.device, args.dtype, revision=args.revision, plan=args.plan)
+    editor = Editor.load(
+        args.model,
+        args.device,
+        args.dtype,
+        revision=args.revision,
+        plan=args.plan,
+        vram_budget_gib=args.vram_budget,
+        compile=args.compile,
+    )
     if folder:
         report = edit_folder(editor, inputs[0], Path(args.output), params)
         print(report.summary())
@@ -132,9 +162,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"cuda:{i:<11} {name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
     else:
         print("device           cpu (no CUDA GPU found)")
-    for problem in known_problems():
-        print(f"warning: {problem}")
+    for level, problem in known_problems():
+        print(f"{logging.getLevelName(level).lower()}: {problem}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

@@ -31,11 +31,12 @@ from .errors import (
 )
 from .faults import arm_from_env
 from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
-from .plans import PLANS, Plan, choose_plan
+from .plans import PLANS, Plan, choose_plan, next_plan
 from .request import EditRequest, EditResult
 from .safety import safety_from_env
 from .stages import VAE_IMAGE_SIZE
 from .telemetry import StageTimer
+from .versions import warn_known_problems
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Editor:
         self.revision = revision
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
+        self.compiled = False
         pipe.set_progress_bar_config(disable=True)
         self.safety = safety_from_env()  # None unless QIE_SAFETY is set
         self.fault = arm_from_env(pipe)  # None unless QIE_FAULT is set (fault drills)
@@ -80,18 +82,47 @@ class Editor:
         plan: str = "auto",
         vram_budget_gib: float | None = None,
         fixes: dict[str, bool] | None = None,
+        compile: bool = False,
     ) -> Editor:
-        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan."""
+        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan.
+
+        With `compile=True` (CUDA only) the transformer block is compiled and warmed up once at
+        1024²; if compiling fails, the editor logs a warning and runs eager.
+        """
         dev = resolve_device(device)
         if device is None:
             check_hardware(MODELS.get(model), dev)
         dt = resolve_dtype(dev, dtype)
+        warn_known_problems()
         start = time.perf_counter()
         pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
         chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
-        chosen.apply(pipe, dev)
+        chosen.apply(pipe, dev, vram_budget_gib)
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
-        return cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        if compile:
+            editor.enable_compile()
+        return editor
+
+    def enable_compile(self, warm_up_size: int = 1024) -> bool:
+        """Compile the transformer block (regional) and warm it up; False and eager on failure."""
+        from .compile import compile_blocks, uncompile_blocks
+
+        if self.device.type != "cuda" or self.plan.name in ("stream", "model-offload"):
+            log.warning("compile skipped: it needs CUDA and a plan with resident weights (plan %s)", self.plan.name)
+            return False
+        if not compile_blocks(self.pipe.transformer):
+            return False
+        start = time.perf_counter()
+        try:
+            self.edit(warm_up_request(warm_up_size))
+        except Exception as exc:  # an unsupported op shows up only when the graph is traced
+            log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
+            uncompile_blocks(self.pipe.transformer)
+            return False
+        self.compiled = True
+        log.info("compiled and warmed up in %.0fs", time.perf_counter() - start)
+        return True
 
     def edit(
         self,
@@ -162,29 +193,35 @@ class Editor:
             notes.append(f"out of memory with plan {failed_plan}; stepped down to {self.plan.name}")
 
     def step_down(self) -> bool:
-        """Apply the next, smaller memory plan after the current one (`qie.plans.PLANS` order).
+        """Apply the plan `qie.plans.next_plan` names after the current one (e.g. resident -> resident-fp8).
 
-        Returns False when there is none: on CPU, or when the smallest plan already failed.
+        A plan that cannot be applied is skipped with a warning. Returns False when no smaller
+        plan is left (always on CPU).
         """
-        if self.device.type != "cuda" or self.plan.name not in PLANS:
+        if self.device.type != "cuda":
             return False
-        names = list(PLANS)
-        for name in names[names.index(self.plan.name) + 1 :]:
-            candidate = PLANS[name]
+        if self.compiled:  # compiled blocks belong to the old placement
+            from .compile import uncompile_blocks
+
+            uncompile_blocks(self.pipe.transformer)
+            self.compiled = False
+        name = next_plan(self.plan.name)
+        while name is not None:
             try:
-                candidate.apply(self.pipe, self.device)
-            except (RuntimeError, ValueError) as exc:
+                PLANS[name].apply(self.pipe, self.device, None)
+            except (RuntimeError, ValueError, ImportError) as exc:
                 log.warning("memory plan %r could not be applied (%s); trying the next one", name, exc)
                 free_memory(self.device)
+                name = next_plan(name)
                 continue
-            self.plan = candidate
+            self.plan = PLANS[name]
             return True
         return False
 
     # --- end of out-of-memory handling ----------------------------------------------------------
 
     def _edit_locked(self, request: EditRequest, *, on_step, cancel) -> EditResult:
-        pipe, device = self.pipe, self.pipe._execution_device
+        pipe, device = self.pipe, self.device
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
         with torch.inference_mode():
@@ -227,6 +264,7 @@ class Editor:
             seed=request.seed,
             timings=dict(timer.timings),
             peak_vram_gib=timer.peak_vram_gib(),
+            stage_peaks_gib=dict(timer.peaks_gib),
             model=self.model,
             revision=self.revision,
             plan=self.plan.name,
@@ -297,6 +335,18 @@ def _outcome(exc: BaseException) -> str:
         (QieError, "failed"),
     ]
     return next((name for cls, name in kinds if isinstance(exc, cls)), "error")
+
+
+def warm_up_request(size: int) -> EditRequest:
+    """A 2-step CFG edit of a plain image at `size`²: traces both prompt lengths once."""
+    return EditRequest(
+        images=[Image.new("RGB", (size, size), (128, 128, 128))],
+        prompt="warm up",
+        steps=2,
+        seed=0,
+        width=size,
+        height=size,
+    )
 
 
 _editor: Editor | None = None

@@ -116,6 +116,7 @@ class EditResult:
     steps_run: int
     steps_skipped: int = 0
     notes: tuple[str, ...] = ()
+    stage_peaks_gib: Mapping[str, float] = field(default_factory=dict)
     request_id: str = ""  # the id of the request's log line (qie.telemetry)
 
     def summary(self) -> str:

@@ -93,6 +93,8 @@ def encode_prompt(
             "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
         )
     extra = {}
+    if _accepts(pipe.text_encoder, "logits_to_keep"):
+        extra["logits_to_keep"] = 1  # only hidden states are used; skip the 152k-vocab logits
     if forward_mm_token_type_ids and "mm_token_type_ids" in inputs and _accepts(pipe.text_encoder, "mm_token_type_ids"):
         extra["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     out = pipe.text_encoder(

@@ -159,12 +159,12 @@ def build_tokenizer() -> Qwen2Tokenizer:
 
 
 def text_encoder_config(tokenizer: Qwen2Tokenizer, text: dict, vision: dict) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config whose special-token ids match `tokenizer`."""
+    """A Qwen2.5-VL config whose special-token ids match `tokenizer` (vocab at least the tokenizer's)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config={
             **text,
-            "vocab_size": len(tokenizer),
+            "vocab_size": max(len(tokenizer), text.get("vocab_size", 0)),
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],

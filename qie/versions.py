@@ -32,24 +32,37 @@ def _major_minor(version: str | None) -> tuple[int, int]:
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
 
 
-def known_problems(versions: dict[str, str | None] | None = None) -> list[str]:
-    """Human-readable warnings for known-bad combinations among `versions` (default: installed)."""
+def known_problems(versions: dict[str, str | None] | None = None) -> list[tuple[int, str]]:
+    """(log level, message) for each known-bad combination among `versions` (default: installed).
+
+    Problems qie works around are INFO; the rest are WARNING.
+    """
     v = versions or installed()
     problems = []
     if _major_minor(v.get("diffusers")) < (0, 36):
-        problems.append(f"diffusers {v.get('diffusers')} has no QwenImageEditPlusPipeline; install diffusers>=0.42")
+        problems.append(
+            (
+                logging.WARNING,
+                f"diffusers {v.get('diffusers')} has no QwenImageEditPlusPipeline; install diffusers>=0.42",
+            )
+        )
     if _major_minor(v.get("transformers")) >= (5, 15) and _major_minor(v.get("diffusers")) <= (0, 42):
         problems.append(
-            f"diffusers {v.get('diffusers')} with transformers {v.get('transformers')}: the stock pipeline drops "
-            "mm_token_type_ids (diffusers #14194) and silently changes prompt embeddings; qie forwards it, "
-            "but plan 'reference' and stock benchmarks reproduce the upstream behaviour"
+            (
+                logging.INFO,
+                f"diffusers {v.get('diffusers')} with transformers {v.get('transformers')}: the stock pipeline drops "
+                "mm_token_type_ids (diffusers #14194) and silently changes prompt embeddings; qie forwards it "
+                "(Editor.reference and stock benchmarks keep the upstream behaviour)",
+            )
         )
     if v.get("torchao") and "+cpu" in (v.get("torch") or ""):
-        problems.append("torchao is installed beside a CPU-only torch: its kernels fail to load; uninstall it on CPU")
+        problems.append(
+            (logging.WARNING, "torchao is installed beside a CPU-only torch: its kernels fail to load; uninstall it")
+        )
     return problems
 
 
 def warn_known_problems() -> None:
-    """Log each known problem once at start-up."""
-    for problem in known_problems():
-        log.warning(problem)
+    """Log each known problem at start-up."""
+    for level, problem in known_problems():
+        log.log(level, problem)
