@@ -15,6 +15,7 @@ Example (tests):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import tempfile
@@ -29,7 +30,10 @@ import gradio as gr
 import qie
 from qie.jobs import CancelBoard, Deadline
 from qie.presets import (
+    CPU_DEMO_DEFAULTS,
     DEFAULT_PRICE_TAG,
+    EDIT_DEFAULTS,
+    FAST_MODE_SETTINGS,
     FEATURES,
     LANGUAGES,
     PRESETS,
@@ -51,6 +55,10 @@ DEFAULT_QUEUE_SIZE = 20
 LOCK_TIMEOUT_S = 600.0  # how long a dequeued edit waits for the editor (e.g. behind an example being cached)
 OUTPUT_TTL_S = 3600.0  # downloaded PNGs are kept this long
 EDIT_TIMEOUT_S = float(os.environ.get("QIE_EDIT_TIMEOUT_S", "900"))  # a running edit is stopped after this
+TINY_NOTICE = (
+    "Offline demo with the tiny random model: every stage runs for real, but its edits are noise. "
+    "For real edits, start the app on a CUDA GPU without --model."
+)
 TINY_HINT = "To try the app without a GPU, start the offline demo: python app.py --model tiny"
 
 EditorFactory = Callable[[], Any]
@@ -61,17 +69,31 @@ def _upload_path(upload: dict[str, Any] | str) -> str:
     return upload["path"] if isinstance(upload, dict) else upload
 
 
+def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float:
+    """A control's value as `kind` (sliders may send 40.0); EditRequest checks the range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise qie.InvalidRequestError(name, value, "give a number") from None
+    if kind is int and not number.is_integer():
+        raise qie.InvalidRequestError(name, value, "give a whole number")
+    return kind(number)
+
+
 def build_demo(
     editor_factory: EditorFactory,
     *,
     notice: str | None = None,
+    defaults: dict[str, Any] | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     examples_dir: Path = ROOT / "examples",
 ) -> gr.Blocks:
     """The Blocks app. `editor_factory()` returns the `qie.Editor` (called at each edit; cache it).
 
-    `notice` is shown at the top (e.g. why the real model cannot run here).
+    `notice` is shown at the top (e.g. why the real model cannot run here); `defaults` overrides
+    the starting values of `EDIT_DEFAULTS` (steps, true_cfg_scale, max_side, condition_area).
     """
+    start = {**EDIT_DEFAULTS, **(defaults or {})}
     board = CancelBoard()
     run_edit = _on_gpu(_run_edit)
 
@@ -115,9 +137,14 @@ def build_demo(
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     mode = _feature_control(FEATURES["mode"])
-                    steps = gr.Slider(2, 100, value=40, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(2, 100, value=start["steps"], step=1, label="Steps", elem_id="steps")
                     true_cfg_scale = gr.Slider(
-                        1.0, 20.0, value=4.0, step=0.1, label="True CFG scale (1 = off, 2x faster)", elem_id="cfg"
+                        1.0,
+                        20.0,
+                        value=start["true_cfg_scale"],
+                        step=0.1,
+                        label="True CFG scale (1 = off, 2x faster)",
+                        elem_id="cfg",
                     )
                     negative_prompt = gr.Textbox(value=" ", label="Negative prompt", elem_id="negative-prompt")
                     with gr.Row():
@@ -126,7 +153,7 @@ def build_demo(
                     max_side = gr.Slider(
                         0,
                         2048,
-                        value=0,
+                        value=start["max_side"],
                         step=32,
                         label="Longest output side (px; 0 = auto, ~1 megapixel)",
                         elem_id="max-side",
@@ -137,7 +164,7 @@ def build_demo(
                         )
                         condition_area = gr.Radio(
                             [("model (~1024²)", "model"), ("output (faster when small)", "output")],
-                            value="model",
+                            value=start["condition_area"],
                             label="Encode the input images at",
                             elem_id="condition-area",
                         )
@@ -146,7 +173,12 @@ def build_demo(
                     early_exit = _feature_control(FEATURES["early_exit"])
             with gr.Column(scale=1):
                 result = gr.ImageSlider(
-                    label="Before / after", type="filepath", format="png", height=420, elem_id="result"
+                    label="Before / after",
+                    type="filepath",
+                    format="png",
+                    height=420,
+                    interactive=False,
+                    elem_id="result",
                 )
                 stats = gr.Textbox(label="Stats", interactive=False, elem_id="stats")
                 with gr.Row():
@@ -183,13 +215,13 @@ def build_demo(
             image_2: Upload = None,
             image_3: Upload = None,
             negative_prompt: str = " ",
-            steps: float = 40,
-            true_cfg_scale: float = 4.0,
+            steps: float = start["steps"],
+            true_cfg_scale: float = start["true_cfg_scale"],
             seed: float | None = 0,
             randomize_seed: bool = True,
-            max_side: float = 0,
+            max_side: float = start["max_side"],
             resize_to_input: bool = False,
-            condition_area: str = "model",
+            condition_area: str = start["condition_area"],
             mode: str = FEATURES["mode"].default,
             tile_size: str = FEATURES["tile_size"].default,
             attention_quant: str = FEATURES["attention_quant"].default,
@@ -199,24 +231,29 @@ def build_demo(
             progress: gr.Progress = gr.Progress(),  # noqa: B008  (Gradio's way to ask for a progress bar)
         ) -> dict:
             """Edit 1-3 images with an instruction; returns before/after, the PNG, stats and the seed used."""
-            params = {
-                "prompt": prompt,
-                "negative_prompt": negative_prompt,
-                "steps": int(steps),
-                "true_cfg_scale": float(true_cfg_scale),
-                "seed": None if randomize_seed or seed is None else int(seed),
-                "max_side": int(max_side) or None,
-                "resize_to_input": bool(resize_to_input),
-                "condition_area": condition_area,
+            features = {
+                "mode": mode,
+                "tile_size": tile_size,
+                "attention_quant": attention_quant,
+                "early_exit": early_exit,
             }
-            features = {"mode": mode, "tile_size": tile_size, "attention_quant": attention_quant}
-            features["early_exit"] = early_exit
             images = [_upload_path(upload) for upload in (image, image_2, image_3) if upload]
             try:
-                params.update(feature_request_fields(features))
+                params = {
+                    "prompt": prompt,
+                    "negative_prompt": negative_prompt,
+                    "steps": _number("steps", steps, int),
+                    "true_cfg_scale": _number("true_cfg_scale", true_cfg_scale, float),
+                    "seed": None if randomize_seed or seed is None else _number("seed", seed, int),
+                    "max_side": _number("max_side", max_side or 0, int) or None,  # 0 = automatic size
+                    "resize_to_input": bool(resize_to_input),
+                    "condition_area": condition_area,
+                    **feature_request_fields(features),
+                }
                 edit_request = qie.EditRequest(images=images, **params)  # validate before touching the GPU
-                progress(0, desc="waiting for the model")
+                progress(0, desc="getting the model ready")
                 editor = editor_factory()
+                progress(0, desc="encoding the instruction and images")
                 key = request.session_hash if request is not None and request.session_hash else uuid.uuid4().hex
                 # A price-tag edit that fails is replaced by the tag drawn from a template (and says so).
                 tag = price_tag if tag_in_prompt(edit_request.prompt, price_tag) else None
@@ -249,7 +286,9 @@ def build_demo(
         def cancel(request: gr.Request) -> dict:
             """Stop the running edit of this browser tab at its next step (a queued one is dropped)."""
             stopped = board.cancel(request.session_hash or "")
-            return {stats: "Cancelled: the edit stopped and the GPU is free." if stopped else "Nothing to cancel."}
+            if stopped:
+                return {stats: "Cancelled: the edit stops at its next step and frees the GPU."}
+            return {stats: "Cancelled: no edit of yours was running (a waiting one is dropped)."}
 
         def show_metrics() -> dict:
             """Recent latencies (p50/p95), peak GPU memory and the last edits."""
@@ -287,8 +326,15 @@ def build_demo(
 
         use_as_input.click(reuse, inputs_kwargs={"before_after": result}, outputs=[image], api_visibility="private")
 
+        def apply_mode(chosen: str) -> dict:
+            """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
+            settings = FAST_MODE_SETTINGS if chosen == "fast" else start
+            return {steps: settings["steps"], true_cfg_scale: settings["true_cfg_scale"]}
+
         if feature_available(FEATURES["mode"]):
-            mode.change(_mode_defaults, inputs=[mode], outputs=[steps, true_cfg_scale], api_visibility="private")
+            mode.change(
+                apply_mode, inputs_kwargs={"chosen": mode}, outputs=[steps, true_cfg_scale], api_visibility="private"
+            )
 
         examples = load_examples(examples_dir)
         if examples:
@@ -319,11 +365,6 @@ def _feature_control(feature: Feature) -> gr.components.Component:
     if feature.choices is None:
         return gr.Checkbox(**kwargs)
     return gr.Radio(list(feature.choices), **kwargs)
-
-
-def _mode_defaults(mode: str) -> tuple[int, float]:
-    """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
-    return (8, 1.0) if mode == "fast" else (40, 4.0)
 
 
 def _progress_steps(progress: gr.Progress) -> Callable[[int, int], None]:
@@ -365,8 +406,11 @@ def _output_dir() -> Path:
     folder.mkdir(exist_ok=True)
     cutoff = time.time() - OUTPUT_TTL_S
     for old in folder.glob("*.png"):
-        if old.stat().st_mtime < cutoff:
-            old.unlink(missing_ok=True)
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # removed meanwhile by another request
+            continue
     return folder
 
 
@@ -379,11 +423,23 @@ def _explain(exc: qie.QieError) -> str:
     return str(exc)
 
 
-def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed, else `fn` itself."""
+def _spaces() -> Any | None:
+    """The Hugging Face `spaces` package when installed (it must be imported before torch on ZeroGPU)."""
     try:
         import spaces
     except ImportError:
+        return None
+    return spaces
+
+
+def _on_zero_gpu() -> bool:
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed, else `fn` itself."""
+    spaces = _spaces()
+    if spaces is None:
         return fn
     return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
 
@@ -458,7 +514,11 @@ def warm_up(editor: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, check the hardware, build the app and serve it."""
-    args = build_parser().parse_args(argv)
+    _spaces()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        parser.error('--mcp needs the MCP extra: pip install "gradio[mcp]==6.31.0"')
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from qie.telemetry import install_redaction
 
@@ -474,8 +534,14 @@ def main(argv: list[str] | None = None) -> None:
         return qie.get_editor(model, device=args.device)
 
     if args.preload and not notice:
-        warm_up(editor_factory())
-    demo = build_demo(editor_factory, notice=notice, queue_size=args.queue_size)
+        editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
+        if not _on_zero_gpu():
+            warm_up(editor)
+    defaults = None
+    if model == "tiny":
+        defaults = CPU_DEMO_DEFAULTS  # small and quick: its edits are noise anyway
+        notice = TINY_NOTICE
+    demo = build_demo(editor_factory, notice=notice, defaults=defaults, queue_size=args.queue_size)
     from qie.editor import current_editor
 
     demo.launch(
@@ -483,8 +549,12 @@ def main(argv: list[str] | None = None) -> None:
         server_port=args.port,
         share=args.share,
         mcp_server=args.mcp or None,
+        prevent_thread_lock=True,
         **launch_options(current_editor),
     )
+    if args.mcp and getattr(demo, "mcp_error", None):
+        log.warning("the MCP server did not start: %s", demo.mcp_error)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

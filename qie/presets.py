@@ -5,8 +5,8 @@ Pure data and small helpers; no Gradio and no torch here, so they are testable a
 Example:
     >>> preset_prompt("price_tag", "en", tag="Sale $19.9")
     "Add a red price tag that says 'Sale $19.9' in the bottom right corner, keep the product unchanged"
-    >>> feature_available(FEATURES["tile_size"]) in (True, False)
-    True
+    >>> sorted(capabilities())
+    ['attention_quant', 'early_exit', 'mode', 'tile_size']
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ REPEATED_EDIT_WARNING = (
     "Quality decays a little with every edit of an edited image; for many changes, "
     "prefer one combined instruction on the original photo."
 )
+
+
+# The settings the app starts with (the model card's), and smaller ones for the tiny model's CPU demo.
+EDIT_DEFAULTS: dict[str, Any] = {"steps": 40, "true_cfg_scale": 4.0, "max_side": 0, "condition_area": "model"}
+CPU_DEMO_DEFAULTS: dict[str, Any] = {**EDIT_DEFAULTS, "steps": 4, "max_side": 384, "condition_area": "output"}
+FAST_MODE_SETTINGS: dict[str, Any] = {"steps": 8, "true_cfg_scale": 1.0}  # the 8-step Lightning LoRA: no CFG
 
 
 @dataclass(frozen=True)

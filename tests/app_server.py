@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 
 
 def free_port() -> int:
@@ -11,11 +13,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(editor, **kwargs):
-    """Build the app around `editor` and serve it; returns (demo, url). Close with `demo.close()`."""
+def launch(editor=None, *, factory=None, **kwargs):
+    """Build the app around `editor` (or `factory`) and serve it; returns (demo, url). Close with `demo.close()`."""
     import app
 
-    demo = app.build_demo(lambda: editor, **kwargs)
+    demo = app.build_demo(factory or (lambda: editor), **kwargs)
     _, url, _ = demo.launch(
         prevent_thread_lock=True,
         server_name="127.0.0.1",
@@ -24,3 +26,12 @@ def launch(editor, **kwargs):
         **app.launch_options(lambda: editor),
     )
     return demo, url
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the expected state") -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"did not reach {what} within {timeout:.0f}s")
+        time.sleep(0.05)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server import launch
+from app_server import launch, wait_until
 from conftest import EXAMPLES
 
 pytestmark = pytest.mark.browser
@@ -78,10 +78,10 @@ def test_edit_an_uploaded_example_with_a_preset(browser, page_url, tmp_path):
     page.locator("#language").get_by_text("中文").click()
     page.locator("#preset-combined").click()
     prompt = page.locator("#prompt textarea")
-    _wait_for(lambda: "Sale $19.9" in prompt.input_value() and "纯白色" in prompt.input_value())
+    wait_until(lambda: "Sale $19.9" in prompt.input_value() and "纯白色" in prompt.input_value())
     page.locator("#language").get_by_text("English").click()
     page.locator("#preset-white_background").click()
-    _wait_for(lambda: prompt.input_value().startswith("Replace the background with pure white"))
+    wait_until(lambda: prompt.input_value().startswith("Replace the background with pure white"))
 
     # Small and quick on the tiny model.
     page.locator("#advanced").get_by_text("Advanced").click()
@@ -92,11 +92,11 @@ def test_edit_an_uploaded_example_with_a_preset(browser, page_url, tmp_path):
 
     page.locator("#edit-btn").click()
     stats = page.locator("#stats textarea")
-    _wait_for(lambda: "denoise" in stats.input_value(), timeout=120)
+    wait_until(lambda: "denoise" in stats.input_value(), timeout=120)
     text = stats.input_value()
     assert "text_encode" in text and "decode" in text and "output 128x96" in text
     images = page.locator("#result img")
-    _wait_for(lambda: images.count() >= 2)
+    wait_until(lambda: images.count() >= 2)
     natural = images.nth(1).evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert natural == [128, 96]
 
@@ -109,10 +109,10 @@ def test_edit_an_uploaded_example_with_a_preset(browser, page_url, tmp_path):
     page.locator("#use-as-input").click()
     page.get_by_text("Quality decays", exact=False).first.wait_for(timeout=30_000)
     source = page.locator("#image-1 img").first
-    _wait_for(lambda: source.evaluate("img => img.naturalWidth") == 128)
+    wait_until(lambda: source.evaluate("img => img.naturalWidth") == 128)
     prompt.fill("make the cup blue")
     prompt.press("Enter")
-    _wait_for(lambda: stats.input_value() != text and "denoise" in stats.input_value(), timeout=120)
+    wait_until(lambda: stats.input_value() != text and "denoise" in stats.input_value(), timeout=120)
     page.close()
 
 
@@ -127,11 +127,3 @@ def _set_number(page, elem_id: str, value: int) -> None:
     box.fill(str(value))
     box.press("Enter")
     box.blur()
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the page did not reach the expected state in time")
-        time.sleep(0.1)
