@@ -146,6 +146,7 @@ class Editor:
             "ok",
             timings={k: round(v, 4) for k, v in result.timings.items()},
             peak_vram_gib=result.peak_vram_gib,
+            stage_peaks_gib={k: round(v, 3) for k, v in result.stage_peaks_gib.items()},
             plan=result.plan,
             steps_run=result.steps_run,
             notes=list(result.notes),
