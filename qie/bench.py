@@ -207,13 +207,14 @@ class Bench:
         return build_random_pipeline(self.device, torch.bfloat16, seed=self.args.seed)
 
     def editor(self, pipe, plan: str, budget_gib: float | None = None, fixes: bool = True):
+        from .cache import EditCache
         from .editor import Editor
         from .plans import PLANS
 
         chosen = PLANS[plan]
         chosen.apply(pipe, self.device, budget_gib)
         dtype = torch.float32 if self.args.scale == "tiny" else torch.bfloat16
-        return Editor(
+        editor = Editor(
             pipe,
             model=f"random-{self.args.scale}",
             device=self.device,
@@ -221,6 +222,8 @@ class Bench:
             plan=chosen,
             fixes={"mm_token_type_ids": fixes},
         )
+        editor.cache = EditCache(max_entries=0)  # every probe pays for its text and condition encode
+        return editor
 
     def resident_gib(self) -> float | None:
         return torch.cuda.memory_allocated() / 2**30 if self.device.type == "cuda" else None

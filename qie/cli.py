@@ -5,6 +5,7 @@ Examples:
     python -m qie edit photos/ --prompt "remove the watermark" --output edited/ --steps 8
     python -m qie info
     python -m qie make-tiny ./tiny-qie
+    python -m qie serve --model tiny --cache redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE-encode inputs at ~1024² (model, default) or at the output's area (faster for small outputs)",
     )
     _add_model_args(edit)
+    _add_speed_args(edit)
 
     sub.add_parser("info", help="versions, device and free GPU memory")
 
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
     bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
 
+    _add_serve_parser(sub)
+
     soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
     soak.add_argument("--edits", type=int, default=200)
     soak.add_argument("--size", type=int, default=64, help="image side (px)")
@@ -72,6 +76,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --- serve (Ray Serve; extra `qie[serve]`) ------------------------------------------------------
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="HTTP edit service on Ray Serve (one replica per GPU)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--cache", default="disk", help="result cache: disk (default), off, or redis://host:port/db")
+    serve.add_argument("--max-batch-size", type=int, default=2, help="requests denoised together (same shape)")
+    serve.add_argument("--batch-wait-ms", type=float, default=50, help="how long a request waits for batch mates")
+    serve.add_argument("--replicas", type=int, help="default: one per GPU")
+    serve.add_argument("--autoscale", action="store_true", help="scale replicas with load (1 to one per GPU)")
+    serve.add_argument("--max-replicas", type=int, help="upper bound with --autoscale (default: GPU count)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeSettings, run_forever
+    except ImportError as exc:
+        print(f"error: serve needs Ray Serve ({exc}); pip install 'qie[serve]'", file=sys.stderr)
+        return 2
+    settings = ServeSettings(
+        model=args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        plan=args.plan,
+        cache=args.cache,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        replicas=args.replicas,
+        autoscale=args.autoscale,
+        max_replicas=args.max_replicas,
+    )
+    run_forever(settings, host=args.host, port=args.port)
+    return 0
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="Qwen/Qwen-Image-Edit-2509", help="hub id, local folder, or 'tiny'")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
@@ -80,6 +121,34 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", default="auto", help="memory plan (default: auto)")
     parser.add_argument("--vram-budget", type=float, help="GiB the plan may use (default: free VRAM)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
+
+
+# --- speed options (README "Speed options") ---
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed options")
+    group.add_argument("--attention", default="auto", help="attention backend at load (default: fastest available)")
+    group.add_argument("--fast-lora", help="Lightning LoRA for fast mode: file, folder or hub id")
+    group.add_argument("--fast-steps", type=int, choices=[4, 8], default=8, help="which Lightning LoRA (4 or 8 steps)")
+    group.add_argument("--mode", choices=["quality", "fast"], help="fast: the Lightning LoRA's steps, CFG off")
+    group.add_argument("--attention-quant", choices=["off", "int8", "fp8"], default="off", help="SageAttention")
+    group.add_argument("--step-cache", choices=["off", "fbcache", "taylorseer"], default="off")
+    group.add_argument("--step-cache-threshold", type=float, default=0.05, help="fbcache: residual change to reuse")
+    group.add_argument("--step-cache-interval", type=int, default=3, help="taylorseer: full pass every N calls")
+    group.add_argument("--early-exit-threshold", type=float, help="stop when x0 changes less than this (relative)")
+    group.add_argument("--early-exit-patience", type=int, default=2, help="... for this many steps in a row")
+
+
+def _speed_params(args: argparse.Namespace) -> dict:
+    names = ("mode", "attention_quant", "step_cache", "step_cache_threshold", "step_cache_interval")
+    names += ("early_exit_threshold", "early_exit_patience")
+    return {name: getattr(args, name) for name in names}
+
+
+def _speed_load_args(args: argparse.Namespace) -> dict:
+    return {"attention": args.attention, "fast_lora": args.fast_lora, "fast_steps": args.fast_steps}
+
+
+# ---
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "info": cmd_info,
             "make-tiny": cmd_make_tiny,
             "bench": cmd_bench,
+            "serve": cmd_serve,
             "soak": cmd_soak,
         }
         return commands[args.command](args)
@@ -110,18 +180,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     inputs = [Path(p) for p in args.inputs]
     folder = len(inputs) == 1 and inputs[0].is_dir()
-    params = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "true_cfg_scale": args.cfg,
-        "seed": args.seed,
-        "height": args.height,
-        "width": args.width,
-        "max_side": args.max_side,
-        "resize_to_input": args.resize_to_input,
-        "condition_area": args.condition_area,
-    }
+    params = edit_params(args)
     if not folder:
         from .request import EditRequest
 
@@ -134,6 +193,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         plan=args.plan,
         vram_budget_gib=args.vram_budget,
         compile=args.compile,
+        **_speed_load_args(args),
     )
     if folder:
         report = edit_folder(editor, inputs[0], Path(args.output), params)
@@ -142,6 +202,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
     result = edit_one(editor, inputs, Path(args.output), params)
     print(f"wrote {args.output}: {result.summary()}")
     return 0
+
+
+def edit_params(args: argparse.Namespace) -> dict:
+    """The `EditRequest` fields given on an `edit` command line (also used by `qie.parallel`)."""
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "true_cfg_scale": args.cfg,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "max_side": args.max_side,
+        "resize_to_input": args.resize_to_input,
+        "condition_area": args.condition_area,
+        **_speed_params(args),
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import stages, telemetry
+from . import cache, masking, stages, telemetry
 from .errors import (
     BusyError,
     CancelledError,
@@ -34,6 +34,7 @@ from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolv
 from .plans import PLANS, Plan, choose_plan, next_plan
 from .request import EditRequest, EditResult
 from .safety import safety_from_env
+from .speed_options import SpeedSetup, request_speed, setup_speed
 from .stages import VAE_IMAGE_SIZE
 from .telemetry import StageTimer
 from .versions import warn_known_problems
@@ -67,6 +68,9 @@ class Editor:
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
         self.compiled = False
+        self.cache = cache.EditCache()  # prompt embeddings and condition latents (qie/cache.py)
+        self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
+        self.predictor: stages.Predictor | None = None  # set by qie.parallel for CFG-parallel runs
         pipe.set_progress_bar_config(disable=True)
         self.safety = safety_from_env()  # None unless QIE_SAFETY is set
         self.fault = arm_from_env(pipe)  # None unless QIE_FAULT is set (fault drills)
@@ -83,9 +87,16 @@ class Editor:
         vram_budget_gib: float | None = None,
         fixes: dict[str, bool] | None = None,
         compile: bool = False,
+        attention: str | None = "auto",
+        fast_lora: str | None = None,
+        fast_steps: int = 8,
+        fast_fuse: bool = True,
     ) -> Editor:
         """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan.
 
+        `attention` names a diffusers attention backend ("auto": the fastest available);
+        `fast_lora` (a file, folder or hub id of the Lightning LoRA) enables fast mode with
+        `fast_steps` steps, fused into the weights unless `fast_fuse` is False (see README).
         With `compile=True` (CUDA only) the transformer block is compiled and warmed up once at
         1024²; if compiling fails, the editor logs a warning and runs eager.
         """
@@ -98,8 +109,12 @@ class Editor:
         pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
         chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
         chosen.apply(pipe, dev, vram_budget_gib)
+        speed = setup_speed(
+            pipe, dev, dt, attention_backend=attention, fast_lora=fast_lora, fast_steps=fast_steps, fast_fuse=fast_fuse
+        )
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
         editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        editor.speed = speed  # before compile: LoRA fusing and the attention backend change the graph
         if compile:
             editor.enable_compile()
         return editor
@@ -225,20 +240,9 @@ class Editor:
         pipe, device = self.pipe, self.device
         timer = StageTimer(device)
         generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
-        with torch.inference_mode():
-            with timer("text_encode"):
-                small = stages.prompt_images(pipe, request.images)
-                fix = self.fixes["mm_token_type_ids"]
-                prompt = stages.encode_prompt(pipe, request.prompt, small, device=device, forward_mm_token_type_ids=fix)
-                negative = None
-                if request.uses_cfg:
-                    negative = stages.encode_prompt(
-                        pipe, request.negative_prompt, small, device=device, forward_mm_token_type_ids=fix
-                    )
+        with torch.inference_mode(), request_speed(pipe, self.speed, request) as run:
+            prompt, negative, condition, notes = self.encode(request, timer, uses_cfg=run.uses_cfg)
             dtype = prompt.embeds.dtype
-            with timer("condition_encode"):
-                area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
-                condition = stages.encode_condition(pipe, request.images, device=device, dtype=dtype, area=area)
             with timer("denoise"):
                 noise = stages.prepare_noise(
                     pipe, request.width, request.height, device=device, dtype=dtype, generator=generator
@@ -249,17 +253,25 @@ class Editor:
                     condition,
                     prompt,
                     negative,
-                    steps=request.steps,
-                    true_cfg_scale=request.true_cfg_scale,
+                    steps=run.steps,
+                    true_cfg_scale=run.true_cfg_scale,
                     width=request.width,
                     height=request.height,
                     on_step=on_step,
                     cancel=cancel,
+                    observer=run.observer,
+                    predict=self.predictor,
                 )
             with timer("decode"):
-                image = stages.decode(pipe, latents, request.width, request.height)
+                image = stages.decode(pipe, latents, request.width, request.height, tile=request.tiling)
         if request.resize_to_input:
             image = image.resize(request.input_size, Image.Resampling.LANCZOS)
+        # --- masked edit: the original's pixels outside the region (qie/masking.py) ---
+        if request.has_region:
+            image = masking.keep_outside_region(request, image)
+            notes.append(f"kept the original outside the {'mask' if request.mask is not None else 'box'}")
+        if request.tiling is not None:
+            notes.append(f"VAE tiled ({request.tile_size} px tiles, {request.tile_overlap} px overlap)")
         return EditResult(
             image=image,
             seed=request.seed,
@@ -269,8 +281,37 @@ class Editor:
             model=self.model,
             revision=self.revision,
             plan=self.plan.name,
-            steps_run=request.steps,
+            steps_run=run.steps_run,
+            steps_skipped=run.steps - run.steps_run,
+            notes=(*run.finish_notes(), *notes),
+            cached_calls=run.cache.cached if run.cache is not None else 0,
         )
+
+    def encode(
+        self, request: EditRequest, timer: StageTimer, uses_cfg: bool | None = None
+    ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, stages.Condition, list[str]]:
+        """Text-encode (prompt, negative) and VAE-encode one request, through the prompt/condition
+        cache; the caller holds the lock. Returns the encodings and notes on cache hits.
+
+        `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG). Shared by
+        `edit` and `qie.batching.edit_batch`.
+        """
+        pipe, device = self.pipe, self.device
+        self.cache.bind(pipe)
+        notes: list[str] = []
+        ids = {"model": self.model, "revision": self.revision}
+        with timer("text_encode"):
+            prompt, negative, hit = cache.encode_prompts(
+                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
+            )
+            notes += ["prompt cache hit"] if hit else []
+        with timer("condition_encode"):
+            area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
+            condition, hit = cache.encode_condition(
+                self.cache, pipe, request, **ids, area=area, device=device, dtype=prompt.embeds.dtype
+            )
+            notes += ["condition cache hit"] if hit else []
+        return prompt, negative, condition, notes
 
     def reference(self, request: EditRequest) -> Image.Image:
         """The stock diffusers call, unchanged, for the same request: the oracle for tests and benchmarks."""

@@ -11,6 +11,7 @@ and the output has no alpha channel.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -169,15 +170,32 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str,
     leaves a half-written output that a resumed run would skip.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG", pnginfo=png_info(metadata))
+    partial.replace(path)
+    return path
+
+
+def png_info(metadata: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
+    """`metadata` as PNG text chunks: one per key, plus all of it as JSON under "qie"."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
     info.add_itxt("qie", json.dumps(dict(metadata), default=str))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG", pnginfo=info)
-    partial.replace(path)
-    return path
+    return info
+
+
+def png_bytes(image: Image.Image, metadata: Mapping[str, Any]) -> bytes:
+    """`image` encoded as PNG with `metadata` (as `save_png` writes it), for HTTP answers and caches.
+
+    Example:
+        >>> png_bytes(Image.new("RGB", (8, 8)), {"seed": 1})[:8]
+        b'\\x89PNG\\r\\n\\x1a\\n'
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
+    return buffer.getvalue()
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -185,3 +203,15 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
     with Image.open(path) as img:
         text = img.text.get("qie")
     return json.loads(text) if text else {}
+
+
+def image_digest(image: Image.Image) -> str:
+    """A hex digest of an image's mode, size and pixels (equal pixels, equal digest), for cache keys.
+
+    Example:
+        >>> image_digest(Image.new("RGB", (4, 4))) == image_digest(Image.new("RGB", (4, 4)))
+        True
+    """
+    digest = hashlib.blake2b(f"{image.mode}:{image.size}".encode(), digest_size=20)
+    digest.update(image.tobytes())
+    return digest.hexdigest()

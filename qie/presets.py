@@ -121,6 +121,9 @@ class Feature:
     to_request: Callable[[Any], Any] = lambda value: value
 
 
+EARLY_EXIT_THRESHOLD = 0.02  # relative change of the predicted clean image (qie/early_exit.py)
+
+
 def _tile_px(value: Any) -> int | None:
     return None if value in (None, "off", 0) else int(value)
 
@@ -157,10 +160,11 @@ FEATURES: dict[str, Feature] = {
         ),
         Feature(
             "early_exit",
-            field="early_exit",
+            field="early_exit_threshold",
             label="Early exit",
-            info="skip denoising steps once the image stops changing",
+            info="stop denoising once the predicted image changes by less than 2% for 2 steps",
             default=False,
+            to_request=lambda on: EARLY_EXIT_THRESHOLD if on else None,
         ),
     )
 }

@@ -17,13 +17,17 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .errors import InvalidRequestError
 from .geometry import DEFAULT_AREA, output_size
-from .images import ImageInput, load_image
+from .images import ImageInput, image_digest, load_image
+from .masking import DEFAULT_FEATHER, MAX_FEATHER, check_region
+
+if TYPE_CHECKING:
+    from .tiling import Tiling
 
 MAX_IMAGES = 3
 MAX_PROMPT_CHARS = 2000
@@ -31,7 +35,12 @@ MIN_STEPS, MAX_STEPS = 2, 100  # one step with the model's terminal shift yields
 MAX_CFG = 20.0
 MAX_SEED = 2**32 - 1
 DEFAULT_NEGATIVE_PROMPT = " "
+DEFAULT_TILE_OVERLAP = 32  # pixels: 4 latent pixels at the VAE's 8x scale
 CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
+# Speed options (README "Speed options"), applied by qie.speed_options.
+MODES = ("quality", "fast")
+ATTENTION_QUANT_MODES = ("off", "int8", "fp8")  # qie.attention
+STEP_CACHE_MODES = ("off", "fbcache", "taylorseer")  # qie.early_exit
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,8 @@ class EditRequest:
     `max_side` caps the longer side; `resize_to_input` returns the result at the last input
     image's own size. `condition_area` is where the input images are VAE-encoded: "model" (~1024²,
     as the pipeline does) or "output" (the output's area: fewer tokens, faster at small sizes).
-    `options` holds per-request engine options (see the README).
+    `options` holds per-request engine options (see the README). `mode`, `attention_quant`,
+    `step_cache*` and `early_exit*` are the speed options (README "Speed options").
     """
 
     images: Sequence[ImageInput]
@@ -58,6 +68,20 @@ class EditRequest:
     resize_to_input: bool = False
     condition_area: str = "model"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # --- tiled VAE (qie/tiling.py) and masked edit (qie/masking.py) ---
+    tile_size: int | None = None
+    tile_overlap: int = DEFAULT_TILE_OVERLAP
+    mask: ImageInput | None = None
+    box: tuple[int, int, int, int] | None = None
+    mask_feather: int = DEFAULT_FEATHER
+    # --- speed options (qie.speed_options) ---
+    mode: str | None = None  # "fast" (Lightning LoRA), "quality", None: the editor's default
+    attention_quant: str = "off"
+    step_cache: str = "off"
+    step_cache_threshold: float = 0.05  # fbcache: relative change of the first block's residual
+    step_cache_interval: int = 3  # taylorseer: a full pass every this many calls
+    early_exit_threshold: float | None = None  # relative change of the predicted clean image
+    early_exit_patience: int = 2
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: settle fields once, here
@@ -76,6 +100,29 @@ class EditRequest:
         if self.condition_area not in CONDITION_AREAS:
             raise InvalidRequestError("condition_area", self.condition_area, f"use one of {CONDITION_AREAS}")
         set_(self, "options", MappingProxyType(dict(self.options)))
+        # --- tiled VAE and masked edit ---
+        if self.tile_size is not None:
+            _ = self.tiling  # validates tile_size and tile_overlap
+        mask, box = check_region(self.mask, self.box, self.input_size)
+        set_(self, "mask", mask)
+        set_(self, "box", box)
+        set_(self, "mask_feather", _check_int("mask_feather", self.mask_feather, 0, MAX_FEATHER))
+        self._check_speed_options()
+
+    def _check_speed_options(self) -> None:
+        for name, allowed in (
+            ("mode", (None, *MODES)),
+            ("attention_quant", ATTENTION_QUANT_MODES),
+            ("step_cache", STEP_CACHE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise InvalidRequestError(name, getattr(self, name), f"use one of {allowed}")
+        set_ = object.__setattr__
+        set_(self, "step_cache_threshold", _check_fraction("step_cache_threshold", self.step_cache_threshold))
+        set_(self, "step_cache_interval", _check_int("step_cache_interval", self.step_cache_interval, 1, MAX_STEPS))
+        if self.early_exit_threshold is not None:
+            set_(self, "early_exit_threshold", _check_fraction("early_exit_threshold", self.early_exit_threshold))
+        set_(self, "early_exit_patience", _check_int("early_exit_patience", self.early_exit_patience, 1, MAX_STEPS))
 
     @property
     def uses_cfg(self) -> bool:
@@ -86,6 +133,20 @@ class EditRequest:
     def input_size(self) -> tuple[int, int]:
         """(width, height) of the last input image, the one the output is framed like."""
         return self.images[-1].size
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The VAE tiling (`qie.tiling.Tiling`) asked for, or None when `tile_size` is None."""
+        if self.tile_size is None:
+            return None
+        from .tiling import Tiling  # imports torch: only when tiling is asked for
+
+        return Tiling(self.tile_size, self.tile_overlap)
+
+    @property
+    def has_region(self) -> bool:
+        """True when a `mask` or `box` limits the edit to a region."""
+        return self.mask is not None or self.box is not None
 
     def parameters(self) -> dict[str, Any]:
         """The request's parameters as plain values (for metadata, logs and cache keys)."""
@@ -99,6 +160,18 @@ class EditRequest:
             "height": self.height,
             "condition_area": self.condition_area,
             "options": dict(self.options),
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "box": self.box,
+            "mask": image_digest(self.mask)[:16] if self.mask is not None else None,
+            "mask_feather": self.mask_feather,
+            "mode": self.mode,
+            "attention_quant": self.attention_quant,
+            "step_cache": self.step_cache,
+            "step_cache_threshold": self.step_cache_threshold,
+            "step_cache_interval": self.step_cache_interval,
+            "early_exit_threshold": self.early_exit_threshold,
+            "early_exit_patience": self.early_exit_patience,
         }
 
 
@@ -117,13 +190,16 @@ class EditResult:
     steps_skipped: int = 0
     notes: tuple[str, ...] = ()
     stage_peaks_gib: Mapping[str, float] = field(default_factory=dict)
+    cached_calls: int = 0  # transformer calls served by the step cache instead of computed
     request_id: str = ""  # the id of the request's log line (qie.telemetry)
 
     def summary(self) -> str:
         """One line for people: per-stage times, peak VRAM, plan and seed."""
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
         vram = f"peak VRAM {self.peak_vram_gib:.1f} GiB" if self.peak_vram_gib is not None else "CPU"
-        return f"{stages} | {vram} | plan {self.plan} | seed {self.seed} | steps {self.steps_run}"
+        skipped = f" ({self.steps_skipped} skipped)" if self.steps_skipped else ""
+        notes = "".join(f" | {note}" for note in self.notes)
+        return f"{stages} | {vram} | plan {self.plan} | seed {self.seed} | steps {self.steps_run}{skipped}{notes}"
 
 
 def _check_images(images: Any) -> tuple[Image.Image, ...]:
@@ -160,6 +236,12 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")
     return value
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise InvalidRequestError(name, value, "give a number from 0 to 1")
+    return float(value)
 
 
 def _check_cfg(value: Any) -> float:

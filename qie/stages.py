@@ -27,7 +27,9 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
+from .early_exit import StepObserver
 from .errors import CancelledError, InvalidRequestError
+from .tiling import Tiling, tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 MAX_PROMPT_TOKENS = 1024  # the pipeline's tokenizer_max_length
 
 StepCallback = Callable[[int, int], None]
+# (pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale) -> velocity
+Predictor = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -122,14 +126,21 @@ def encode_condition(
     device: torch.device,
     dtype: torch.dtype,
     area: int = VAE_IMAGE_SIZE,
+    tile: Tiling | None = None,
 ) -> Condition:
-    """VAE-encode each input image at ~`area` pixels (the pipeline's 1024²) and pack the latents."""
+    """VAE-encode each input image at ~`area` pixels (the pipeline's 1024²) and pack the latents.
+
+    With `tile`, the VAE runs on Hann-blended tiles (`qie.tiling`).
+    """
     factor = pipe.vae_scale_factor
     latents, shapes = [], []
     for img in images:
         w, h = calculate_dimensions(area, img.width / img.height)
         pixels = pipe.image_processor.preprocess(img, h, w).unsqueeze(2).to(device=device, dtype=dtype)
-        lat = pipe._encode_vae_image(image=pixels, generator=None)  # argmax: no randomness
+        if tile is None:
+            lat = pipe._encode_vae_image(image=pixels, generator=None)  # argmax: no randomness
+        else:
+            lat = _tiled_encode_latents(pipe.vae, pixels, tile)
         lh, lw = lat.shape[3:]
         latents.append(pipe._pack_latents(lat, 1, pipe.latent_channels, lh, lw))
         shapes.append((1, h // factor // 2, w // factor // 2))
@@ -174,10 +185,20 @@ def denoise(
     height: int,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
+    observer: StepObserver | None = None,
+    predict: Predictor | None = None,
 ) -> torch.Tensor:
-    """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`."""
+    """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`.
+
+    Batched inputs work as they are: `latents`/`condition.latents` of shape (B, tokens, C) and
+    prompts padded to one length with a mask (see `qie.batching`); every sample must share the
+    output size and condition shapes. `predict` replaces the guided prediction of one step
+    (default `guided_prediction`; CFG-parallel passes its own, see `qie.parallel`).
+    `observer` (qie.early_exit) sees each step and may stop the loop with the latents to decode.
+    """
     factor = pipe.vae_scale_factor
-    img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]]
+    img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]] * latents.shape[0]
+    predict = predict or guided_prediction
     timesteps = timesteps_for(pipe, steps, latents.shape[1], latents.device)
     n_out = latents.shape[1]
     for i, t in enumerate(timesteps):
@@ -185,15 +206,35 @@ def denoise(
             raise CancelledError(f"cancelled after {i} of {len(timesteps)} steps")
         model_input = torch.cat([latents, condition.latents], dim=1)
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        pred = _predict(pipe, "cond", model_input, timestep, prompt, img_shapes)[:, :n_out]
-        if negative is not None:
-            neg = _predict(pipe, "uncond", model_input, timestep, negative, img_shapes)[:, :n_out]
-            combined = neg + true_cfg_scale * (pred - neg)
-            pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        pred = predict(pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale)[:, :n_out]
+        # --- per-step observation / early stop (qie.early_exit) ---
+        if observer is not None:
+            final = observer.after_step(i, latents, pred, float(pipe.scheduler.sigmas[i]))
+            if final is not None:
+                if on_step is not None:
+                    on_step(len(timesteps), len(timesteps))
+                return final
+        # ---
         latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
+
+
+def guided_prediction(
+    pipe, model_input, timestep, prompt: PromptEmbeds, negative: PromptEmbeds | None, img_shapes, true_cfg_scale: float
+) -> torch.Tensor:
+    """One step's velocity: the conditional prediction, guided by the negative one when given."""
+    pred = _predict(pipe, "cond", model_input, timestep, prompt, img_shapes)
+    if negative is None:
+        return pred
+    return cfg_combine(pred, _predict(pipe, "uncond", model_input, timestep, negative, img_shapes), true_cfg_scale)
+
+
+def cfg_combine(pred: torch.Tensor, neg: torch.Tensor, true_cfg_scale: float) -> torch.Tensor:
+    """True CFG with the pipeline's rescale: the guided velocity keeps the conditional one's norm."""
+    combined = neg + true_cfg_scale * (pred - neg)
+    return combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
 
 def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img_shapes) -> torch.Tensor:
@@ -210,25 +251,41 @@ def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img
         )[0]
 
 
-def decode(pipe, latents: torch.Tensor, width: int, height: int) -> Image.Image:
-    """Unpack, un-normalize and VAE-decode the latents to a PIL image.
+def decode(pipe, latents: torch.Tensor, width: int, height: int, tile: Tiling | None = None) -> Image.Image:
+    """Unpack, un-normalize and VAE-decode the latents to a PIL image (in Hann-blended tiles with `tile`).
 
     In fp16 the VAE can overflow; then it is moved to fp32 for good and the decode repeated.
     """
     vae = pipe.vae
     unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    image = _vae_decode(vae, unpacked)
+    image = _vae_decode(vae, unpacked, tile)
     if vae.dtype == torch.float16 and not torch.isfinite(image).all():
         log.warning("VAE decode overflowed in fp16; switching the VAE to fp32")
         vae.to(torch.float32)
-        image = _vae_decode(vae, unpacked)
+        image = _vae_decode(vae, unpacked, tile)
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def _vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
+def _vae_decode(vae, latents: torch.Tensor, tile: Tiling | None = None) -> torch.Tensor:
     latents = latents.to(vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    mean, std = _latent_stats(vae, latents)
     # Written as the pipeline writes it (divide by 1/std), so results match it bit for bit.
-    return vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+    latents = latents / (1.0 / std) + mean
+    if tile is not None:
+        return tiled_decode(vae, latents, tile.size, tile.overlap)[:, :, 0]
+    return vae.decode(latents, return_dict=False)[0][:, :, 0]
+
+
+def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and std, shaped and placed like `like` (B, C, T, H, W)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, std
+
+
+def _tiled_encode_latents(vae, pixels: torch.Tensor, tile: Tiling) -> torch.Tensor:
+    """Normalized latents of `pixels` from a tiled encode (the distribution's mode, as "argmax" takes)."""
+    latents = tiled_encode(vae, pixels, tile.size, tile.overlap)[:, : vae.config.z_dim]
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) / std

@@ -58,6 +58,27 @@ def small_request(image, **kw):
     return EditRequest(images=[image], **params)
 
 
+@pytest.fixture(scope="session")
+def oracle_case(tiny_editor):
+    """A small request and its stock diffusers reference image (computed once: the reference is slow on CPU)."""
+    from PIL import Image
+
+    from qie import EditRequest
+
+    image = Image.open(EXAMPLES / "cat.jpg").convert("RGB")
+    request = EditRequest(images=[image], prompt="make the cat wear a red hat", steps=3, seed=123, max_side=128)
+    return request, tiny_editor.reference(request)
+
+
+# --- a real redis-server for the result-cache and serve tests -----------------------------------
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    from redis_server import redis_server
+
+    with redis_server(str(tmp_path_factory.mktemp("redis"))) as url:
+        yield url
+
+
 def clone_editor(editor, **attrs):
     """A second `Editor` on `editor`'s pipeline (its own plan, lock, safety filter), with `attrs` set."""
     from qie import Editor
