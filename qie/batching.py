@@ -58,8 +58,37 @@ def batch_key(request: EditRequest) -> Hashable:
         request.steps,
         request.true_cfg_scale if request.uses_cfg else None,
         grids,
-        json.dumps(dict(request.options), sort_keys=True, default=str),
+        json.dumps(engine_options(request), sort_keys=True, default=str),
     )
+
+
+# Request fields that `Editor.edit` applies and the batched loop does not (tiling, regions,
+# speed options): a request that sets any of them is edited on its own.
+SINGLE_ONLY_DEFAULTS = {
+    "tile_size": None,
+    "mask": None,
+    "box": None,
+    "mode": None,
+    "attention_quant": "off",
+    "step_cache": "off",
+    "early_exit_threshold": None,
+}
+
+
+def engine_options(request: EditRequest) -> dict:
+    """The request's engine options and non-default `SINGLE_ONLY_DEFAULTS` fields (empty: batchable)."""
+    out = {
+        name: getattr(request, name)
+        for name, default in SINGLE_ONLY_DEFAULTS.items()
+        if getattr(request, name, default) is not default and getattr(request, name, default) != default
+    }
+    out.update(request.options)
+    return out
+
+
+def _fast_editor(editor) -> bool:
+    speed = getattr(editor, "speed", None)
+    return getattr(speed, "default_mode", None) == "fast"  # fused Lightning LoRA: its own scheduler
 
 
 def pad_prompts(prompts: Sequence[PromptEmbeds]) -> PromptEmbeds:
@@ -94,7 +123,7 @@ def edit_batch(editor: Any, requests: Sequence[EditRequest], *, timeout: float |
         raise InvalidRequestError(
             "requests", f"<{len(keys)} different shapes>", "batch only requests with the same batch_key()"
         )
-    if any(r.options for r in requests):
+    if any(engine_options(r) for r in requests) or _fast_editor(editor):
         raise InvalidRequestError(
             "options", "<per-request engine options>", "Editor.edit applies them: edit such requests one at a time"
         )
@@ -194,7 +223,7 @@ def run_grouped(editor: Any, requests: Sequence[EditRequest], max_batch: int) ->
     out: list[EditResult | QieError | None] = [None] * len(requests)
     singles: list[int] = []
     for group in group_by_key(requests, max_batch):
-        if len(group) == 1 or requests[group[0]].options:
+        if len(group) == 1 or engine_options(requests[group[0]]) or _fast_editor(editor):
             singles += group
             continue
         try:

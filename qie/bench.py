@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import __version__
+from .editor import run_stock
 from .oracle import difference
 
 log = logging.getLogger(__name__)
@@ -154,17 +155,7 @@ def probe_stock(pipe, size: int, steps: int, cfg: bool) -> Probe:
         torch.cuda.reset_peak_memory_stats()
     _sync()
     start = time.perf_counter()
-    image = pipe(
-        image=list(request.images),
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        true_cfg_scale=request.true_cfg_scale,
-        height=request.height,
-        width=request.width,
-        num_inference_steps=steps,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-        callback_on_step_end=callback,
-    ).images[0]
+    image = run_stock(pipe, request, callback_on_step_end=callback)
     _sync()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return Probe(_median_step(stamps), time.perf_counter() - start, image, {}, peak, {})

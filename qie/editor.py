@@ -317,16 +317,7 @@ class Editor:
         """The stock diffusers call, unchanged, for the same request: the oracle for tests and benchmarks."""
         with self.lock:
             try:
-                return self.pipe(
-                    image=list(request.images),
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    true_cfg_scale=request.true_cfg_scale,
-                    height=request.height,
-                    width=request.width,
-                    num_inference_steps=request.steps,
-                    generator=torch.Generator("cpu").manual_seed(request.seed),
-                ).images[0]
+                return run_stock(self.pipe, request)
             finally:
                 self.pipe.maybe_free_model_hooks()
 
@@ -377,6 +368,21 @@ def _outcome(exc: BaseException) -> str:
         (QieError, "failed"),
     ]
     return next((name for cls, name in kinds if isinstance(exc, cls)), "error")
+
+
+def run_stock(pipe: Any, request: EditRequest, **extra: Any) -> Image.Image:
+    """`pipe(...)` exactly as a stock diffusers user calls it for `request` (`extra`: more call arguments)."""
+    kwargs = {
+        "image": list(request.images),
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "true_cfg_scale": request.true_cfg_scale,
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.steps,
+        "generator": torch.Generator("cpu").manual_seed(request.seed),
+    }
+    return pipe(**{**kwargs, **extra}).images[0]
 
 
 def warm_up_request(size: int) -> EditRequest:

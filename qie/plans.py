@@ -33,8 +33,14 @@ TOKENS_1024 = 8192  # output + one condition image at 1024²
 DENOISE_ACT_GIB_1024 = 0.75
 VAE_ACT_GIB_1024 = 4.2  # VAE decode, untiled; encode needs about half
 VAE_TILED_ACT_GIB = 0.6
-# What the CUDA context, cuBLAS workspaces and allocator fragmentation take beyond tensors.
-OVERHEAD_GIB = 0.8
+# What cuBLAS workspaces, compile warm-up and the caching allocator's fragmentation take beyond
+# live tensors. 0.8 GiB was too little: at a 24 GiB budget fp8-te-stream hit OOM with 22.5 GiB
+# allocated and 1.55 GiB reserved but unusable, and the stream plan at 16 GiB with 15.0 + 0.9
+# (benchmarks/bench-h100-e.json; the 10 and 6 GiB runs peaked 2.0 GiB above their resident
+# weights). Plans also leave FRAGMENTATION of the budget free; the CLI turns on expandable
+# allocator segments, which fragment far less.
+OVERHEAD_GIB = 1.0
+FRAGMENTATION = 0.05
 
 
 @dataclass(frozen=True)
@@ -203,9 +209,14 @@ def _model_offload_need(s: Sizes) -> float:
     return max(s.transformer + s.denoise_act(), s.text_encoder, s.vae + s.vae_act(tiled=False)) + OVERHEAD_GIB
 
 
+def usable(budget_gib: float) -> float:
+    """The part of a memory budget plans may fill (the rest absorbs allocator fragmentation)."""
+    return budget_gib * (1 - FRAGMENTATION)
+
+
 def resident_blocks(s: Sizes, budget_gib: float) -> int:
     """How many fp8 blocks fit on the GPU next to the stream plan's fixed needs."""
-    room = budget_gib - _stream_fixed(s)
+    room = usable(budget_gib) - _stream_fixed(s)
     count = 0
     for size in s.blocks_fp8:
         if room < size:
@@ -277,7 +288,7 @@ def choose_plan(pipe, device: torch.device, plan: str = "auto", budget_gib: floa
     sizes = measure_sizes(pipe)
     for name in AUTO_ORDER:
         need = PLANS[name].need_gib(sizes)
-        if need <= budget:
+        if need <= usable(budget):
             log.info("memory plan %r: predicted peak %.1f GiB fits the %.1f GiB budget", name, need, budget)
             return PLANS[name]
         log.info("memory plan %r skipped: predicted peak %.1f GiB > %.1f GiB budget", name, need, budget)

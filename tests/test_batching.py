@@ -93,5 +93,18 @@ def test_run_grouped_isolates_a_failing_request(tiny_editor, photo, caplog, monk
         results = batching.run_grouped(tiny_editor, [good, other, bad], max_batch=4)
     assert isinstance(results[2], InvalidRequestError)
     assert results[0].seed == 1 and results[1].seed == 3
-    assert results[0].notes == () and results[1].notes == ()  # run alone, through Editor.edit
+    # run alone, through Editor.edit: no batch note
+    assert not any("batch" in note for r in results[:2] for note in r.notes)
     assert "a batch of 2 failed" in caplog.text
+
+
+def test_requests_with_engine_fields_are_not_batched(photo):
+    from qie.batching import batch_key, engine_options
+
+    plain = small_request(photo)
+    assert engine_options(plain) == {}
+    tiled = small_request(photo, tile_size=64)
+    boxed = small_request(photo, box=(0, 0, 50, 50))
+    assert engine_options(tiled) == {"tile_size": 64}
+    assert "box" in engine_options(boxed)
+    assert batch_key(plain) != batch_key(tiled)
