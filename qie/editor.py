@@ -202,6 +202,7 @@ class Editor:
                 reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
             # Outside the `except`: the traceback, its frames and their tensors are gone now.
             failed_plan, peak = self.plan.name, _peak_gib(self.device)
+            self.cache.clear()  # cached embeddings and latents may be what filled the GPU
             free_memory(self.device)
             if not self.step_down():
                 raise ResourceError(_oom_message(request, failed_plan, peak, self.device, reason))

@@ -43,14 +43,15 @@ class Fault:
     error: Callable[[], BaseException]
     calls: int = 0
     raised: int = 0
-    inputs: list[weakref.ref] = field(default_factory=list)  # the tensors the failing call held
+    inputs: dict[str, weakref.ref] = field(default_factory=dict)  # the tensors the failing call held, by name
     _handle: Any = None
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.calls += 1
         if self.calls > self.after and self.raised < self.times:
             self.raised += 1
-            self.inputs = [weakref.ref(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            named = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+            self.inputs = {k: weakref.ref(v) for k, v in named.items() if isinstance(v, torch.Tensor)}
             log.warning("fault injected into %s (call %d)", self.component, self.calls)
             raise self.error()
 
