@@ -28,7 +28,7 @@ from typing import Any
 import gradio as gr
 
 import qie
-from qie.jobs import CancelBoard
+from qie.jobs import CancelBoard, Deadline
 from qie.presets import (
     CPU_DEMO_DEFAULTS,
     DEFAULT_PRICE_TAG,
@@ -45,6 +45,7 @@ from qie.presets import (
     preset_prompt,
     unavailable_note,
 )
+from qie.pricetag import tag_in_prompt
 
 log = logging.getLogger("qie.app")
 
@@ -53,6 +54,7 @@ GPU_CONCURRENCY_ID = "gpu"
 DEFAULT_QUEUE_SIZE = 20
 LOCK_TIMEOUT_S = 600.0  # how long a dequeued edit waits for the editor (e.g. behind an example being cached)
 OUTPUT_TTL_S = 3600.0  # downloaded PNGs are kept this long
+EDIT_TIMEOUT_S = float(os.environ.get("QIE_EDIT_TIMEOUT_S", "900"))  # a running edit is stopped after this
 TINY_NOTICE = (
     "Offline demo with the tiny random model: every stage runs for real, but its edits are noise. "
     "For real edits, start the app on a CUDA GPU without --model."
@@ -182,6 +184,9 @@ def build_demo(
                 with gr.Row():
                     download = gr.DownloadButton("Download PNG", elem_id="download")
                     use_as_input = gr.Button("Use as input", elem_id="use-as-input")
+                with gr.Accordion("Metrics (recent edits)", open=False, elem_id="metrics-panel"):
+                    metrics = gr.JSON(label="Latency, GPU memory, last edits", elem_id="metrics")
+                    refresh_metrics = gr.Button("Refresh", size="sm", elem_id="metrics-refresh")
 
         edit_inputs = {
             "image": image,
@@ -200,6 +205,7 @@ def build_demo(
             "tile_size": tile_size,
             "attention_quant": attention_quant,
             "early_exit": early_exit,
+            "price_tag": price_tag,
         }
         edit_outputs = [result, download, stats, seed_box]
 
@@ -220,6 +226,7 @@ def build_demo(
             tile_size: str = FEATURES["tile_size"].default,
             attention_quant: str = FEATURES["attention_quant"].default,
             early_exit: bool = FEATURES["early_exit"].default,
+            price_tag: str = "",
             request: gr.Request | None = None,
             progress: gr.Progress = gr.Progress(),  # noqa: B008  (Gradio's way to ask for a progress bar)
         ) -> dict:
@@ -248,10 +255,15 @@ def build_demo(
                 editor = editor_factory()
                 progress(0, desc="encoding the instruction and images")
                 key = request.session_hash if request is not None and request.session_hash else uuid.uuid4().hex
+                # A price-tag edit that fails is replaced by the tag drawn from a template (and says so).
+                tag = price_tag if tag_in_prompt(edit_request.prompt, price_tag) else None
                 with board.job(key) as cancel:
-                    out = run_edit(editor, edit_request, cancel, _progress_steps(progress))
+                    deadline = Deadline(EDIT_TIMEOUT_S, parent=cancel)
+                    out = run_edit(editor, edit_request, deadline, _progress_steps(progress), tag)
             except qie.QieError as exc:
                 raise gr.Error(_explain(exc), print_exception=False) from exc
+            for note in out["notes"]:
+                gr.Warning(note)
             return {
                 result: (out["before"], out["after"]),
                 download: out["png"],
@@ -277,6 +289,15 @@ def build_demo(
             if stopped:
                 return {stats: "Cancelled: the edit stops at its next step and frees the GPU."}
             return {stats: "Cancelled: no edit of yours was running (a waiting one is dropped)."}
+
+        def show_metrics() -> dict:
+            """Recent latencies (p50/p95), peak GPU memory and the last edits."""
+            from qie.editor import current_editor
+            from qie.telemetry import metrics_view
+
+            return {metrics: metrics_view(current_editor())}
+
+        refresh_metrics.click(show_metrics, outputs=[metrics], queue=False, api_name="metrics")
 
         cancel_btn.click(cancel, inputs=None, outputs=[stats], cancels=[edit_event], queue=False, api_name="cancel")
 
@@ -353,22 +374,30 @@ def _progress_steps(progress: gr.Progress) -> Callable[[int, int], None]:
     return on_step
 
 
-def _run_edit(editor: Any, request: Any, cancel: Any, on_step: Callable[[int, int], None]) -> dict[str, Any]:
-    """The GPU work of one edit: run it, write the PNG (with the CLI's metadata) and the before image."""
+def _run_edit(
+    editor: Any, request: Any, cancel: Any, on_step: Callable[[int, int], None], tag: str | None = None
+) -> dict[str, Any]:
+    """The GPU work of one edit: run it, write the PNG (with the CLI's metadata) and the before image.
+
+    With `tag`, a failed or blocked edit falls back to the price tag drawn from a template.
+    """
     from qie.batch import png_metadata
     from qie.images import save_png
+    from qie.pricetag import edit_or_render
 
-    result = editor.edit(request, on_step=on_step, cancel=cancel, timeout=LOCK_TIMEOUT_S)
+    kwargs = {"on_step": on_step, "cancel": cancel, "timeout": LOCK_TIMEOUT_S}
+    result = edit_or_render(editor, request, tag, **kwargs) if tag else editor.edit(request, **kwargs)
     out_dir = _output_dir()
     png = save_png(
         result.image, out_dir / f"qie-{result.seed}-{uuid.uuid4().hex[:8]}.png", png_metadata(editor, request, result)
     )
     before = request.images[-1].resize(result.image.size)
-    return {"before": before, "after": result.image, "png": str(png), "stats": _stats(result)}
+    return {"before": before, "after": result.image, "png": str(png), "stats": _stats(result), "notes": result.notes}
 
 
 def _stats(result: Any) -> str:
-    return f"{result.summary()} | output {result.image.width}x{result.image.height}"
+    notes = "".join(f" | {note}" for note in result.notes)
+    return f"{result.summary()} | output {result.image.width}x{result.image.height}{notes}"
 
 
 def _output_dir() -> Path:
@@ -413,6 +442,24 @@ def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     if spaces is None:
         return fn
     return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
+
+
+def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
+    """Serving settings for `demo.launch` (used by `main` and the tests): the upload size limit
+    (qie's input file limit) and a `/health` readiness route reporting `current_editor()`."""
+    from fastapi.routing import APIRoute
+
+    from qie.images import max_input_bytes
+
+    def health() -> dict[str, Any]:
+        from qie.telemetry import health
+
+        return health(current_editor())
+
+    return {
+        "max_file_size": max_input_bytes(),
+        "app_kwargs": {"routes": [APIRoute("/health", health, methods=["GET"])]},
+    }
 
 
 def startup_notice(model: str, device: str | None = None) -> str | None:
@@ -473,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra: pip install "gradio[mcp]==6.31.0"')
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qie.telemetry import install_redaction
+
+    install_redaction()
     from qie.models import REAL_MODEL_ID
 
     model = args.model or REAL_MODEL_ID
@@ -492,12 +542,15 @@ def main(argv: list[str] | None = None) -> None:
         defaults = CPU_DEMO_DEFAULTS  # small and quick: its edits are noise anyway
         notice = TINY_NOTICE
     demo = build_demo(editor_factory, notice=notice, defaults=defaults, queue_size=args.queue_size)
+    from qie.editor import current_editor
+
     demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         mcp_server=args.mcp or None,
         prevent_thread_lock=True,
+        **launch_options(current_editor),
     )
     if args.mcp and getattr(demo, "mcp_error", None):
         log.warning("the MCP server did not start: %s", demo.mcp_error)

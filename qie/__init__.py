@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     BusyError,
     CancelledError,
+    EditTimeoutError,
     ImageError,
     InvalidRequestError,
     ModelLoadError,
     QieError,
     ResourceError,
+    SafetyError,
 )
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ _LAZY = {
 __all__ = [
     "BusyError",
     "CancelledError",
+    "EditTimeoutError",
     "EditRequest",
     "EditResult",
     "Editor",
@@ -45,6 +48,7 @@ __all__ = [
     "ModelLoadError",
     "QieError",
     "ResourceError",
+    "SafetyError",
     "__version__",
     "get_editor",
     "set_editor",

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_parser(sub)
 
+    soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
+    soak.add_argument("--edits", type=int, default=200)
+    soak.add_argument("--size", type=int, default=64, help="image side (px)")
+    soak.add_argument("--steps", type=int, default=2)
+    _add_model_args(soak)
+
     tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -154,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .telemetry import install_redaction
+
+    install_redaction()
     try:
         commands = {
             "edit": cmd_edit,
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "make-tiny": cmd_make_tiny,
             "bench": cmd_bench,
             "serve": cmd_serve,
+            "soak": cmd_soak,
         }
         return commands[args.command](args)
     except QieError as exc:
@@ -250,3 +260,16 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     path = save_tiny_pipeline(args.path, seed=args.seed)
     print(f"saved the tiny pipeline to {path}; load it with --model {path}")
     return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import json
+
+    from .editor import Editor
+    from .soak import soak
+
+    editor = Editor.load(args.model, args.device, args.dtype, revision=args.revision, plan=args.plan)
+    logging.getLogger("qie.requests").setLevel(logging.WARNING)  # one line per edit would drown the report
+    report = soak(editor, args.edits, size=args.size, steps=args.steps)
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.failures == 0 else 1

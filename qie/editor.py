@@ -9,19 +9,31 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 
-from . import cache, masking, stages
-from .errors import BusyError
+from . import cache, masking, stages, telemetry
+from .errors import (
+    BusyError,
+    CancelledError,
+    EditTimeoutError,
+    InvalidRequestError,
+    QieError,
+    ResourceError,
+    SafetyError,
+)
+from .faults import arm_from_env
 from .models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
-from .plans import Plan, choose_plan
+from .plans import PLANS, Plan, choose_plan, next_plan
 from .request import EditRequest, EditResult
+from .safety import safety_from_env
 from .speed_options import SpeedSetup, request_speed, setup_speed
 from .stages import VAE_IMAGE_SIZE
 from .telemetry import StageTimer
@@ -60,6 +72,8 @@ class Editor:
         self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         self.predictor: stages.Predictor | None = None  # set by qie.parallel for CFG-parallel runs
         pipe.set_progress_bar_config(disable=True)
+        self.safety = safety_from_env()  # None unless QIE_SAFETY is set
+        self.fault = arm_from_env(pipe)  # None unless QIE_FAULT is set (fault drills)
 
     @classmethod
     def load(
@@ -133,14 +147,95 @@ class Editor:
         cancel: threading.Event | None = None,
         timeout: float | None = None,
     ) -> EditResult:
-        """Run one edit. Waits up to `timeout` seconds for the GPU (forever when None)."""
+        """Run one edit. Waits up to `timeout` seconds for the GPU (forever when None).
+
+        Whatever the outcome, the request is logged as one JSON line (see `qie.telemetry`).
+        """
+        record = telemetry.RequestRecord(_request_fields(request, self))
+        try:
+            result = self._edit_guarded(request, on_step=on_step, cancel=cancel, timeout=timeout)
+        except BaseException as exc:
+            record.finish(_outcome(exc), plan=self.plan.name, **telemetry.error_fields(exc))
+            raise
+        record.finish(
+            "ok",
+            timings={k: round(v, 4) for k, v in result.timings.items()},
+            peak_vram_gib=result.peak_vram_gib,
+            stage_peaks_gib={k: round(v, 3) for k, v in result.stage_peaks_gib.items()},
+            plan=result.plan,
+            steps_run=result.steps_run,
+            notes=list(result.notes),
+        )
+        return replace(result, request_id=record.request_id)
+
+    def _edit_guarded(self, request: EditRequest, *, on_step, cancel, timeout) -> EditResult:
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             raise BusyError(f"the editor stayed busy for {timeout:.0f}s; try again shortly")
         try:
-            return self._edit_locked(request, on_step=on_step, cancel=cancel)
+            if self.safety is not None:
+                self.safety.check_inputs(request.images)
+            try:
+                result = self._edit_with_step_down(request, on_step=on_step, cancel=cancel)
+            except CancelledError as exc:
+                if not getattr(cancel, "expired", False):  # a `qie.jobs.Deadline` that ran out
+                    raise
+                raise EditTimeoutError(
+                    f"the edit ran past its limit of {cancel.seconds:.0f}s and was stopped ({exc}); "
+                    "lower steps or max_side, or try again when the server is less busy"
+                ) from None
+            if self.safety is not None:
+                self.safety.check_output(result.image)
+            return result
         finally:
             self.pipe.maybe_free_model_hooks()
             self.lock.release()
+
+    # --- out of memory: free, step down to a smaller plan and retry, or report the numbers -------
+
+    def _edit_with_step_down(self, request: EditRequest, *, on_step, cancel) -> EditResult:
+        notes: list[str] = []
+        while True:
+            try:
+                result = self._edit_locked(request, on_step=on_step, cancel=cancel)
+                return replace(result, notes=result.notes + tuple(notes))
+            except torch.OutOfMemoryError as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            # Outside the `except`: the traceback, its frames and their tensors are gone now.
+            failed_plan, peak = self.plan.name, _peak_gib(self.device)
+            self.cache.clear()  # cached embeddings and latents may be what filled the GPU
+            free_memory(self.device)
+            if not self.step_down():
+                raise ResourceError(_oom_message(request, failed_plan, peak, self.device, reason))
+            log.warning("out of memory with plan %r (%s); stepped down to %r", failed_plan, reason, self.plan.name)
+            notes.append(f"out of memory with plan {failed_plan}; stepped down to {self.plan.name}")
+
+    def step_down(self) -> bool:
+        """Apply the plan `qie.plans.next_plan` names after the current one (e.g. resident -> resident-fp8).
+
+        A plan that cannot be applied is skipped with a warning. Returns False when no smaller
+        plan is left (always on CPU).
+        """
+        if self.device.type != "cuda":
+            return False
+        if self.compiled:  # compiled blocks belong to the old placement
+            from .compile import uncompile_blocks
+
+            uncompile_blocks(self.pipe.transformer)
+            self.compiled = False
+        name = next_plan(self.plan.name)
+        while name is not None:
+            try:
+                PLANS[name].apply(self.pipe, self.device, None)
+            except (RuntimeError, ValueError, ImportError) as exc:
+                log.warning("memory plan %r could not be applied (%s); trying the next one", name, exc)
+                free_memory(self.device)
+                name = next_plan(name)
+                continue
+            self.plan = PLANS[name]
+            return True
+        return False
+
+    # --- end of out-of-memory handling ----------------------------------------------------------
 
     def _edit_locked(self, request: EditRequest, *, on_step, cancel) -> EditResult:
         pipe, device = self.pipe, self.device
@@ -228,6 +323,54 @@ class Editor:
                 self.pipe.maybe_free_model_hooks()
 
 
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA blocks to the driver (after a fault or a plan change)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _oom_message(request: EditRequest, plan: str, peak: float | None, device: torch.device, reason: str) -> str:
+    where = "host memory"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {device}, peak {peak:.1f} GiB"
+    return (
+        f"out of memory editing {request.width}x{request.height} with {len(request.images)} image(s), "
+        f"{request.steps} steps, CFG {'on' if request.uses_cfg else 'off'}, plan {plan!r} ({where}; {reason}). "
+        "No smaller memory plan is left: lower max_side, turn CFG off (true_cfg_scale=1) or use fewer images."
+    )
+
+
+def _request_fields(request: EditRequest, editor: Editor) -> dict[str, Any]:
+    return {
+        "model": editor.model,
+        "size": f"{request.width}x{request.height}",
+        "images": len(request.images),
+        "steps": request.steps,
+        "true_cfg_scale": request.true_cfg_scale,
+        "seed": request.seed,
+        **telemetry.prompt_fields(request.prompt),
+    }
+
+
+def _outcome(exc: BaseException) -> str:
+    kinds = [
+        (BusyError, "busy"),
+        (EditTimeoutError, "timeout"),
+        (CancelledError, "cancelled"),
+        (SafetyError, "blocked"),
+        (InvalidRequestError, "invalid"),
+        (ResourceError, "out_of_memory"),
+        (QieError, "failed"),
+    ]
+    return next((name for cls, name in kinds if isinstance(exc, cls)), "error")
+
+
 def run_stock(pipe: Any, request: EditRequest, **extra: Any) -> Image.Image:
     """`pipe(...)` exactly as a stock diffusers user calls it for `request` (`extra`: more call arguments)."""
     kwargs = {
@@ -268,6 +411,11 @@ def get_editor(model: str | None = None, **load_kwargs: Any) -> Editor:
 
             _editor = Editor.load(model or os.environ.get("QIE_MODEL", REAL_MODEL_ID), **load_kwargs)
         return _editor
+
+
+def current_editor() -> Editor | None:
+    """The process-wide editor if it is loaded, without loading it (for health checks)."""
+    return _editor
 
 
 def set_editor(editor: Editor | None) -> None:

@@ -39,8 +39,24 @@ class CancelledError(QieError):
     """The edit was cancelled before it finished."""
 
 
+class EditTimeoutError(CancelledError):
+    """The edit ran past its time limit and was stopped."""
+
+
 class BusyError(QieError):
     """The editor is busy with other work and the caller would not wait longer."""
+
+
+class SafetyError(QieError):
+    """The safety filter blocked an input image or the output (see `qie.safety`)."""
+
+    def __init__(self, where: str, label: str, score: float, threshold: float, model: str, why: str = "") -> None:
+        self.where, self.label, self.score, self.threshold, self.model = where, label, score, threshold, model
+        why = why or f"{label!r} scored {score:.2f}, at or above the threshold {threshold:.2f}"
+        super().__init__(
+            f"{where} was blocked by the safety filter ({model}): {why}. Use another image or prompt; "
+            "operators can tune QIE_SAFETY_THRESHOLD"
+        )
 
 
 def _show(value: Any, limit: int = 80) -> str:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,3 +53,28 @@ class CancelBoard:
         """Whether `key` has a job in progress."""
         with self._lock:
             return key in self._events
+
+
+class Deadline(threading.Event):
+    """A cancel event that is also set once `seconds` have passed (or when `parent` is set).
+
+    Pass it as `Editor.edit(..., cancel=deadline)`: the edit stops at its next step after the
+    deadline and raises `EditTimeoutError`.
+
+    Example:
+        >>> Deadline(0).is_set()
+        True
+    """
+
+    def __init__(self, seconds: float, parent: threading.Event | None = None) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.parent = parent
+        self._end = time.monotonic() + seconds
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self._end
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.expired or (self.parent is not None and self.parent.is_set())

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import random
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -190,6 +191,7 @@ class EditResult:
     notes: tuple[str, ...] = ()
     stage_peaks_gib: Mapping[str, float] = field(default_factory=dict)
     cached_calls: int = 0  # transformer calls served by the step cache instead of computed
+    request_id: str = ""  # the id of the request's log line (qie.telemetry)
 
     def summary(self) -> str:
         """One line for people: per-stage times, peak VRAM, plan and seed."""
@@ -226,7 +228,8 @@ def _check_prompt(name: str, text: Any, *, required: bool) -> str | None:
 
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
+        # numpy integers, and whole floats (web forms send numbers as floats)
+        if isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer()):
             value = int(value)
         else:
             raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")
@@ -242,6 +245,6 @@ def _check_fraction(name: str, value: Any) -> float:
 
 
 def _check_cfg(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= MAX_CFG:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 1.0 <= value <= MAX_CFG:
         raise InvalidRequestError("true_cfg_scale", value, f"give a number from 1.0 (off) to {MAX_CFG}")
     return float(value)

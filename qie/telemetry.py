@@ -1,10 +1,23 @@
-"""Stage timings and peak GPU memory for one edit."""
+"""Stage timings and peak GPU memory for one edit; per-request JSON logs, recent stats, health.
+
+Request logs never hold a full prompt unless `QIE_LOG_PROMPTS=1`: a prompt appears as a hash and
+a length. `install_redaction` masks tokens and secrets in every log line.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
 import time
+import uuid
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -52,3 +65,185 @@ class StageTimer:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# --- per-request records: one JSON log line each, a window of recent ones, health -------------
+
+REQUEST_LOG = logging.getLogger("qie.requests")
+LOG_PROMPTS_ENV = "QIE_LOG_PROMPTS"  # "1": log full prompts (debugging only; they may be private)
+SECRET_ENV_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY")
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+def prompt_fields(prompt: str | None, key: str = "prompt") -> dict[str, Any]:
+    """What the logs say about a prompt: a short hash and its length; the text only with `QIE_LOG_PROMPTS=1`.
+
+    Example:
+        >>> sorted(prompt_fields("white background"))
+        ['prompt_chars', 'prompt_sha256']
+    """
+    if prompt is None:
+        return {}
+    fields: dict[str, Any] = {
+        f"{key}_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+        f"{key}_chars": len(prompt),
+    }
+    if os.environ.get(LOG_PROMPTS_ENV) == "1":
+        fields[key] = prompt
+    return fields
+
+
+class RecentRequests:
+    """The last `size` request records, thread-safe, for the metrics view and `/health`."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._records: deque[dict[str, Any]] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self.total: Counter[str] = Counter()
+
+    def add(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._records.append(record)
+            self.total[record["outcome"]] += 1
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._records)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by outcome since start, and latency / peak VRAM over the recent window."""
+        records = self.records()
+        done = sorted(r["seconds"] for r in records if r["outcome"] == "ok")
+        vram = [r["peak_vram_gib"] for r in records if r.get("peak_vram_gib") is not None]
+        with self._lock:
+            total = dict(self.total)
+        return {
+            "requests": total,
+            "window": len(records),
+            "p50_s": _quantile(done, 0.5),
+            "p95_s": _quantile(done, 0.95),
+            "last_peak_vram_gib": vram[-1] if vram else None,
+            "max_peak_vram_gib": max(vram) if vram else None,
+        }
+
+
+RECENT = RecentRequests()
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+
+class RequestRecord:
+    """Collects one request's facts; `finish` logs them as one JSON line and keeps them in `RECENT`.
+
+    Example:
+        >>> record = RequestRecord({"steps": 2})
+        >>> record.finish("ok")["outcome"]
+        'ok'
+    """
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.request_id = uuid.uuid4().hex[:12]
+        self.fields = fields
+        self._start = time.perf_counter()
+
+    def finish(self, outcome: str, **fields: Any) -> dict[str, Any]:
+        record = {
+            "event": "edit",
+            "request_id": self.request_id,
+            "time": round(time.time(), 3),
+            "outcome": outcome,
+            "seconds": round(time.perf_counter() - self._start, 4),
+            **self.fields,
+            **fields,
+        }
+        REQUEST_LOG.info(json.dumps(record, default=str, ensure_ascii=False))
+        RECENT.add(record)
+        return record
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """How an error appears in the request log: its type, and for bad parameters the name and fix
+    (not the value, which may be part of a prompt)."""
+    fields: dict[str, Any] = {"error": type(exc).__name__}
+    if hasattr(exc, "param") and hasattr(exc, "fix"):
+        fields.update(param=exc.param, fix=exc.fix)
+    else:
+        fields["message"] = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return fields
+
+
+def memory_status(device: torch.device | None = None) -> dict[str, Any]:
+    """Host RSS and, on CUDA, allocated / free / total GPU memory, in GiB."""
+    import psutil
+
+    status: dict[str, Any] = {"rss_gib": round(psutil.Process().memory_info().rss / 2**30, 3)}
+    if device is not None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        status.update(
+            vram_allocated_gib=round(torch.cuda.memory_allocated(device) / 2**30, 3),
+            vram_free_gib=round(free / 2**30, 3),
+            vram_total_gib=round(total / 2**30, 3),
+        )
+    return status
+
+
+def health(editor: Any | None) -> dict[str, Any]:
+    """Readiness: "ready" once a model is loaded, with what it runs and recent request stats.
+
+    Example:
+        >>> health(None)["status"]
+        'loading'
+    """
+    if editor is None:
+        return {"status": "loading", **RECENT.stats()}
+    return {
+        "status": "ready",
+        "model": editor.model,
+        "plan": editor.plan.name,
+        "device": str(editor.device),
+        "busy": editor.lock.locked(),
+        **memory_status(editor.device),
+        **RECENT.stats(),
+    }
+
+
+def metrics_view(editor: Any | None, limit: int = 10) -> dict[str, Any]:
+    """What the app's metrics panel shows: latency / VRAM stats, memory now, the last `limit` requests."""
+    keys = ("request_id", "outcome", "seconds", "peak_vram_gib", "size", "steps", "plan")
+    return {
+        **RECENT.stats(),
+        **memory_status(editor.device if editor is not None else None),
+        "recent": [{k: r.get(k) for k in keys} for r in RECENT.records()[-limit:][::-1]],
+    }
+
+
+class RedactSecrets(logging.Filter):
+    """Masks Hugging Face tokens and the values of secret-looking environment variables in log records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets = [
+            value
+            for key, value in os.environ.items()
+            if len(value) >= 8 and any(word in key.upper() for word in SECRET_ENV_WORDS)
+        ]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _HF_TOKEN.sub("hf_***", message)
+        for secret in self.secrets:
+            cleaned = cleaned.replace(secret, "***")
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def install_redaction(logger: logging.Logger | None = None) -> None:
+    """Add `RedactSecrets` to every handler of `logger` (default: the root logger), once."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())

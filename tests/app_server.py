@@ -18,7 +18,13 @@ def launch(editor=None, *, factory=None, **kwargs):
     import app
 
     demo = app.build_demo(factory or (lambda: editor), **kwargs)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        **app.launch_options(lambda: editor),
+    )
     return demo, url
 
 

@@ -77,3 +77,14 @@ def redis_url(tmp_path_factory):
 
     with redis_server(str(tmp_path_factory.mktemp("redis"))) as url:
         yield url
+
+
+def clone_editor(editor, **attrs):
+    """A second `Editor` on `editor`'s pipeline (its own plan, lock, safety filter), with `attrs` set."""
+    from qie import Editor
+    from qie.plans import PLANS
+
+    clone = Editor(editor.pipe, model=editor.model, device=editor.device, dtype=editor.dtype, plan=PLANS["resident"])
+    for name, value in attrs.items():
+        setattr(clone, name, value)
+    return clone

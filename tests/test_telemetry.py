@@ -1,0 +1,68 @@
+"""Per-request JSON logs (no prompts by default), recent stats, health, secret redaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from conftest import small_request
+
+from qie import BusyError, telemetry
+
+
+def request_lines(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "qie.requests"]
+
+
+def test_one_json_line_per_request_without_the_prompt(tiny_editor, photo, caplog, monkeypatch):
+    monkeypatch.delenv("QIE_LOG_PROMPTS", raising=False)
+    prompt = "make the private label say 4711"
+    with caplog.at_level(logging.INFO, logger="qie.requests"):
+        result = tiny_editor.edit(small_request(photo, prompt=prompt, steps=2))
+    (line,) = request_lines(caplog)
+    assert line["request_id"] == result.request_id and len(result.request_id) == 12
+    assert line["outcome"] == "ok" and line["plan"] == "resident" and line["steps_run"] == 2
+    assert set(line["timings"]) == {"text_encode", "condition_encode", "denoise", "decode"}
+    assert line["peak_vram_gib"] is None and line["size"] == "128x96" and line["seconds"] > 0
+    assert line["prompt_chars"] == len(prompt) and len(line["prompt_sha256"]) == 16
+    assert "4711" not in caplog.text and "prompt" not in line
+
+
+def test_full_prompt_only_with_debug_flag(tiny_editor, photo, caplog, monkeypatch):
+    monkeypatch.setenv("QIE_LOG_PROMPTS", "1")
+    with caplog.at_level(logging.INFO, logger="qie.requests"):
+        tiny_editor.edit(small_request(photo, prompt="white background", steps=2))
+    assert request_lines(caplog)[-1]["prompt"] == "white background"
+
+
+def test_failures_are_logged_with_their_outcome(tiny_editor, photo, caplog):
+    with caplog.at_level(logging.INFO, logger="qie.requests"):
+        with tiny_editor.lock, pytest.raises(BusyError):
+            tiny_editor.edit(small_request(photo), timeout=0.01)
+        with pytest.raises(Exception, match="tokens"):
+            tiny_editor.edit(small_request(photo, prompt="把背景换成白色" * 60, steps=2))
+    busy, invalid = request_lines(caplog)[-2:]
+    assert (busy["outcome"], busy["error"]) == ("busy", "BusyError")
+    assert (invalid["outcome"], invalid["param"]) == ("invalid", "prompt")
+    assert "背景" not in caplog.text  # the value (part of the prompt) is not logged
+    stats = telemetry.RECENT.stats()
+    assert stats["requests"]["busy"] >= 1 and stats["requests"]["ok"] >= 1 and stats["p50_s"] > 0
+
+
+def test_health(tiny_editor):
+    assert telemetry.health(None)["status"] == "loading"
+    status = telemetry.health(tiny_editor)
+    assert status["status"] == "ready" and status["model"] == "tiny" and status["busy"] is False
+    assert status["rss_gib"] > 0 and "p95_s" in status
+    json.dumps(status)
+
+
+def test_secrets_are_redacted(monkeypatch, caplog):
+    monkeypatch.setenv("MY_API_TOKEN", "s3cr3t-value-123")
+    logger = logging.getLogger("qie.test-redaction")
+    with caplog.at_level(logging.INFO):
+        caplog.handler.addFilter(telemetry.RedactSecrets())
+        logger.info("token %s and hf_%s", "s3cr3t-value-123", "a" * 34)
+    assert "s3cr3t" not in caplog.text and "aaaa" not in caplog.text
+    assert "token *** and hf_***" in caplog.text
