@@ -33,8 +33,17 @@ def buckets(area: int = 1024 * 1024) -> list[tuple[int, int]]:
     return [fit_area(w, h, area=area) for w, h in BUCKET_RATIOS]
 
 
-def snap_to_bucket(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to `width`/`height`."""
+BUCKET_AREAS = (512 * 512, 768 * 768, 1024 * 1024)
+
+
+def snap_to_bucket(width: int, height: int) -> tuple[int, int]:
+    """The bucket nearest to (`width`, `height`): the closest area of `BUCKET_AREAS`, then aspect.
+
+    Example:
+        >>> snap_to_bucket(1000, 760)
+        (1184, 896)
+    """
+    area = min(BUCKET_AREAS, key=lambda a: abs(a - width * height))
     ratio = width / height
     return min(buckets(area), key=lambda wh: abs(wh[0] / wh[1] - ratio))
 

@@ -151,6 +151,8 @@ class Editor:
 
         Whatever the outcome, the request is logged as one JSON line (see `qie.telemetry`).
         """
+        if self.compiled:
+            request = bucketed(request)
         record = telemetry.RequestRecord(_request_fields(request, self))
         try:
             result = self._edit_guarded(request, on_step=on_step, cancel=cancel, timeout=timeout)
@@ -384,6 +386,22 @@ def run_stock(pipe: Any, request: EditRequest, **extra: Any) -> Image.Image:
         "generator": torch.Generator("cpu").manual_seed(request.seed),
     }
     return pipe(**{**kwargs, **extra}).images[0]
+
+
+def bucketed(request: EditRequest) -> EditRequest:
+    """`request` at the nearest compiled size bucket (a new size would recompile the transformer)."""
+    from .compile import snap_to_bucket
+
+    size = snap_to_bucket(request.width, request.height)
+    if size == (request.width, request.height):
+        return request
+    log.warning(
+        "compiled editor: output %dx%d snapped to the size bucket %dx%d (resize_to_input returns the input's size)",
+        request.width,
+        request.height,
+        *size,
+    )
+    return replace(request, width=size[0], height=size[1], max_side=None)
 
 
 def warm_up_request(size: int) -> EditRequest:
