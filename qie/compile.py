@@ -41,7 +41,7 @@ def snap_to_bucket(width: int, height: int) -> tuple[int, int]:
 
     Example:
         >>> snap_to_bucket(1000, 760)
-        (1184, 896)
+        (896, 672)
     """
     area = min(BUCKET_AREAS, key=lambda a: abs(a - width * height))
     ratio = width / height
