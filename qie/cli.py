@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import QieError
+from .errors import InvalidRequestError, QieError
 
 log = logging.getLogger("qie")
 
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="model",
         help="VAE-encode inputs at ~1024² (model, default) or at the output's area (faster for small outputs)",
     )
+    edit.add_argument("--tile-size", type=int, help="VAE in Hann-blended tiles of this many px (less GPU memory)")
+    region = edit.add_mutually_exclusive_group()
+    region.add_argument("--box", help="edit only this region: x0,y0,x1,y1 in input pixels; the rest stays exact")
+    region.add_argument("--mask", help="edit only where this mask image is white; the rest stays exact")
     _add_model_args(edit)
     _add_speed_args(edit)
 
@@ -221,8 +225,22 @@ def edit_params(args: argparse.Namespace) -> dict:
         "max_side": args.max_side,
         "resize_to_input": args.resize_to_input,
         "condition_area": args.condition_area,
+        "tile_size": args.tile_size,
+        "box": _box(args.box),
+        "mask": args.mask,
         **_speed_params(args),
     }
+
+
+def _box(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidRequestError(
+            "box", text, "give four whole numbers x0,y0,x1,y1, e.g. --box 600,400,1000,700"
+        ) from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:

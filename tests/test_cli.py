@@ -80,3 +80,39 @@ def test_real_model_without_gpu_says_what_to_do(tmp_path, model):
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "model='tiny'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_box_edit_keeps_pixels_outside_exactly(tiny_dir, tmp_path):
+    out = tmp_path / "boxed.png"
+    proc = run_cli(
+        "edit",
+        str(EXAMPLES / "coffee-cup.jpg"),
+        "--prompt",
+        "add a price tag",
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_dir),
+        "--box",
+        "300,200,600,400",
+        "--resize-to-input",
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr
+    original = Image.open(EXAMPLES / "coffee-cup.jpg").convert("RGB")
+    edited = Image.open(out).convert("RGB")
+    assert edited.size == original.size
+    assert edited.crop((0, 0, 300, 200)).tobytes() == original.crop((0, 0, 300, 200)).tobytes()
+    bad = run_cli(
+        "edit",
+        str(EXAMPLES / "cat.jpg"),
+        "--prompt",
+        "x",
+        "--output",
+        str(tmp_path / "b.png"),
+        "--model",
+        "tiny",
+        "--box",
+        "1,2,three,4",
+    )
+    assert bad.returncode == 2 and "box=" in bad.stderr and "four whole numbers" in bad.stderr
