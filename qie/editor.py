@@ -107,14 +107,15 @@ class Editor:
         warn_known_problems()
         start = time.perf_counter()
         pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
-        chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
-        chosen.apply(pipe, dev, vram_budget_gib)
+        # Speed options first: a LoRA is fused into plain weights, before a plan quantizes or streams them.
         speed = setup_speed(
             pipe, dev, dt, attention_backend=attention, fast_lora=fast_lora, fast_steps=fast_steps, fast_fuse=fast_fuse
         )
+        chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
+        chosen.apply(pipe, dev, vram_budget_gib)
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
         editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
-        editor.speed = speed  # before compile: LoRA fusing and the attention backend change the graph
+        editor.speed = speed
         if compile:
             editor.enable_compile()
         return editor
