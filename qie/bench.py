@@ -12,6 +12,9 @@ Sections (``--sections``):
   resident  qie's staged path: plan resident; with cuDNN attention; with regional compile
   fp8       plan resident-fp8 (torchao fp8 rowwise) + regional compile
   budgets   the automatic planner under emulated budgets (24, 16, 10, 8, 6 GiB)
+  fast      fast mode: a random Lightning LoRA of the real shapes fused, 8 and 4 steps, end to end
+  options   step cache, early exit, condition_area="output", each vs the same plan without it
+  batching  images/hour of batched denoising vs batch 1
 
 The JSON goes to ``--out`` (default ``benchmarks/``), one line of summary per configuration
 is printed, and a table at the end. Arguments: see `python -m qie bench --help`.
@@ -67,6 +70,7 @@ class Row:
     max_abs_vs_ref: int | None = None
     ratio_step_cfg: float | None = None
     ratio_step_nocfg: float | None = None
+    e2e_s: dict[str, float] = field(default_factory=dict)  # other end-to-end timings, by label
     notes: list[str] = field(default_factory=list)
 
 
@@ -103,7 +107,7 @@ def _median_step(stamps: list[float]) -> float:
     return statistics.median(diffs) if diffs else math.nan
 
 
-def make_request(size: int, steps: int, cfg: bool, seed: int = 0):
+def make_request(size: int, steps: int, cfg: bool, seed: int = 0, **options: Any):
     from .request import EditRequest
 
     return EditRequest(
@@ -115,18 +119,19 @@ def make_request(size: int, steps: int, cfg: bool, seed: int = 0):
         seed=seed,
         width=size,
         height=size,
+        **options,
     )
 
 
-def probe_qie(editor, size: int, steps: int, cfg: bool) -> Probe:
-    """One edit through `Editor.edit`, timing each denoising step."""
+def probe_qie(editor, size: int, steps: int, cfg: bool, **options: Any) -> Probe:
+    """One edit through `Editor.edit` (with request `options`), timing each denoising step."""
     stamps: list[float] = []
 
     def on_step(i: int, n: int) -> None:
         _sync()
         stamps.append(time.perf_counter())
 
-    request = make_request(size, steps, cfg)
+    request = make_request(size, steps, cfg, **options)
     _sync()
     start = time.perf_counter()
     result = editor.edit(request, on_step=on_step)
@@ -169,6 +174,7 @@ class Bench:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rows: list[Row] = []
         self.budgets: list[dict[str, Any]] = []
+        self.batching: list[dict[str, Any]] = []
         self.errors: list[dict[str, str]] = []
         self.reference: dict[int, Image.Image] = {}
         self.stock: dict[int, Row] = {}
@@ -263,7 +269,7 @@ class Bench:
             f"[bench] {row.name:34} {row.size:5} step {f(row.step_s_nocfg)}s / cfg {f(row.step_s_cfg)}s"
             f"  e2e8 {f(row.e2e_8_nocfg_s, '{:.2f}')}s e2e40cfg {f(row.e2e_40_cfg_s, '{:.1f}')}s"
             f"  peak {f(row.peak_gib, '{:.1f}')}GiB  x{f(row.ratio_step_cfg, '{:.2f}')}"
-            f"  psnr {f(row.psnr_vs_ref, '{:.1f}')}",
+            f"  psnr {f(row.psnr_vs_ref, '{:.1f}')}" + "".join(f"  {k} {v:.2f}s" for k, v in row.e2e_s.items()),
             flush=True,
         )
 
@@ -306,6 +312,7 @@ class Bench:
             },
             "rows": [asdict(r) for r in self.rows],
             "budgets": self.budgets,
+            "batching": self.batching,
             "errors": self.errors,
         }
 
@@ -408,6 +415,108 @@ class Bench:
             }
         )
 
+    def fast_plan(self) -> str:
+        return "resident-fp8" if self.device.type == "cuda" else "resident"
+
+    def fast_editor(self, steps: int):
+        """A fresh pipeline with a random Lightning LoRA of the real shapes fused, on the fastest plan."""
+        import tempfile
+
+        from .compile import compile_blocks
+        from .fast_mode import random_lightning_lora
+        from .speed_options import setup_speed
+
+        pipe = self.fresh_pipe()
+        with tempfile.TemporaryDirectory() as tmp:
+            lora = random_lightning_lora(pipe.transformer, Path(tmp) / "lightning.safetensors", dtype=pipe.dtype)
+            speed = setup_speed(
+                pipe, self.device, pipe.dtype, attention_backend="native", fast_lora=str(lora), fast_steps=steps
+            )
+        editor = self.editor(pipe, self.fast_plan())
+        editor.speed = speed
+        if self.device.type == "cuda":
+            compile_blocks(pipe.transformer)
+        return editor
+
+    def time_e2e(self, editor, size: int, steps: int, cfg: bool, repeats: int = 3, **options: Any) -> Probe:
+        """Warm up once, then the median end-to-end time of `repeats` edits."""
+        probe_qie(editor, size, steps, cfg, **options)
+        probes = [probe_qie(editor, size, steps, cfg, **options) for _ in range(repeats)]
+        best = sorted(probes, key=lambda p: p.e2e_s)[len(probes) // 2]
+        return best
+
+    def run_fast(self) -> None:
+        """Fast mode: fused random Lightning LoRA, 8 and 4 steps without CFG, end to end."""
+        for steps in (8, 4):
+            self.check_time(f"fast {steps}")
+            editor = self.fast_editor(steps)
+            for size in self.args.sizes:
+                probe = self.time_e2e(editor, size, steps, False)
+                row = Row(
+                    name=f"fast mode {steps} steps (fused LoRA) + {self.fast_plan()}",
+                    size=size,
+                    plan=self.fast_plan(),
+                    step_s_nocfg=probe.step_s,
+                    peak_gib=probe.peak_gib,
+                    e2e_s={f"fast_{steps}": probe.e2e_s},
+                    text_encode_s=probe.timings.get("text_encode"),
+                    decode_s=probe.timings.get("decode"),
+                )
+                stock = self.stock.get(size)
+                if stock and stock.e2e_8_nocfg_s:
+                    row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
+                self.rows.append(row)
+                self.report(row)
+                self.save()
+            editor = None  # release before the next build  # noqa: F841
+
+    def run_options(self) -> None:
+        """Step cache, early exit and condition area on the fastest resident plan, vs the same plan without."""
+        from .compile import compile_blocks
+
+        pipe = self.fresh_pipe()
+        editor = self.editor(pipe, self.fast_plan())
+        if self.device.type == "cuda":
+            compile_blocks(pipe.transformer)
+        steps = self.args.option_steps
+        for size in self.args.sizes:
+            base = self.time_e2e(editor, size, steps, True, repeats=1)
+            variants = {
+                "step_cache=fbcache": {"step_cache": "fbcache"},
+                "step_cache=taylorseer": {"step_cache": "taylorseer"},
+                "early_exit_threshold=0.02": {"early_exit_threshold": 0.02},
+                "condition_area=output": {"condition_area": "output"},
+            }
+            for label, options in variants.items():
+                self.check_time(f"option {label}")
+                probe = self.time_e2e(editor, size, steps, True, repeats=1, **options)
+                diff = difference(probe.image, base.image)
+                row = Row(
+                    name=f"{label} ({steps} steps CFG, {self.fast_plan()})",
+                    size=size,
+                    plan=self.fast_plan(),
+                    step_s_cfg=probe.step_s,
+                    peak_gib=probe.peak_gib,
+                    e2e_s={"option": probe.e2e_s, "without": base.e2e_s},
+                    psnr_vs_ref=diff.psnr,
+                    max_abs_vs_ref=diff.max_abs,
+                    notes=["PSNR against the same plan without the option"],
+                )
+                self.rows.append(row)
+                self.report(row)
+                self.save()
+
+    def run_batching(self) -> None:
+        """Throughput of batched denoising (`qie.batching.bench_batching`) on the resident plan."""
+        from .batching import bench_batching
+
+        pipe = self.fresh_pipe()
+        editor = self.editor(pipe, "resident")
+        sizes = [(size, size) for size in self.args.sizes]
+        self.batching = bench_batching(editor, sizes=sizes, batch_sizes=(1, 2, 4), steps=self.args.probe_steps)
+        for row in self.batching:
+            print(f"[bench] batching {row}", flush=True)
+
     def table(self) -> str:
         lines = [
             "| config | size | plan | s/step | s/step CFG | ×stock (CFG) | e2e 8 | e2e 40 CFG | peak GiB | PSNR |",
@@ -431,6 +540,9 @@ SECTIONS = {
     "resident": Bench.run_resident,
     "fp8": Bench.run_fp8,
     "budgets": Bench.run_budgets,
+    "fast": Bench.run_fast,
+    "options": Bench.run_options,
+    "batching": Bench.run_batching,
 }
 
 

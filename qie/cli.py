@@ -55,10 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device and free GPU memory")
 
     bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
-    bench.add_argument("--sections", default="stock,resident,fp8,budgets", help="stock,resident,fp8,budgets")
+    bench.add_argument(
+        "--sections",
+        default="stock,resident,fp8,budgets",
+        help="comma list of stock,resident,fp8,budgets,fast,options,batching",
+    )
     bench.add_argument("--sizes", default="1024,768", help="square output sizes, comma list")
     bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
     bench.add_argument("--probe-steps", type=int, default=4, help="CFG steps timed per configuration")
+    bench.add_argument("--option-steps", type=int, default=20, help="CFG steps per edit in the options section")
     bench.add_argument("--e2e-40", action="store_true", help="also time full 40-step CFG edits (slow)")
     bench.add_argument("--scale", choices=["full", "tiny"], default="full", help="tiny: check the bench on CPU")
     bench.add_argument("--device")

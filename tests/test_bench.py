@@ -14,10 +14,11 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     monkeypatch.setattr("qie.editor.VAE_IMAGE_SIZE", 64 * 64)
 
     args = argparse.Namespace(
-        sections="stock,resident",
+        sections="stock,resident,fast,options,batching",
         sizes="64",
         budgets="",
         probe_steps=2,
+        option_steps=3,
         e2e_40=False,
         scale="tiny",
         device="cpu",
@@ -34,3 +35,6 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     assert staged["max_abs_vs_ref"] == 0
     assert staged["ratio_step_cfg"] > 0 and stock["step_s_nocfg"] > 0
     assert data["meta"]["scale"] == "tiny" and data["errors"] == []
+    assert {"fast_8", "fast_4"} <= {k for r in data["rows"] for k in r["e2e_s"]}
+    assert any(r["name"].startswith("condition_area=output") for r in data["rows"])
+    assert [b["batch"] for b in data["batching"]] == [1, 2, 4]
