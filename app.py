@@ -499,6 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=on_space or os.environ.get("QIE_PRELOAD") == "1",
         help="load the model and run a small warm-up edit before serving (default on a Space)",
     )
+    engine = parser.add_argument_group("engine (see README: Memory plans, Speed options)")
+    engine.add_argument("--plan", default=os.environ.get("QIE_PLAN", "auto"), help="memory plan (default: auto)")
+    engine.add_argument("--vram-budget", type=float, help="GiB of GPU memory the plan may use (default: free VRAM)")
+    engine.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
+    engine.add_argument(
+        "--fast-lora",
+        default=os.environ.get("QIE_FAST_LORA"),
+        help="Lightning LoRA file/folder/hub id: enables the app's fast mode (as an adapter, so quality stays)",
+    )
+    engine.add_argument("--fast-steps", type=int, choices=[4, 8], default=8)
     return parser
 
 
@@ -517,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     _spaces()
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Growable allocator segments: far less fragmentation near a memory plan's budget (before CUDA starts).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra: pip install "gradio[mcp]==6.31.0"')
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -531,7 +543,16 @@ def main(argv: list[str] | None = None) -> None:
         log.warning(notice)
 
     def editor_factory() -> Any:
-        return qie.get_editor(model, device=args.device)
+        return qie.get_editor(
+            model,
+            device=args.device,
+            plan=args.plan,
+            vram_budget_gib=args.vram_budget,
+            compile=args.compile,
+            fast_lora=args.fast_lora,
+            fast_steps=args.fast_steps,
+            fast_fuse=False,  # the app offers both modes: keep the LoRA as a switchable adapter
+        )
 
     if args.preload and not notice:
         editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
