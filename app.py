@@ -527,8 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     _spaces()
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Growable allocator segments: far less fragmentation near a memory plan's budget (before CUDA starts).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from qie.models import prefer_expandable_segments
+
+    prefer_expandable_segments()
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra: pip install "gradio[mcp]==6.31.0"')
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

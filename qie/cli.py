@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import InvalidRequestError, QieError
+from .models import prefer_expandable_segments
 
 log = logging.getLogger("qie")
 
@@ -163,9 +163,7 @@ def _speed_load_args(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Growable allocator segments: far less fragmentation when a plan runs close to its budget.
-    # Must be set before CUDA starts; a value the user set wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    prefer_expandable_segments()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

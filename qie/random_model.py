@@ -108,7 +108,3 @@ def build_random_pipeline(device: torch.device | str = "cuda", dtype: torch.dtyp
     )
     log.info("built the full-size random pipeline on %s in %.1fs", device, time.perf_counter() - start)
     return pipe
-
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
