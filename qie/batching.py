@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -63,25 +64,14 @@ def batch_key(request: EditRequest) -> Hashable:
 
 
 # Request fields that `Editor.edit` applies and the batched loop does not (tiling, regions,
-# speed options): a request that sets any of them is edited on its own.
-SINGLE_ONLY_DEFAULTS = {
-    "tile_size": None,
-    "mask": None,
-    "box": None,
-    "mode": None,
-    "attention_quant": "off",
-    "step_cache": "off",
-    "early_exit_threshold": None,
-}
+# speed options): a request that sets any of them away from its default is edited on its own.
+SINGLE_ONLY_FIELDS = ("tile_size", "mask", "box", "mode", "attention_quant", "step_cache", "early_exit_threshold")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EditRequest) if f.name in SINGLE_ONLY_FIELDS}
 
 
 def engine_options(request: EditRequest) -> dict:
-    """The request's engine options and non-default `SINGLE_ONLY_DEFAULTS` fields (empty: batchable)."""
-    out = {
-        name: getattr(request, name)
-        for name, default in SINGLE_ONLY_DEFAULTS.items()
-        if getattr(request, name, default) is not default and getattr(request, name, default) != default
-    }
+    """The request's engine options and its `SINGLE_ONLY_FIELDS` set away from their defaults (empty: batchable)."""
+    out = {name: getattr(request, name) for name, default in _DEFAULTS.items() if getattr(request, name) != default}
     out.update(request.options)
     return out
 
