@@ -71,6 +71,7 @@ class Row:
     ratio_step_cfg: float | None = None
     ratio_step_nocfg: float | None = None
     e2e_s: dict[str, float] = field(default_factory=dict)  # other end-to-end timings, by label
+    profile: dict[str, Any] = field(default_factory=dict)  # `qie.profiling.profile_forward` at this size
     notes: list[str] = field(default_factory=list)
 
 
@@ -261,6 +262,25 @@ class Bench:
         self.save()
         return row
 
+    def profile(self, row: Row, transformer, trigger) -> None:
+        """Add where one transformer forward's time goes (`qie.profiling`) to `row`, on CUDA only."""
+        if self.device.type != "cuda":
+            return
+        from .profiling import profile_forward
+
+        try:
+            row.profile = profile_forward(transformer, trigger)
+        except Exception as exc:  # a profile is a diagnosis: never lose the row for it
+            row.notes.append(f"profile failed: {type(exc).__name__}: {exc}")
+            return
+        p = row.profile
+        print(
+            f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s, "
+            f"host-to-device copies {p['h2d_s']:.3f}s",
+            flush=True,
+        )
+        self.save()
+
     def report(self, row: Row) -> None:
         def f(v, fmt="{:.3f}"):
             return "-" if v is None else fmt.format(v)
@@ -333,6 +353,7 @@ class Bench:
                 e2e_40=self.args.e2e_40 and size == 1024,
             )
             self.stock[size] = row
+            self.profile(row, pipe.transformer, lambda s=size: probe_stock(pipe, s, 1, False))
             if row.max_abs_vs_ref:
                 row.notes.append("stock differs from qie's staged path with fixes off")
 
@@ -402,6 +423,7 @@ class Bench:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
         row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
+        self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 1, False))
         self.budgets.append(
             {
                 "budget_gib": budget,
@@ -412,6 +434,7 @@ class Bench:
                 "peak_gib": row.peak_gib,
                 "ratio_step_cfg": row.ratio_step_cfg,
                 "ratio_step_nocfg": row.ratio_step_nocfg,
+                "profile": row.profile,
             }
         )
 

@@ -6,8 +6,15 @@ for the whole model crossing PCIe. `BlockStreamer` keeps the first `resident` bl
 and copies the others from pinned host memory on a side CUDA stream, one block ahead of the
 compute, so copies overlap with the matrix work.
 
+Each block's weights are packed into one flat byte buffer (`BlockLayout`): one pinned host buffer
+per streamed block, and two device slots that streamed blocks take in turn, so a block crosses
+PCIe as one copy and nothing is allocated while the transformer runs (per-tensor copies with
+`record_stream` made the caching allocator free and re-allocate at the edge of a memory budget).
+CUDA events order the two streams both ways: the compute waits until its slot's copy landed, the
+next copy into a slot waits until the block that used it finished.
+
 Weights can be stored in fp8 (e4m3) with one scale per output row (`Fp8Rows`): half the bytes to
-hold and to move, upcast to the compute dtype on the GPU just before the block runs.
+hold and to move, upcast on the GPU into one block-sized workspace just before the block runs.
 
 Example:
     >>> streamer = BlockStreamer(pipe.transformer.transformer_blocks, torch.device("cuda"),
@@ -26,6 +33,8 @@ log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+ALIGN = 256  # bytes; every tensor in a packed buffer starts on this boundary
+SLOTS = 2  # device buffers that streamed blocks take in turn: one computing, one being filled
 
 
 @dataclass
@@ -44,35 +53,97 @@ class Fp8Rows:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.values.to(dtype) * self.scales.to(dtype)
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> Fp8Rows:
-        return Fp8Rows(
-            self.values.to(device, non_blocking=non_blocking), self.scales.to(device, non_blocking=non_blocking)
-        )
 
-    def pin_memory(self) -> Fp8Rows:
-        return Fp8Rows(self.values.pin_memory(), self.scales.pin_memory())
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
 
-    def record_stream(self, stream: torch.cuda.Stream) -> None:
-        self.values.record_stream(stream)
-        self.scales.record_stream(stream)
 
+@dataclass(frozen=True)
+class Slice:
+    """Where one tensor lies in a packed byte buffer."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
     def nbytes(self) -> int:
-        return self.values.nbytes + self.scales.nbytes
+        n = torch.Size(self.shape).numel()
+        return n * torch.empty(0, dtype=self.dtype).element_size()
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
 
-Stored = torch.Tensor | Fp8Rows
+@dataclass(frozen=True)
+class Entry:
+    """One parameter of a block: its plain slice, or its fp8 values and row scales, and its workspace slot."""
+
+    param: nn.Parameter
+    plain: Slice | None
+    values: Slice | None
+    scales: Slice | None
+    work: Slice | None  # where the upcast weight goes in the workspace (fp8 entries only)
 
 
-def _store(t: torch.Tensor, storage: str) -> Stored:
-    return Fp8Rows.quantize(t) if storage == "fp8" and t.dim() == 2 else t
+class BlockLayout:
+    """How one block's parameters pack into a flat byte buffer (fp8 rows for 2-D weights if asked).
 
+    Example:
+        >>> layout = BlockLayout(nn.Linear(4, 3), "fp8", torch.float32)
+        >>> buf = layout.pack()
+        >>> buf.dtype, buf.numel() == layout.nbytes
+        (torch.uint8, True)
+    """
 
-def _materialize(s: Stored, dtype: torch.dtype) -> torch.Tensor:
-    return s.dequantize(dtype) if isinstance(s, Fp8Rows) else s
+    def __init__(self, block: nn.Module, storage: str, dtype: torch.dtype) -> None:
+        self.block, self.dtype = block, dtype
+        self.entries: list[Entry] = []
+        offset = work = 0
+        for p in block.parameters():
+            shape = tuple(p.shape)
+            if storage == "fp8" and p.dim() == 2:
+                values = Slice(offset, FP8, shape)
+                offset = _aligned(offset + values.nbytes)
+                scales = Slice(offset, dtype, (shape[0], 1))
+                offset = _aligned(offset + scales.nbytes)
+                slot = Slice(work, dtype, shape)
+                work = _aligned(work + slot.nbytes)
+                self.entries.append(Entry(p, None, values, scales, slot))
+            else:
+                plain = Slice(offset, dtype, shape)
+                offset = _aligned(offset + plain.nbytes)
+                self.entries.append(Entry(p, plain, None, None, None))
+        self.nbytes, self.work_nbytes = offset, work
 
+    def pack(self, pin: bool = False) -> torch.Tensor:
+        """The block's weights (as they are now) in one host byte buffer."""
+        buf = torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        for e in self.entries:
+            w = e.param.data.detach().to("cpu", self.dtype)
+            if e.plain is not None:
+                e.plain.view(buf).copy_(w)
+            else:
+                q = Fp8Rows.quantize(w)
+                e.values.view(buf).copy_(q.values)
+                e.scales.view(buf).copy_(q.scales)
+        return buf
 
-def _nbytes(s: Stored) -> int:
-    return s.nbytes() if isinstance(s, Fp8Rows) else s.nbytes
+    def bind(self, buffer: torch.Tensor, workspace: torch.Tensor | None) -> None:
+        """Point the parameters at `buffer` (fp8 entries upcast into `workspace`, on its stream)."""
+        for e in self.entries:
+            if e.plain is not None:
+                e.param.data = e.plain.view(buffer)
+            else:
+                out = e.work.view(workspace)
+                out.copy_(e.values.view(buffer))  # fp8 -> compute dtype in place, no temporary
+                out.mul_(e.scales.view(buffer))
+                e.param.data = out
+
+    def release(self, device: torch.device) -> None:
+        empty = torch.empty(0, dtype=self.dtype, device=device)
+        for e in self.entries:
+            e.param.data = empty
 
 
 class BlockStreamer:
@@ -88,46 +159,46 @@ class BlockStreamer:
     ) -> None:
         if storage not in ("bf16", "fp8"):
             raise ValueError(f"storage={storage!r}: use 'bf16' or 'fp8'")
-        self.blocks = blocks
         self.device = device
-        self.compute_dtype = compute_dtype
         self.resident = max(0, min(resident, len(blocks)))
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # Per block: list of (parameter, stored weight); stored on device if resident, pinned host otherwise.
-        self.entries: list[list[tuple[nn.Parameter, Stored]]] = []
-        self.on_device: dict[int, list[Stored]] = {}
-        self.ready: dict[int, torch.cuda.Event] = {}
-        self.streamed = [i for i in range(len(blocks)) if i >= self.resident]
-        pin = device.type == "cuda"
+        self.streamed = list(range(self.resident, len(blocks)))
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.layouts = [BlockLayout(block, storage, compute_dtype) for block in blocks]
+        # Resident blocks: one device buffer each. Streamed blocks: one pinned host buffer each.
+        self.buffers = [layout.pack(pin=cuda and i >= self.resident) for i, layout in enumerate(self.layouts)]
+        for i in range(self.resident):
+            self.buffers[i] = self.buffers[i].to(device)
+        for layout in self.layouts:
+            layout.release(device)
+        largest = max((self.layouts[i].nbytes for i in self.streamed), default=0)
+        self.slots = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in range(SLOTS if largest else 0)]
+        work = max(layout.work_nbytes for layout in self.layouts) if self.layouts else 0
+        self.workspace = torch.empty(work, dtype=torch.uint8, device=device) if work else None
+        self.loaded: dict[int, int] = {}  # streamed block -> slot its copy was issued to
+        self.next_slot = 0  # slots are taken in turn, never the one the running block uses
+        self.ready: dict[int, torch.cuda.Event] = {}  # streamed block -> its copy is done
+        self.free: list[torch.cuda.Event | None] = [None] * len(self.slots)  # slot -> its last user finished
         for i, block in enumerate(blocks):
-            entries = []
-            for p in block.parameters():
-                stored = _store(p.data.to(compute_dtype), storage)
-                if i < self.resident:
-                    stored = stored.to(device)
-                elif pin:
-                    stored = stored.to("cpu").pin_memory()
-                else:
-                    stored = stored.to("cpu")
-                entries.append((p, stored))
-                p.data = torch.empty(0, dtype=compute_dtype, device=device)
-            self.entries.append(entries)
             block.register_forward_pre_hook(self._make_pre_hook(i))
             block.register_forward_hook(self._make_post_hook(i))
         log.info(
-            "streaming %d of %d blocks (%s storage): %.1f GiB resident, %.1f GiB in pinned host memory",
+            "streaming %d of %d blocks (%s storage): %.1f GiB resident, %.1f GiB in pinned host memory, "
+            "%d x %.2f GiB copy slots",
             len(self.streamed),
             len(blocks),
             storage,
             self.resident_bytes() / 2**30,
             self.host_bytes() / 2**30,
+            len(self.slots),
+            largest / 2**30,
         )
 
     def resident_bytes(self) -> int:
-        return sum(_nbytes(s) for i in range(self.resident) for _, s in self.entries[i])
+        return sum(self.layouts[i].nbytes for i in range(self.resident))
 
     def host_bytes(self) -> int:
-        return sum(_nbytes(s) for i in self.streamed for _, s in self.entries[i])
+        return sum(self.layouts[i].nbytes for i in self.streamed)
 
     def _next_streamed(self, i: int) -> int | None:
         later = [j for j in self.streamed if j > i]
@@ -136,32 +207,37 @@ class BlockStreamer:
         return self.streamed[0] if self.streamed else None  # the next forward pass
 
     def _prefetch(self, i: int) -> None:
-        if i in self.on_device:
+        """Issue the copy of streamed block `i` into its slot (once the slot's last user is done)."""
+        if i in self.loaded:
             return
+        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slots)
+        for j in [j for j, s in self.loaded.items() if s == slot]:  # left over from an interrupted pass
+            del self.loaded[j]
+            self.ready.pop(j, None)
+        target = self.slots[slot].narrow(0, 0, self.layouts[i].nbytes)
         if self.copy_stream is None:
-            self.on_device[i] = [s.to(self.device) for _, s in self.entries[i]]
-            return
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.copy_stream):
-            copies = [s.to(self.device, non_blocking=True) for _, s in self.entries[i]]
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        for c in copies:
-            c.record_stream(compute)  # the allocator must not reuse them before the compute is done
-        self.on_device[i] = copies
-        self.ready[i] = event
+            target.copy_(self.buffers[i])
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                if self.free[slot] is not None:
+                    self.copy_stream.wait_event(self.free[slot])
+                target.copy_(self.buffers[i], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self.ready[i] = event
+        self.loaded[i] = slot
 
     def _make_pre_hook(self, i: int):
         def hook(module, args):
             if i < self.resident:
-                stored = [s for _, s in self.entries[i]]
+                buffer = self.buffers[i]
             else:
                 self._prefetch(i)
                 if i in self.ready:
                     torch.cuda.current_stream(self.device).wait_event(self.ready.pop(i))
-                stored = self.on_device[i]
-            for (p, _), s in zip(self.entries[i], stored, strict=True):
-                p.data = _materialize(s, self.compute_dtype)
+                buffer = self.slots[self.loaded[i]]
+                self.next_slot = (self.loaded[i] + 1) % len(self.slots)
+            self.layouts[i].bind(buffer, self.workspace)
             nxt = self._next_streamed(i)
             if nxt is not None and nxt != i:
                 self._prefetch(nxt)
@@ -170,10 +246,12 @@ class BlockStreamer:
 
     def _make_post_hook(self, i: int):
         def hook(module, args, output):
-            empty = torch.empty(0, dtype=self.compute_dtype, device=self.device)
-            for p, _ in self.entries[i]:
-                p.data = empty
-            self.on_device.pop(i, None)
+            self.layouts[i].release(self.device)
+            slot = self.loaded.pop(i, None)
+            if slot is not None and self.copy_stream is not None:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                self.free[slot] = done
 
         return hook
 
