@@ -53,7 +53,7 @@ class Sizes:
     transformer_rest: float  # embeddings, norms, projections outside the blocks
     text_encoder: float
     text_encoder_layer: float  # the largest streamed text-encoder layer
-    text_encoder_embed: float  # token embedding; the LM head has the same size (both stay resident)
+    text_encoder_embed: float  # token embedding; the LM head has the same size (each on the GPU for its call)
     vae: float
     tokens: int = TOKENS_1024
 
@@ -68,8 +68,8 @@ class Sizes:
         return VAE_TILED_ACT_GIB if tiled else VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
 
     def text_encoder_stream(self) -> float:
-        """Text-encoder memory while it streams: two layers in flight and activations."""
-        return 2 * self.text_encoder_layer + 0.5
+        """Text-encoder memory while it streams: two layers or the embedding / LM head in flight, activations."""
+        return max(2 * self.text_encoder_layer, self.text_encoder_embed) + 0.5
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def _stream_text_encoder(pipe, device: torch.device) -> None:
     # runs once or twice per edit, so streaming all of it costs little. It is applied to the two
     # layer stacks separately (recursing from the top registers its prefetch tracker twice). The
     # token embedding is looked up outside the language model's forward, where no group hook
-    # fires, so it stays on the GPU with the LM head (`encode_prompt` asks for one token's logits).
+    # fires, so it and the LM head (`encode_prompt` asks for one token's logits) get their own
+    # hooks: each comes to the GPU for its call and leaves after it (1 GiB each for the 7B encoder).
     from diffusers.hooks import apply_group_offloading
 
     te = pipe.text_encoder
@@ -148,8 +149,36 @@ def _stream_text_encoder(pipe, device: torch.device) -> None:
             use_stream=on_cuda,
             record_stream=on_cuda,
         )
-    lm.embed_tokens = embed.to(device)
-    te.lm_head.to(device)
+    lm.embed_tokens = embed
+    if te.lm_head.weight is embed.weight:  # tied: one tensor, keep it on the GPU
+        embed.to(device)
+        return
+    onload_per_call(embed, device)
+    onload_per_call(te.lm_head, device)
+
+
+def onload_per_call(module: torch.nn.Module, device: torch.device) -> None:
+    """Keep `module`'s weights in (pinned) host memory and copy them to `device` only for its calls.
+
+    For large modules called once per edit (the text encoder's token embedding and LM head):
+    the copy costs tens of milliseconds, the memory is free the rest of the time.
+    """
+    pin = device.type == "cuda"
+    params = list(module.parameters())
+    host = [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in params]
+    for p, h in zip(params, host, strict=True):
+        p.data = h
+
+    def onload(mod, args):
+        for p, h in zip(params, host, strict=True):
+            p.data = h.to(device, non_blocking=pin)
+
+    def offload(mod, args, output):
+        for p, h in zip(params, host, strict=True):
+            p.data = h
+
+    module.register_forward_pre_hook(onload)
+    module.register_forward_hook(offload)
 
 
 def _fp8_te_stream(pipe, device: torch.device, budget_gib: float | None) -> None:
@@ -195,7 +224,7 @@ def _resident_fp8_need(s: Sizes) -> float:
 
 
 def _fp8_te_stream_need(s: Sizes) -> float:
-    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae + 2 * s.text_encoder_embed  # embedding + LM head
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae
     return weights + max(s.denoise_act(), s.vae_act(tiled=True), s.text_encoder_stream()) + OVERHEAD_GIB
 
 
@@ -203,7 +232,7 @@ def _stream_fixed(s: Sizes) -> float:
     """What the stream plan needs besides resident blocks: activations, buffers, small parts."""
     buffers = 2 * max(s.blocks_fp8) + max(s.blocks)  # two blocks in flight + one upcast to bf16
     stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
-    return s.transformer_rest + s.vae + 2 * s.text_encoder_embed + stage + OVERHEAD_GIB  # + embedding, LM head
+    return s.transformer_rest + s.vae + stage + OVERHEAD_GIB
 
 
 def _model_offload_need(s: Sizes) -> float:

@@ -118,9 +118,9 @@ class BlockLayout:
 
     def pack(self, pin: bool = False) -> torch.Tensor:
         """The block's weights (as they are now) in one host byte buffer."""
-        buf = torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
         for e in self.entries:
-            w = e.param.data.detach().to("cpu", self.dtype)
+            w = e.param.data.detach().to(self.dtype)  # quantized where it lives (the GPU: fast), then copied
             if e.plain is not None:
                 e.plain.view(buf).copy_(w)
             else:

@@ -81,3 +81,10 @@ def test_cfg_parallel_on_two_processes_matches_one(tiny_editor, tiny_dir, tmp_pa
     single = tiny_editor.edit(small_request(Image.open(EXAMPLES / "coffee-cup.jpg").convert("RGB"), seed=4)).image
     assert_matches_reference("cfg-parallel", Image.open(out).convert("RGB"), single)
     assert not list(tmp_path.glob(".rank*"))
+
+
+def test_parallel_benchmark_refuses_to_run_without_torchrun_and_gpus(capsys):
+    from qie import bench_parallel
+
+    assert bench_parallel.main(["--out", "unused"]) == 2
+    assert "torchrun" in capsys.readouterr().err

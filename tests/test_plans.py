@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qie import InvalidRequestError, ResourceError
-from qie.plans import PLANS, Sizes, choose_plan, next_plan, resident_blocks, usable
+from qie.plans import PLANS, Sizes, choose_plan, next_plan, onload_per_call, resident_blocks, usable
 
 BLOCK_BF16 = 20.4e9 / 60 * 2 / 2**30
 FULL = Sizes(
@@ -61,3 +61,12 @@ def test_auto_on_a_small_budget_says_what_it_needs(monkeypatch):
     assert plans.choose_plan(None, cuda, "auto", budget_gib=10).name == "stream"
     with pytest.raises(ResourceError, match="GiB"):
         plans.choose_plan(None, cuda, "auto", budget_gib=3)
+
+
+def test_onload_per_call_leaves_the_weights_on_the_host_between_calls():
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    expected = layer(x)
+    onload_per_call(layer, torch.device("cpu"))
+    assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)
+    assert layer.weight.device.type == "cpu"
