@@ -31,6 +31,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per probe")
     ap.add_argument("--seed", type=int, default=0, help="weights' seed")
+    ap.add_argument("--cp-mode", default="ulysses", help="context parallelism for the edit without CFG")
+    ap.add_argument("--skip-cfg", action="store_true", help="measure context parallelism only")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--tag", default=None)
     return ap.parse_args(argv)
@@ -41,17 +43,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from .bench import Bench, probe_qie, probe_stock
     from .oracle import difference
-    from .parallel import enable, plan_layout
+    from .parallel import CP_MODES, PROCESS_GROUP_BACKEND, enable, plan_layout
     from .versions import installed
 
     args = parse(argv)
+    if args.cp_mode not in CP_MODES:
+        print(f"error: --cp-mode {args.cp_mode!r}: use one of {CP_MODES}", file=sys.stderr)
+        return 2
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if not torch.cuda.is_available() or torch.cuda.device_count() < world or world < 2:
         print("error: needs torchrun with 2 or more ranks, one CUDA GPU each", file=sys.stderr)
         return 2
     torch.cuda.set_device(local)
-    dist.init_process_group("nccl")
+    dist.init_process_group(PROCESS_GROUP_BACKEND)
     device = torch.device("cuda", local)
     size, steps = args.size, args.steps
     rows: list[dict[str, Any]] = []
@@ -92,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         record("qie resident, one GPU", cfg, probe, reference=stock[cfg].image, base=stock[cfg])
 
     layouts = []  # context parallelism changes the transformer for good: it goes last
-    if world % 2 == 0:
+    if world % 2 == 0 and not args.skip_cfg:
         layouts.append(("cfg", plan_layout(world, cfg=True)))
-    layouts.append(("ulysses", plan_layout(world, cfg=False)))
+    layouts.append(("cp", plan_layout(world, cfg=False, cp_mode=args.cp_mode)))
     for label, layout in layouts:
         editor.predictor = None
         enable(editor, layout, rank)
-        for cfg in (True, False) if label == "ulysses" else (True,):
+        for cfg in (True, False) if label == "cp" else (True,):
             probe = measure(lambda s, n, c: probe_qie(editor, s, n, c), cfg)
             row = record(f"qie {layout.describe()}", cfg, probe, reference=one[cfg].image, base=one[cfg])
             row["speedup_step_vs_stock"] = stock[cfg].step_s / probe.step_s

@@ -40,6 +40,10 @@ from .errors import InvalidRequestError, QieError
 log = logging.getLogger(__name__)
 
 CP_MODES = ("ulysses", "ring")
+# Tensors go over NCCL; the small size exchanges of diffusers' "anything" attention (one per
+# attention call) go over gloo on the CPU: over NCCL each one was a device-to-host sync, and
+# Ulysses on 2 H100s ran slower than one GPU (benchmarks/bench-parallel-h100x2-a.json).
+PROCESS_GROUP_BACKEND = "cpu:gloo,cuda:nccl"
 BRANCHES = ("cond", "uncond")
 
 
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if layout is not None:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(PROCESS_GROUP_BACKEND if device_type == "cuda" else "gloo")
     try:
         editor = Editor.load(args.model, device, args.dtype, revision=args.revision, plan=args.plan)
         if layout is not None:
