@@ -506,12 +506,18 @@ class Bench:
                 self.save()
 
     def run_options(self) -> None:
-        """Step cache, early exit and condition area on the fastest resident plan, vs the same plan without."""
+        """Step cache, early exit and condition area, each vs the same plan without it.
+
+        `--options-plan eager` runs them on the bf16 resident plan without compile (no minutes of
+        compilation); the default runs them on the fastest plan (fp8 + compile on a GPU).
+        """
         from .compile import compile_blocks
 
+        eager = getattr(self.args, "options_plan", "fastest") == "eager"
+        plan = "resident" if eager else self.fast_plan()
         pipe = self.fresh_pipe()
-        editor = self.editor(pipe, self.fast_plan())
-        if self.device.type == "cuda":
+        editor = self.editor(pipe, plan)
+        if self.device.type == "cuda" and not eager:
             compile_blocks(pipe.transformer)
         steps = self.args.option_steps
         for size in self.args.sizes:
@@ -527,9 +533,9 @@ class Bench:
                 probe = self.time_e2e(editor, size, steps, True, repeats=1, **options)
                 diff = difference(probe.image, base.image)
                 row = Row(
-                    name=f"{label} ({steps} steps CFG, {self.fast_plan()})",
+                    name=f"{label} ({steps} steps CFG, {plan}{'' if eager else ' + compile'})",
                     size=size,
-                    plan=self.fast_plan(),
+                    plan=plan,
                     step_s_cfg=probe.step_s,
                     peak_gib=probe.peak_gib,
                     e2e_s={"option": probe.e2e_s, "without": base.e2e_s},

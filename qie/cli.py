@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
     bench.add_argument("--probe-steps", type=int, default=4, help="CFG steps timed per configuration")
     bench.add_argument("--option-steps", type=int, default=20, help="CFG steps per edit in the options section")
+    bench.add_argument(
+        "--options-plan",
+        choices=["fastest", "eager"],
+        default="fastest",
+        help="options section: the fastest plan (fp8 + compile on a GPU) or bf16 resident without compile",
+    )
     bench.add_argument("--e2e-40", action="store_true", help="also time full 40-step CFG edits (slow)")
     bench.add_argument("--scale", choices=["full", "tiny"], default="full", help="tiny: check the bench on CPU")
     bench.add_argument("--device")
