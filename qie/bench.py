@@ -265,9 +265,7 @@ class Bench:
         return row
 
     def profile(self, row: Row, transformer, trigger) -> None:
-        """Add where one transformer forward's time goes (`qie.profiling`) to `row`, on CUDA only."""
-        if self.device.type != "cuda":
-            return
+        """Add where one transformer forward's time goes (`qie.profiling`) to `row`."""
         from .profiling import profile_forward
 
         try:
@@ -355,7 +353,7 @@ class Bench:
                 e2e_40=self.args.e2e_40 and size == 1024,
             )
             self.stock[size] = row
-            self.profile(row, pipe.transformer, lambda s=size: probe_stock(pipe, s, 1, False))
+            self.profile(row, pipe.transformer, lambda s=size: probe_stock(pipe, s, 2, False))
             if row.max_abs_vs_ref:
                 row.notes.append("stock differs from qie's staged path with fixes off")
 
@@ -425,7 +423,7 @@ class Bench:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
         row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
-        self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 1, False))
+        self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False))
         self.budgets.append(
             {
                 "budget_gib": budget,

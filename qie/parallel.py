@@ -40,10 +40,11 @@ from .errors import InvalidRequestError, QieError
 log = logging.getLogger(__name__)
 
 CP_MODES = ("ulysses", "ring")
-# Tensors go over NCCL; the small size exchanges of diffusers' "anything" attention (one per
-# attention call) go over gloo on the CPU: over NCCL each one was a device-to-host sync, and
-# Ulysses on 2 H100s ran slower than one GPU (benchmarks/bench-parallel-h100x2-a.json).
-PROCESS_GROUP_BACKEND = "cpu:gloo,cuda:nccl"
+# diffusers' "anything" attention exchanges each call's split sizes; routing those over gloo
+# ("cpu:gloo,cuda:nccl") was measured slower on 2 H100s than NCCL (0.904 vs 0.820 s/step), so NCCL.
+PROCESS_GROUP_BACKEND = "nccl"
+# Ring attention merges partial results with their log-sum-exp, which native SDPA does not return.
+LSE_BACKENDS = ("flash", "_flash_3", "flash_hub", "_flash_3_hub", "_native_cudnn")
 BRANCHES = ("cond", "uncond")
 
 
@@ -183,6 +184,13 @@ def enable(editor: Any, layout: ParallelLayout, rank: int) -> RankRole:
         layout.device_type, (layout.cfg_degree, ring, ulysses), mesh_dim_names=("cfg", "ring", "ulysses")
     )
     cp_config = layout.context_parallel_config(mesh["ring", "ulysses"])
+    speed = getattr(editor, "speed", None)
+    backend = getattr(speed, "attention_backend", "native")
+    if cp_config is not None and layout.cp_mode == "ring" and backend not in LSE_BACKENDS:
+        log.warning("ring attention needs the log-sum-exp, which %r attention does not return: using cuDNN", backend)
+        editor.pipe.transformer.set_attention_backend("_native_cudnn")
+        if speed is not None:
+            speed.attention_backend = "_native_cudnn"
     if cp_config is not None:
         editor.pipe.transformer.enable_parallelism(config=cp_config)
     if layout.cfg_degree == 2:

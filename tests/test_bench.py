@@ -38,3 +38,4 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     assert {"fast_8", "fast_4"} <= {k for r in data["rows"] for k in r["e2e_s"]}
     assert any(r["name"].startswith("condition_area=output") for r in data["rows"])
     assert [b["batch"] for b in data["batching"]] == [1, 2, 4]
+    assert stock["profile"]["forward_s"] > 0 and not stock["notes"]  # the profile's trigger is a valid edit

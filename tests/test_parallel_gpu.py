@@ -19,7 +19,8 @@ ARGS += ["--max-side", "256", "--condition-area", "output"]
 def torchrun(n, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(free_port())]
     cmd += ["-m", "qie.parallel", str(EXAMPLES / "coffee-cup.jpg"), *ARGS, "--output", str(out), *extra]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep installed extras
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -46,10 +46,14 @@ def test_option_within_tolerance(no_fixes, oracle_case, option, changes, check):
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_attention_within_tolerance_on_gpu(mode, photo):
     """Needs a CUDA GPU and sageattention >= 2.1.1 (the CPU tests cover the fallback)."""
+    import importlib.util
+
     import torch
 
     from qie import Editor, EditRequest
 
+    if not torch.cuda.is_available() or importlib.util.find_spec("sageattention") is None:
+        pytest.skip("needs a CUDA GPU and sageattention")
     editor = Editor.load("tiny", device="cuda", dtype=torch.bfloat16, fixes={"mm_token_type_ids": False})
     request = EditRequest(images=[photo], prompt="white background", steps=4, seed=3, max_side=256)
     result = editor.edit(dataclasses.replace(request, attention_quant=mode))
