@@ -10,8 +10,8 @@ step down to after an OOM.
 |---|---|---|---|
 | `resident` | bf16 on GPU | bf16 on GPU | 58.0 GiB peak, stock speed, bit-exact |
 | `resident-fp8` | torchao fp8 (int8 weight-only without fp8 units) | bf16 on GPU | 39.0 GiB, 1.58x with compile |
-| `fp8-te-stream` | torchao fp8 on GPU | streamed from pinned host memory | needs ~25 GiB |
-| `stream` | fp8 rows, first K blocks resident, rest streamed | streamed | 5.0 GiB at 0.67x stock |
+| `fp8-te-stream` | torchao fp8 on GPU | streamed from pinned host memory | 20.5 GiB, 1.60x with compile |
+| `stream` | fp8 rows, first K blocks resident, rest streamed | streamed | 5.0-14.5 GiB, 1/1.3 of stock |
 | `model-offload` | diffusers `enable_model_cpu_offload` | same | not measured; last resort |
 """
 
