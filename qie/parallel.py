@@ -141,6 +141,13 @@ def plan_layout(
         raise InvalidRequestError(
             "cp_mode", cp_mode, f"Ulysses splits the {heads} heads: use at most {heads} GPUs per group, or 'ring'"
         )
+    if cfg_degree == 1:
+        log.warning(
+            "%s over %d GPUs without CFG-parallel: on 2 H100s context parallelism alone ran slower than one GPU "
+            "(README, 'One edit over several GPUs'); CFG-parallel is the layout that paid (1.97x)",
+            cp_mode,
+            cp_degree,
+        )
     return ParallelLayout(world_size, cfg_degree, cp_degree, cp_mode, device_type)
 
 
