@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from . import __version__
 from .editor import run_stock
 from .oracle import difference
+from .profiling import cuda_sync
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,6 @@ def test_image(size: int) -> Image.Image:
     return img
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _median_step(stamps: list[float]) -> float:
     diffs = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return statistics.median(diffs) if diffs else math.nan
@@ -130,14 +126,14 @@ def probe_qie(editor, size: int, steps: int, cfg: bool, **options: Any) -> Probe
     stamps: list[float] = []
 
     def on_step(i: int, n: int) -> None:
-        _sync()
+        cuda_sync()
         stamps.append(time.perf_counter())
 
     request = make_request(size, steps, cfg, **options)
-    _sync()
+    cuda_sync()
     start = time.perf_counter()
     result = editor.edit(request, on_step=on_step)
-    _sync()
+    cuda_sync()
     return Probe(
         step_s=_median_step(stamps),
         e2e_s=time.perf_counter() - start,
@@ -155,16 +151,16 @@ def probe_stock(pipe, size: int, steps: int, cfg: bool) -> Probe:
     request = make_request(size, steps, cfg)
 
     def callback(p, i, t, kwargs):
-        _sync()
+        cuda_sync()
         stamps.append(time.perf_counter())
         return {}
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    _sync()
+    cuda_sync()
     start = time.perf_counter()
     image = run_stock(pipe, request, callback_on_step_end=callback)
-    _sync()
+    cuda_sync()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return Probe(_median_step(stamps), time.perf_counter() - start, image, {}, peak, {})
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 
-def _sync() -> None:
+def cuda_sync() -> None:
+    """Wait for the GPU's queued work, when there is a GPU."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -74,17 +75,17 @@ def profile_forward(module: torch.nn.Module, trigger: Callable[[], Any], repeats
     args, kwargs = capture_call(module, trigger)
     with torch.no_grad():
         module(*args, **kwargs)  # warm
-        _sync()
+        cuda_sync()
         start = time.perf_counter()
         for _ in range(repeats):
             module(*args, **kwargs)
-        _sync()
+        cuda_sync()
         wall = (time.perf_counter() - start) / repeats
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
             for _ in range(repeats):
                 module(*args, **kwargs)
-            _sync()
+            cuda_sync()
     split = split_device_time(prof.key_averages())
     per = {k: (v / repeats if isinstance(v, float) else v) for k, v in split.items()}
     per["top_kernels_s"] = {k: round(v / repeats, 4) for k, v in split["top_kernels_s"].items()}

@@ -68,8 +68,7 @@ class Slice:
 
     @property
     def nbytes(self) -> int:
-        n = torch.Size(self.shape).numel()
-        return n * torch.empty(0, dtype=self.dtype).element_size()
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
@@ -97,7 +96,7 @@ class BlockLayout:
     """
 
     def __init__(self, block: nn.Module, storage: str, dtype: torch.dtype) -> None:
-        self.block, self.dtype = block, dtype
+        self.dtype = dtype
         self.entries: list[Entry] = []
         offset = work = 0
         for p in block.parameters():
@@ -107,9 +106,9 @@ class BlockLayout:
                 offset = _aligned(offset + values.nbytes)
                 scales = Slice(offset, dtype, (shape[0], 1))
                 offset = _aligned(offset + scales.nbytes)
-                slot = Slice(work, dtype, shape)
-                work = _aligned(work + slot.nbytes)
-                self.entries.append(Entry(p, None, values, scales, slot))
+                upcast = Slice(work, dtype, shape)
+                work = _aligned(work + upcast.nbytes)
+                self.entries.append(Entry(p, None, values, scales, upcast))
             else:
                 plain = Slice(offset, dtype, shape)
                 offset = _aligned(offset + plain.nbytes)
@@ -162,6 +161,7 @@ class BlockStreamer:
         self.device = device
         self.resident = max(0, min(resident, len(blocks)))
         self.streamed = list(range(self.resident, len(blocks)))
+        self.next_streamed = [self._first_streamed_after(i) for i in range(len(blocks))]  # looked up per block
         cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.layouts = [BlockLayout(block, storage, compute_dtype) for block in blocks]
@@ -200,11 +200,12 @@ class BlockStreamer:
     def host_bytes(self) -> int:
         return sum(self.layouts[i].nbytes for i in self.streamed)
 
-    def _next_streamed(self, i: int) -> int | None:
+    def _first_streamed_after(self, i: int) -> int | None:
+        """The first streamed block after block `i` (wrapping to the next forward pass)."""
         later = [j for j in self.streamed if j > i]
         if later:
             return later[0]
-        return self.streamed[0] if self.streamed else None  # the next forward pass
+        return self.streamed[0] if self.streamed else None
 
     def _prefetch(self, i: int) -> None:
         """Issue the copy of streamed block `i` into its slot (once the slot's last user is done)."""
@@ -238,7 +239,7 @@ class BlockStreamer:
                 buffer = self.slots[self.loaded[i]]
                 self.next_slot = (self.loaded[i] + 1) % len(self.slots)
             self.layouts[i].bind(buffer, self.workspace)
-            nxt = self._next_streamed(i)
+            nxt = self.next_streamed[i]
             if nxt is not None and nxt != i:
                 self._prefetch(nxt)
 
@@ -257,14 +258,5 @@ class BlockStreamer:
 
 
 def block_bytes(blocks: nn.ModuleList, storage: str) -> list[int]:
-    """Bytes each block needs on the GPU in `storage` ('bf16' or 'fp8': 1 byte a weight plus row scales)."""
-    sizes = []
-    for block in blocks:
-        total = 0
-        for p in block.parameters():
-            if storage == "fp8" and p.dim() == 2:
-                total += p.numel() + p.shape[0] * 2
-            else:
-                total += p.numel() * 2
-        sizes.append(total)
-    return sizes
+    """Bytes each block's packed buffer takes in `storage` ('bf16' or 'fp8': 1 byte a weight plus row scales)."""
+    return [BlockLayout(block, storage, torch.bfloat16).nbytes for block in blocks]
