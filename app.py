@@ -28,8 +28,7 @@ from typing import Any
 import gradio as gr
 
 import qie
-from qie.jobs import CancelBoard, Deadline
-from qie.presets import (
+from qie.app.presets import (
     CPU_DEMO_DEFAULTS,
     DEFAULT_PRICE_TAG,
     EDIT_DEFAULTS,
@@ -45,7 +44,8 @@ from qie.presets import (
     preset_prompt,
     unavailable_note,
 )
-from qie.pricetag import tag_in_prompt
+from qie.app.pricetag import tag_in_prompt
+from qie.serving.jobs import CancelBoard, Deadline
 
 log = logging.getLogger("qie.app")
 
@@ -292,7 +292,7 @@ def build_demo(
 
         def show_metrics() -> dict:
             """Recent latencies (p50/p95), peak GPU memory and the last edits."""
-            from qie.editor import current_editor
+            from qie.core.editor import current_editor
             from qie.telemetry import metrics_view
 
             return {metrics: metrics_view(current_editor())}
@@ -381,9 +381,9 @@ def _run_edit(
 
     With `tag`, a failed or blocked edit falls back to the price tag drawn from a template.
     """
-    from qie.batch import png_metadata
-    from qie.images import save_png
-    from qie.pricetag import edit_or_render
+    from qie.app.pricetag import edit_or_render
+    from qie.core.images import save_png
+    from qie.core.metadata import png_metadata
 
     kwargs = {"on_step": on_step, "cancel": cancel, "timeout": LOCK_TIMEOUT_S}
     result = edit_or_render(editor, request, tag, **kwargs) if tag else editor.edit(request, **kwargs)
@@ -449,7 +449,7 @@ def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
     (qie's input file limit) and a `/health` readiness route reporting `current_editor()`."""
     from fastapi.routing import APIRoute
 
-    from qie.images import max_input_bytes
+    from qie.core.images import max_input_bytes
 
     def health() -> dict[str, Any]:
         from qie.telemetry import health
@@ -464,7 +464,7 @@ def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
 
 def startup_notice(model: str, device: str | None = None) -> str | None:
     """Why `model` cannot run on this machine (no GPU), with the way to the offline demo; None if it can."""
-    from qie.models import MODELS, check_hardware, resolve_device
+    from qie.core.models import MODELS, check_hardware, resolve_device
 
     if device is not None:
         return None
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     _spaces()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from qie.models import prefer_expandable_segments
+    from qie.core.models import prefer_expandable_segments
 
     prefer_expandable_segments()
     if args.mcp and importlib.util.find_spec("mcp") is None:
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     from qie.telemetry import install_redaction
 
     install_redaction()
-    from qie.models import REAL_MODEL_ID
+    from qie.core.models import REAL_MODEL_ID
 
     model = args.model or REAL_MODEL_ID
     notice = startup_notice(model, args.device)
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         defaults = CPU_DEMO_DEFAULTS  # small and quick: its edits are noise anyway
         notice = TINY_NOTICE
     demo = build_demo(editor_factory, notice=notice, defaults=defaults, queue_size=args.queue_size)
-    from qie.editor import current_editor
+    from qie.core.editor import current_editor
 
     demo.launch(
         server_name=args.host,

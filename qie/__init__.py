@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from qie.errors import (
     BusyError,
     CancelledError,
     EditTimeoutError,
@@ -25,15 +25,14 @@ from .errors import (
     ResourceError,
     SafetyError,
 )
-
-__version__ = "0.1.0"
+from qie.versions import __version__
 
 _LAZY = {
-    "EditRequest": "qie.request",
-    "EditResult": "qie.request",
-    "Editor": "qie.editor",
-    "get_editor": "qie.editor",
-    "set_editor": "qie.editor",
+    "EditRequest": "qie.core.request",
+    "EditResult": "qie.core.request",
+    "Editor": "qie.core.editor",
+    "get_editor": "qie.core.editor",
+    "set_editor": "qie.core.editor",
 }
 
 __all__ = [
@@ -55,8 +54,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .editor import Editor, get_editor, set_editor
-    from .request import EditRequest, EditResult
+    from qie.core.editor import Editor, get_editor, set_editor
+    from qie.core.request import EditRequest, EditResult
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
-"""`python -m qie`: see `qie.cli`."""
+"""`python -m qie`: see `qie.cli.main`."""
 
-from .cli import main
+from qie.cli.main import main
 
 raise SystemExit(main())

@@ -48,7 +48,7 @@ class BusyError(QieError):
 
 
 class SafetyError(QieError):
-    """The safety filter blocked an input image or the output (see `qie.safety`)."""
+    """The safety filter blocked an input image or the output (see `qie.core.safety`)."""
 
     def __init__(self, where: str, label: str, score: float, threshold: float, model: str, why: str = "") -> None:
         self.where, self.label, self.score, self.threshold, self.model = where, label, score, threshold, model

@@ -6,6 +6,8 @@ import logging
 import platform
 from importlib import metadata
 
+__version__ = "0.1.0"
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub", "gradio", "torchao")

@@ -31,7 +31,7 @@ def tiny_editor():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_editor) -> Path:
-    from qie.models import tiny_model_dir
+    from qie.core.models import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -82,7 +82,7 @@ def redis_url(tmp_path_factory):
 def clone_editor(editor, **attrs):
     """A second `Editor` on `editor`'s pipeline (its own plan, lock, safety filter), with `attrs` set."""
     from qie import Editor
-    from qie.plans import PLANS
+    from qie.memory.plans import PLANS
 
     clone = Editor(editor.pipe, model=editor.model, device=editor.device, dtype=editor.dtype, plan=PLANS["resident"])
     for name, value in attrs.items():

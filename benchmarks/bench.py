@@ -1,0 +1,602 @@
+"""`python -m qie bench`: qie's plans and options against stock diffusers, in one run, on one GPU.
+
+Every configuration runs on the same full-size random weights (`benchmarks.random_model`, rebuilt from
+the same seed whenever a plan changes the weights in place) and is reported as a ratio to stock
+diffusers measured in the same run. Numerics: each configuration's image is compared with the
+bf16 reference image (qie's staged path with its fixes off, which equals stock bit for bit) on
+the same weights and seed: PSNR and max error on 8-bit pixels. Random weights say nothing about
+edit quality; they do measure speed, memory and how far an option moves the numbers.
+
+Sections (``--sections``):
+  stock     stock `pipe(...)`, resident bf16, native SDPA: the baseline
+  resident  qie's staged path: plan resident; with cuDNN attention; with regional compile
+  fp8       plan resident-fp8 (torchao fp8 rowwise) + regional compile
+  budgets   the automatic planner under emulated budgets (24, 16, 10, 8, 6 GiB)
+  fast      fast mode: a random Lightning LoRA of the real shapes fused, 8 and 4 steps, end to end
+  options   step cache, early exit, condition_area="output", each vs the same plan without it
+  batching  images/hour of batched denoising vs batch 1
+
+The JSON goes to ``--out`` (default ``benchmarks/``), one line of summary per configuration
+is printed, and a table at the end. Arguments: see `python -m qie bench --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from benchmarks.profiling import cuda_sync
+from qie.core.editor import run_stock
+from qie.core.tolerances import difference
+from qie.versions import __version__
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Replace the background with pure white and add a red price tag that says 'Sale $19.9' bottom right"
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    size: int
+    plan: str
+    step_s_nocfg: float | None = None
+    step_s_cfg: float | None = None
+    e2e_8_nocfg_s: float | None = None
+    e2e_40_cfg_s: float | None = None
+    e2e_40_cfg_measured: bool = False
+    text_encode_s: float | None = None
+    condition_encode_s: float | None = None
+    decode_s: float | None = None
+    resident_gib: float | None = None
+    peak_gib: float | None = None
+    stage_peaks_gib: dict[str, float] = field(default_factory=dict)
+    psnr_vs_ref: float | None = None
+    max_abs_vs_ref: int | None = None
+    ratio_step_cfg: float | None = None
+    ratio_step_nocfg: float | None = None
+    e2e_s: dict[str, float] = field(default_factory=dict)  # other end-to-end timings, by label
+    profile: dict[str, Any] = field(default_factory=dict)  # `benchmarks.profiling.profile_forward` at this size
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Probe:
+    step_s: float
+    e2e_s: float
+    image: Image.Image
+    timings: dict[str, float]
+    peak_gib: float | None
+    stage_peaks_gib: dict[str, float]
+    steps_run: int | None = None
+
+
+def test_image(size: int) -> Image.Image:
+    """A deterministic product-photo-like input: a bottle on a gradient, with a logo."""
+    img = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(img)
+    for y in range(0, size, 4):
+        shade = 90 + int(120 * y / size)
+        draw.rectangle([0, y, size, y + 4], fill=(shade, shade - 30, 200 - shade // 2))
+    draw.rounded_rectangle([size * 0.35, size * 0.2, size * 0.65, size * 0.9], radius=size // 20, fill=(20, 120, 60))
+    draw.ellipse([size * 0.42, size * 0.4, size * 0.58, size * 0.56], fill=(240, 220, 40))
+    draw.text((size * 0.05, size * 0.05), "LOGO", fill=(255, 255, 255))
+    return img
+
+
+def _median_step(stamps: list[float]) -> float:
+    diffs = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return statistics.median(diffs) if diffs else math.nan
+
+
+def make_request(size: int, steps: int, cfg: bool, seed: int = 0, **options: Any):
+    from qie.core.request import EditRequest
+
+    return EditRequest(
+        images=[test_image(size)],
+        prompt=PROMPT,
+        steps=steps,
+        true_cfg_scale=4.0 if cfg else 1.0,
+        negative_prompt=" " if cfg else None,
+        seed=seed,
+        width=size,
+        height=size,
+        **options,
+    )
+
+
+def probe_qie(editor, size: int, steps: int, cfg: bool, **options: Any) -> Probe:
+    """One edit through `Editor.edit` (with request `options`), timing each denoising step."""
+    stamps: list[float] = []
+
+    def on_step(i: int, n: int) -> None:
+        cuda_sync()
+        stamps.append(time.perf_counter())
+
+    request = make_request(size, steps, cfg, **options)
+    cuda_sync()
+    start = time.perf_counter()
+    result = editor.edit(request, on_step=on_step)
+    cuda_sync()
+    return Probe(
+        step_s=_median_step(stamps),
+        e2e_s=time.perf_counter() - start,
+        image=result.image,
+        timings=dict(result.timings),
+        peak_gib=result.peak_vram_gib,
+        stage_peaks_gib=dict(result.stage_peaks_gib),
+        steps_run=result.steps_run,
+    )
+
+
+def probe_stock(pipe, size: int, steps: int, cfg: bool) -> Probe:
+    """The stock diffusers call, unchanged, timing each step with its callback."""
+    stamps: list[float] = []
+    request = make_request(size, steps, cfg)
+
+    def callback(p, i, t, kwargs):
+        cuda_sync()
+        stamps.append(time.perf_counter())
+        return {}
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cuda_sync()
+    start = time.perf_counter()
+    image = run_stock(pipe, request, callback_on_step_end=callback)
+    cuda_sync()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return Probe(_median_step(stamps), time.perf_counter() - start, image, {}, peak, {})
+
+
+class Bench:
+    """Holds the run's settings, the reference images and the rows; writes the JSON."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rows: list[Row] = []
+        self.budgets: list[dict[str, Any]] = []
+        self.batching: list[dict[str, Any]] = []
+        self.errors: list[dict[str, str]] = []
+        self.reference: dict[int, Image.Image] = {}
+        self.stock: dict[int, Row] = {}
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.started = datetime.now(timezone.utc)
+        self.t0 = time.perf_counter()
+
+    def check_time(self, what: str) -> None:
+        """Stop starting new work once `--max-seconds` have passed, so the JSON always comes back."""
+        elapsed = time.perf_counter() - self.t0
+        if self.args.max_seconds and elapsed > self.args.max_seconds:
+            raise TimeoutError(f"skipped {what}: {elapsed:.0f}s > --max-seconds {self.args.max_seconds}")
+
+    # -- building ------------------------------------------------------------------------------
+
+    def fresh_pipe(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.args.scale == "tiny":
+            from qie.core.models import load_pipeline
+
+            return load_pipeline("tiny", device=self.device, dtype=torch.float32).to(self.device)
+        from benchmarks.random_model import build_random_pipeline
+
+        return build_random_pipeline(self.device, torch.bfloat16, seed=self.args.seed)
+
+    def editor(self, pipe, plan: str, budget_gib: float | None = None, fixes: bool = True):
+        from qie.core.editor import Editor
+        from qie.core.encode_cache import EditCache
+        from qie.memory.plans import PLANS
+
+        chosen = PLANS[plan]
+        chosen.apply(pipe, self.device, budget_gib)
+        dtype = torch.float32 if self.args.scale == "tiny" else torch.bfloat16
+        editor = Editor(
+            pipe,
+            model=f"random-{self.args.scale}",
+            device=self.device,
+            dtype=dtype,
+            plan=chosen,
+            fixes={"mm_token_type_ids": fixes},
+        )
+        editor.cache = EditCache(max_entries=0)  # every probe pays for its text and condition encode
+        return editor
+
+    def resident_gib(self) -> float | None:
+        return torch.cuda.memory_allocated() / 2**30 if self.device.type == "cuda" else None
+
+    # -- measuring -----------------------------------------------------------------------------
+
+    def measure(self, name: str, plan: str, size: int, run, *, e2e_40: bool = False) -> Row:
+        """Warm up, then 8 steps without CFG and `--probe-steps` with CFG; compare with the reference."""
+        self.check_time(f"{name} @ {size}")
+        row = Row(name=name, size=size, plan=plan, resident_gib=self.resident_gib())
+        run(size, 2, True)  # warm-up with CFG (both prompt lengths): kernels, autotuning, compilation
+        nocfg = run(size, 8, False)
+        cfg = run(size, self.args.probe_steps, True)
+        row.step_s_nocfg, row.step_s_cfg, row.e2e_8_nocfg_s = nocfg.step_s, cfg.step_s, nocfg.e2e_s
+        row.peak_gib = max(p for p in (nocfg.peak_gib, cfg.peak_gib, 0.0) if p is not None) or None
+        row.stage_peaks_gib = cfg.stage_peaks_gib
+        t = cfg.timings
+        row.text_encode_s, row.condition_encode_s, row.decode_s = (
+            t.get("text_encode"),
+            t.get("condition_encode"),
+            t.get("decode"),
+        )
+        if e2e_40:
+            row.e2e_40_cfg_s = run(size, 40, True).e2e_s
+            row.e2e_40_cfg_measured = True
+        elif cfg.step_s == cfg.step_s:  # not NaN: fixed costs + 40 steps
+            fixed = cfg.e2e_s - self.args.probe_steps * cfg.step_s
+            row.e2e_40_cfg_s = fixed + 40 * cfg.step_s
+        if size in self.reference:
+            diff = difference(cfg.image, self.reference[size])
+            row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
+        stock = self.stock.get(size)
+        if stock and stock is not row:
+            row.ratio_step_cfg = stock.step_s_cfg / row.step_s_cfg if row.step_s_cfg else None
+            row.ratio_step_nocfg = stock.step_s_nocfg / row.step_s_nocfg if row.step_s_nocfg else None
+        self.rows.append(row)
+        self.report(row)
+        self.save()
+        return row
+
+    def profile(self, row: Row, transformer, trigger) -> None:
+        """Add where one transformer forward's time goes (`benchmarks.profiling`) to `row`."""
+        from benchmarks.profiling import profile_forward
+
+        try:
+            row.profile = profile_forward(transformer, trigger)
+        except Exception as exc:  # a profile is a diagnosis: never lose the row for it
+            row.notes.append(f"profile failed: {type(exc).__name__}: {exc}")
+            return
+        p = row.profile
+        print(
+            f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s, "
+            f"host-to-device copies {p['h2d_s']:.3f}s",
+            flush=True,
+        )
+        self.save()
+
+    def report(self, row: Row) -> None:
+        def f(v, fmt="{:.3f}"):
+            return "-" if v is None else fmt.format(v)
+
+        print(
+            f"[bench] {row.name:34} {row.size:5} step {f(row.step_s_nocfg)}s / cfg {f(row.step_s_cfg)}s"
+            f"  e2e8 {f(row.e2e_8_nocfg_s, '{:.2f}')}s e2e40cfg {f(row.e2e_40_cfg_s, '{:.1f}')}s"
+            f"  peak {f(row.peak_gib, '{:.1f}')}GiB  x{f(row.ratio_step_cfg, '{:.2f}')}"
+            f"  psnr {f(row.psnr_vs_ref, '{:.1f}')}" + "".join(f"  {k} {v:.2f}s" for k, v in row.e2e_s.items()),
+            flush=True,
+        )
+
+    def section(self, name: str, fn) -> None:
+        print(f"[bench] --- {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # keep the other sections' numbers
+            self.errors.append(
+                {"section": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+            )
+            print(f"[bench] section {name} failed: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0)
+            print(f"[bench] --- {name} took {time.perf_counter() - start:.0f}s", flush=True)
+            self.save()
+
+    def save(self) -> Path:
+        path = self.out / f"bench-{self.args.tag}.json"
+        path.write_text(json.dumps(self.payload(), indent=1, default=str))
+        return path
+
+    def payload(self) -> dict[str, Any]:
+        from qie.versions import installed
+
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+        return {
+            "meta": {
+                "qie": __version__,
+                "date": self.started.isoformat(timespec="seconds"),
+                "device": gpu,
+                "scale": self.args.scale,
+                "versions": installed(),
+                "cuda": torch.version.cuda,
+                "probe_steps_cfg": self.args.probe_steps,
+                "prompt": PROMPT,
+                "weights": "random (seeded), full-size configs" if self.args.scale == "full" else "tiny random",
+            },
+            "rows": [asdict(r) for r in self.rows],
+            "budgets": self.budgets,
+            "batching": self.batching,
+            "errors": self.errors,
+        }
+
+    # -- sections ------------------------------------------------------------------------------
+
+    def run_stock(self) -> None:
+        pipe = self.fresh_pipe().to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        ref_editor = self.editor(pipe, "resident", fixes=False)
+        for size in self.args.sizes:
+            # The bf16 reference: qie's staged path with fixes off (bit-exact to stock, checked below).
+            self.reference[size] = probe_qie(ref_editor, size, self.args.probe_steps, True).image
+            row = self.measure(
+                "stock diffusers (resident, sdpa)",
+                "stock",
+                size,
+                lambda s, n, c: probe_stock(pipe, s, n, c),
+                e2e_40=self.args.e2e_40 and size == 1024,
+            )
+            self.stock[size] = row
+            self.profile(row, pipe.transformer, lambda s=size: probe_stock(pipe, s, 2, False))
+            if row.max_abs_vs_ref:
+                row.notes.append("stock differs from qie's staged path with fixes off")
+
+    def run_resident(self) -> None:
+        pipe = self.fresh_pipe()
+        editor = self.editor(pipe, "resident", fixes=False)
+        for size in self.args.sizes:
+            self.measure("qie resident (sdpa)", "resident", size, lambda s, n, c: probe_qie(editor, s, n, c))
+        if self.device.type == "cuda":
+            pipe.transformer.set_attention_backend("_native_cudnn")
+            for size in self.args.sizes:
+                self.measure(
+                    "qie resident + cudnn attention", "resident", size, lambda s, n, c: probe_qie(editor, s, n, c)
+                )
+            pipe.transformer.set_attention_backend("native")  # cuDNN was not faster on an H100
+            from qie.speed.compile import compile_blocks
+
+            if compile_blocks(pipe.transformer):
+                for size in self.args.sizes:
+                    self.measure("qie resident + compile", "resident", size, lambda s, n, c: probe_qie(editor, s, n, c))
+
+    def run_fp8(self) -> None:
+        from qie.speed.compile import compile_blocks
+
+        pipe = self.fresh_pipe()
+        editor = self.editor(pipe, "resident-fp8", fixes=False)
+        compile_blocks(pipe.transformer)
+        for size in self.args.sizes:
+            self.measure(
+                "qie resident-fp8 + compile",
+                "resident-fp8",
+                size,
+                lambda s, n, c: probe_qie(editor, s, n, c),
+                e2e_40=self.args.e2e_40 and size == 1024,
+            )
+
+    def run_budgets(self) -> None:
+        for budget in self.args.budgets:
+            try:
+                self.check_time(f"budget {budget:g} GiB")
+                self.run_budget(budget)
+            except Exception as exc:  # one budget failing must not hide the others
+                self.errors.append(
+                    {
+                        "section": f"budget {budget:g}",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "trace": traceback.format_exc()[-3000:],
+                    }
+                )
+                print(f"[bench] budget {budget:g} GiB failed: {type(exc).__name__}: {exc}", flush=True)
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    def run_budget(self, budget: float) -> None:
+        from qie.memory.plans import choose_plan, measure_sizes, resident_blocks
+
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        pipe = self.fresh_pipe()
+        plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
+        blocks = resident_blocks(measure_sizes(pipe), budget) if plan.name == "stream" else None
+        editor = self.editor(pipe, plan.name, budget_gib=budget)
+        if plan.name != "stream":
+            editor.enable_compile()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
+        self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False))
+        self.budgets.append(
+            {
+                "budget_gib": budget,
+                "plan": plan.name,
+                "resident_blocks": blocks,
+                "step_s_cfg": row.step_s_cfg,
+                "step_s_nocfg": row.step_s_nocfg,
+                "peak_gib": row.peak_gib,
+                "ratio_step_cfg": row.ratio_step_cfg,
+                "ratio_step_nocfg": row.ratio_step_nocfg,
+                "profile": row.profile,
+            }
+        )
+
+    def fast_plan(self) -> str:
+        return "resident-fp8" if self.device.type == "cuda" else "resident"
+
+    def fast_editor(self, steps: int):
+        """A fresh pipeline with a random Lightning LoRA of the real shapes fused, on the fastest plan."""
+        import tempfile
+
+        from qie.core.speed_setup import setup_speed
+        from qie.speed.compile import compile_blocks
+        from qie.speed.fast_mode import random_lightning_lora
+
+        pipe = self.fresh_pipe()
+        with tempfile.TemporaryDirectory() as tmp:
+            lora = random_lightning_lora(pipe.transformer, Path(tmp) / "lightning.safetensors", dtype=pipe.dtype)
+            speed = setup_speed(
+                pipe, self.device, pipe.dtype, attention_backend="native", fast_lora=str(lora), fast_steps=steps
+            )
+        editor = self.editor(pipe, self.fast_plan())
+        editor.speed = speed
+        if self.device.type == "cuda":
+            compile_blocks(pipe.transformer)
+        return editor
+
+    def time_e2e(self, editor, size: int, steps: int, cfg: bool, repeats: int = 3, **options: Any) -> Probe:
+        """Warm up once, then the median end-to-end time of `repeats` edits."""
+        probe_qie(editor, size, steps, cfg, **options)
+        probes = [probe_qie(editor, size, steps, cfg, **options) for _ in range(repeats)]
+        best = sorted(probes, key=lambda p: p.e2e_s)[len(probes) // 2]
+        return best
+
+    def run_fast(self) -> None:
+        """Fast mode: fused random Lightning LoRA, 8 and 4 steps without CFG, end to end.
+
+        The 4- and 8-step LoRAs have the same shapes, so once fused they cost the same per step:
+        one build serves both step counts (fast mode runs the LoRA's own step count, so the
+        loaded LoRA is told it is the 4-step one for the second row).
+        """
+        import dataclasses
+
+        self.check_time("fast")
+        editor = self.fast_editor(8)
+        for steps in (8, 4):
+            editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
+            for size in self.args.sizes:
+                self.check_time(f"fast {steps} @ {size}")
+                probe = self.time_e2e(editor, size, steps, False)
+                if probe.steps_run != steps:
+                    raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
+                row = Row(
+                    name=f"fast mode {steps} steps (fused LoRA) + {self.fast_plan()}",
+                    size=size,
+                    plan=self.fast_plan(),
+                    step_s_nocfg=probe.step_s,
+                    peak_gib=probe.peak_gib,
+                    e2e_s={f"fast_{steps}": probe.e2e_s},
+                    text_encode_s=probe.timings.get("text_encode"),
+                    decode_s=probe.timings.get("decode"),
+                )
+                stock = self.stock.get(size)
+                if stock and stock.e2e_8_nocfg_s:
+                    row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
+                self.rows.append(row)
+                self.report(row)
+                self.save()
+
+    def run_options(self) -> None:
+        """Step cache, early exit and condition area, each vs the same plan without it.
+
+        `--options-plan eager` runs them on the bf16 resident plan without compile (no minutes of
+        compilation); the default runs them on the fastest plan (fp8 + compile on a GPU).
+        """
+        from qie.speed.compile import compile_blocks
+
+        eager = getattr(self.args, "options_plan", "fastest") == "eager"
+        plan = "resident" if eager else self.fast_plan()
+        pipe = self.fresh_pipe()
+        editor = self.editor(pipe, plan)
+        if self.device.type == "cuda" and not eager:
+            compile_blocks(pipe.transformer)
+        steps = self.args.option_steps
+        for size in self.args.sizes:
+            base = self.time_e2e(editor, size, steps, True, repeats=1)
+            variants = {
+                "step_cache=fbcache": {"step_cache": "fbcache"},
+                "step_cache=taylorseer": {"step_cache": "taylorseer"},
+                "early_exit_threshold=0.02": {"early_exit_threshold": 0.02},
+                "condition_area=output": {"condition_area": "output"},
+            }
+            for label, options in variants.items():
+                self.check_time(f"option {label}")
+                probe = self.time_e2e(editor, size, steps, True, repeats=1, **options)
+                diff = difference(probe.image, base.image)
+                row = Row(
+                    name=f"{label} ({steps} steps CFG, {plan}{'' if eager else ' + compile'})",
+                    size=size,
+                    plan=plan,
+                    step_s_cfg=probe.step_s,
+                    peak_gib=probe.peak_gib,
+                    e2e_s={"option": probe.e2e_s, "without": base.e2e_s},
+                    psnr_vs_ref=diff.psnr,
+                    max_abs_vs_ref=diff.max_abs,
+                    notes=["PSNR against the same plan without the option"],
+                )
+                self.rows.append(row)
+                self.report(row)
+                self.save()
+
+    def run_batching(self) -> None:
+        """Throughput of batched denoising (`qie.serving.batching.bench_batching`) on the resident plan."""
+        from qie.serving.batching import bench_batching
+
+        pipe = self.fresh_pipe()
+        editor = self.editor(pipe, "resident")
+        sizes = [(size, size) for size in self.args.sizes]
+        self.batching = bench_batching(editor, sizes=sizes, batch_sizes=(1, 2, 4), steps=self.args.probe_steps)
+        for row in self.batching:
+            print(f"[bench] batching {row}", flush=True)
+
+    def table(self) -> str:
+        lines = [
+            "| config | size | plan | s/step | s/step CFG | ×stock (CFG) | e2e 8 | e2e 40 CFG | peak GiB | PSNR |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+
+            def f(v, fmt):
+                return "-" if v is None else fmt.format(v)
+
+            lines.append(
+                f"| {r.name} | {r.size} | {r.plan} | {f(r.step_s_nocfg, '{:.3f}')} | {f(r.step_s_cfg, '{:.3f}')} | "
+                f"{f(r.ratio_step_cfg, '{:.2f}')} | {f(r.e2e_8_nocfg_s, '{:.2f}')} | {f(r.e2e_40_cfg_s, '{:.1f}')} | "
+                f"{f(r.peak_gib, '{:.1f}')} | {f(r.psnr_vs_ref, '{:.1f}')} |"
+            )
+        return "\n".join(lines)
+
+
+SECTIONS = {
+    "stock": Bench.run_stock,
+    "resident": Bench.run_resident,
+    "fp8": Bench.run_fp8,
+    "budgets": Bench.run_budgets,
+    "fast": Bench.run_fast,
+    "options": Bench.run_options,
+    "batching": Bench.run_batching,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    args.tag = args.tag or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+    args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    args.budgets = [float(b) for b in str(args.budgets).split(",") if b]
+    bench = Bench(args)
+    sections = [s for s in args.sections.split(",") if s]
+    if "stock" not in sections:
+        print("[bench] note: without the stock section there are no ratios", flush=True)
+    for name in sections:
+        if name not in SECTIONS:
+            raise SystemExit(f"--sections: unknown section {name!r}; use {list(SECTIONS)}")
+        if name in ("fp8", "budgets") and bench.device.type != "cuda":
+            print(f"[bench] section {name} needs CUDA; skipped", flush=True)
+            continue
+        bench.section(name, lambda n=name: SECTIONS[n](bench))
+    path = bench.save()
+    print(bench.table())
+    print(f"[bench] wrote {path}")
+    return 1 if bench.errors else 0

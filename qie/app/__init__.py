@@ -1,0 +1,1 @@
+"""The Gradio web app: layout, handlers, presets and the price-tag template."""

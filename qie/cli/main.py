@@ -1,0 +1,302 @@
+"""`python -m qie`: edit images (one or a folder), print environment info, build the tiny model.
+
+Examples:
+    python -m qie edit photo.jpg --prompt "pure white background" --output out.png --model tiny
+    python -m qie edit photos/ --prompt "remove the watermark" --output edited/ --steps 8
+    python -m qie info
+    python -m qie make-tiny ./tiny-qie
+    python -m qie serve --model tiny --cache redis://127.0.0.1:6379/0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qie.core.models import prefer_expandable_segments
+from qie.errors import InvalidRequestError, QieError
+from qie.versions import __version__
+
+log = logging.getLogger("qie")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qie", description="Qwen-Image-Edit-2509, fast.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="edit one image (or 2-3 together), or every image in a folder")
+    edit.add_argument("inputs", nargs="+", help="1-3 image files edited together, or one folder (batch)")
+    edit.add_argument("--prompt", required=True, help="the edit instruction")
+    edit.add_argument("--output", required=True, help="output PNG (or folder, for a folder input)")
+    edit.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
+    edit.add_argument("--steps", type=int, default=40)
+    edit.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns CFG off)")
+    edit.add_argument("--seed", type=int, default=None, help="random when omitted; saved in the PNG")
+    edit.add_argument("--height", type=int)
+    edit.add_argument("--width", type=int)
+    edit.add_argument("--max-side", type=int, help="cap the longer output side (px)")
+    edit.add_argument("--resize-to-input", action="store_true", help="return the result at the input's size")
+    edit.add_argument(
+        "--condition-area",
+        choices=["model", "output"],
+        default="model",
+        help="VAE-encode inputs at ~1024² (model, default) or at the output's area (faster for small outputs)",
+    )
+    edit.add_argument("--tile-size", type=int, help="VAE in Hann-blended tiles of this many px (less GPU memory)")
+    region = edit.add_mutually_exclusive_group()
+    region.add_argument("--box", help="edit only this region: x0,y0,x1,y1 in input pixels; the rest stays exact")
+    region.add_argument("--mask", help="edit only where this mask image is white; the rest stays exact")
+    _add_model_args(edit)
+    _add_speed_args(edit)
+
+    sub.add_parser("info", help="versions, device and free GPU memory")
+
+    bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
+    bench.add_argument(
+        "--sections",
+        default="stock,resident,fp8,budgets",
+        help="comma list of stock,resident,fp8,budgets,fast,options,batching",
+    )
+    bench.add_argument("--sizes", default="1024,768", help="square output sizes, comma list")
+    bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
+    bench.add_argument("--probe-steps", type=int, default=4, help="CFG steps timed per configuration")
+    bench.add_argument("--option-steps", type=int, default=20, help="CFG steps per edit in the options section")
+    bench.add_argument(
+        "--options-plan",
+        choices=["fastest", "eager"],
+        default="fastest",
+        help="options section: the fastest plan (fp8 + compile on a GPU) or bf16 resident without compile",
+    )
+    bench.add_argument("--e2e-40", action="store_true", help="also time full 40-step CFG edits (slow)")
+    bench.add_argument("--scale", choices=["full", "tiny"], default="full", help="tiny: check the bench on CPU")
+    bench.add_argument("--device")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="benchmarks", help="folder for the JSON")
+    bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
+    bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
+
+    _add_serve_parser(sub)
+
+    soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
+    soak.add_argument("--edits", type=int, default=200)
+    soak.add_argument("--size", type=int, default=64, help="image side (px)")
+    soak.add_argument("--steps", type=int, default=2)
+    _add_model_args(soak)
+
+    tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# --- serve (Ray Serve; extra `qie[serve]`) ------------------------------------------------------
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="HTTP edit service on Ray Serve (one replica per GPU)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--cache", default="disk", help="result cache: disk (default), off, or redis://host:port/db")
+    serve.add_argument("--max-batch-size", type=int, default=2, help="requests denoised together (same shape)")
+    serve.add_argument("--batch-wait-ms", type=float, default=50, help="how long a request waits for batch mates")
+    serve.add_argument("--replicas", type=int, help="default: one per GPU")
+    serve.add_argument("--autoscale", action="store_true", help="scale replicas with load (1 to one per GPU)")
+    serve.add_argument("--max-replicas", type=int, help="upper bound with --autoscale (default: GPU count)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from qie.serving.service import ServeSettings, run_forever
+    except ImportError as exc:
+        print(f"error: serve needs Ray Serve ({exc}); pip install 'qie[serve]'", file=sys.stderr)
+        return 2
+    settings = ServeSettings(
+        model=args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        plan=args.plan,
+        cache=args.cache,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        replicas=args.replicas,
+        autoscale=args.autoscale,
+        max_replicas=args.max_replicas,
+    )
+    run_forever(settings, host=args.host, port=args.port)
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="Qwen/Qwen-Image-Edit-2509", help="hub id, local folder, or 'tiny'")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--plan", default="auto", help="memory plan (default: auto)")
+    parser.add_argument("--vram-budget", type=float, help="GiB the plan may use (default: free VRAM)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
+
+
+# --- speed options (README "Speed options") ---
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed options")
+    group.add_argument("--attention", default="auto", help="attention backend at load (default: fastest available)")
+    group.add_argument("--fast-lora", help="Lightning LoRA for fast mode: file, folder or hub id")
+    group.add_argument("--fast-steps", type=int, choices=[4, 8], default=8, help="which Lightning LoRA (4 or 8 steps)")
+    group.add_argument("--mode", choices=["quality", "fast"], help="fast: the Lightning LoRA's steps, CFG off")
+    group.add_argument("--attention-quant", choices=["off", "int8", "fp8"], default="off", help="SageAttention")
+    group.add_argument("--step-cache", choices=["off", "fbcache", "taylorseer"], default="off")
+    group.add_argument("--step-cache-threshold", type=float, default=0.05, help="fbcache: residual change to reuse")
+    group.add_argument("--step-cache-interval", type=int, default=3, help="taylorseer: full pass every N calls")
+    group.add_argument("--early-exit-threshold", type=float, help="stop when x0 changes less than this (relative)")
+    group.add_argument("--early-exit-patience", type=int, default=2, help="... for this many steps in a row")
+
+
+def _speed_params(args: argparse.Namespace) -> dict:
+    names = ("mode", "attention_quant", "step_cache", "step_cache_threshold", "step_cache_interval")
+    names += ("early_exit_threshold", "early_exit_patience")
+    return {name: getattr(args, name) for name in names}
+
+
+def _speed_load_args(args: argparse.Namespace) -> dict:
+    return {"attention": args.attention, "fast_lora": args.fast_lora, "fast_steps": args.fast_steps}
+
+
+# ---
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prefer_expandable_segments()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from qie.telemetry import install_redaction
+
+    install_redaction()
+    try:
+        commands = {
+            "edit": cmd_edit,
+            "info": cmd_info,
+            "make-tiny": cmd_make_tiny,
+            "bench": cmd_bench,
+            "serve": cmd_serve,
+            "soak": cmd_soak,
+        }
+        return commands[args.command](args)
+    except QieError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from qie.cli.folders import edit_folder, edit_one
+    from qie.core.editor import Editor
+
+    inputs = [Path(p) for p in args.inputs]
+    folder = len(inputs) == 1 and inputs[0].is_dir()
+    params = edit_params(args)
+    if not folder:
+        from qie.core.request import EditRequest
+
+        EditRequest(images=inputs, **params)  # fail on bad input before loading the model
+    editor = Editor.load(
+        args.model,
+        args.device,
+        args.dtype,
+        revision=args.revision,
+        plan=args.plan,
+        vram_budget_gib=args.vram_budget,
+        compile=args.compile,
+        **_speed_load_args(args),
+    )
+    if folder:
+        report = edit_folder(editor, inputs[0], Path(args.output), params)
+        print(report.summary())
+        return 0 if not report.failed else 1
+    result = edit_one(editor, inputs, Path(args.output), params)
+    print(f"wrote {args.output}: {result.summary()}")
+    return 0
+
+
+def edit_params(args: argparse.Namespace) -> dict:
+    """The `EditRequest` fields given on an `edit` command line (also used by `qie.serving.parallel`)."""
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "true_cfg_scale": args.cfg,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "max_side": args.max_side,
+        "resize_to_input": args.resize_to_input,
+        "condition_area": args.condition_area,
+        "tile_size": args.tile_size,
+        "box": _box(args.box),
+        "mask": args.mask,
+        **_speed_params(args),
+    }
+
+
+def _box(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidRequestError(
+            "box", text, "give four whole numbers x0,y0,x1,y1, e.g. --box 600,400,1000,700"
+        ) from None
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from qie.versions import installed, known_problems
+
+    print(f"qie {__version__}")
+    for name, version in installed().items():
+        print(f"{name:16} {version or '-'}")
+    try:
+        import torch
+    except ImportError:
+        print("device           torch is not installed")
+        return 0
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            name = torch.cuda.get_device_name(i)
+            print(f"cuda:{i:<11} {name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    else:
+        print("device           cpu (no CUDA GPU found)")
+    for level, problem in known_problems():
+        print(f"{logging.getLevelName(level).lower()}: {problem}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.bench import run
+
+    return run(args)
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from qie.core.tiny import save_tiny_pipeline
+
+    path = save_tiny_pipeline(args.path, seed=args.seed)
+    print(f"saved the tiny pipeline to {path}; load it with --model {path}")
+    return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import json
+
+    from benchmarks.soak import soak
+    from qie.core.editor import Editor
+
+    editor = Editor.load(args.model, args.device, args.dtype, revision=args.revision, plan=args.plan)
+    logging.getLogger("qie.requests").setLevel(logging.WARNING)  # one line per edit would drown the report
+    report = soak(editor, args.edits, size=args.size, steps=args.steps)
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.failures == 0 else 1

@@ -1,0 +1,203 @@
+"""The models qie knows, and loading them with the dtype policy.
+
+`MODELS` is a table of specs; `load_pipeline` turns a model name (a spec key, a hub id or a local
+directory) into a `QwenImageEditPlusPipeline` through diffusers' `from_pretrained`, honouring
+`HF_HOME`, `HF_HUB_OFFLINE` and a revision. The tiny model is saved once to a cache directory and
+loaded through the same `from_pretrained` path as the real one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qie.errors import ModelLoadError, ResourceError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import QwenImageEditPlusPipeline
+
+log = logging.getLogger(__name__)
+
+REAL_MODEL_ID = "Qwen/Qwen-Image-Edit-2509"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model qie can load: where it comes from and what it needs."""
+
+    name: str
+    source: str  # hub id, or "tiny" for the offline random pipeline
+    params_billion: float  # transformer + text encoder + VAE
+    needs_gpu: bool
+    description: str
+
+    def weights_gib(self, bytes_per_param: float = 2.0) -> float:
+        """Size of all weights at `bytes_per_param` (2 for bf16)."""
+        return self.params_billion * 1e9 * bytes_per_param / 2**30
+
+
+MODELS: dict[str, ModelSpec] = {
+    REAL_MODEL_ID: ModelSpec(
+        name=REAL_MODEL_ID,
+        source=REAL_MODEL_ID,
+        params_billion=20.4 + 8.3 + 0.13,
+        needs_gpu=True,
+        description="Qwen-Image-Edit-2509: 20B MMDiT + Qwen2.5-VL-7B text encoder + VAE",
+    ),
+    "tiny": ModelSpec(
+        name="tiny",
+        source="tiny",
+        params_billion=0.0002,
+        needs_gpu=False,
+        description="tiny random pipeline built offline (tests and demos; its edits are noise)",
+    ),
+}
+
+
+def prefer_expandable_segments() -> None:
+    """Ask PyTorch's CUDA allocator for growable segments (a value the user set wins).
+
+    They fragment far less when a memory plan runs close to its budget. Call it before CUDA
+    starts; it reads no torch state.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device`, or CUDA when available, else CPU."""
+    import torch
+
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype policy: bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU.
+
+    An explicit `dtype` ("bf16", "fp16", "fp32" or a torch dtype) wins.
+    """
+    import torch
+
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    if isinstance(dtype, str):
+        if dtype not in names:
+            from qie.errors import InvalidRequestError
+
+            raise InvalidRequestError("dtype", dtype, f"use one of {sorted(set(names))}")
+        return names[dtype]
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.warning(
+            "GPU %s has no bf16 support; using fp16 (VAE falls back to fp32 on overflow)",
+            torch.cuda.get_device_name(device),
+        )
+        return torch.float16
+    if device.type == "cpu":
+        log.info("running on CPU: using fp32")
+    return torch.float32
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """Where the tiny pipeline is saved (built on first use): `$QIE_CACHE` or ~/.cache/qie."""
+    from qie.versions import __version__
+
+    root = Path(os.environ.get("QIE_CACHE", Path.home() / ".cache" / "qie"))
+    path = root / f"tiny-{__version__}-seed{seed}"
+    if not (path / "model_index.json").is_file():
+        from qie.core.tiny import save_tiny_pipeline
+
+        log.info("building the tiny offline pipeline in %s", path)
+        tmp = path.with_name(path.name + f".building-{os.getpid()}")
+        save_tiny_pipeline(tmp, seed=seed)
+        try:
+            tmp.replace(path)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_pipeline(
+    model: str = REAL_MODEL_ID,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    revision: str | None = None,
+) -> QwenImageEditPlusPipeline:
+    """Load `model` (a name in `MODELS`, a hub id or a local directory) with `from_pretrained`.
+
+    Weights are loaded straight into `dtype` (no fp32 copy in host RAM). Raises `ModelLoadError`
+    with what to do when the weights are missing and there is no network.
+    """
+    from diffusers import QwenImageEditPlusPipeline
+
+    source = tiny_model_dir() if model == "tiny" else model
+    local = Path(source).is_dir()
+    if local:
+        _import_custom_components(Path(source))
+    kwargs: dict = {"dtype": dtype}
+    if revision and not local:
+        kwargs["revision"] = revision
+    if model == "tiny":
+        kwargs["disable_mmap"] = True  # bit-identical reloads
+    try:
+        return QwenImageEditPlusPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(_missing_weights_message(str(source), local, exc)) from exc
+
+
+def check_hardware(spec: ModelSpec | None, device: torch.device) -> None:
+    """Refuse early, with the numbers, when the device cannot hold the model at all."""
+    if spec is None or not spec.needs_gpu or device.type != "cpu":
+        return
+    raise ResourceError(
+        f"model={spec.name!r} needs a CUDA GPU (its weights are {spec.weights_gib():.0f} GiB in bf16) "
+        "and none was found. Run on a GPU machine, pass device='cpu' explicitly to try anyway "
+        "(very slow, ~{:.0f} GiB of RAM), or use model='tiny' for the offline demo.".format(spec.weights_gib(4))
+    )
+
+
+def _import_custom_components(folder: Path) -> None:
+    """Import the modules a saved pipeline names for its components (e.g. the tiny processor).
+
+    diffusers refuses to import a module just because `model_index.json` names it; qie's own
+    modules are safe to import, others are left to diffusers' `trust_remote_code` rules.
+    """
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    for value in json.loads(index.read_text()).values():
+        if isinstance(value, list) and value and str(value[0]).startswith("qie."):
+            importlib.import_module(value[0])
+
+
+def _missing_weights_message(source: str, local: bool, exc: Exception) -> str:
+    if local:
+        return f"model={source!r}: the folder is not a complete diffusers pipeline ({exc})."
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    hub_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    how = (
+        f"model={source!r}: the weights are not in the local cache ({hub_home})"
+        + (" and HF_HUB_OFFLINE is set" if offline else " and could not be downloaded")
+        + f". Download them on a machine with network (`hf download {source}`) and copy the cache or "
+        "the folder here (pass the folder as --model), or run the offline demo with --model tiny."
+    )
+    return f"{how} [{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"

@@ -1,0 +1,245 @@
+"""`EditRequest` and `EditResult`: the one input boundary and what comes back.
+
+A request is validated once, when it is built; everything after it trusts its fields.
+
+Example:
+    >>> from PIL import Image
+    >>> req = EditRequest(images=[Image.new("RGB", (640, 480))], prompt="white background", seed=7)
+    >>> (req.width, req.height, req.steps)
+    (1152, 864, 40)
+"""
+
+from __future__ import annotations
+
+import numbers
+import random
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from PIL import Image
+
+from qie.core.geometry import DEFAULT_AREA, output_size
+from qie.core.images import ImageInput, image_digest, load_image
+from qie.core.masking import DEFAULT_FEATHER, MAX_FEATHER, check_region
+from qie.errors import InvalidRequestError
+from qie.memory.tiles import DEFAULT_OVERLAP as DEFAULT_TILE_OVERLAP
+from qie.memory.tiles import Tiling
+from qie.speed.options import ATTENTION_QUANT_MODES, STEP_CACHE_MODES
+
+MAX_IMAGES = 3
+MAX_PROMPT_CHARS = 2000
+MIN_STEPS, MAX_STEPS = 2, 100  # one step with the model's terminal shift yields NaN
+MAX_CFG = 20.0
+MAX_SEED = 2**32 - 1
+DEFAULT_NEGATIVE_PROMPT = " "
+CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
+# Speed options (README "Speed options"), applied by qie.core.speed_setup.
+MODES = ("quality", "fast")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: 1-3 images, an instruction and the sampling parameters, validated on creation.
+
+    `height`/`width` default to the last image's aspect at ~`area` pixels (multiples of 32);
+    `max_side` caps the longer side; `resize_to_input` returns the result at the last input
+    image's own size. `condition_area` is where the input images are VAE-encoded: "model" (~1024²,
+    as the pipeline does) or "output" (the output's area: fewer tokens, faster at small sizes).
+    `options` holds per-request engine options (see the README). `mode`, `attention_quant`,
+    `step_cache*` and `early_exit*` are the speed options (README "Speed options").
+    """
+
+    images: Sequence[ImageInput]
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    steps: int = 40
+    true_cfg_scale: float = 4.0
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    max_side: int | None = None
+    area: int = DEFAULT_AREA
+    resize_to_input: bool = False
+    condition_area: str = "model"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # --- tiled VAE (qie/memory/tiling.py) and masked edit (qie/core/masking.py) ---
+    tile_size: int | None = None
+    tile_overlap: int = DEFAULT_TILE_OVERLAP
+    mask: ImageInput | None = None
+    box: tuple[int, int, int, int] | None = None
+    mask_feather: int = DEFAULT_FEATHER
+    # --- speed options (qie.core.speed_setup) ---
+    mode: str | None = None  # "fast" (Lightning LoRA), "quality", None: the editor's default
+    attention_quant: str = "off"
+    step_cache: str = "off"
+    step_cache_threshold: float = 0.05  # fbcache: relative change of the first block's residual
+    step_cache_interval: int = 3  # taylorseer: a full pass every this many calls
+    early_exit_threshold: float | None = None  # relative change of the predicted clean image
+    early_exit_patience: int = 2
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: settle fields once, here
+        set_(self, "images", _check_images(self.images))
+        set_(self, "prompt", _check_prompt("prompt", self.prompt, required=True))
+        set_(self, "negative_prompt", _check_prompt("negative_prompt", self.negative_prompt, required=False))
+        set_(self, "steps", _check_int("steps", self.steps, MIN_STEPS, MAX_STEPS))
+        set_(self, "true_cfg_scale", _check_cfg(self.true_cfg_scale))
+        seed = random.randint(0, MAX_SEED) if self.seed is None else _check_int("seed", self.seed, 0, MAX_SEED)
+        set_(self, "seed", seed)
+        width, height = output_size(
+            self.images[-1].size, height=self.height, width=self.width, max_side=self.max_side, area=self.area
+        )
+        set_(self, "width", width)
+        set_(self, "height", height)
+        if self.condition_area not in CONDITION_AREAS:
+            raise InvalidRequestError("condition_area", self.condition_area, f"use one of {CONDITION_AREAS}")
+        set_(self, "options", MappingProxyType(dict(self.options)))
+        # --- tiled VAE and masked edit ---
+        if self.tile_size is not None:
+            _ = self.tiling  # validates tile_size and tile_overlap
+        mask, box = check_region(self.mask, self.box, self.input_size)
+        set_(self, "mask", mask)
+        set_(self, "box", box)
+        set_(self, "mask_feather", _check_int("mask_feather", self.mask_feather, 0, MAX_FEATHER))
+        self._check_speed_options()
+
+    def _check_speed_options(self) -> None:
+        for name, allowed in (
+            ("mode", (None, *MODES)),
+            ("attention_quant", ATTENTION_QUANT_MODES),
+            ("step_cache", STEP_CACHE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise InvalidRequestError(name, getattr(self, name), f"use one of {allowed}")
+        set_ = object.__setattr__
+        set_(self, "step_cache_threshold", _check_fraction("step_cache_threshold", self.step_cache_threshold))
+        set_(self, "step_cache_interval", _check_int("step_cache_interval", self.step_cache_interval, 1, MAX_STEPS))
+        if self.early_exit_threshold is not None:
+            set_(self, "early_exit_threshold", _check_fraction("early_exit_threshold", self.early_exit_threshold))
+        set_(self, "early_exit_patience", _check_int("early_exit_patience", self.early_exit_patience, 1, MAX_STEPS))
+
+    @property
+    def uses_cfg(self) -> bool:
+        """True CFG runs when the scale is above 1 and a negative prompt is given (as in diffusers)."""
+        return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) of the last input image, the one the output is framed like."""
+        return self.images[-1].size
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The VAE tiling (`qie.memory.tiles.Tiling`) asked for, or None when `tile_size` is None."""
+        if self.tile_size is None:
+            return None
+        return Tiling(self.tile_size, self.tile_overlap)
+
+    @property
+    def has_region(self) -> bool:
+        """True when a `mask` or `box` limits the edit to a region."""
+        return self.mask is not None or self.box is not None
+
+    def parameters(self) -> dict[str, Any]:
+        """The request's parameters as plain values (for metadata, logs and cache keys)."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "true_cfg_scale": self.true_cfg_scale,
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+            "condition_area": self.condition_area,
+            "options": dict(self.options),
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "box": self.box,
+            "mask": image_digest(self.mask)[:16] if self.mask is not None else None,
+            "mask_feather": self.mask_feather,
+            "mode": self.mode,
+            "attention_quant": self.attention_quant,
+            "step_cache": self.step_cache,
+            "step_cache_threshold": self.step_cache_threshold,
+            "step_cache_interval": self.step_cache_interval,
+            "early_exit_threshold": self.early_exit_threshold,
+            "early_exit_patience": self.early_exit_patience,
+        }
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an edit returns: the image and how it was made."""
+
+    image: Image.Image
+    seed: int
+    timings: Mapping[str, float]
+    peak_vram_gib: float | None
+    model: str
+    revision: str | None
+    plan: str
+    steps_run: int
+    steps_skipped: int = 0
+    notes: tuple[str, ...] = ()
+    stage_peaks_gib: Mapping[str, float] = field(default_factory=dict)
+    cached_calls: int = 0  # transformer calls served by the step cache instead of computed
+    request_id: str = ""  # the id of the request's log line (qie.telemetry)
+
+    def summary(self) -> str:
+        """One line for people: per-stage times, peak VRAM, plan and seed."""
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+        vram = f"peak VRAM {self.peak_vram_gib:.1f} GiB" if self.peak_vram_gib is not None else "CPU"
+        skipped = f" ({self.steps_skipped} skipped)" if self.steps_skipped else ""
+        notes = "".join(f" | {note}" for note in self.notes)
+        return f"{stages} | {vram} | plan {self.plan} | seed {self.seed} | steps {self.steps_run}{skipped}{notes}"
+
+
+def _check_images(images: Any) -> tuple[Image.Image, ...]:
+    if isinstance(images, (Image.Image, str, bytes)) or not isinstance(images, Sequence):
+        images = [images]
+    if not 1 <= len(images) <= MAX_IMAGES:
+        raise InvalidRequestError("images", f"{len(images)} images", f"give 1 to {MAX_IMAGES} images")
+    return tuple(load_image(img, name=f"images[{i}]") for i, img in enumerate(images))
+
+
+def _check_prompt(name: str, text: Any, *, required: bool) -> str | None:
+    if text is None and not required:
+        return None
+    if not isinstance(text, str):
+        raise InvalidRequestError(name, text, "give text")
+    # Control characters (other than newlines and tabs) carry no meaning for the model.
+    cleaned = "".join(c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C")
+    if required and not cleaned.strip():
+        raise InvalidRequestError(name, text, "describe the edit, e.g. 'replace the background with white'")
+    if len(cleaned) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(
+            name, f"<{len(cleaned)} characters>", f"shorten it to at most {MAX_PROMPT_CHARS} characters"
+        )
+    return cleaned.strip() if required else cleaned
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        # numpy integers, and whole floats (web forms send numbers as floats)
+        if isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer()):
+            value = int(value)
+        else:
+            raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")
+    if not low <= value <= high:
+        raise InvalidRequestError(name, value, f"give a whole number from {low} to {high}")
+    return value
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise InvalidRequestError(name, value, "give a number from 0 to 1")
+    return float(value)
+
+
+def _check_cfg(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 1.0 <= value <= MAX_CFG:
+        raise InvalidRequestError("true_cfg_scale", value, f"give a number from 1.0 (off) to {MAX_CFG}")
+    return float(value)

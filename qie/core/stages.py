@@ -1,0 +1,291 @@
+"""The four stages of one edit, as plain functions over a diffusers `QwenImageEditPlusPipeline`.
+
+They do what the pipeline's `__call__` does, in the same order and with the same tensors, split
+so that caches, early exit, tiling and memory plans can each plug into one stage. The model code
+(transformer, VAE, text encoder, scheduler) is the pipeline's own.
+
+One deliberate difference, behind a switch: `encode_prompt` forwards the processor's
+`mm_token_type_ids` to the text encoder (see `encode_prompt`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    CONDITION_IMAGE_SIZE,
+    VAE_IMAGE_SIZE,
+    calculate_dimensions,
+    calculate_shift,
+    retrieve_timesteps,
+)
+from PIL import Image
+
+from qie.errors import CancelledError, InvalidRequestError
+from qie.memory.tiling import Tiling, tiled_decode, tiled_encode
+from qie.speed.early_exit import StepObserver
+
+log = logging.getLogger(__name__)
+
+IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+MAX_PROMPT_TOKENS = 1024  # the pipeline's tokenizer_max_length
+
+StepCallback = Callable[[int, int], None]
+# (pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale) -> velocity
+Predictor = Callable[..., torch.Tensor]
+
+
+@dataclass
+class PromptEmbeds:
+    """Text-encoder output for one prompt: embeddings and mask (None when nothing is padded)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class Condition:
+    """The VAE-encoded input images, packed as transformer tokens, and their token grids."""
+
+    latents: torch.Tensor
+    shapes: list[tuple[int, int, int]]
+
+
+def prompt_images(pipe, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The input images as the text encoder sees them: ~384² area, aspect kept."""
+    out = []
+    for img in images:
+        w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, img.width / img.height)
+        out.append(pipe.image_processor.resize(img, h, w))
+    return out
+
+
+def encode_prompt(
+    pipe,
+    prompt: str,
+    images: Sequence[Image.Image],
+    *,
+    device: torch.device,
+    forward_mm_token_type_ids: bool = True,
+) -> PromptEmbeds:
+    """Run the Qwen2.5-VL text encoder on the templated prompt and the (small) input images.
+
+    With transformers 5.x the processor returns `mm_token_type_ids`, which Qwen2.5-VL needs to
+    build its 3-D M-RoPE positions for image tokens; stock diffusers (<= 0.42) does not pass it
+    and the encoder silently falls back to sequential positions (diffusers issue #14194). qie
+    passes it when the processor returns it and the encoder accepts it. Remove this once the
+    upstream pipeline forwards it (tests/test_prompt_encoding.py will say so).
+    """
+    template = pipe.prompt_template_encode
+    drop = pipe.prompt_template_encode_start_idx
+    image_prompt = "".join(IMAGE_PROMPT.format(i + 1) for i in range(len(images)))
+    inputs = pipe.processor(
+        text=[template.format(image_prompt + prompt)],
+        images=list(images) or None,
+        padding=True,
+        return_tensors="pt",
+    ).to(device)
+    n_tokens = int(inputs["attention_mask"].sum())
+    if n_tokens > MAX_PROMPT_TOKENS:
+        raise InvalidRequestError(
+            "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
+        )
+    extra = {}
+    if _accepts(pipe.text_encoder, "logits_to_keep"):
+        extra["logits_to_keep"] = 1  # only hidden states are used; skip the 152k-vocab logits
+    if forward_mm_token_type_ids and "mm_token_type_ids" in inputs and _accepts(pipe.text_encoder, "mm_token_type_ids"):
+        extra["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+    out = pipe.text_encoder(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs.get("pixel_values"),
+        image_grid_thw=inputs.get("image_grid_thw"),
+        output_hidden_states=True,
+        **extra,
+    )
+    hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()][drop:]
+    embeds = hidden.unsqueeze(0).to(dtype=pipe.text_encoder.dtype, device=device)
+    # A single unpadded prompt: the pipeline turns an all-ones mask into None.
+    return PromptEmbeds(embeds=embeds, mask=None)
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(module.forward).parameters
+
+
+def encode_condition(
+    pipe,
+    images: Sequence[Image.Image],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    area: int = VAE_IMAGE_SIZE,
+    tile: Tiling | None = None,
+) -> Condition:
+    """VAE-encode each input image at ~`area` pixels (the pipeline's 1024²) and pack the latents.
+
+    With `tile`, the VAE runs on Hann-blended tiles (`qie.memory.tiling`).
+    """
+    factor = pipe.vae_scale_factor
+    latents, shapes = [], []
+    for img in images:
+        w, h = calculate_dimensions(area, img.width / img.height)
+        pixels = pipe.image_processor.preprocess(img, h, w).unsqueeze(2).to(device=device, dtype=dtype)
+        if tile is None:
+            lat = pipe._encode_vae_image(image=pixels, generator=None)  # argmax: no randomness
+        else:
+            lat = _tiled_encode_latents(pipe.vae, pixels, tile)
+        lh, lw = lat.shape[3:]
+        latents.append(pipe._pack_latents(lat, 1, pipe.latent_channels, lh, lw))
+        shapes.append((1, h // factor // 2, w // factor // 2))
+    return Condition(latents=torch.cat(latents, dim=1), shapes=shapes)
+
+
+def prepare_noise(
+    pipe, width: int, height: int, *, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    """The packed starting noise for a `width` x `height` output, drawn from `generator`."""
+    channels = pipe.transformer.config.in_channels // 4
+    noise, _ = pipe.prepare_latents(None, 1, channels, height, width, dtype, device, generator)
+    return noise
+
+
+def timesteps_for(pipe, steps: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """The scheduler's timesteps for `steps` steps at `seq_len` output tokens (dynamic shift)."""
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(
+        seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+    pipe.scheduler.set_begin_index(0)
+    return timesteps
+
+
+def denoise(
+    pipe,
+    latents: torch.Tensor,
+    condition: Condition,
+    prompt: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    *,
+    steps: int,
+    true_cfg_scale: float,
+    width: int,
+    height: int,
+    on_step: StepCallback | None = None,
+    cancel: threading.Event | None = None,
+    observer: StepObserver | None = None,
+    predict: Predictor | None = None,
+) -> torch.Tensor:
+    """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`.
+
+    Batched inputs work as they are: `latents`/`condition.latents` of shape (B, tokens, C) and
+    prompts padded to one length with a mask (see `qie.serving.batching`); every sample must share the
+    output size and condition shapes. `predict` replaces the guided prediction of one step
+    (default `guided_prediction`; CFG-parallel passes its own, see `qie.serving.parallel`).
+    `observer` (qie.speed.early_exit) sees each step and may stop the loop with the latents to decode.
+    """
+    factor = pipe.vae_scale_factor
+    img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]] * latents.shape[0]
+    predict = predict or guided_prediction
+    timesteps = timesteps_for(pipe, steps, latents.shape[1], latents.device)
+    n_out = latents.shape[1]
+    for i, t in enumerate(timesteps):
+        if cancel is not None and cancel.is_set():
+            raise CancelledError(f"cancelled after {i} of {len(timesteps)} steps")
+        model_input = torch.cat([latents, condition.latents], dim=1)
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        pred = predict(pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale)[:, :n_out]
+        # --- per-step observation / early stop (qie.speed.early_exit) ---
+        if observer is not None:
+            final = observer.after_step(i, latents, pred, float(pipe.scheduler.sigmas[i]))
+            if final is not None:
+                if on_step is not None:
+                    on_step(len(timesteps), len(timesteps))
+                return final
+        # ---
+        latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
+    return latents
+
+
+def guided_prediction(
+    pipe, model_input, timestep, prompt: PromptEmbeds, negative: PromptEmbeds | None, img_shapes, true_cfg_scale: float
+) -> torch.Tensor:
+    """One step's velocity: the conditional prediction, guided by the negative one when given."""
+    pred = _predict(pipe, "cond", model_input, timestep, prompt, img_shapes)
+    if negative is None:
+        return pred
+    return cfg_combine(pred, _predict(pipe, "uncond", model_input, timestep, negative, img_shapes), true_cfg_scale)
+
+
+def cfg_combine(pred: torch.Tensor, neg: torch.Tensor, true_cfg_scale: float) -> torch.Tensor:
+    """True CFG with the pipeline's rescale: the guided velocity keeps the conditional one's norm."""
+    combined = neg + true_cfg_scale * (pred - neg)
+    return combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img_shapes) -> torch.Tensor:
+    with pipe.transformer.cache_context(branch):
+        return pipe.transformer(
+            hidden_states=model_input,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states_mask=prompt.mask,
+            encoder_hidden_states=prompt.embeds,
+            img_shapes=img_shapes,
+            attention_kwargs={},
+            return_dict=False,
+        )[0]
+
+
+def decode(pipe, latents: torch.Tensor, width: int, height: int, tile: Tiling | None = None) -> Image.Image:
+    """Unpack, un-normalize and VAE-decode the latents to a PIL image (in Hann-blended tiles with `tile`).
+
+    In fp16 the VAE can overflow; then it is moved to fp32 for good and the decode repeated.
+    """
+    vae = pipe.vae
+    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    image = _vae_decode(vae, unpacked, tile)
+    if vae.dtype == torch.float16 and not torch.isfinite(image).all():
+        log.warning("VAE decode overflowed in fp16; switching the VAE to fp32")
+        vae.to(torch.float32)
+        image = _vae_decode(vae, unpacked, tile)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def _vae_decode(vae, latents: torch.Tensor, tile: Tiling | None = None) -> torch.Tensor:
+    latents = latents.to(vae.dtype)
+    mean, std = _latent_stats(vae, latents)
+    # Written as the pipeline writes it (divide by 1/std), so results match it bit for bit.
+    latents = latents / (1.0 / std) + mean
+    if tile is not None:
+        return tiled_decode(vae, latents, tile.size, tile.overlap)[:, :, 0]
+    return vae.decode(latents, return_dict=False)[0][:, :, 0]
+
+
+def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and std, shaped and placed like `like` (B, C, T, H, W)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, std
+
+
+def _tiled_encode_latents(vae, pixels: torch.Tensor, tile: Tiling) -> torch.Tensor:
+    """Normalized latents of `pixels` from a tiled encode (the distribution's mode, as "argmax" takes)."""
+    latents = tiled_encode(vae, pixels, tile.size, tile.overlap)[:, : vae.config.z_dim]
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) / std

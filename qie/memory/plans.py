@@ -1,0 +1,337 @@
+"""Memory plans: where each component of the pipeline lives, applied once at load.
+
+A plan is a small named config (`Plan`) with `apply(pipe, device, budget_gib)` and a prediction
+of the GPU memory it needs (`need_gib`). `choose_plan(..., "auto")` walks `AUTO_ORDER` (exact
+first, then smaller) and takes the first whose predicted peak fits the usable part of the budget
+(free VRAM by default), logging why each earlier plan was skipped. `next_plan` gives the plan to
+step down to after an OOM.
+
+| plan | transformer | text encoder | measured at 1024² on an H100 |
+|---|---|---|---|
+| `resident` | bf16 on GPU | bf16 on GPU | 58.0 GiB peak, stock speed, bit-exact |
+| `resident-fp8` | torchao fp8 (int8 weight-only without fp8 units) | bf16 on GPU | 39.0 GiB, 1.58x with compile |
+| `fp8-te-stream` | torchao fp8 on GPU | streamed from pinned host memory | 20.5 GiB, 1.60x with compile |
+| `stream` | fp8 rows, first K blocks resident, rest streamed | streamed | 5.0-14.5 GiB, 1/1.3 of stock |
+| `model-offload` | diffusers `enable_model_cpu_offload` | same | not measured; last resort |
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from qie.errors import InvalidRequestError, ResourceError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+TOKENS_1024 = 8192  # output + one condition image at 1024²
+# Peak memory above the resident weights, per stage, measured for a 1024² edit with CFG on an
+# H100 (benchmarks/bench-h100-a.json, stage_peaks_gib minus resident_gib).
+DENOISE_ACT_GIB_1024 = 0.75
+VAE_ACT_GIB_1024 = 4.2  # VAE decode, untiled; encode needs about half
+VAE_TILED_ACT_GIB = 0.6
+# What cuBLAS workspaces, compile warm-up and the caching allocator's fragmentation take beyond
+# live tensors. 0.8 GiB was too little: at a 24 GiB budget fp8-te-stream hit OOM with 22.5 GiB
+# allocated and 1.55 GiB reserved but unusable, and the stream plan at 16 GiB with 15.0 + 0.9
+# (benchmarks/bench-h100-e.json; the 10 and 6 GiB runs peaked 2.0 GiB above their resident
+# weights). Plans also leave FRAGMENTATION of the budget free; the CLI turns on expandable
+# allocator segments, which fragment far less.
+OVERHEAD_GIB = 1.0
+FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Component sizes in GiB (bf16 weights) and the token count that sets the activations."""
+
+    blocks: list[float]  # transformer blocks, bf16
+    blocks_fp8: list[float]  # transformer blocks, fp8 rows
+    transformer_rest: float  # embeddings, norms, projections outside the blocks
+    text_encoder: float
+    text_encoder_layer: float  # the largest streamed text-encoder layer
+    text_encoder_embed: float  # token embedding; the LM head has the same size (each on the GPU for its call)
+    vae: float
+    tokens: int = TOKENS_1024
+
+    @property
+    def transformer(self) -> float:
+        return sum(self.blocks) + self.transformer_rest
+
+    def denoise_act(self) -> float:
+        return max(0.3, DENOISE_ACT_GIB_1024 * self.tokens / TOKENS_1024)
+
+    def vae_act(self, tiled: bool) -> float:
+        return VAE_TILED_ACT_GIB if tiled else VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
+
+    def text_encoder_stream(self) -> float:
+        """Text-encoder memory while it streams: two layers or the embedding / LM head in flight, activations."""
+        return max(2 * self.text_encoder_layer, self.text_encoder_embed) + 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A named placement of the pipeline on a device."""
+
+    name: str
+    description: str
+    apply: Callable[..., None]
+    need_gib: Callable[[Sizes], float]  # smallest predicted peak for this plan
+    needs_cuda: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_sizes(pipe, tokens: int = TOKENS_1024) -> Sizes:
+    """Component sizes of `pipe` (counted in bf16, whatever the current dtype)."""
+    from qie.memory.streaming import block_bytes
+
+    def gib(module) -> float:
+        return sum(p.numel() * 2 for p in module.parameters()) / GIB
+
+    blocks = pipe.transformer.transformer_blocks
+    te_layers = _text_encoder_layers(pipe.text_encoder)
+    return Sizes(
+        blocks=[b / GIB for b in block_bytes(blocks, "bf16")],
+        blocks_fp8=[b / GIB for b in block_bytes(blocks, "fp8")],
+        transformer_rest=gib(pipe.transformer) - sum(gib(b) for b in blocks),
+        text_encoder=gib(pipe.text_encoder),
+        text_encoder_layer=max((gib(layer) for layer in te_layers), default=0.0),
+        text_encoder_embed=gib(pipe.text_encoder.get_input_embeddings()),
+        vae=gib(pipe.vae),
+        tokens=tokens,
+    )
+
+
+def _text_encoder_layers(text_encoder) -> list[torch.nn.Module]:
+    lm = getattr(getattr(text_encoder, "model", text_encoder), "language_model", None)
+    return list(getattr(lm, "layers", []))
+
+
+# -- apply functions ---------------------------------------------------------------------------
+
+
+def _resident(pipe, device: torch.device, budget_gib: float | None) -> None:
+    pipe.to(device)
+
+
+def _resident_fp8(pipe, device: torch.device, budget_gib: float | None) -> None:
+    from qie.memory.quantize import quantize_transformer
+
+    pipe.to(device)
+    quantize_transformer(pipe.transformer, device)
+
+
+def _stream_text_encoder(pipe, device: torch.device) -> None:
+    # diffusers' group offloading does this job: the vision tower's blocks and the language model's
+    # layers streamed from pinned memory on a side stream, one ahead of the compute. The encoder
+    # runs once or twice per edit, so streaming all of it costs little. It is applied to the two
+    # layer stacks separately (recursing from the top registers its prefetch tracker twice). The
+    # token embedding is looked up outside the language model's forward, where no group hook
+    # fires, so it and the LM head (`encode_prompt` asks for one token's logits) get their own
+    # hooks: each comes to the GPU for its call and leaves after it (1 GiB each for the 7B encoder).
+    from diffusers.hooks import apply_group_offloading
+
+    te = pipe.text_encoder
+    te.to("cpu")
+    on_cuda = device.type == "cuda"
+    lm = te.model.language_model
+    embed = lm.embed_tokens
+    lm.embed_tokens = torch.nn.Identity()  # keep it out of the language model's offload group
+    for part in (te.model.visual, lm):
+        apply_group_offloading(
+            part,
+            onload_device=device,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=on_cuda,
+            record_stream=on_cuda,
+        )
+    lm.embed_tokens = embed
+    if te.lm_head.weight is embed.weight:  # tied: one tensor, keep it on the GPU
+        embed.to(device)
+        return
+    onload_per_call(embed, device)
+    onload_per_call(te.lm_head, device)
+
+
+def onload_per_call(module: torch.nn.Module, device: torch.device) -> None:
+    """Keep `module`'s weights in (pinned) host memory and copy them to `device` only for its calls.
+
+    For large modules called once per edit (the text encoder's token embedding and LM head):
+    the copy costs tens of milliseconds, the memory is free the rest of the time.
+    """
+    pin = device.type == "cuda"
+    params = list(module.parameters())
+    host = [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in params]
+    for p, h in zip(params, host, strict=True):
+        p.data = h
+
+    def onload(mod, args):
+        for p, h in zip(params, host, strict=True):
+            p.data = h.to(device, non_blocking=pin)
+
+    def offload(mod, args, output):
+        for p, h in zip(params, host, strict=True):
+            p.data = h
+
+    module.register_forward_pre_hook(onload)
+    module.register_forward_hook(offload)
+
+
+def _fp8_te_stream(pipe, device: torch.device, budget_gib: float | None) -> None:
+    from qie.memory.quantize import quantize_transformer
+
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    quantize_transformer(pipe.transformer, device)
+    _stream_text_encoder(pipe, device)
+    pipe.vae.enable_tiling()  # VAE decode at 1024² otherwise peaks at ~4 GiB
+
+
+def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
+    from qie.memory.streaming import BlockStreamer
+
+    sizes = measure_sizes(pipe)
+    budget = budget_gib if budget_gib is not None else free_gib(device)
+    resident = resident_blocks(sizes, budget)
+    blocks = pipe.transformer.transformer_blocks
+    # Blocks are placed by the streamer; everything else of the transformer goes to the GPU.
+    for name, child in pipe.transformer.named_children():
+        if name != "transformer_blocks":
+            child.to(device)
+    BlockStreamer(blocks, device, resident=resident, storage="fp8", compute_dtype=pipe.transformer.dtype)
+    pipe.vae.to(device)
+    pipe.vae.enable_tiling()
+    _stream_text_encoder(pipe, device)
+
+
+def _model_offload(pipe, device: torch.device, budget_gib: float | None) -> None:
+    # diffusers' own hook: each component moves to the GPU for its stage, then back to the host.
+    pipe.enable_model_cpu_offload(device=device)
+
+
+def _resident_need(s: Sizes) -> float:
+    weights = s.transformer + s.text_encoder + s.vae
+    return weights + max(s.denoise_act(), s.vae_act(tiled=False)) + OVERHEAD_GIB
+
+
+def _resident_fp8_need(s: Sizes) -> float:
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.text_encoder + s.vae
+    return weights + max(s.denoise_act(), s.vae_act(tiled=False)) + OVERHEAD_GIB
+
+
+def _fp8_te_stream_need(s: Sizes) -> float:
+    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae
+    return weights + max(s.denoise_act(), s.vae_act(tiled=True), s.text_encoder_stream()) + OVERHEAD_GIB
+
+
+def _stream_fixed(s: Sizes) -> float:
+    """What the stream plan needs besides resident blocks: activations, buffers, small parts."""
+    buffers = 2 * max(s.blocks_fp8) + max(s.blocks)  # two blocks in flight + one upcast to bf16
+    stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
+    return s.transformer_rest + s.vae + stage + OVERHEAD_GIB
+
+
+def _model_offload_need(s: Sizes) -> float:
+    return max(s.transformer + s.denoise_act(), s.text_encoder, s.vae + s.vae_act(tiled=False)) + OVERHEAD_GIB
+
+
+def usable(budget_gib: float) -> float:
+    """The part of a memory budget plans may fill (the rest absorbs allocator fragmentation)."""
+    return budget_gib * (1 - FRAGMENTATION)
+
+
+def resident_blocks(s: Sizes, budget_gib: float) -> int:
+    """How many fp8 blocks fit on the GPU next to the stream plan's fixed needs."""
+    room = usable(budget_gib) - _stream_fixed(s)
+    count = 0
+    for size in s.blocks_fp8:
+        if room < size:
+            break
+        room -= size
+        count += 1
+    return count
+
+
+PLANS: dict[str, Plan] = {
+    p.name: p
+    for p in [
+        Plan(
+            "resident",
+            "every component on the GPU in bf16 (stock diffusers numerics)",
+            _resident,
+            _resident_need,
+            needs_cuda=False,
+        ),
+        Plan(
+            "resident-fp8",
+            "transformer in torchao fp8 (rowwise, dynamic activations), the rest bf16 on the GPU",
+            _resident_fp8,
+            _resident_fp8_need,
+        ),
+        Plan(
+            "fp8-te-stream",
+            "transformer in torchao fp8 on the GPU, text encoder streamed from pinned host memory",
+            _fp8_te_stream,
+            _fp8_te_stream_need,
+        ),
+        Plan(
+            "stream",
+            "fp8-row transformer blocks: as many resident as fit, the rest streamed; text encoder streamed",
+            _stream,
+            _stream_fixed,
+        ),
+        Plan(
+            "model-offload",
+            "components moved to the GPU one stage at a time (diffusers enable_model_cpu_offload)",
+            _model_offload,
+            _model_offload_need,
+        ),
+    ]
+}
+
+# Tried in this order by "auto": exact and fast first, then smaller.
+AUTO_ORDER = ["resident", "fp8-te-stream", "stream"]
+
+
+def free_gib(device: torch.device) -> float:
+    """Free memory on `device` in GiB (as the CUDA driver reports it)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / GIB
+
+
+def choose_plan(pipe, device: torch.device, plan: str = "auto", budget_gib: float | None = None) -> Plan:
+    """The plan named `plan`, or with "auto" the first of `AUTO_ORDER` whose predicted peak fits."""
+    if plan != "auto":
+        if plan not in PLANS:
+            raise InvalidRequestError("plan", plan, f"use 'auto' or one of {sorted(PLANS)}")
+        chosen = PLANS[plan]
+        if chosen.needs_cuda and device.type != "cuda":
+            raise InvalidRequestError("plan", plan, "this plan needs a CUDA GPU; use plan='resident' on CPU")
+        return chosen
+    if device.type != "cuda":
+        return PLANS["resident"]
+    budget = budget_gib if budget_gib is not None else free_gib(device)
+    sizes = measure_sizes(pipe)
+    for name in AUTO_ORDER:
+        need = PLANS[name].need_gib(sizes)
+        if need <= usable(budget):
+            log.info("memory plan %r: predicted peak %.1f GiB fits the %.1f GiB budget", name, need, budget)
+            return PLANS[name]
+        log.info("memory plan %r skipped: predicted peak %.1f GiB > %.1f GiB budget", name, need, budget)
+    smallest = min(PLANS[n].need_gib(sizes) for n in AUTO_ORDER)
+    raise ResourceError(
+        f"no memory plan fits: the smallest ('stream') needs ~{smallest:.1f} GiB of GPU memory at this "
+        f"resolution and {budget:.1f} GiB is available; free GPU memory or lower the output size"
+    )
+
+
+def next_plan(name: str) -> str | None:
+    """The plan to step down to after an out-of-memory error in `name` (None: nothing smaller)."""
+    order = ["resident", "resident-fp8", "fp8-te-stream", "stream"]
+    if name not in order or name == order[-1]:
+        return None
+    return order[order.index(name) + 1]

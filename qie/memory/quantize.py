@@ -1,0 +1,48 @@
+"""Quantized transformer weights through torchao: fp8 where the GPU has fp8 units, int8 elsewhere.
+
+fp8 (compute capability >= 8.9, e.g. L4, L40S, H100): `Float8DynamicActivationFloat8WeightConfig`
+with per-row scales, so the matrix products run on fp8 tensor cores. Older GPUs get int8
+weight-only quantization (half the memory, bf16 compute). Only `nn.Linear` layers inside the
+transformer blocks are quantized; embeddings, norms and the output projection stay bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qie.errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+
+def has_fp8(device: torch.device) -> bool:
+    """True on CUDA GPUs with fp8 tensor cores (compute capability 8.9 or newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_transformer(transformer: torch.nn.Module, device: torch.device) -> str:
+    """Quantize the Linear layers of `transformer`'s blocks in place; returns "fp8" or "int8"."""
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError as exc:
+        raise ResourceError(
+            "the fp8/int8 plans need torchao (`pip install torchao`, GPU machines only); "
+            "or use plan='resident' / plan='stream'"
+        ) from exc
+
+    def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
+
+    if has_fp8(device):
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
+        return "fp8"
+    log.warning("GPU has no fp8 units (compute capability < 8.9): using int8 weight-only quantization instead")
+    quantize_(transformer, Int8WeightOnlyConfig(), filter_fn=in_blocks)
+    return "int8"

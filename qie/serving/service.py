@@ -1,0 +1,403 @@
+"""An HTTP edit service on Ray Serve: one replica per GPU, each holding one `qie.Editor`.
+
+Start it with `python -m qie serve --model ... [--cache redis://host:6379/0]`, or with Ray's
+own CLI: `serve run qie.serving.service:app` (settings from `QIE_*` environment variables, see
+`ServeSettings.from_env`) or `serve run qie.serving.service:build_app model=tiny cache=off`.
+
+    POST /   JSON {"images": ["<base64>", ...], "prompt": "...", "steps": 40, "seed": 1, ...}
+             or multipart/form-data with one or more `images` files and the same fields
+    ->  200 image/png (edit parameters inside as PNG text chunks), headers X-Qie-Seed,
+        X-Qie-Cache (hit/miss/off), X-Qie-Batch-Size, X-Qie-Replica, X-Qie-Timings
+    ->  400 / 503 / 507 / 500 JSON {"error", "message", "param", "value"}
+    GET /    JSON: model, revision, plan, device, batching and cache settings
+
+The fields are `EditRequest`'s and validated by it, so errors read as the library's. Requests
+that wait together in a replica's queue (up to `max_batch_size`, for `batch_wait_timeout_s`) and
+share output size, steps, CFG and condition shapes are denoised as one batch
+(`qie.serving.batching`). A result cache (`qie.serving.result_cache`; disk by default, Redis shared across
+replicas) answers repeats without touching the GPU.
+
+Example:
+    >>> import base64, requests                                                      # doctest: +SKIP
+    >>> body = {"images": [base64.b64encode(open("shoe.jpg", "rb").read()).decode()],
+    ...         "prompt": "pure white background", "seed": 1}                         # doctest: +SKIP
+    >>> png = requests.post("http://127.0.0.1:8000/", json=body).content              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from qie.core.images import png_bytes
+from qie.core.metadata import png_metadata
+from qie.core.models import REAL_MODEL_ID
+from qie.core.request import EditRequest
+from qie.errors import BusyError, InvalidRequestError, QieError, ResourceError
+from qie.serving.batching import run_grouped
+from qie.serving.result_cache import CACHE_URL_SCHEMES, cache_key, open_cache
+from qie.versions import __version__
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 2**20
+UNHEALTHY_AFTER_FAILURES = 3  # consecutive internal errors before Serve restarts the replica
+REQUEST_FIELDS = tuple(f.name for f in fields(EditRequest))
+_INTS = ("steps", "seed", "height", "width", "max_side", "area")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the service is deployed. `replicas=None` means one per GPU (one on a CPU-only machine).
+
+    With `autoscale`, Serve keeps between `min_replicas` and `max_replicas` (default: the GPU
+    count) replicas, aiming at `target_ongoing_requests` requests in flight per replica.
+    """
+
+    model: str = REAL_MODEL_ID
+    revision: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    plan: str = "auto"
+    cache: str = "disk"
+    max_batch_size: int = 2
+    batch_wait_timeout_s: float = 0.05
+    replicas: int | None = None
+    autoscale: bool = False
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 256  # beyond this the proxy answers 503 at once instead of queueing
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_size <= 64:
+            raise InvalidRequestError("max_batch_size", self.max_batch_size, "give a whole number from 1 to 64")
+        if self.batch_wait_timeout_s < 0:
+            raise InvalidRequestError("batch_wait_timeout_s", self.batch_wait_timeout_s, "give 0 or more seconds")
+        if self.cache not in ("disk", "off", "none", "") and not self.cache.startswith(CACHE_URL_SCHEMES):
+            raise InvalidRequestError("cache", self.cache, "use 'disk', 'off' or a redis://host:port/db URL")
+        if self.replicas is not None and self.replicas < 1:
+            raise InvalidRequestError("replicas", self.replicas, "give 1 or more (or leave it unset: one per GPU)")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ServeSettings:
+        """Settings from `QIE_<FIELD>` variables (e.g. QIE_MODEL, QIE_CACHE_URL, QIE_MAX_BATCH_SIZE).
+
+        The cache comes from `QIE_RESULT_CACHE_URL` (`QIE_CACHE` already names qie's cache folder).
+        """
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = "QIE_RESULT_CACHE_URL" if f.name == "cache" else f"QIE_{f.name.upper()}"
+            if name in env:
+                values[f.name] = env[name]
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
+        """Settings from plain (possibly string) values, as `serve run ... key=value` passes them."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InvalidRequestError("settings", sorted(unknown), f"use names from {[f.name for f in fields(cls)]}")
+        kinds = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: _convert(k, v, kinds[k]) for k, v in values.items()})
+
+
+def deployment_options(settings: ServeSettings, gpus_in_cluster: int) -> dict[str, Any]:
+    """Ray Serve options for the edit deployment: replicas (or autoscaling) and resources per replica.
+
+    Example:
+        >>> deployment_options(ServeSettings(), gpus_in_cluster=4)["num_replicas"]
+        4
+    """
+    gpus = settings.gpus_per_replica
+    if gpus is None:
+        gpus = 1 if gpus_in_cluster > 0 and settings.device != "cpu" else 0
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.cpus_per_replica},
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+    }
+    per_gpu = max(1, int(gpus_in_cluster // gpus)) if gpus else 1
+    if settings.autoscale:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.min_replicas,
+            "max_replicas": settings.max_replicas or per_gpu,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+            "upscale_delay_s": 10,
+            "downscale_delay_s": 300,  # loading the model takes minutes: do not scale down on a lull
+        }
+        options["num_replicas"] = "auto"
+    else:
+        options["num_replicas"] = settings.replicas or per_gpu
+    return options
+
+
+def error_status(exc: BaseException) -> int:
+    """The HTTP status for an error: 400 bad request, 503 busy / no device, 507 out of memory, 500 else."""
+    if isinstance(exc, InvalidRequestError):
+        return 400
+    if isinstance(exc, BusyError):
+        return 503
+    if isinstance(exc, ResourceError):
+        return 507 if "memory" in str(exc).lower() else 503
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return 507
+    return 500
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """A JSON error body that names the parameter and value when the error does."""
+    status = error_status(exc)
+    message = str(exc) if isinstance(exc, QieError) else f"internal error ({type(exc).__name__}: {exc})"
+    body = {
+        "error": type(exc).__name__,
+        "message": message,
+        "param": getattr(exc, "param", None),
+        "value": None if getattr(exc, "value", None) is None else str(exc.value),
+    }
+    headers = {"Retry-After": "5"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def request_from_fields(values: dict[str, Any], images: list[bytes]) -> EditRequest:
+    """An `EditRequest` from HTTP fields (JSON values or form strings) and the raw image files."""
+    unknown = set(values) - set(REQUEST_FIELDS) - {"images"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidRequestError(name, values[name], f"unknown field; use one of {list(REQUEST_FIELDS)}")
+    params = {k: _convert(k, v, EditRequest.__dataclass_fields__[k].type) for k, v in values.items()}
+    return EditRequest(images=images, **params)
+
+
+async def parse_http(http: Request) -> EditRequest:
+    """Read a JSON or multipart body into a validated `EditRequest`."""
+    size = int(http.headers.get("content-length") or 0)
+    if size > MAX_BODY_BYTES:
+        raise InvalidRequestError("body", f"<{size} bytes>", f"send at most {MAX_BODY_BYTES // 2**20} MiB")
+    kind = http.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await http.form()
+        images = [await item.read() for item in form.getlist("images") if hasattr(item, "read")]
+        values = {k: v for k, v in form.multi_items() if k != "images"}
+        return request_from_fields(values, images)
+    try:
+        body = json.loads(await http.body())
+    except ValueError as exc:
+        raise InvalidRequestError("body", "<not JSON>", "send JSON or multipart/form-data") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", type(body).__name__, "send a JSON object with 'images' and 'prompt'")
+    encoded = body.pop("images", None)
+    if isinstance(encoded, str):
+        encoded = [encoded]
+    if not isinstance(encoded, list) or not encoded:
+        raise InvalidRequestError("images", encoded, "give a list of 1-3 base64-encoded images")
+    return request_from_fields(body, [_b64(i, item) for i, item in enumerate(encoded)])
+
+
+@serve.deployment(
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=120,  # let an edit in flight finish on scale-down or redeploy
+)
+class EditDeployment:
+    """One replica: loads one `Editor`, answers HTTP, batches queued requests, uses the result cache."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from qie.core.editor import Editor
+
+        self.settings = ServeSettings(**settings)
+        s = self.settings
+        self.editor = Editor.load(s.model, s.device, s.dtype, revision=s.revision, plan=s.plan)
+        self.cache = open_cache(s.cache)
+        self._batched.set_max_batch_size(s.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.failures = 0
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (direct use in tests)
+            self.replica = str(os.getpid())
+        log.info("replica %s ready: %s, cache %s", self.replica, self.editor.model, getattr(self.cache, "name", "off"))
+
+    async def __call__(self, http: Request) -> Response:
+        if http.method == "GET":
+            return JSONResponse(self.describe())
+        try:
+            request = await parse_http(http)
+            return await self._answer(request)
+        except Exception as exc:  # every failure becomes a JSON error response
+            if error_status(exc) == 500:
+                self.failures += 1
+                log.exception("edit failed")
+            return error_response(exc)
+
+    async def _answer(self, request: EditRequest) -> Response:
+        key = cache_key(request, model=self.editor.model, revision=self.editor.revision) if self.cache else None
+        if key is not None:
+            hit = await asyncio.to_thread(self.cache.get, key)
+            if hit is not None:
+                return self._png(hit.png, hit.meta, cache="hit")
+        result = await self._batched(request)
+        if isinstance(result, BaseException):
+            raise result
+        self.failures = 0
+        meta = {
+            **png_metadata(self.editor, request, result),
+            "timings": dict(result.timings),
+            "batch_size": _batch_size(result.notes),
+        }
+        png = png_bytes(result.image, meta)
+        if key is not None:
+            await asyncio.to_thread(self.cache.put, key, png, meta)
+        return self._png(png, meta, cache="miss" if key else "off")
+
+    def _png(self, png: bytes, meta: dict[str, Any], *, cache: str) -> Response:
+        headers = {
+            "X-Qie-Seed": str(meta.get("seed")),
+            "X-Qie-Cache": cache,
+            "X-Qie-Batch-Size": str(meta.get("batch_size", 1)),
+            "X-Qie-Replica": self.replica,
+            "X-Qie-Timings": json.dumps(meta.get("timings", {})),
+        }
+        return Response(png, media_type="image/png", headers=headers)
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    async def _batched(self, requests: list[EditRequest]) -> list[Any]:
+        # The edit blocks; a thread keeps the replica's event loop free for health checks.
+        return await asyncio.to_thread(run_grouped, self.editor, requests, self.settings.max_batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What this replica runs (GET /)."""
+        return {
+            "qie": __version__,
+            "model": self.editor.model,
+            "revision": self.editor.revision,
+            "plan": self.editor.plan.name,
+            "device": str(self.editor.device),
+            "replica": self.replica,
+            "max_batch_size": self.settings.max_batch_size,
+            "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
+            "cache": getattr(self.cache, "name", "off"),
+        }
+
+    def check_health(self) -> None:
+        """Called by Serve every `health_check_period_s`; raising makes Serve replace the replica."""
+        if self.failures >= UNHEALTHY_AFTER_FAILURES:
+            raise RuntimeError(f"{self.failures} edits in a row failed with internal errors")
+        if self.editor.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.editor.device)  # raises when the device is lost
+
+    def __del__(self) -> None:
+        # Graceful shutdown: Serve drains requests first (graceful_shutdown_timeout_s), then this runs.
+        editor = getattr(self, "editor", None)
+        if editor is not None and editor.device.type == "cuda":
+            import torch
+
+            self.editor = None
+            torch.cuda.empty_cache()
+
+
+def build_app(args: dict[str, Any] | ServeSettings | None = None) -> serve.Application:
+    """The Serve application for `args` (settings, or `serve run qie.serving.service:build_app key=value ...`)."""
+    settings = args if isinstance(args, ServeSettings) else ServeSettings.from_dict(dict(args or {}))
+    options = deployment_options(settings, _cluster_gpus())
+    log.debug("deployment of %s: %s", settings.model, options)
+    return EditDeployment.options(**options).bind(dataclasses.asdict(settings))
+
+
+def run_forever(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Start Ray (or join `RAY_ADDRESS`), deploy, and serve until SIGINT/SIGTERM; then shut down cleanly."""
+    import signal
+    import threading
+
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(settings), name="qie", route_prefix="/")
+        print(f"qie serve: http://{host}:{port}/ (model {settings.model}); Ctrl-C stops it", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("shutting down: draining replicas")
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _batch_size(notes: tuple[str, ...]) -> int:
+    for note in notes:
+        if note.startswith("batch of "):
+            return int(note.removeprefix("batch of "))
+    return 1
+
+
+def _b64(index: int, item: Any) -> bytes:
+    if not isinstance(item, str):
+        raise InvalidRequestError(f"images[{index}]", type(item).__name__, "give the image as a base64 string")
+    if item.startswith("data:") and "," in item:  # data URL
+        item = item.split(",", 1)[1]
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequestError(f"images[{index}]", item[:20] + "...", "not valid base64; encode the file") from exc
+
+
+def _convert(name: str, value: Any, kind: Any) -> Any:
+    """Form and `key=value` fields arrive as strings: turn them into the field's type."""
+    if not isinstance(value, str):
+        return value
+    kind = str(kind)
+    try:
+        if value == "" and "None" in kind:
+            return None
+        if kind.startswith("bool"):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+        if kind.startswith("int") or name in _INTS:
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith(("Mapping", "dict")):
+            return json.loads(value)
+    except ValueError as exc:
+        raise InvalidRequestError(name, value, f"give a value of type {kind}") from exc
+    return value
+
+
+# `serve run qie.serving.service:app`: settings from QIE_* environment variables. Binding loads no model.
+app = build_app(ServeSettings.from_env())

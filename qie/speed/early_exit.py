@@ -1,0 +1,147 @@
+"""Early exit: doing fewer transformer passes than the schedule asks for, per request.
+
+Two independent mechanisms:
+
+- **Step caching** (`step_cache`): diffusers' cache hooks on the transformer. "fbcache" (First
+  Block Cache) runs the first block and, when its residual changed by less than `threshold`
+  (relative mean absolute difference) since the last full pass, reuses the other blocks' cached
+  residual. "taylorseer" runs full passes every `interval` calls and extrapolates the output in
+  between (first-order Taylor, lite variant: only the output projection is cached, so the extra
+  memory is one output per branch). Hooks are added for one request and removed afterwards.
+- **Trajectory early exit** (`TrajectoryEarlyExit`): after each step, the predicted clean latent
+  x0 = x_t - sigma * v (flow matching) is compared with the previous step's; when its relative
+  change stays below `threshold` for `patience` consecutive steps the loop stops and x0 is decoded.
+
+Example:
+    >>> observer = TrajectoryEarlyExit(threshold=0.01, patience=2, total_steps=40)
+    >>> # stages.denoise(..., observer=observer); observer.steps_run tells how far it went
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from qie.errors import InvalidRequestError
+from qie.speed.options import STEP_CACHE_MODES
+
+log = logging.getLogger(__name__)
+
+TAYLORSEER_WARMUP_CALLS = 2  # full passes before extrapolating: a first-order expansion needs two
+
+
+class StepObserver(Protocol):
+    """Sees every denoising step; returning latents stops the loop and those latents are decoded."""
+
+    def after_step(self, i: int, latents: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor | None:
+        """`latents` at step `i` (before the update), the model's velocity `pred`, the step's `sigma`."""
+
+
+class TrajectoryEarlyExit:
+    """Stop when the predicted clean latent has settled: relative change < `threshold` for `patience` steps.
+
+    The last step is never cut (stopping there saves nothing), so `steps_run` is at most
+    `total_steps`; when it stops early, `after_step` returns x0 for decoding.
+    """
+
+    def __init__(self, threshold: float, patience: int, total_steps: int) -> None:
+        self.threshold = threshold
+        self.patience = patience
+        self.total_steps = total_steps
+        self.steps_run = 0
+        self.changes: list[float] = []
+        self._previous: torch.Tensor | None = None
+        self._calm = 0
+
+    def after_step(self, i: int, latents: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor | None:
+        self.steps_run = i + 1
+        clean = latents.float() - sigma * pred.float()
+        if self._previous is not None:
+            change = float(torch.linalg.vector_norm(clean - self._previous) / torch.linalg.vector_norm(self._previous))
+            self.changes.append(change)
+            self._calm = self._calm + 1 if change < self.threshold else 0
+        self._previous = clean
+        if self._calm >= self.patience and self.steps_run < self.total_steps:
+            return clean.to(latents.dtype)
+        return None
+
+    @property
+    def steps_skipped(self) -> int:
+        return self.total_steps - self.steps_run
+
+
+@dataclass
+class CacheStats:
+    """Transformer calls during one request, and how many of them ran the full block stack."""
+
+    mode: str
+    calls: int = 0
+    computed: int = 0
+
+    @property
+    def cached(self) -> int:
+        return self.calls - self.computed
+
+    def note(self) -> str:
+        return f"step_cache={self.mode}: {self.cached} of {self.calls} transformer calls served from the cache"
+
+
+def cache_config(mode: str, *, threshold: float, interval: int, dtype: torch.dtype):
+    """The diffusers cache config for `mode` ("fbcache" or "taylorseer")."""
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if mode == "fbcache":
+        return FirstBlockCacheConfig(threshold=threshold)
+    if mode == "taylorseer":
+        return TaylorSeerCacheConfig(
+            cache_interval=interval,
+            disable_cache_before_step=TAYLORSEER_WARMUP_CALLS,
+            max_order=1,
+            taylor_factors_dtype=dtype,
+            use_lite_mode=True,
+        )
+    raise InvalidRequestError("step_cache", mode, f"use one of {STEP_CACHE_MODES}")
+
+
+@contextlib.contextmanager
+def step_cache(
+    transformer: torch.nn.Module, mode: str, *, threshold: float, interval: int
+) -> Iterator[CacheStats | None]:
+    """Enable the `mode` cache on `transformer` for the body and count the calls it served.
+
+    The hooks say nothing about what they skipped, so the count comes from the last block's
+    attention: a pass that computed the block stack calls its query projection, a cached one
+    does not. The cache is disabled afterwards whatever happens.
+    """
+    if mode == "off":
+        yield None
+        return
+    stats = CacheStats(mode)
+    probe = _last_block_probe(transformer)
+    if transformer._cache_config is not None:  # left over from an interrupted request
+        log.warning("a transformer cache was still enabled; disabling it before this request")
+        transformer.disable_cache()
+    transformer.enable_cache(cache_config(mode, threshold=threshold, interval=interval, dtype=transformer.dtype))
+    handles = [
+        transformer.register_forward_pre_hook(lambda *_: _count(stats, "calls")),
+        probe.register_forward_pre_hook(lambda *_: _count(stats, "computed")),
+    ]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+        transformer.disable_cache()
+
+
+def _count(stats: CacheStats, name: str) -> None:
+    setattr(stats, name, getattr(stats, name) + 1)
+
+
+def _last_block_probe(transformer: torch.nn.Module) -> torch.nn.Module:
+    return transformer.transformer_blocks[-1].attn.to_q

@@ -1,0 +1,183 @@
+"""The app's parts without a server: presets, the toggle table, cancel board, start-up checks, CLI flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import types
+
+import pytest
+from conftest import ROOT
+
+import qie
+from qie.app.presets import (
+    FEATURES,
+    PRESETS,
+    Feature,
+    capabilities,
+    feature_available,
+    feature_request_fields,
+    load_examples,
+    preset_prompt,
+)
+from qie.serving.jobs import CancelBoard
+
+
+def test_presets_in_both_languages_fill_the_price_tag():
+    assert set(PRESETS) == {"white_background", "remove_watermark", "price_tag", "combined"}
+    for key in PRESETS:
+        en, zh = preset_prompt(key, "en", "Sale $5"), preset_prompt(key, "zh", "Sale $5")
+        assert en != zh and "{tag}" not in en + zh
+        assert ("Sale $5" in en and "Sale $5" in zh) == PRESETS[key].uses_tag
+    combined = preset_prompt("combined", "en", "Sale $19.9")
+    assert "logo" in combined and "white" in combined and "'Sale $19.9'" in combined
+    qie.EditRequest(images=[ROOT / "examples" / "cat.jpg"], prompt=preset_prompt("combined", "zh"))
+
+
+@pytest.mark.parametrize(
+    ("args", "param"),
+    [(("price_tag", "en", "  "), "price_tag"), (("nope",), "preset"), (("combined", "fr"), "language")],
+)
+def test_preset_errors_name_the_parameter(args, param):
+    with pytest.raises(qie.InvalidRequestError) as err:
+        preset_prompt(*args)
+    assert err.value.param == param
+
+
+def test_toggle_is_live_exactly_when_edit_request_has_its_field():
+    assert feature_available(Feature("x", field="steps", label="", info="", default=40))
+    assert not feature_available(Feature("x", field="no_such_field", label="", info="", default=0))
+    assert set(capabilities()) == {"mode", "tile_size", "attention_quant", "early_exit"}
+
+
+def test_missing_features_are_refused_unless_at_default(monkeypatch):
+    monkeypatch.setattr("qie.app.presets.feature_available", lambda f: f.name == "tile_size")
+    assert feature_request_fields({"tile_size": "512", "early_exit": False}) == {"tile_size": 512}
+    assert feature_request_fields({"tile_size": "off"}) == {"tile_size": None}
+    with pytest.raises(qie.InvalidRequestError, match="early_exit=True.*not available in this build"):
+        feature_request_fields({"early_exit": True})
+
+
+def test_examples_are_listed_with_existing_images():
+    examples = load_examples(ROOT / "examples")
+    assert len(examples) >= 3 and all(e.image.is_file() and e.prompt and e.prompt_zh for e in examples)
+
+
+def test_cancel_board_reaches_only_the_running_job():
+    board = CancelBoard()
+    assert not board.cancel("a")
+    with board.job("a") as event:
+        assert board.running("a") and not board.running("b")
+        assert not board.cancel("b") and not event.is_set()
+        assert board.cancel("a") and event.is_set()
+    assert not board.running("a")
+    with board.job("a") as fresh:
+        assert not fresh.is_set()
+
+
+def test_importing_the_app_loads_no_model_code():
+    code = "import sys, app; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_flags_default_to_localhost_and_bind_all_on_a_space(monkeypatch):
+    import app
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    args = app.build_parser().parse_args([])
+    assert (args.host, args.share, args.mcp, args.preload) == ("127.0.0.1", False, False, False)
+    monkeypatch.setenv("SPACE_ID", "user/qie")
+    monkeypatch.setenv("QIE_MODEL", "tiny")
+    args = app.build_parser().parse_args([])
+    assert (args.host, args.model, args.preload) == ("0.0.0.0", "tiny", True)
+
+
+def test_without_a_gpu_the_real_model_gets_a_notice_naming_the_tiny_demo(monkeypatch):
+    import app
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    notice = app.startup_notice("Qwen/Qwen-Image-Edit-2509")
+    assert "needs a CUDA GPU" in notice and "python app.py --model tiny" in notice
+    assert app.startup_notice("tiny") is None
+
+
+def test_zero_gpu_decorator_applies_only_when_spaces_is_installed(monkeypatch):
+    import app
+
+    def fn():
+        return "ran"
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed
+    assert app._on_gpu(fn) is fn
+    wrapped = []
+    fake = types.SimpleNamespace(GPU=lambda duration: lambda f: wrapped.append(duration) or f)
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert app._on_gpu(fn)() == "ran" and wrapped == [120]
+
+
+def test_resource_error_in_the_app_tells_how_to_start_the_tiny_demo():
+    from app_server import launch
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    def no_gpu():
+        raise qie.ResourceError("model='Qwen/Qwen-Image-Edit-2509' needs a CUDA GPU and none was found.")
+
+    demo, url = launch(factory=no_gpu, notice="no GPU here")
+    try:
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="needs a CUDA GPU.*python app.py --model tiny"):
+            client.predict(
+                image=handle_file(str(ROOT / "examples" / "cat.jpg")), prompt="white background", api_name="/edit"
+            )
+    finally:
+        demo.close()
+
+
+def test_thread_safety_of_cancel_board():
+    board = CancelBoard()
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(200):
+                with board.job(f"s{i % 3}"):
+                    board.cancel(f"s{(i + 1) % 3}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_start_values_follow_the_defaults_given():
+    import app
+    from qie.app.presets import CPU_DEMO_DEFAULTS
+
+    demo = app.build_demo(lambda: None, defaults=CPU_DEMO_DEFAULTS)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["steps"].value == CPU_DEMO_DEFAULTS["steps"]
+    assert by_id["max-side"].value == CPU_DEMO_DEFAULTS["max_side"]
+    assert by_id["condition-area"].value == "output"
+    assert app.build_demo(lambda: None).blocks  # the model card's settings otherwise
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_toggles_are_disabled_with_a_note_until_their_engine_exists(monkeypatch, live):
+    import app
+
+    monkeypatch.setattr(app, "feature_available", lambda feature: live)
+    demo = app.build_demo(lambda: None)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for name, feature in FEATURES.items():
+        control = by_id[f"feature-{name.replace('_', '-')}"]
+        assert control.interactive is live
+        assert ("Not available in this build" in control.info) is not live
+        assert feature.info in control.info

@@ -1,0 +1,118 @@
+"""The CLI as a person runs it: a subprocess, real files."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import EXAMPLES, ROOT
+from PIL import Image
+
+from qie.core.images import read_png_metadata
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "qie", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+FAST = ["--steps", "2", "--max-side", "128", "--condition-area", "output", "--seed", "11"]
+
+
+def test_edit_single_file_writes_png_with_metadata(tiny_dir, tmp_path):
+    out = tmp_path / "out.png"
+    proc = run_cli(
+        "edit",
+        str(EXAMPLES / "coffee-cup.jpg"),
+        "--prompt",
+        "white background",
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_dir),
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (128, 96)
+    meta = read_png_metadata(out)
+    assert meta["prompt"] == "white background" and meta["seed"] == 11 and meta["steps"] == 2
+    assert meta["model"] == str(tiny_dir) and meta["qie_version"]
+
+
+def test_edit_folder_reports_failures_and_resumes(tiny_dir, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(EXAMPLES / "cat.jpg").save(src / "a.jpg")
+    Image.open(EXAMPLES / "rocket.jpg").save(src / "b.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (src / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+    args = ["edit", str(src), "--prompt", "remove the watermark", "--output", str(out), "--model", str(tiny_dir), *FAST]
+    first = run_cli(*args)
+    assert first.returncode == 1  # one file failed
+    assert "2 edited, 0 skipped (output exists), 1 failed" in first.stdout
+    assert "broken.jpg" in first.stdout and "cannot be read" in first.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    second = run_cli(*args)
+    assert "0 edited, 2 skipped (output exists), 1 failed" in second.stdout
+
+
+def test_bad_input_is_a_clear_error_without_loading(tmp_path):
+    proc = run_cli(
+        "edit", str(EXAMPLES / "cat.jpg"), "--prompt", " ", "--output", str(tmp_path / "o.png"), "--model", "tiny"
+    )
+    assert proc.returncode == 2
+    assert "prompt=" in proc.stderr and "describe the edit" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_info_prints_versions():
+    proc = run_cli("info")
+    assert proc.returncode == 0
+    for name in ("qie", "torch", "diffusers", "transformers", "device"):
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen-Image-Edit-2509"])
+def test_real_model_without_gpu_says_what_to_do(tmp_path, model):
+    proc = run_cli(
+        "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", model
+    )
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr and "model='tiny'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_box_edit_keeps_pixels_outside_exactly(tiny_dir, tmp_path):
+    out = tmp_path / "boxed.png"
+    proc = run_cli(
+        "edit",
+        str(EXAMPLES / "coffee-cup.jpg"),
+        "--prompt",
+        "add a price tag",
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_dir),
+        "--box",
+        "300,200,600,400",
+        "--resize-to-input",
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr
+    original = Image.open(EXAMPLES / "coffee-cup.jpg").convert("RGB")
+    edited = Image.open(out).convert("RGB")
+    assert edited.size == original.size
+    assert edited.crop((0, 0, 300, 200)).tobytes() == original.crop((0, 0, 300, 200)).tobytes()
+    bad = run_cli(
+        "edit",
+        str(EXAMPLES / "cat.jpg"),
+        "--prompt",
+        "x",
+        "--output",
+        str(tmp_path / "b.png"),
+        "--model",
+        "tiny",
+        "--box",
+        "1,2,three,4",
+    )
+    assert bad.returncode == 2 and "box=" in bad.stderr and "four whole numbers" in bad.stderr

@@ -1,0 +1,56 @@
+"""BlockStreamer and per-call onloading on a CUDA GPU: copy stream, events, slots. Not run in CI."""
+
+import pytest
+import torch
+from test_streaming import blocks, run
+from torch import nn
+
+from qie.memory.plans import onload_per_call
+from qie.memory.streaming import BlockStreamer, Fp8Rows
+
+pytestmark = pytest.mark.gpu
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def fp8_rounded(stack):
+    """The same blocks with every 2-D weight rounded through fp8 rows, as the streamer stores them."""
+    with torch.no_grad():
+        for p in stack.parameters():
+            if p.dim() == 2:
+                p.copy_(Fp8Rows.quantize(p).dequantize(p.dtype))
+    return stack
+
+
+@cuda
+@pytest.mark.parametrize(("storage", "tol"), [("bf16", 0.0), ("fp8", 1e-4)])
+@pytest.mark.parametrize("resident", [0, 3])
+def test_streamed_blocks_on_the_gpu_match_resident_ones(storage, tol, resident):
+    dev = torch.device("cuda")
+    x = torch.randn(64, 256, device=dev)
+    plain = blocks(12, 256)
+    reference = run((fp8_rounded(plain) if storage == "fp8" else plain).to(dev), x)
+    stack = blocks(12, 256)
+    streamer = BlockStreamer(stack, dev, resident=resident, storage=storage, compute_dtype=torch.float32)
+    before = torch.cuda.memory_allocated()
+    for _ in range(4):  # the copy of block k+1 overlaps block k; a pass prefetches the next pass's first block
+        out = run(stack, x)
+        torch.cuda.synchronize()
+        assert (out - reference).abs().max().item() <= tol
+    assert torch.cuda.memory_allocated() <= before + 4 * 2**20  # no per-pass allocations survive
+    assert streamer.copy_stream is not None
+
+
+@cuda
+def test_onload_per_call_holds_the_weights_on_the_gpu_only_during_the_call():
+    dev = torch.device("cuda")
+    layer = nn.Linear(1024, 1024)
+    x = torch.randn(4, 1024, device=dev)
+    expected = layer.to(dev)(x)
+    onload_per_call(layer, dev)
+    assert layer.weight.device.type == "cpu" and layer.weight.is_pinned()
+    base = torch.cuda.memory_allocated()
+    assert torch.equal(layer(x), expected)
+    torch.cuda.synchronize()
+    assert layer.weight.device.type == "cpu"
+    assert torch.cuda.memory_allocated() <= base + 64 * 1024

@@ -1,0 +1,90 @@
+"""Fast mode: a LoRA in the Lightning files' format, fused exactly, and edits with the Lightning scheduler."""
+
+import math
+
+import pytest
+import torch
+from conftest import small_request
+from safetensors.torch import load_file
+
+from qie import Editor, InvalidRequestError
+from qie.speed.fast_mode import LIGHTNING_SCHEDULER_OVERRIDES, lora_target_modules, random_lightning_lora
+
+LAYER = "transformer_blocks.1.img_mlp.net.2"
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_editor, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lora") / "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-fp32.safetensors"
+    # alpha != rank, so the alpha / rank scale is part of what is checked
+    return random_lightning_lora(tiny_editor.pipe.transformer, path, rank=4, alpha=8.0, dtype=torch.float32)
+
+
+def scheduler_probe(editor, seen):
+    return lambda i, n: seen.append((n, editor.pipe.scheduler.config.shift_terminal))
+
+
+def test_random_lora_has_the_published_key_format(tiny_editor, lora_file):
+    tensors = load_file(lora_file)
+    linear = lora_target_modules(tiny_editor.pipe.transformer)[LAYER]
+    key = f"diffusion_model.{LAYER}"
+    assert tensors[f"{key}.lora_down.weight"].shape == (4, linear.in_features)
+    assert tensors[f"{key}.lora_up.weight"].shape == (linear.out_features, 4)
+    assert float(tensors[f"{key}.alpha"]) == 8.0
+    assert len(tensors) == 3 * len(lora_target_modules(tiny_editor.pipe.transformer))
+
+
+def test_fused_lora_adds_exactly_its_delta_and_edits_in_fast_mode(tiny_editor, lora_file, photo):
+    before = dict(tiny_editor.pipe.transformer.named_modules())[LAYER].weight.detach().clone()
+    editor = Editor.load("tiny", fast_lora=str(lora_file.parent), fast_steps=4)  # a folder holding the file
+    after = dict(editor.pipe.transformer.named_modules())[LAYER].weight.detach()
+    tensors = load_file(lora_file)
+    key = f"diffusion_model.{LAYER}"
+    delta = (8.0 / 4) * tensors[f"{key}.lora_up.weight"] @ tensors[f"{key}.lora_down.weight"]
+    torch.testing.assert_close(after, before + delta, rtol=0, atol=1e-6)
+    assert not any("lora" in name for name, _ in editor.pipe.transformer.named_modules())  # unloaded
+
+    seen = []
+    result = editor.edit(small_request(photo, steps=40, true_cfg_scale=4.0), on_step=scheduler_probe(editor, seen))
+    assert result.steps_run == 4 and seen[-1] == (4, None)  # 4 steps, the Lightning scheduler (no terminal shift)
+    assert "fast mode: Lightning 4-step LoRA" in result.notes[0]
+    assert editor.pipe.scheduler.config.shift_terminal == 0.02  # the model's own scheduler is back
+    with pytest.raises(InvalidRequestError, match="^mode='quality'"):
+        editor.edit(small_request(photo, mode="quality"))
+
+
+def test_unfused_lora_switches_per_request(tiny_editor, lora_file, photo):
+    editor = Editor.load("tiny", fast_lora=str(lora_file), fast_steps=4, fast_fuse=False)
+    quality = editor.edit(small_request(photo, steps=3))
+    stock = tiny_editor.edit(small_request(photo, steps=3))
+    assert list(quality.image.getdata()) == list(stock.image.getdata())  # adapter off: the plain model
+    seen = []
+    fast = editor.edit(small_request(photo, mode="fast"), on_step=scheduler_probe(editor, seen))
+    assert fast.steps_run == 4 and seen[-1] == (4, None)
+    # A fixed shift of 3 at any size: sigma' = 3 sigma / (1 + 2 sigma), no terminal stretch.
+    sigmas = torch.linspace(1.0, 1 / 4, 4, dtype=torch.float64)
+    expected = 3 * sigmas / (1 + 2 * sigmas)
+    torch.testing.assert_close(editor.speed.fast.scheduler.sigmas[:-1].double(), expected, rtol=1e-5, atol=1e-6)
+    assert math.isclose(LIGHTNING_SCHEDULER_OVERRIDES["max_shift"], math.log(3))
+
+
+def test_missing_lora_makes_fast_mode_unavailable_not_the_editor(photo, caplog):
+    editor = Editor.load("tiny", fast_lora="/nonexistent/lightning.safetensors")
+    assert "fast mode unavailable" in caplog.text
+    result = editor.edit(small_request(photo, steps=2, mode="fast"))
+    assert result.steps_run == 2
+    assert result.notes[0].startswith("fast mode unavailable: LoRA not found")
+
+
+def test_random_lora_for_the_full_size_transformer_converts_like_the_published_files(tmp_path):
+    """The benchmark helper works on the full-size transformer built on the meta device (shapes only)."""
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel()  # the class defaults are the real 60-block config
+    n_layers = len(lora_target_modules(transformer))
+    assert n_layers == 60 * 12  # per block: 8 attention projections, 2 x 2 MLP layers
+    path = random_lightning_lora(transformer, tmp_path / "full.safetensors", rank=1)
+    converted = QwenImageEditPlusPipeline.lora_state_dict(str(path))
+    assert len(converted) == 2 * n_layers
+    assert converted["transformer.transformer_blocks.59.img_mlp.net.2.lora_B.weight"].shape == (3072, 1)
