@@ -15,7 +15,7 @@ def free_port() -> int:
 
 def launch(editor=None, *, factory=None, **kwargs):
     """Build the app around `editor` (or `factory`) and serve it; returns (demo, url). Close with `demo.close()`."""
-    import app
+    from qie.app import main as app
 
     demo = app.build_demo(factory or (lambda: editor), **kwargs)
     _, url, _ = demo.launch(

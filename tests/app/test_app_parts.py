@@ -83,7 +83,7 @@ def test_importing_the_app_loads_no_model_code():
 
 
 def test_flags_default_to_localhost_and_bind_all_on_a_space(monkeypatch):
-    import app
+    from qie.app import main as app
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
@@ -96,7 +96,7 @@ def test_flags_default_to_localhost_and_bind_all_on_a_space(monkeypatch):
 
 
 def test_without_a_gpu_the_real_model_gets_a_notice_naming_the_tiny_demo(monkeypatch):
-    import app
+    from qie.app import main as app
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     notice = app.startup_notice("Qwen/Qwen-Image-Edit-2509")
@@ -105,7 +105,7 @@ def test_without_a_gpu_the_real_model_gets_a_notice_naming_the_tiny_demo(monkeyp
 
 
 def test_zero_gpu_decorator_applies_only_when_spaces_is_installed(monkeypatch):
-    import app
+    from qie.app import main as app
 
     def fn():
         return "ran"
@@ -158,7 +158,7 @@ def test_thread_safety_of_cancel_board():
 
 
 def test_start_values_follow_the_defaults_given():
-    import app
+    from qie.app import main as app
     from qie.app.presets import CPU_DEMO_DEFAULTS
 
     demo = app.build_demo(lambda: None, defaults=CPU_DEMO_DEFAULTS)
@@ -171,13 +171,26 @@ def test_start_values_follow_the_defaults_given():
 
 @pytest.mark.parametrize("live", [False, True])
 def test_toggles_are_disabled_with_a_note_until_their_engine_exists(monkeypatch, live):
-    import app
+    from qie.app import main as app
 
-    monkeypatch.setattr(app, "feature_available", lambda feature: live)
-    demo = app.build_demo(lambda: None)
+    monkeypatch.setattr("qie.app.layout.feature_available", lambda feature: live)
+    demo = app.build_demo(lambda: None, fast_lora=True)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     for name, feature in FEATURES.items():
         control = by_id[f"feature-{name.replace('_', '-')}"]
         assert control.interactive is live
         assert ("Not available in this build" in control.info) is not live
         assert feature.info in control.info
+
+
+def test_fast_mode_is_disabled_without_a_fast_lora_and_says_which_flag():
+    from qie.app import main as app
+
+    def mode_control(demo):
+        return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "feature-mode")
+
+    off = mode_control(app.build_demo(lambda: None))
+    assert off.interactive is False and "start the app with --fast-lora" in off.info
+    assert "fast_lora=" not in off.info
+    on = mode_control(app.build_demo(lambda: None, fast_lora=True))
+    assert on.interactive is not False and "--fast-lora" not in on.info

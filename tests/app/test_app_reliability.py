@@ -27,7 +27,7 @@ CLIENTS = 20
 
 @pytest.fixture(scope="module")
 def served(tiny_editor):
-    demo, url = launch(tiny_editor)
+    demo, url = launch(tiny_editor, metrics=True)
     yield url
     demo.close()
 
@@ -50,7 +50,7 @@ def test_health_and_metrics(served):
     edit(client)
     view = client.predict(api_name="/metrics")
     assert view["requests"]["ok"] >= 1 and view["p50_s"] > 0 and view["rss_gib"] > 0
-    assert view["recent"][0]["outcome"] == "ok" and len(view["recent"][0]["request_id"]) == 12
+    assert "recent" not in view  # aggregate figures only: never other visitors' edits
 
 
 BAD_UPLOADS = [
@@ -151,7 +151,7 @@ def test_price_tag_edit_that_fails_falls_back_to_the_template(served, tiny_edito
 
 
 def test_edit_past_its_time_limit_is_stopped(served, monkeypatch):
-    import app
+    from qie.app import main as app
 
     monkeypatch.setattr(app, "EDIT_TIMEOUT_S", 0.5)
     client = Client(served, verbose=False)

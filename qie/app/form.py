@@ -1,0 +1,107 @@
+"""The edit form: the controls' values by name (the `/edit` API's parameters) and the request they make.
+
+Example:
+    >>> form = EditForm(image={"path": "...", "meta": {"_type": "gradio.FileData"}}, prompt="white background")
+    >>> build_request(form)                                      # doctest: +SKIP
+    EditRequest(images=(<PIL.Image.Image ...>,), prompt='white background', ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import qie
+from qie.app.presets import EDIT_DEFAULTS, FEATURES, feature_request_fields
+from qie.app.uploads import received_path
+
+Upload = dict[str, Any] | str | None  # Gradio's FileData dict (unprocessed event) or a path
+
+
+@dataclass(frozen=True)
+class EditForm:
+    """The edit controls' values by name: the `/edit` API's parameters, in this order."""
+
+    image: Upload
+    image_2: Upload = None
+    image_3: Upload = None
+    prompt: str = ""
+    negative_prompt: str = " "
+    steps: float = EDIT_DEFAULTS["steps"]
+    true_cfg_scale: float = EDIT_DEFAULTS["true_cfg_scale"]
+    seed: float | None = 0
+    randomize_seed: bool = True
+    max_side: float = EDIT_DEFAULTS["max_side"]
+    resize_to_input: bool = False
+    condition_area: str = EDIT_DEFAULTS["condition_area"]
+    mode: str = FEATURES["mode"].default
+    tile_size: str = FEATURES["tile_size"].default
+    attention_quant: str = FEATURES["attention_quant"].default
+    early_exit: bool = FEATURES["early_exit"].default
+    price_tag: str = ""
+
+
+FORM_FIELDS = tuple(f.name for f in dataclasses.fields(EditForm))
+
+
+def with_form_signature(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`handler(request, progress, **values)` with the form's fields as its keyword parameters.
+
+    Gradio reads an endpoint's parameter names and defaults from the signature; this keeps them
+    those of `EditForm`, written once.
+    """
+
+    @functools.wraps(handler)
+    async def endpoint(*args: Any, **values: Any) -> Any:
+        return await handler(*args, **values)
+
+    params = list(inspect.signature(handler).parameters.values())[:-1]  # drop **values
+    params += [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
+        )
+        for f in dataclasses.fields(EditForm)
+    ]
+    endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return endpoint
+
+
+def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float:
+    """A control's value as `kind` (sliders may send 40.0); EditRequest checks the range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise qie.InvalidRequestError(name, value, "give a number") from None
+    if kind is int and not number.is_integer():
+        raise qie.InvalidRequestError(name, value, "give a whole number")
+    return kind(number)
+
+
+def build_request(form: EditForm, *, preprocessed: bool = False) -> qie.EditRequest:
+    """The validated `EditRequest` of `form`; its images must be files Gradio received."""
+    images = [
+        received_path(value, name, preprocessed=preprocessed)
+        for name, value in (("image", form.image), ("image_2", form.image_2), ("image_3", form.image_3))
+        if value
+    ]
+    if not images:
+        raise qie.InvalidRequestError("image", None, "upload an image first")
+    features = {name: getattr(form, name) for name in ("mode", "tile_size", "attention_quant", "early_exit")}
+    return qie.EditRequest(
+        images=images,
+        prompt=form.prompt,
+        negative_prompt=form.negative_prompt,
+        steps=_number("steps", form.steps, int),
+        true_cfg_scale=_number("true_cfg_scale", form.true_cfg_scale, float),
+        seed=None if form.randomize_seed or form.seed is None else _number("seed", form.seed, int),
+        max_side=_number("max_side", form.max_side or 0, int) or None,  # 0 = automatic size
+        resize_to_input=bool(form.resize_to_input),
+        condition_area=form.condition_area,
+        **feature_request_fields(features),
+    )

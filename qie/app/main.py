@@ -1,0 +1,356 @@
+"""Build the app (`build_demo`) and serve it (`main`): flags, hardware check, warm-up, launch.
+
+Run it:
+    python app.py --model tiny            # offline demo with the tiny random model (CPU is fine)
+    python app.py                         # the real Qwen-Image-Edit-2509 on a CUDA GPU
+
+On a Hugging Face Space it binds 0.0.0.0 and reads QIE_MODEL; with the `spaces` package installed
+the GPU function runs under ZeroGPU. Importing this module loads neither torch nor the model.
+
+Example (tests):
+    >>> demo = build_demo(lambda: qie.Editor.load("tiny"))      # doctest: +SKIP
+    >>> demo.launch(prevent_thread_lock=True)                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import qie
+from qie.app import handlers as app_handlers
+from qie.app.form import with_form_signature
+from qie.app.handlers import Handlers, run_edit
+from qie.app.layout import Layout, build_layout
+from qie.app.presets import CPU_DEMO_DEFAULTS, EDIT_DEFAULTS, FEATURES, feature_available, load_examples
+
+log = logging.getLogger("qie.app")
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_CONCURRENCY_ID = "gpu"
+DEFAULT_QUEUE_SIZE = 20
+EDIT_TIMEOUT_S = float(os.environ.get("QIE_EDIT_TIMEOUT_S", "900"))  # a running edit is stopped after this
+EXAMPLES_CACHE = Path(".gradio") / "cached_examples"
+TINY_NOTICE = (
+    "Offline demo with the tiny random model: every stage runs for real, but its edits are noise. "
+    "For real edits, start the app on a CUDA GPU without --model."
+)
+# On a phone the result column sits below the controls: bring it into view when Edit is tapped.
+SCROLL_TO_RESULT_JS = (
+    "() => { if (window.innerWidth < 768) "
+    "document.getElementById('results-column')?.scrollIntoView({behavior: 'smooth', block: 'start'}); }"
+)
+CSS = """
+/* info texts under controls: >= 4.5:1 contrast on both themes */
+.gradio-container [data-testid="block-info"], .gradio-container .info {
+  color: var(--body-text-color) !important; opacity: 1 !important;
+}
+"""
+
+EditorFactory = Callable[[], Any]
+
+
+def build_demo(
+    editor_factory: EditorFactory,
+    *,
+    notice: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    examples_dir: Path = ROOT / "examples",
+    examples_cache: str | None = None,
+    fast_lora: bool = False,
+    metrics: bool = False,
+) -> gr.Blocks:
+    """The Blocks app. `editor_factory()` returns the `qie.Editor` (called at each edit; cache it).
+
+    `notice` is shown at the top (e.g. why the real model cannot run here); `defaults` overrides the
+    start values of `EDIT_DEFAULTS`. `examples_cache` names the example cache (one per model,
+    revision and qie version; None runs examples on click without caching). `fast_lora` enables the
+    fast-mode control; `metrics` adds the aggregate metrics panel.
+    """
+    start = {**EDIT_DEFAULTS, **(defaults or {})}
+    with gr.Blocks(title="qie: Qwen-Image-Edit-2509", delete_cache=(3600, 3600)) as demo:
+        ui = build_layout(start, notice=notice, fast_lora=fast_lora, metrics=metrics)
+        handlers = Handlers(
+            ui, editor_factory, start=start, gpu=_on_gpu(run_edit), edit_timeout_s=_edit_timeout, fast_lora=fast_lora
+        )
+        _wire_edit(ui, handlers)
+        _wire_helpers(ui, handlers, fast_lora=fast_lora)
+        _examples(ui, handlers, examples_dir, examples_cache)
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def _edit_timeout() -> float:
+    return EDIT_TIMEOUT_S
+
+
+def _wire_edit(ui: Layout, handlers: Handlers) -> None:
+    """The Edit button and Enter (page), the `/edit` API endpoint, and Cancel."""
+    common = {
+        "inputs_kwargs": ui.edit_inputs(),
+        "outputs": ui.edit_outputs(),
+        # Uploads reach the handler as files, so qie reads them and a non-image gets qie's message.
+        "preprocess": False,
+        "concurrency_id": GPU_CONCURRENCY_ID,
+        "concurrency_limit": 1,
+    }
+    page_event = gr.on(
+        [ui.edit_btn.click, ui.prompt.submit],
+        with_form_signature(handlers.edit_page),
+        api_visibility="private",
+        **common,
+    )
+    gr.on([ui.edit_btn.click, ui.prompt.submit], None, js=SCROLL_TO_RESULT_JS, api_visibility="private")
+    api_trigger = gr.Button(visible=False, elem_id="api-edit")
+    api_trigger.click(with_form_signature(handlers.edit_api), api_name="edit", **common)
+    ui.cancel_btn.click(
+        handlers.cancel, inputs=None, outputs=[ui.stats], cancels=[page_event], queue=False, api_name="cancel"
+    )
+
+
+def _wire_helpers(ui: Layout, handlers: Handlers, *, fast_lora: bool) -> None:
+    """Presets, "use as input", the mode switch and the metrics panel."""
+    for key, button in ui.preset_buttons.items():
+        button.click(
+            lambda language, price_tag, key=key: handlers.fill_preset(key, language, price_tag),
+            inputs_kwargs={"language": ui.language, "price_tag": ui.price_tag},
+            outputs=[ui.prompt],
+            queue=False,
+            api_visibility="private",
+        )
+    ui.use_as_input.click(
+        handlers.reuse, inputs_kwargs={"before_after": ui.result}, outputs=[ui.image], api_visibility="private"
+    )
+    if fast_lora and feature_available(FEATURES["mode"]):
+        ui.mode.change(
+            handlers.apply_mode,
+            inputs_kwargs={"chosen": ui.mode},
+            outputs=[ui.steps, ui.true_cfg_scale],
+            api_visibility="private",
+        )
+    if ui.refresh_metrics is not None:
+        ui.refresh_metrics.click(handlers.show_metrics, outputs=[ui.metrics], queue=False, api_name="metrics")
+
+
+@contextmanager
+def _examples_cache_folder(name: str | None) -> Iterator[None]:
+    """Gradio reads its example-cache folder from the environment when `gr.Examples` is built."""
+    if name is None:
+        yield
+        return
+    before = os.environ.get("GRADIO_EXAMPLES_CACHE")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(EXAMPLES_CACHE / name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GRADIO_EXAMPLES_CACHE", None)
+        else:
+            os.environ["GRADIO_EXAMPLES_CACHE"] = before
+
+
+def examples_cache_name(model: str, revision: str | None) -> str | None:
+    """The example cache of `model` at `revision` with this qie version; None (no cache) for tiny.
+
+    Example:
+        >>> examples_cache_name("Qwen/Qwen-Image-Edit-2509", None)
+        'Qwen--Qwen-Image-Edit-2509@main-qie0.1.0'
+    """
+    if model == "tiny":
+        return None
+    slug = model.strip("/").replace("/", "--").replace(os.sep, "--")
+    return f"{slug}@{revision or 'main'}-qie{qie.__version__}"
+
+
+def _examples(ui: Layout, handlers: Handlers, folder: Path, cache: str | None) -> None:
+    examples = load_examples(folder)
+    if not examples:
+        return
+    with _examples_cache_folder(cache):
+        gr.Examples(
+            examples=[[str(e.image), e.prompt] for e in examples],
+            inputs=[ui.image, ui.prompt],
+            outputs=ui.edit_outputs(),
+            fn=handlers.edit_example,
+            cache_examples=cache is not None,
+            cache_mode="lazy",
+            run_on_click=cache is None,
+            label="Examples (CC0 / public-domain photos)",
+        )
+
+
+def _spaces() -> Any | None:
+    """The Hugging Face `spaces` package when installed (it must be imported before torch on ZeroGPU)."""
+    try:
+        import spaces
+    except ImportError:
+        return None
+    return spaces
+
+
+def _on_zero_gpu() -> bool:
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed, else `fn` itself."""
+    spaces = _spaces()
+    if spaces is None:
+        return fn
+    return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
+
+
+def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
+    """Serving settings for `demo.launch` (used by `main` and the tests): the upload size limit
+    (qie's input file limit) and a `/health` readiness route reporting `current_editor()`."""
+    from fastapi.routing import APIRoute
+
+    from qie.core.images import max_input_bytes
+
+    def health() -> dict[str, Any]:
+        from qie.telemetry import health
+
+        return health(current_editor())
+
+    return {
+        "max_file_size": max_input_bytes(),
+        "app_kwargs": {"routes": [APIRoute("/health", health, methods=["GET"])]},
+        "css": CSS,
+    }
+
+
+def startup_notice(model: str, device: str | None = None) -> str | None:
+    """Why `model` cannot run on this machine (no GPU), with the way to the offline demo; None if it can."""
+    from qie.core.models import MODELS, check_hardware, resolve_device
+
+    if device is not None:
+        return None
+    try:
+        check_hardware(MODELS.get(model), resolve_device())
+    except qie.ResourceError as exc:
+        return f"{exc} {app_handlers.TINY_HINT}"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    on_space = bool(os.environ.get("SPACE_ID"))
+    parser = argparse.ArgumentParser(description="The qie web app (Gradio).")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("QIE_MODEL"),
+        help="hub id, local folder or 'tiny' (default: $QIE_MODEL, else Qwen/Qwen-Image-Edit-2509)",
+    )
+    parser.add_argument("--device", default=os.environ.get("QIE_DEVICE"), help="cuda, cuda:1, cpu (default: auto)")
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0" if on_space else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1; 0.0.0.0 on a Space)",
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--mcp", action="store_true", help="also serve the edit endpoint as an MCP tool")
+    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="waiting edits before 'busy'")
+    parser.add_argument(
+        "--metrics", action="store_true", help="show a panel of aggregate figures (counts, latency, GPU memory)"
+    )
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        default=on_space or os.environ.get("QIE_PRELOAD") == "1",
+        help="load the model and run a small warm-up edit before serving (default on a Space)",
+    )
+    engine = parser.add_argument_group("engine (see README: Memory plans, Speed options)")
+    engine.add_argument("--plan", default=os.environ.get("QIE_PLAN", "auto"), help="memory plan (default: auto)")
+    engine.add_argument("--vram-budget", type=float, help="GiB of GPU memory the plan may use (default: free VRAM)")
+    engine.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
+    engine.add_argument(
+        "--fast-lora",
+        default=os.environ.get("QIE_FAST_LORA"),
+        help="Lightning LoRA file/folder/hub id: enables the app's fast mode (as an adapter, so quality stays)",
+    )
+    engine.add_argument("--fast-steps", type=int, choices=[4, 8], default=8)
+    return parser
+
+
+def warm_up(editor: Any) -> None:
+    """One small edit, so the first user does not pay for lazy initialisation."""
+    start = time.perf_counter()
+    request = qie.EditRequest(
+        images=[ROOT / "examples" / "coffee-cup.jpg"], prompt="warm up", steps=2, seed=0, max_side=256
+    )
+    editor.edit(request)
+    log.info("warm-up edit took %.1fs", time.perf_counter() - start)
+
+
+def _editor_factory(model: str, args: argparse.Namespace) -> EditorFactory:
+    def editor_factory() -> Any:
+        return qie.get_editor(
+            model,
+            device=args.device,
+            plan=args.plan,
+            vram_budget_gib=args.vram_budget,
+            compile=args.compile,
+            fast_lora=args.fast_lora,
+            fast_steps=args.fast_steps,
+            fast_fuse=False,  # the app offers both modes: keep the LoRA as a switchable adapter
+        )
+
+    return editor_factory
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, check the hardware, build the app and serve it."""
+    _spaces()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from qie.core.models import REAL_MODEL_ID, prefer_expandable_segments
+
+    prefer_expandable_segments()
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        parser.error('--mcp needs the MCP extra: pip install "gradio[mcp]==6.31.0"')
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qie.telemetry import install_redaction
+
+    install_redaction()
+    model = args.model or REAL_MODEL_ID
+    notice = startup_notice(model, args.device)
+    if notice:
+        log.warning(notice)
+    editor_factory = _editor_factory(model, args)
+    if args.preload and not notice:
+        editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
+        if not _on_zero_gpu():
+            warm_up(editor)
+    tiny = model == "tiny"
+    demo = build_demo(
+        editor_factory,
+        notice=TINY_NOTICE if tiny else notice,
+        defaults=CPU_DEMO_DEFAULTS if tiny else None,  # small and quick: its edits are noise anyway
+        queue_size=args.queue_size,
+        examples_cache=examples_cache_name(model, getattr(args, "revision", None)),
+        fast_lora=bool(args.fast_lora),
+        metrics=args.metrics,
+    )
+    from qie.core.editor import current_editor
+
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        mcp_server=args.mcp or None,
+        prevent_thread_lock=True,
+        **launch_options(current_editor),
+    )
+    if args.mcp and getattr(demo, "mcp_error", None):
+        log.warning("the MCP server did not start: %s", demo.mcp_error)
+    demo.block_thread()
