@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
 from app_server import launch, wait_until
 from conftest import EXAMPLES
@@ -157,3 +158,64 @@ def test_full_queue_says_busy(tiny_editor):
         assert first.result(timeout=60)[2] and second.result(timeout=60)[2]
     finally:
         demo.close()
+
+
+def test_gradio_cancel_stops_the_edit_within_a_step_and_frees_the_queue(client, recorder, tiny_editor):
+    recorder.finished.clear()
+    job = client.submit(
+        image=handle_file(str(EXAMPLES / "cat.jpg")), prompt="slow", **{**CHEAP, "steps": 100}, api_name="/edit"
+    )
+    wait_until(lambda: tiny_editor.lock.locked())
+    started = time.perf_counter()
+    job.cancel()  # gradio_client's own cancel: Gradio cancels its task; the edit must stop too
+    assert recorder.finished.wait(30)
+    stopped_s = time.perf_counter() - started
+    assert recorder.outcomes[-1] == "CancelledError"
+    assert stopped_s < 10, stopped_s  # at the next step, not after 100
+    started = time.perf_counter()
+    assert edit(client)[2]  # the next edit does not wait behind the cancelled one
+    print(f"cancelled edit stopped after {stopped_s:.2f}s; next edit {time.perf_counter() - started:.2f}s")
+
+
+def _fn_index(url: str, api_name: str) -> int:
+    config = httpx.get(f"{url}config", timeout=10).json()
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+
+
+def test_a_client_that_disconnects_stops_its_edit(served, recorder, tiny_editor):
+    """A browser tab that closes mid-edit: its event stream drops and the edit stops at the next step."""
+    files = httpx.post(
+        f"{served}gradio_api/upload", files={"files": ("cat.jpg", (EXAMPLES / "cat.jpg").read_bytes())}, timeout=30
+    ).json()
+    image = {"path": files[0], "meta": {"_type": "gradio.FileData"}, "orig_name": "cat.jpg"}
+    session = "disconnecting-tab"
+    data = [image, None, None, "slow", " ", 100, 4.0, 0, True, 128, False, "output", "quality", "off", "off", False, ""]
+    recorder.finished.clear()
+    joined = httpx.post(
+        f"{served}gradio_api/queue/join",
+        json={"data": data, "fn_index": _fn_index(served, "edit"), "session_hash": session, "trigger_id": None},
+        timeout=30,
+    )
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", f"{served}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as sse:
+        for line in sse.iter_lines():
+            if "progress" in line and tiny_editor.lock.locked():
+                break  # denoising: now the tab goes away
+    started = time.perf_counter()
+    assert recorder.finished.wait(30)
+    assert recorder.outcomes[-1] == "CancelledError"
+    assert time.perf_counter() - started < 10
+
+
+def test_cancel_also_drops_this_sessions_waiting_edit(client, recorder, tiny_editor):
+    image = handle_file(str(EXAMPLES / "cat.jpg"))
+    running = client.submit(image=image, prompt="running one", **{**CHEAP, "steps": 100}, api_name="/edit")
+    wait_until(lambda: tiny_editor.lock.locked())
+    waiting = client.submit(image=image, prompt="waiting one", **CHEAP, api_name="/edit")
+    wait_until(lambda: waiting.status().code.name == "IN_QUEUE")
+    assert client.predict(api_name="/cancel").startswith("Cancelled")
+    for job in (running, waiting):
+        with pytest.raises(Exception):  # noqa: B017  (both end without a result)
+            job.result(timeout=60)
+    assert "waiting one" not in recorder.prompts  # dropped before it reached the editor
+    assert edit(client)[2]
