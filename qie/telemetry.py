@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from qie.settings import read as read_setting
+
 
 class StageTimer:
     """Times named stages; on CUDA it synchronizes so each time is the stage's own.
@@ -70,7 +72,6 @@ class StageTimer:
 # --- per-request records: one JSON log line each, a window of recent ones, health -------------
 
 REQUEST_LOG = logging.getLogger("qie.requests")
-LOG_PROMPTS_ENV = "QIE_LOG_PROMPTS"  # "1": log full prompts (debugging only; they may be private)
 SECRET_ENV_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY")
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
@@ -88,7 +89,7 @@ def prompt_fields(prompt: str | None, key: str = "prompt") -> dict[str, Any]:
         f"{key}_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
         f"{key}_chars": len(prompt),
     }
-    if os.environ.get(LOG_PROMPTS_ENV) == "1":
+    if read_setting("log_prompts"):
         fields[key] = prompt
     return fields
 

@@ -32,13 +32,16 @@ from qie.app.form import with_form_signature
 from qie.app.handlers import Handlers, run_edit
 from qie.app.layout import Layout, build_layout
 from qie.app.presets import CPU_DEMO_DEFAULTS, EDIT_DEFAULTS, FEATURES, feature_available, load_examples
+from qie.core.load_options import LoadOptions
+from qie.settings import Settings
+from qie.settings import read as read_setting
 
 log = logging.getLogger("qie.app")
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CONCURRENCY_ID = "gpu"
 DEFAULT_QUEUE_SIZE = 20
-EDIT_TIMEOUT_S = float(os.environ.get("QIE_EDIT_TIMEOUT_S", "900"))  # a running edit is stopped after this
+EDIT_TIMEOUT_S = read_setting("edit_timeout_s")  # a running edit is stopped after this ($QIE_EDIT_TIMEOUT_S)
 EXAMPLES_CACHE = Path(".gradio") / "cached_examples"
 TINY_NOTICE = (
     "Offline demo with the tiny random model: every stage runs for real, but its edits are noise. "
@@ -207,7 +210,7 @@ def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     spaces = _spaces()
     if spaces is None:
         return fn
-    return spaces.GPU(duration=int(os.environ.get("QIE_GPU_DURATION", "120")))(fn)
+    return spaces.GPU(duration=read_setting("gpu_duration_s"))(fn)
 
 
 def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
@@ -242,15 +245,11 @@ def startup_notice(model: str, device: str | None = None) -> str | None:
     return None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    on_space = bool(os.environ.get("SPACE_ID"))
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """The app's flags; engine flags default to the `QIE_*` variables in `settings` (read now when None)."""
+    settings = settings if settings is not None else Settings.from_env()
+    on_space = bool(os.environ.get("SPACE_ID"))  # set by Hugging Face Spaces
     parser = argparse.ArgumentParser(description="The qie web app (Gradio).")
-    parser.add_argument(
-        "--model",
-        default=os.environ.get("QIE_MODEL"),
-        help="hub id, local folder or 'tiny' (default: $QIE_MODEL, else Qwen/Qwen-Image-Edit-2509)",
-    )
-    parser.add_argument("--device", default=os.environ.get("QIE_DEVICE"), help="cuda, cuda:1, cpu (default: auto)")
     parser.add_argument(
         "--host",
         default="0.0.0.0" if on_space else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -266,19 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preload",
         action="store_true",
-        default=on_space or os.environ.get("QIE_PRELOAD") == "1",
+        default=on_space or settings.preload,
         help="load the model and run a small warm-up edit before serving (default on a Space)",
     )
-    engine = parser.add_argument_group("engine (see README: Memory plans, Speed options)")
-    engine.add_argument("--plan", default=os.environ.get("QIE_PLAN", "auto"), help="memory plan (default: auto)")
-    engine.add_argument("--vram-budget", type=float, help="GiB of GPU memory the plan may use (default: free VRAM)")
-    engine.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
-    engine.add_argument(
-        "--fast-lora",
-        default=os.environ.get("QIE_FAST_LORA"),
-        help="Lightning LoRA file/folder/hub id: enables the app's fast mode (as an adapter, so quality stays)",
-    )
-    engine.add_argument("--fast-steps", type=int, choices=[4, 8], default=8)
+    # The app offers both modes, so a fast LoRA stays a switchable adapter: no --fast-fuse here.
+    LoadOptions.add_arguments(parser, LoadOptions.from_env(settings, fast_fuse=False), skip=("fast_fuse",))
     return parser
 
 
@@ -292,18 +283,9 @@ def warm_up(editor: Any) -> None:
     log.info("warm-up edit took %.1fs", time.perf_counter() - start)
 
 
-def _editor_factory(model: str, args: argparse.Namespace) -> EditorFactory:
+def _editor_factory(options: LoadOptions) -> EditorFactory:
     def editor_factory() -> Any:
-        return qie.get_editor(
-            model,
-            device=args.device,
-            plan=args.plan,
-            vram_budget_gib=args.vram_budget,
-            compile=args.compile,
-            fast_lora=args.fast_lora,
-            fast_steps=args.fast_steps,
-            fast_fuse=False,  # the app offers both modes: keep the LoRA as a switchable adapter
-        )
+        return qie.get_editor(options)
 
     return editor_factory
 
@@ -311,9 +293,12 @@ def _editor_factory(model: str, args: argparse.Namespace) -> EditorFactory:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, check the hardware, build the app and serve it."""
     _spaces()
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except qie.QieError as exc:  # a bad QIE_* variable: the message names it
+        raise SystemExit(f"error: {exc}") from None
     args = parser.parse_args(argv)
-    from qie.core.models import REAL_MODEL_ID, prefer_expandable_segments
+    from qie.core.models import prefer_expandable_segments
 
     prefer_expandable_segments()
     if args.mcp and importlib.util.find_spec("mcp") is None:
@@ -322,11 +307,12 @@ def main(argv: list[str] | None = None) -> None:
     from qie.telemetry import install_redaction
 
     install_redaction()
-    model = args.model or REAL_MODEL_ID
-    notice = startup_notice(model, args.device)
+    options = LoadOptions.from_args(args)
+    model = options.model
+    notice = startup_notice(model, options.device)
     if notice:
         log.warning(notice)
-    editor_factory = _editor_factory(model, args)
+    editor_factory = _editor_factory(options)
     if args.preload and not notice:
         editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
         if not _on_zero_gpu():
@@ -337,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         notice=TINY_NOTICE if tiny else notice,
         defaults=CPU_DEMO_DEFAULTS if tiny else None,  # small and quick: its edits are noise anyway
         queue_size=args.queue_size,
-        examples_cache=examples_cache_name(model, getattr(args, "revision", None)),
+        examples_cache=examples_cache_name(model, options.revision),
         fast_lora=bool(args.fast_lora),
         metrics=args.metrics,
     )

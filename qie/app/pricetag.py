@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from qie.core.request import EditRequest, EditResult
 from qie.errors import BusyError, CancelledError, QieError, SafetyError
+from qie.settings import read as read_setting
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TEMPLATE_PLAN = "template"
 @functools.lru_cache(maxsize=8)
 def find_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """A CJK-capable font at `size` px (`$QIE_TAG_FONT` first), else Pillow's default with a WARNING."""
-    candidates = [os.environ.get("QIE_TAG_FONT", ""), *CJK_FONTS]
+    candidates = [read_setting("tag_font") or "", *CJK_FONTS]
     for path in candidates:
         if path and Path(path).is_file():
             return ImageFont.truetype(path, size)

@@ -15,14 +15,18 @@ import logging
 import sys
 from pathlib import Path
 
+from qie.core.load_options import LoadOptions
 from qie.core.models import prefer_expandable_segments
 from qie.errors import InvalidRequestError, QieError
+from qie.settings import Settings
 from qie.versions import __version__
 
 log = logging.getLogger("qie")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """The `python -m qie` parser; engine flags default to the `QIE_*` variables in `settings` (read now)."""
+    engine = LoadOptions.from_env(settings)
     parser = argparse.ArgumentParser(prog="python -m qie", description="Qwen-Image-Edit-2509, fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     region = edit.add_mutually_exclusive_group()
     region.add_argument("--box", help="edit only this region: x0,y0,x1,y1 in input pixels; the rest stays exact")
     region.add_argument("--mask", help="edit only where this mask image is white; the rest stays exact")
-    _add_model_args(edit)
+    LoadOptions.add_arguments(edit, engine)
     _add_speed_args(edit)
 
     sub.add_parser("info", help="versions, device and free GPU memory")
@@ -78,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
     bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
 
-    _add_serve_parser(sub)
+    _add_serve_parser(sub, engine)
 
     soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
     soak.add_argument("--edits", type=int, default=200)
     soak.add_argument("--size", type=int, default=64, help="image side (px)")
     soak.add_argument("--steps", type=int, default=2)
-    _add_model_args(soak)
+    LoadOptions.add_arguments(soak, engine)
 
     tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
     tiny.add_argument("path")
@@ -93,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- serve (Ray Serve; extra `qie[serve]`) ------------------------------------------------------
-def _add_serve_parser(sub) -> None:
+def _add_serve_parser(sub, engine: LoadOptions) -> None:
     serve = sub.add_parser("serve", help="HTTP edit service on Ray Serve (one replica per GPU)")
-    _add_model_args(serve)
+    LoadOptions.add_arguments(serve, engine)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--cache", default="disk", help="result cache: disk (default), off, or redis://host:port/db")
@@ -113,11 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: serve needs Ray Serve ({exc}); pip install 'qie[serve]'", file=sys.stderr)
         return 2
     settings = ServeSettings(
-        model=args.model,
-        revision=args.revision,
-        device=args.device,
-        dtype=args.dtype,
-        plan=args.plan,
+        load=LoadOptions.from_args(args),
         cache=args.cache,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_ms / 1000,
@@ -129,22 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="Qwen/Qwen-Image-Edit-2509", help="hub id, local folder, or 'tiny'")
-    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--plan", default="auto", help="memory plan (default: auto)")
-    parser.add_argument("--vram-budget", type=float, help="GiB the plan may use (default: free VRAM)")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile + warm-up (CUDA)")
-
-
 # --- speed options (README "Speed options") ---
 def _add_speed_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("speed options")
-    group.add_argument("--attention", default="auto", help="attention backend at load (default: fastest available)")
-    group.add_argument("--fast-lora", help="Lightning LoRA for fast mode: file, folder or hub id")
-    group.add_argument("--fast-steps", type=int, choices=[4, 8], default=8, help="which Lightning LoRA (4 or 8 steps)")
+    group = parser.add_argument_group("speed options", "per edit (the load-time ones are under engine)")
     group.add_argument("--mode", choices=["quality", "fast"], help="fast: the Lightning LoRA's steps, CFG off")
     group.add_argument("--attention-quant", choices=["off", "int8", "fp8"], default="off", help="SageAttention")
     group.add_argument("--step-cache", choices=["off", "fbcache", "taylorseer"], default="off")
@@ -160,15 +147,16 @@ def _speed_params(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-def _speed_load_args(args: argparse.Namespace) -> dict:
-    return {"attention": args.attention, "fast_lora": args.fast_lora, "fast_steps": args.fast_steps}
-
-
 # ---
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser(Settings.from_env())
+    except QieError as exc:  # a bad QIE_* variable: the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     prefer_expandable_segments()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -195,6 +183,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from qie.cli.folders import edit_folder, edit_one
     from qie.core.editor import Editor
 
+    options = LoadOptions.from_args(args)  # bad engine flags fail first, naming the flag
     inputs = [Path(p) for p in args.inputs]
     folder = len(inputs) == 1 and inputs[0].is_dir()
     params = edit_params(args)
@@ -202,16 +191,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from qie.core.request import EditRequest
 
         EditRequest(images=inputs, **params)  # fail on bad input before loading the model
-    editor = Editor.load(
-        args.model,
-        args.device,
-        args.dtype,
-        revision=args.revision,
-        plan=args.plan,
-        vram_budget_gib=args.vram_budget,
-        compile=args.compile,
-        **_speed_load_args(args),
-    )
+    editor = Editor.load(options)
     if folder:
         report = edit_folder(editor, inputs[0], Path(args.output), params)
         print(report.summary())
@@ -295,7 +275,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from benchmarks.soak import soak
     from qie.core.editor import Editor
 
-    editor = Editor.load(args.model, args.device, args.dtype, revision=args.revision, plan=args.plan)
+    editor = Editor.load(LoadOptions.from_args(args))
     logging.getLogger("qie.requests").setLevel(logging.WARNING)  # one line per edit would drown the report
     report = soak(editor, args.edits, size=args.size, steps=args.steps)
     print(json.dumps(report.as_dict(), indent=2))

@@ -11,6 +11,7 @@ from pathlib import Path
 from qie.cli.folders import edit_one
 from qie.cli.main import build_parser, edit_params
 from qie.core.editor import Editor
+from qie.core.load_options import LoadOptions
 from qie.errors import QieError
 from qie.serving.parallel import CP_MODES, PROCESS_GROUP_BACKEND, enable, plan_layout
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         params["seed"] = 0  # every rank must draw the same noise
 
     device_type = "cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    # torchrun's own variables (not qie settings): how many ranks, and which one this process is.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     layout = plan_layout(world_size, cfg=args.cfg > 1, cp_mode=own.cp_mode, device_type=device_type)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(PROCESS_GROUP_BACKEND if device_type == "cuda" else "gloo")
     try:
-        editor = Editor.load(args.model, device, args.dtype, revision=args.revision, plan=args.plan)
+        editor = Editor.load(LoadOptions.from_args(args), device=device)
         if layout is not None:
             enable(editor, layout, rank)
         output = Path(args.output)

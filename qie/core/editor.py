@@ -13,6 +13,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -22,10 +23,11 @@ from PIL import Image
 from qie import telemetry
 from qie.core import encode_cache as cache
 from qie.core import masking, stages
-from qie.core.faults import arm_from_env
+from qie.core.faults import Fault, arm_spec
+from qie.core.load_options import LoadOptions
 from qie.core.models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from qie.core.request import EditRequest, EditResult
-from qie.core.safety import safety_from_env
+from qie.core.safety import SafetyFilter, load_filter
 from qie.core.speed_setup import SpeedSetup, request_speed, setup_speed
 from qie.core.stages import VAE_IMAGE_SIZE
 from qie.errors import (
@@ -38,6 +40,7 @@ from qie.errors import (
     SafetyError,
 )
 from qie.memory.plans import PLANS, Plan, choose_plan, next_plan
+from qie.settings import read as read_setting
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
 
@@ -59,8 +62,12 @@ class Editor:
         dtype: torch.dtype,
         plan: Plan,
         revision: str | None = None,
-        fixes: dict[str, bool] | None = None,
+        fixes: Mapping[str, bool] | None = None,
+        safety: SafetyFilter | None = None,
+        fault: Fault | None = None,
     ) -> None:
+        """Wrap a placed pipeline. `safety` (a loaded filter) and `fault` (an armed fault drill) come
+        from the caller: `load` builds them from its `LoadOptions`; the editor reads no environment."""
         self.pipe = pipe
         self.model = model
         self.device = device
@@ -74,51 +81,63 @@ class Editor:
         self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         self.predictor: stages.Predictor | None = None  # set by qie.serving.parallel for CFG-parallel runs
         pipe.set_progress_bar_config(disable=True)
-        self.safety = safety_from_env()  # None unless QIE_SAFETY is set
-        self.fault = arm_from_env(pipe)  # None unless QIE_FAULT is set (fault drills)
+        self.safety = safety
+        self.fault = fault
 
     @classmethod
     def load(
         cls,
-        model: str = REAL_MODEL_ID,
+        options: LoadOptions | str = REAL_MODEL_ID,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
-        *,
-        revision: str | None = None,
-        plan: str = "auto",
-        vram_budget_gib: float | None = None,
-        fixes: dict[str, bool] | None = None,
-        compile: bool = False,
-        attention: str | None = "auto",
-        fast_lora: str | None = None,
-        fast_steps: int = 8,
-        fast_fuse: bool = True,
+        **overrides: Any,
     ) -> Editor:
-        """Load `model` ("tiny", a hub id or a local folder) and place it with a memory plan.
+        """Load a model and place it with a memory plan, as `options` say (see `LoadOptions`).
 
-        `attention` names a diffusers attention backend ("auto": the fastest available);
-        `fast_lora` (a file, folder or hub id of the Lightning LoRA) enables fast mode with
-        `fast_steps` steps, fused into the weights unless `fast_fuse` is False (see README).
-        With `compile=True` (CUDA only) the transformer block is compiled and warmed up once at
-        1024²; if compiling fails, the editor logs a warning and runs eager.
+        `options` is a `LoadOptions` or a model ("tiny", a hub id or a local folder); `device`,
+        `dtype` and keyword `overrides` (any `LoadOptions` field) replace its values. With
+        `compile=True` (CUDA only) the transformer block is compiled and warmed up once at 1024²;
+        if compiling fails, the editor logs a warning and runs eager.
+
+        Example:
+            >>> Editor.load("tiny", plan="resident")                                  # doctest: +SKIP
+            >>> Editor.load(LoadOptions(model="tiny", fast_lora="lightning.safetensors"))  # doctest: +SKIP
         """
-        dev = resolve_device(device)
-        if device is None:
-            check_hardware(MODELS.get(model), dev)
-        dt = resolve_dtype(dev, dtype)
+        opts = _load_options(options, device=device, dtype=dtype, **overrides)
+        dev = resolve_device(opts.device)
+        if opts.device is None:
+            check_hardware(MODELS.get(opts.model), dev)
+        dt = resolve_dtype(dev, opts.dtype)
         warn_known_problems()
         start = time.perf_counter()
-        pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
+        pipe = load_pipeline(opts.model, device=dev, dtype=dt, revision=opts.revision)
         # Speed options first: a LoRA is fused into plain weights, before a plan quantizes or streams them.
         speed = setup_speed(
-            pipe, dev, dt, attention_backend=attention, fast_lora=fast_lora, fast_steps=fast_steps, fast_fuse=fast_fuse
+            pipe,
+            dev,
+            dt,
+            attention_backend=opts.attention,
+            fast_lora=opts.fast_lora,
+            fast_steps=opts.fast_steps,
+            fast_fuse=opts.fast_fuse,
         )
-        chosen = choose_plan(pipe, dev, plan, vram_budget_gib)
-        chosen.apply(pipe, dev, vram_budget_gib)
-        log.info("loaded %s on %s (%s, plan %s) in %.1fs", model, dev, dt, chosen.name, time.perf_counter() - start)
-        editor = cls(pipe, model=model, device=dev, dtype=dt, plan=chosen, revision=revision, fixes=fixes)
+        chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
+        chosen.apply(pipe, dev, opts.vram_budget_gib)
+        took = time.perf_counter() - start
+        log.info("loaded %s on %s (%s, plan %s) in %.1fs", opts.model, dev, dt, chosen.name, took)
+        editor = cls(
+            pipe,
+            model=opts.model,
+            device=dev,
+            dtype=dt,
+            plan=chosen,
+            revision=opts.revision,
+            fixes=opts.fixes,
+            safety=load_filter(opts.safety),
+            fault=arm_spec(pipe, opts.fault) if opts.fault else None,
+        )
         editor.speed = speed
-        if compile:
+        if opts.compile:
             editor.enable_compile()
         return editor
 
@@ -423,15 +442,23 @@ _editor: Editor | None = None
 _editor_lock = threading.Lock()
 
 
-def get_editor(model: str | None = None, **load_kwargs: Any) -> Editor:
-    """The process-wide `Editor`, loaded on first call (model from `model`, `$QIE_MODEL` or the real id)."""
+def get_editor(options: LoadOptions | str | None = None, **overrides: Any) -> Editor:
+    """The process-wide `Editor`, loaded on first call from `options` (a `LoadOptions` or a model)
+    and `overrides`; with neither a model nor options, the model is `$QIE_MODEL` or the real id."""
     global _editor
     with _editor_lock:
         if _editor is None:
-            import os
-
-            _editor = Editor.load(model or os.environ.get("QIE_MODEL", REAL_MODEL_ID), **load_kwargs)
+            if options is None and "model" not in overrides:
+                options = read_setting("model") or REAL_MODEL_ID
+            _editor = Editor.load(options if options is not None else REAL_MODEL_ID, **overrides)
         return _editor
+
+
+def _load_options(options: LoadOptions | str, **overrides: Any) -> LoadOptions:
+    """`options` (or a model name) with the `overrides` that are not None applied, checked once."""
+    base = LoadOptions(model=options) if isinstance(options, str) else options
+    changes = {k: v for k, v in overrides.items() if v is not None or k not in ("device", "dtype")}
+    return LoadOptions.build({**vars(base), **changes}) if changes else base
 
 
 def current_editor() -> Editor | None:

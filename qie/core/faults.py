@@ -10,13 +10,13 @@ Example:
     ...     editor.edit(request)          # the 3rd transformer call raises torch.OutOfMemoryError
 
 From the environment (for a server started in another process): `QIE_FAULT=transformer:oom:2`
-arms the same fault on the named component of the next editor that is loaded (`arm_from_env`).
+arms the same fault on the named component of the next editor an adapter loads (`qie.settings`
+reads it into `LoadOptions.fault`; `Editor.load` calls `arm_spec`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,17 +85,14 @@ def inject(
         fault.remove()
 
 
-def arm_from_env(pipe: Any, spec: str | None = None) -> Fault | None:
-    """Arm the fault described by `spec` or `$QIE_FAULT` ("component:error[:after[:times]]"), if any."""
-    spec = spec if spec is not None else os.environ.get("QIE_FAULT", "")
-    if not spec:
-        return None
+def arm_spec(pipe: Any, spec: str) -> Fault:
+    """Arm the fault described by `spec` ("component:error[:after[:times]]") on a component of `pipe`."""
     parts = spec.split(":")
     component, error = parts[0], parts[1] if len(parts) > 1 else "oom"
     after = int(parts[2]) if len(parts) > 2 else 0
     times = int(parts[3]) if len(parts) > 3 else 1
     module = getattr(pipe, component, None)
     if not isinstance(module, torch.nn.Module):
-        raise ValueError(f"QIE_FAULT={spec!r}: {component!r} is not a component of the pipeline")
-    log.warning("QIE_FAULT is set: %s will raise %s after %d calls (%d times)", component, error, after, times)
+        raise ValueError(f"fault={spec!r}: {component!r} is not a component of the pipeline; e.g. transformer")
+    log.warning("fault drill armed: %s will raise %s after %d calls (%d times)", component, error, after, times)
     return arm(module, after=after, times=times, error=error, name=component)

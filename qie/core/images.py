@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from qie.errors import ImageError
+from qie.settings import read as read_setting
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ ImageInput = Image.Image | str | os.PathLike | bytes
 
 def max_input_pixels() -> int:
     """The pixel limit for one input image (env `QIE_MAX_INPUT_PIXELS` overrides the default)."""
-    return int(os.environ.get("QIE_MAX_INPUT_PIXELS", MAX_INPUT_PIXELS))
+    return read_setting("max_input_pixels") or MAX_INPUT_PIXELS
 
 
 def max_input_bytes() -> int:
     """The size limit for one input file (env `QIE_MAX_INPUT_BYTES` overrides the default)."""
-    return int(os.environ.get("QIE_MAX_INPUT_BYTES", MAX_INPUT_BYTES))
+    return read_setting("max_input_bytes") or MAX_INPUT_BYTES
 
 
 def load_image(source: ImageInput, name: str = "image") -> Image.Image:

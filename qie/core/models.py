@@ -116,10 +116,10 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
 
 def tiny_model_dir(seed: int = 0) -> Path:
     """Where the tiny pipeline is saved (built on first use): `$QIE_CACHE` or ~/.cache/qie."""
+    from qie.settings import read as read_setting
     from qie.versions import __version__
 
-    root = Path(os.environ.get("QIE_CACHE", Path.home() / ".cache" / "qie"))
-    path = root / f"tiny-{__version__}-seed{seed}"
+    path = read_setting("cache_dir") / f"tiny-{__version__}-seed{seed}"
     if not (path / "model_index.json").is_file():
         from qie.core.tiny import save_tiny_pipeline
 

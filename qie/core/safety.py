@@ -8,7 +8,8 @@ Off by default. Two kinds of public model load through transformers' `pipeline`:
 An image is blocked when the summed score of the blocked labels reaches the threshold; the edit
 then fails with `SafetyError`, which says what was blocked, by which label, score and model.
 
-Configuration (environment, read when an `Editor` is created):
+Configuration (environment, read by `qie.settings` into `SafetySettings`; adapters pass it to
+`Editor.load` as `LoadOptions.safety`, which builds the filter with `load_filter`):
     QIE_SAFETY=1 | <model id or folder>   turn it on (1: the default model)
     QIE_SAFETY_THRESHOLD=0.8              block at or above this score
     QIE_SAFETY_CHECK=inputs,outputs       what to check
@@ -25,13 +26,13 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
 
 from qie.errors import ModelLoadError, SafetyError
+from qie.settings import SafetySettings
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +161,25 @@ class SafetyFilter:
             self.check(image, "output")
 
 
-def safety_from_env() -> SafetyFilter | None:
-    """The filter configured by `QIE_SAFETY*` (see the module docstring), or None when it is off.
+def load_filter(settings: SafetySettings | None) -> SafetyFilter | None:
+    """The filter `settings` describe (from `QIE_SAFETY*`, see the module docstring), or None when off.
 
     A filter that cannot be loaded is logged at WARNING and editing goes on without it, unless
-    `QIE_SAFETY_REQUIRED=1`: then `ModelLoadError`.
+    `settings.required` (`QIE_SAFETY_REQUIRED=1`): then `ModelLoadError`.
     """
-    spec = os.environ.get("QIE_SAFETY", "").strip()
-    if spec.lower() in ("", "0", "off", "false"):
+    if settings is None:
         return None
-    model_id = DEFAULT_MODEL if spec.lower() in ("1", "on", "true") else spec
-    required = os.environ.get("QIE_SAFETY_REQUIRED", "") == "1"
-    checks = {c.strip() for c in os.environ.get("QIE_SAFETY_CHECK", "inputs,outputs").split(",")}
+    model_id = settings.model or DEFAULT_MODEL
+    threshold = DEFAULT_THRESHOLD if settings.threshold is None else settings.threshold
     try:
-        threshold = float(os.environ.get("QIE_SAFETY_THRESHOLD", DEFAULT_THRESHOLD))
         return SafetyFilter.load(
-            model_id, threshold=threshold, inputs="inputs" in checks, outputs="outputs" in checks, required=required
+            model_id, threshold=threshold, inputs=settings.inputs, outputs=settings.outputs, required=settings.required
         )
     except Exception as exc:  # any failure of an optional component: fall back, loudly
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if required:
+        if settings.required:
             raise ModelLoadError(
-                f"QIE_SAFETY={spec!r}: the safety model could not be loaded ({reason}). Put its weights in the "
+                f"QIE_SAFETY={model_id!r}: the safety model could not be loaded ({reason}). Put its weights in the "
                 "Hugging Face cache or give a local folder, or unset QIE_SAFETY_REQUIRED to run without it."
             ) from exc
         log.warning("safety filter %r could not be loaded (%s); editing WITHOUT the safety filter", model_id, reason)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qie.errors import InvalidRequestError
+from qie.settings import read as read_setting
 from qie.versions import __version__
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,7 @@ class RedisCache:
 
 def default_disk_root() -> Path:
     """`$QIE_RESULT_CACHE`, or `results-<version>` under `$QIE_CACHE` (default ~/.cache/qie)."""
-    if "QIE_RESULT_CACHE" in os.environ:
-        return Path(os.environ["QIE_RESULT_CACHE"])
-    root = Path(os.environ.get("QIE_CACHE", Path.home() / ".cache" / "qie"))
-    return root / f"results-{__version__}"
+    return read_setting("result_cache_dir") or read_setting("cache_dir") / f"results-{__version__}"
 
 
 def open_cache(

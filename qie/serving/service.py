@@ -29,11 +29,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ray import serve
@@ -41,12 +41,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from qie.core.images import png_bytes
+from qie.core.load_options import LoadOptions
 from qie.core.metadata import png_metadata
-from qie.core.models import REAL_MODEL_ID
 from qie.core.request import EditRequest
 from qie.errors import BusyError, InvalidRequestError, QieError, ResourceError
 from qie.serving.batching import run_grouped
 from qie.serving.result_cache import CACHE_URL_SCHEMES, cache_key, open_cache
+from qie.settings import Settings
 from qie.versions import __version__
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,14 @@ _INTS = ("steps", "seed", "height", "width", "max_side", "area")
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How the service is deployed. `replicas=None` means one per GPU (one on a CPU-only machine).
+    """How the service is deployed: how each replica loads its editor (`load`), batching, cache and
+    replicas. `replicas=None` means one per GPU (one on a CPU-only machine).
 
     With `autoscale`, Serve keeps between `min_replicas` and `max_replicas` (default: the GPU
     count) replicas, aiming at `target_ongoing_requests` requests in flight per replica.
     """
 
-    model: str = REAL_MODEL_ID
-    revision: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    plan: str = "auto"
+    load: LoadOptions = field(default_factory=LoadOptions)
     cache: str = "disk"
     max_batch_size: int = 2
     batch_wait_timeout_s: float = 0.05
@@ -94,27 +92,27 @@ class ServeSettings:
             raise InvalidRequestError("replicas", self.replicas, "give 1 or more (or leave it unset: one per GPU)")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ServeSettings:
-        """Settings from `QIE_<FIELD>` variables (e.g. QIE_MODEL, QIE_CACHE_URL, QIE_MAX_BATCH_SIZE).
-
-        The cache comes from `QIE_RESULT_CACHE_URL` (`QIE_CACHE` already names qie's cache folder).
-        """
-        env = dict(os.environ if env is None else env)
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = "QIE_RESULT_CACHE_URL" if f.name == "cache" else f"QIE_{f.name.upper()}"
-            if name in env:
-                values[f.name] = env[name]
-        return cls.from_dict(values)
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
+        """Settings from `QIE_*` variables (read by `qie.settings`): the engine's (QIE_MODEL, QIE_PLAN, ...),
+        and QIE_<FIELD> for the others (QIE_MAX_BATCH_SIZE, ...; the cache is QIE_RESULT_CACHE_URL)."""
+        settings = Settings.from_env(env)
+        return cls.from_dict(dict(settings.serve), load=LoadOptions.from_env(settings))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
-        """Settings from plain (possibly string) values, as `serve run ... key=value` passes them."""
-        unknown = set(values) - {f.name for f in fields(cls)}
+    def from_dict(cls, values: Mapping[str, Any], load: LoadOptions | None = None) -> ServeSettings:
+        """Settings from plain (possibly string) values, as `serve run ... key=value` passes them.
+
+        `LoadOptions` names (model=tiny, plan=stream, ...) go into `load` (on top of `load`'s values).
+        """
+        engine = {f.name: f.type for f in fields(LoadOptions)}
+        own = {f.name: f.type for f in fields(cls) if f.name != "load"}
+        unknown = set(values) - set(engine) - set(own)
         if unknown:
-            raise InvalidRequestError("settings", sorted(unknown), f"use names from {[f.name for f in fields(cls)]}")
-        kinds = {f.name: f.type for f in fields(cls)}
-        return cls(**{k: _convert(k, v, kinds[k]) for k, v in values.items()})
+            raise InvalidRequestError("settings", sorted(unknown), f"use names from {[*own, *engine]}")
+        changes = {k: _convert(k, v, engine[k]) for k, v in values.items() if k in engine}
+        base = load or LoadOptions()
+        load = LoadOptions.build({**vars(base), **changes}) if changes else base
+        return cls(load=load, **{k: _convert(k, v, own[k]) for k, v in values.items() if k in own})
 
 
 def deployment_options(settings: ServeSettings, gpus_in_cluster: int) -> dict[str, Any]:
@@ -126,7 +124,7 @@ def deployment_options(settings: ServeSettings, gpus_in_cluster: int) -> dict[st
     """
     gpus = settings.gpus_per_replica
     if gpus is None:
-        gpus = 1 if gpus_in_cluster > 0 and settings.device != "cpu" else 0
+        gpus = 1 if gpus_in_cluster > 0 and settings.load.device != "cpu" else 0
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.cpus_per_replica},
         "max_ongoing_requests": settings.max_ongoing_requests,
@@ -218,12 +216,13 @@ async def parse_http(http: Request) -> EditRequest:
 class EditDeployment:
     """One replica: loads one `Editor`, answers HTTP, batches queued requests, uses the result cache."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: ServeSettings) -> None:
         from qie.core.editor import Editor
 
-        self.settings = ServeSettings(**settings)
-        s = self.settings
-        self.editor = Editor.load(s.model, s.device, s.dtype, revision=s.revision, plan=s.plan)
+        self.settings = s = settings
+        # The safety filter and fault drills follow the replica's own environment.
+        here = Settings.from_env()
+        self.editor = Editor.load(s.load, safety=here.safety, fault=here.fault)
         self.cache = open_cache(s.cache)
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -318,8 +317,8 @@ def build_app(args: dict[str, Any] | ServeSettings | None = None) -> serve.Appli
     """The Serve application for `args` (settings, or `serve run qie.serving.service:build_app key=value ...`)."""
     settings = args if isinstance(args, ServeSettings) else ServeSettings.from_dict(dict(args or {}))
     options = deployment_options(settings, _cluster_gpus())
-    log.debug("deployment of %s: %s", settings.model, options)
-    return EditDeployment.options(**options).bind(dataclasses.asdict(settings))
+    log.debug("deployment of %s: %s", settings.load.model, options)
+    return EditDeployment.options(**options).bind(settings)
 
 
 def run_forever(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -329,6 +328,7 @@ def run_forever(settings: ServeSettings, *, host: str = "127.0.0.1", port: int =
 
     import ray
 
+    # RAY_ADDRESS is Ray's own variable (join a running cluster), not a qie setting.
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -336,7 +336,7 @@ def run_forever(settings: ServeSettings, *, host: str = "127.0.0.1", port: int =
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(settings), name="qie", route_prefix="/")
-        print(f"qie serve: http://{host}:{port}/ (model {settings.model}); Ctrl-C stops it", flush=True)
+        print(f"qie serve: http://{host}:{port}/ (model {settings.load.model}); Ctrl-C stops it", flush=True)
         while not stop.wait(1.0):
             pass
     finally:

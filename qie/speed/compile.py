@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+from qie.settings import read as read_setting
+
 log = logging.getLogger(__name__)
 
 
 def set_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Point Inductor's FX-graph and autotune caches at `cache_dir` (created if missing)."""
-    path = Path(cache_dir or Path(os.environ.get("QIE_CACHE", Path.home() / ".cache" / "qie")) / "inductor")
+    path = Path(cache_dir or read_setting("cache_dir") / "inductor")
     path.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")

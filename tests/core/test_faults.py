@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import clone_editor, small_request
 
-from qie import CancelledError, Editor, ResourceError
+from qie import CancelledError, Editor, InvalidRequestError, ResourceError
 from qie.core import faults
+from qie.core.load_options import LoadOptions
+from qie.settings import Settings
 
 
 def test_oom_mid_denoise_is_reported_with_numbers_and_references_dropped(tiny_editor, photo):
@@ -58,9 +60,9 @@ def test_unexpected_fault_propagates_and_editor_goes_on(tiny_editor, photo):
     assert tiny_editor.edit(small_request(photo, steps=2)).image.size == (128, 96)
 
 
-def test_fault_from_environment(tiny_editor, photo, monkeypatch):
-    monkeypatch.setenv("QIE_FAULT", "transformer:oom:0:1")
-    editor = clone_editor(tiny_editor)
+def test_fault_from_environment(tiny_editor, photo):
+    spec = LoadOptions.from_env(Settings.from_env({"QIE_FAULT": "transformer:oom:0:1"})).fault
+    editor = clone_editor(tiny_editor, fault=faults.arm_spec(tiny_editor.pipe, spec))
     try:
         with pytest.raises(ResourceError):
             editor.edit(small_request(photo, steps=2))
@@ -68,7 +70,9 @@ def test_fault_from_environment(tiny_editor, photo, monkeypatch):
     finally:
         editor.fault.remove()
     with pytest.raises(ValueError, match="not a component"):
-        faults.arm_from_env(tiny_editor.pipe, "nothing:oom")
+        faults.arm_spec(tiny_editor.pipe, "nothing:oom")
+    with pytest.raises(InvalidRequestError, match="QIE_FAULT='transformer:boom' is not valid"):
+        Settings.from_env({"QIE_FAULT": "transformer:boom"})
 
 
 def test_cancel_from_another_thread_mid_run(tiny_editor, photo):

@@ -11,7 +11,8 @@ from PIL import Image
 from safety_models import tiny_clip, tiny_nsfw_classifier
 
 from qie import ModelLoadError, SafetyError
-from qie.core.safety import SafetyFilter, safety_from_env
+from qie.core.safety import SafetyFilter, load_filter
+from qie.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +60,23 @@ def test_clip_zero_shot_model(tmp_path):
     assert not SafetyFilter.load(str(folder), threshold=1.01).verdict(image).blocked
 
 
-def test_off_by_default_and_load_failure_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.delenv("QIE_SAFETY", raising=False)
-    assert safety_from_env() is None
-    monkeypatch.setenv("QIE_SAFETY", str(tmp_path / "no-such-model"))
+def safety_from(env):
+    return load_filter(Settings.from_env(env).safety)
+
+
+def test_off_by_default_and_load_failure_falls_back(tmp_path, caplog):
+    assert safety_from({}) is None and safety_from({"QIE_SAFETY": "0"}) is None
+    missing = {"QIE_SAFETY": str(tmp_path / "no-such-model")}
     with caplog.at_level(logging.WARNING):
-        assert safety_from_env() is None
+        assert safety_from(missing) is None
     assert "WITHOUT the safety filter" in caplog.text
-    monkeypatch.setenv("QIE_SAFETY_REQUIRED", "1")
     with pytest.raises(ModelLoadError, match="unset QIE_SAFETY_REQUIRED"):
-        safety_from_env()
+        safety_from({**missing, "QIE_SAFETY_REQUIRED": "1"})
 
 
-def test_env_configuration(monkeypatch, classifiers):
-    monkeypatch.setenv("QIE_SAFETY", str(classifiers["normal"]))
-    monkeypatch.setenv("QIE_SAFETY_THRESHOLD", "0.5")
-    monkeypatch.setenv("QIE_SAFETY_CHECK", "outputs")
-    safety = safety_from_env()
+def test_env_configuration(classifiers):
+    env = {"QIE_SAFETY": str(classifiers["normal"]), "QIE_SAFETY_THRESHOLD": "0.5", "QIE_SAFETY_CHECK": "outputs"}
+    safety = safety_from(env)
     assert (safety.threshold, safety.inputs, safety.outputs) == (0.5, False, True)
 
 
@@ -90,9 +91,8 @@ def test_classifier_failure_skips_with_warning_unless_required(classifiers, capl
         safety.check(Image.new("RGB", (16, 16)), "output")
 
 
-def test_editor_keeps_working_when_the_filter_cannot_load(monkeypatch, tmp_path, tiny_editor, photo, caplog):
-    monkeypatch.setenv("QIE_SAFETY", str(tmp_path / "missing-classifier"))
+def test_editor_keeps_working_when_the_filter_cannot_load(tmp_path, tiny_editor, photo, caplog):
     with caplog.at_level(logging.WARNING):
-        editor = clone_editor(tiny_editor)
+        editor = clone_editor(tiny_editor, safety=safety_from({"QIE_SAFETY": str(tmp_path / "missing-classifier")}))
     assert editor.safety is None and "WITHOUT the safety filter" in caplog.text
     assert editor.edit(small_request(photo, steps=2)).image.size == (128, 96)

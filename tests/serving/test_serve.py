@@ -18,6 +18,7 @@ from redis_server import free_port
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from qie.core.load_options import LoadOptions  # noqa: E402
 from qie.serving.service import ServeSettings, build_app, deployment_options, error_status, request_from_fields  # noqa: E402
 
 PHOTO = (EXAMPLES / "coffee-cup.jpg").read_bytes()
@@ -32,7 +33,7 @@ def service(tiny_dir, redis_url):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ServeSettings(
-            model="tiny",
+            load=LoadOptions(model="tiny"),
             cache=redis_url,
             replicas=2,
             max_batch_size=4,
@@ -122,7 +123,7 @@ def test_deployment_options_and_error_mapping():
 
     gpu = deployment_options(ServeSettings(), gpus_in_cluster=4)
     assert gpu["num_replicas"] == 4 and gpu["ray_actor_options"]["num_gpus"] == 1
-    cpu = deployment_options(ServeSettings(model="tiny"), gpus_in_cluster=0)
+    cpu = deployment_options(ServeSettings(load=LoadOptions(model="tiny")), gpus_in_cluster=0)
     assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"]["num_gpus"] == 0
     auto = deployment_options(ServeSettings(autoscale=True), gpus_in_cluster=8)
     assert auto["num_replicas"] == "auto" and auto["autoscaling_config"]["max_replicas"] == 8
@@ -134,7 +135,12 @@ def test_deployment_options_and_error_mapping():
         request_from_fields({"prompt": "x", "stepz": "3"}, [PHOTO])
     with pytest.raises(InvalidRequestError, match="steps='three' is not valid"):
         request_from_fields({"prompt": "x", "steps": "three"}, [PHOTO])
-    assert ServeSettings.from_env({"QIE_MODEL": "tiny", "QIE_MAX_BATCH_SIZE": "4"}).max_batch_size == 4
+    from_env = ServeSettings.from_env({"QIE_MODEL": "tiny", "QIE_MAX_BATCH_SIZE": "4", "QIE_PLAN": "stream"})
+    assert (from_env.max_batch_size, from_env.load.model, from_env.load.plan) == (4, "tiny", "stream")
+    given = ServeSettings.from_dict({"model": "tiny", "vram_budget_gib": "12", "replicas": "2"})
+    assert (given.load.model, given.load.vram_budget_gib, given.replicas) == ("tiny", 12.0, 2)
+    with pytest.raises(InvalidRequestError, match="QIE_PLAN='fast' is not valid"):
+        ServeSettings.from_env({"QIE_PLAN": "fast"})
     with pytest.raises(InvalidRequestError, match="cache='memcached://h' is not valid"):
         ServeSettings(cache="memcached://h")
     with pytest.raises(InvalidRequestError, match="max_batch_size=0"):

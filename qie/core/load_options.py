@@ -1,0 +1,191 @@
+"""`LoadOptions`: how one process loads its editor (model, device, dtype, memory plan, speed setup).
+
+One frozen dataclass, checked once when built, shared by the three adapters: the CLI and the
+Ray Serve service add its flags with `add_arguments` and read them back with `from_args`, the web
+app does the same, and `from_env` reads the `QIE_*` variables (through `qie.settings`). Errors name
+the flag (`--vram-budget`) when built from a command line, the variable (`QIE_VRAM_BUDGET`) when
+built from the environment, and the Python name (`vram_budget_gib`) otherwise.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> LoadOptions.add_arguments(parser)
+    >>> LoadOptions.from_args(parser.parse_args(["--model", "tiny", "--vram-budget", "12"])).vram_budget_gib
+    12.0
+    >>> LoadOptions(model="tiny", plan="stream").plan
+    'stream'
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from qie.core.models import REAL_MODEL_ID
+from qie.errors import InvalidRequestError
+from qie.settings import SafetySettings, Settings, check_fault, variable_for
+
+# Allowed values live with the type that uses them (tests check them against the mechanisms).
+PLAN_NAMES = ("auto", "resident", "resident-fp8", "fp8-te-stream", "stream", "model-offload")
+DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+FAST_STEPS = (4, 8)
+_DEVICE = re.compile(r"[a-z]+(:\d+)?")
+
+# Command-line flag and argparse destination of each field that has a flag.
+FLAGS = {
+    "model": "--model",
+    "revision": "--revision",
+    "device": "--device",
+    "dtype": "--dtype",
+    "plan": "--plan",
+    "vram_budget_gib": "--vram-budget",
+    "compile": "--compile",
+    "attention": "--attention",
+    "fast_lora": "--fast-lora",
+    "fast_steps": "--fast-steps",
+    "fast_fuse": "--fast-fuse",
+}
+
+
+def _dest(name: str) -> str:
+    return FLAGS[name].removeprefix("--").replace("-", "_") if name in FLAGS else name
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load an `Editor` (see `Editor.load`). Checked when built; bad values raise `InvalidRequestError`.
+
+    `attention` names a diffusers attention backend ("auto": the fastest available; checked at load,
+    where the hardware is known); `fast_lora` (file, folder or hub id of the Lightning LoRA) enables
+    fast mode with `fast_steps` steps, fused into the weights unless `fast_fuse` is False. `safety`
+    and `fault` come from the environment in the adapters (`qie.settings`): the safety filter and
+    a fault drill (`component:error[:after[:times]]`) armed at load.
+    """
+
+    model: str = REAL_MODEL_ID
+    revision: str | None = None
+    device: str | None = None
+    dtype: Any = None  # "bf16", "fp16", "fp32", a torch.dtype, or None: bf16 on GPU, fp32 on CPU
+    plan: str = "auto"
+    vram_budget_gib: float | None = None
+    compile: bool = False
+    attention: str | None = "auto"
+    fast_lora: str | None = None
+    fast_steps: int = 8
+    fast_fuse: bool = True
+    fixes: Mapping[str, bool] | None = None
+    safety: SafetySettings | None = None
+    fault: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, fix in self._problems():
+            raise InvalidRequestError(name, value, fix)
+
+    def _problems(self) -> list[tuple[str, Any, str]]:
+        problems = []
+        if not isinstance(self.model, str) or not self.model.strip():
+            problems.append(("model", self.model, "give a hub id, a local folder or 'tiny'"))
+        if self.plan not in PLAN_NAMES:
+            problems.append(("plan", self.plan, f"use one of {', '.join(PLAN_NAMES)}"))
+        if isinstance(self.dtype, str) and self.dtype not in DTYPE_NAMES:
+            problems.append(("dtype", self.dtype, "use bf16, fp16 or fp32 (or leave it unset)"))
+        if self.device is not None and not _DEVICE.fullmatch(str(self.device)):
+            problems.append(("device", self.device, "use cuda, cuda:N or cpu (or leave it unset: CUDA when present)"))
+        budget = self.vram_budget_gib
+        if budget is not None and (not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0):
+            problems.append(("vram_budget_gib", budget, "give the GiB the plan may use, e.g. 16 (unset: free VRAM)"))
+        if self.fast_steps not in FAST_STEPS:
+            problems.append(("fast_steps", self.fast_steps, "use 4 or 8 (the Lightning LoRAs that exist)"))
+        if self.attention is not None and not str(self.attention).strip():
+            problems.append(("attention", self.attention, "name a diffusers backend, or 'auto'"))
+        if self.fault is not None:
+            check_fault("fault", self.fault)
+        return problems
+
+    # --- from the three sources ---------------------------------------------------------------
+    @classmethod
+    def build(cls, values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> LoadOptions:
+        """`LoadOptions(**values)`, with a bad value's error naming it as `names` does (flag, variable)."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise InvalidRequestError(name, values[name], f"unknown load option; use one of {_field_names()}")
+        try:
+            return cls(**values)
+        except InvalidRequestError as exc:
+            if names and exc.param in names:
+                raise InvalidRequestError(names[exc.param], exc.value, exc.fix) from None
+            raise
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None, **overrides: Any) -> LoadOptions:
+        """The options the `QIE_*` variables set (`settings`, or read now), then `overrides`.
+
+        Example:
+            >>> LoadOptions.from_env(Settings.from_env({"QIE_MODEL": "tiny", "QIE_PLAN": "stream"})).plan
+            'stream'
+        """
+        settings = settings if settings is not None else Settings.from_env()
+        values = {**settings.engine, "safety": settings.safety, "fault": settings.fault}
+        names = {name: variable_for(name) for name in settings.engine}
+        return cls.build({**values, **overrides}, names)
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace) -> LoadOptions:
+        """The options in a namespace parsed by a parser that `add_arguments` filled."""
+        values = {f.name: getattr(namespace, _dest(f.name)) for f in fields(cls) if hasattr(namespace, _dest(f.name))}
+        return cls.build(values, FLAGS)
+
+    @classmethod
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, defaults: LoadOptions | None = None, *, skip: tuple[str, ...] = ()
+    ) -> None:
+        """Add the engine flags (group "engine") with `defaults` (e.g. `from_env()`); `skip` leaves flags out.
+
+        Fields without a flag (and skipped ones) still reach `from_args` through the parser's defaults.
+        """
+        d = defaults or cls()
+        group = parser.add_argument_group("engine", "how the model is loaded (see the docs: memory plans, speed)")
+        flags = {
+            "model": dict(default=d.model, help="hub id, local folder or 'tiny' (default: %(default)s)"),
+            "revision": dict(default=d.revision, help="hub revision: branch, tag or commit"),
+            "device": dict(default=d.device, help="cuda, cuda:1 or cpu (default: CUDA when present)"),
+            "dtype": dict(default=d.dtype, choices=DTYPE_NAMES[:3], help="default: bf16 on GPU, fp32 on CPU"),
+            "plan": dict(default=d.plan, choices=PLAN_NAMES, help="memory plan (default: %(default)s)"),
+            "vram_budget_gib": dict(
+                default=d.vram_budget_gib, type=float, metavar="GIB", help="GiB the plan may use (default: free VRAM)"
+            ),
+            "compile": dict(
+                default=d.compile,
+                action=argparse.BooleanOptionalAction,
+                help="regional torch.compile + warm-up (CUDA; default: %(default)s)",
+            ),
+            "attention": dict(default=d.attention, help="attention backend (default: %(default)s, the fastest)"),
+            "fast_lora": dict(default=d.fast_lora, help="Lightning LoRA for fast mode: file, folder or hub id"),
+            "fast_steps": dict(
+                default=d.fast_steps, type=int, choices=FAST_STEPS, help="which Lightning LoRA (default: %(default)s)"
+            ),
+            "fast_fuse": dict(
+                default=d.fast_fuse,
+                action=argparse.BooleanOptionalAction,
+                help="fuse the fast LoRA into the weights (fast mode only) or keep an adapter (default: %(default)s)",
+            ),
+        }
+        for name, kwargs in flags.items():
+            if name not in skip:
+                group.add_argument(FLAGS[name], dest=_dest(name), **kwargs)
+        parser.set_defaults(
+            **{_dest(f.name): getattr(d, f.name) for f in fields(cls) if f.name not in flags or f.name in skip}
+        )
+
+    def replace(self, **changes: Any) -> LoadOptions:
+        """A copy with `changes` (checked again)."""
+        return replace(self, **changes)
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(LoadOptions)]
