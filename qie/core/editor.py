@@ -40,7 +40,6 @@ from qie.errors import (
     SafetyError,
 )
 from qie.memory.plans import PLANS, Plan, choose_plan, next_plan
-from qie.settings import read as read_setting
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
 
@@ -444,13 +443,12 @@ _editor_lock = threading.Lock()
 
 def get_editor(options: LoadOptions | str | None = None, **overrides: Any) -> Editor:
     """The process-wide `Editor`, loaded on first call from `options` (a `LoadOptions` or a model)
-    and `overrides`; with neither a model nor options, the model is `$QIE_MODEL` or the real id."""
+    and `overrides`. Without `options` it is configured by the `QIE_*` variables (`LoadOptions.from_env`:
+    the model from `$QIE_MODEL`, else the real id; the safety filter from `$QIE_SAFETY`, ...)."""
     global _editor
     with _editor_lock:
         if _editor is None:
-            if options is None and "model" not in overrides:
-                options = read_setting("model") or REAL_MODEL_ID
-            _editor = Editor.load(options if options is not None else REAL_MODEL_ID, **overrides)
+            _editor = Editor.load(LoadOptions.from_env() if options is None else options, **overrides)
         return _editor
 
 

@@ -135,3 +135,20 @@ def test_the_editor_does_not_read_the_environment(tiny_editor, monkeypatch, tmp_
     monkeypatch.setenv("QIE_SAFETY_REQUIRED", "1")  # would raise if the constructor loaded a filter
     editor = clone_editor(tiny_editor)
     assert editor.fault is None and editor.safety is None
+
+
+def test_the_process_wide_editor_is_configured_by_the_environment(monkeypatch):
+    import qie
+    from qie.core.editor import current_editor
+
+    before = current_editor()
+    monkeypatch.setenv("QIE_MODEL", "tiny")
+    monkeypatch.setenv("QIE_FAULT", "vae:runtime:3")
+    qie.set_editor(None)
+    try:
+        editor = qie.get_editor()
+        assert (editor.model, editor.fault.component, editor.fault.after) == ("tiny", "vae", 3)
+        assert qie.get_editor() is editor
+        editor.fault.remove()
+    finally:
+        qie.set_editor(before)
