@@ -9,8 +9,9 @@ so they follow the environment without a restart. Every variable is listed in `V
 Variables that belong to other programs stay where they are used, because those programs define
 them: `HF_HUB_OFFLINE`/`HF_HOME` (huggingface_hub; quoted in `qie.core.models`' error messages),
 `PYTORCH_CUDA_ALLOC_CONF` and `TORCHINDUCTOR_*` (defaults set for PyTorch), `WORLD_SIZE`/`RANK`/
-`LOCAL_RANK` (torchrun), `RAY_ADDRESS` (Ray), `SPACE_ID`/`SPACES_ZERO_GPU`/`GRADIO_SERVER_*`
-(Hugging Face Spaces and Gradio), and the secret-looking names whose values the log filter masks.
+`LOCAL_RANK` (torchrun), `RAY_ADDRESS` (Ray), `SPACE_ID`/`SPACES_ZERO_GPU`/`GRADIO_SERVER_*`/
+`GRADIO_EXAMPLES_CACHE` (Hugging Face Spaces and Gradio), and the secret-looking names whose values
+the log filter masks. `tests/core/test_settings.py` fails if another module reads a `QIE_*` variable.
 
 Example:
     >>> s = Settings.from_env({"QIE_MODEL": "tiny", "QIE_MAX_INPUT_PIXELS": "1000000"})
