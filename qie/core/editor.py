@@ -13,7 +13,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -24,12 +24,12 @@ from qie import telemetry
 from qie.core import encode_cache as cache
 from qie.core import masking, stages
 from qie.core.faults import Fault, arm_spec
+from qie.core.grouping import check_batchable, condition_area
 from qie.core.load_options import LoadOptions
 from qie.core.models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from qie.core.request import EditRequest, EditResult
 from qie.core.safety import SafetyFilter, load_filter
-from qie.core.speed_setup import SpeedSetup, request_speed, setup_speed
-from qie.core.stages import VAE_IMAGE_SIZE
+from qie.core.speed_setup import RequestRun, SpeedSetup, request_speed, setup_speed
 from qie.errors import (
     BusyError,
     CancelledError,
@@ -50,7 +50,7 @@ DEFAULT_FIXES = {"mm_token_type_ids": True}
 
 
 class Editor:
-    """Owns a loaded `QwenImageEditPlusPipeline`; `edit` runs one request at a time."""
+    """Owns a loaded `QwenImageEditPlusPipeline`; `edit` runs one request, `edit_batch` several in one loop."""
 
     def __init__(
         self,
@@ -172,33 +172,56 @@ class Editor:
 
         Whatever the outcome, the request is logged as one JSON line (see `qie.telemetry`).
         """
-        if self.compiled:
-            request = bucketed(request)
-        record = telemetry.RequestRecord(_request_fields(request, self))
-        try:
-            result = self._edit_guarded(request, on_step=on_step, cancel=cancel, timeout=timeout)
-        except BaseException as exc:
-            record.finish(_outcome(exc), plan=self.plan.name, **telemetry.error_fields(exc))
-            raise
-        record.finish(
-            "ok",
-            timings={k: round(v, 4) for k, v in result.timings.items()},
-            peak_vram_gib=result.peak_vram_gib,
-            stage_peaks_gib={k: round(v, 3) for k, v in result.stage_peaks_gib.items()},
-            plan=result.plan,
-            steps_run=result.steps_run,
-            notes=list(result.notes),
-        )
-        return replace(result, request_id=record.request_id)
+        return self.edit_batch([request], on_step=on_step, cancel=cancel, timeout=timeout)[0]
 
-    def _edit_guarded(self, request: EditRequest, *, on_step, cancel, timeout) -> EditResult:
+    def edit_batch(
+        self,
+        requests: Sequence[EditRequest],
+        *,
+        on_step: stages.StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+    ) -> list[EditResult]:
+        """Run `requests` as one denoising batch, through the same steps as `edit`; results in order.
+
+        The requests must share `qie.core.grouping.batch_key` (output size, steps, CFG, speed
+        options, condition grids); `qie.core.grouping.group_by_key` groups any list. Each keeps its
+        own images, prompts, seed, tiling and region. Every option, the caches, `on_step` (called
+        once per step of the batch) and `cancel` (stops the whole batch) apply as for one edit. Out
+        of memory, a batch raises `ResourceError` without stepping down the plan: split it and retry.
+        Each result's `timings` are the batch's; a batch of N > 1 adds the note "batch of N".
+        Results match one-by-one edits within `TOLERANCES["batching"]`.
+
+        Example:
+            >>> results = editor.edit_batch([request_a, request_b])          # doctest: +SKIP
+            >>> [r.notes[0] for r in results]                                # doctest: +SKIP
+            ['batch of 2', 'batch of 2']
+        """
+        if self.compiled:
+            requests = [bucketed(r) for r in requests]
+        requests = list(requests)
+        if not requests:
+            return []
+        check_batchable(requests)
+        records = [telemetry.RequestRecord(_request_fields(r, self)) for r in requests]
+        try:
+            results = self._edit_guarded(requests, on_step=on_step, cancel=cancel, timeout=timeout)
+        except BaseException as exc:
+            for record in records:
+                record.finish(_outcome(exc), plan=self.plan.name, **telemetry.error_fields(exc))
+            raise
+        return [_finish_record(record, result) for record, result in zip(records, results, strict=True)]
+
+    def _edit_guarded(self, requests: list[EditRequest], *, on_step, cancel, timeout) -> list[EditResult]:
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             raise BusyError(f"the editor stayed busy for {timeout:.0f}s; try again shortly")
         try:
             if self.safety is not None:
-                self.safety.check_inputs(request.images)
+                for request in requests:
+                    self.safety.check_inputs(request.images)
+            control = stages.LoopControl(on_step=on_step, cancel=cancel, predict=self.predictor)
             try:
-                result = self._edit_with_step_down(request, on_step=on_step, cancel=cancel)
+                results = self._edit_with_step_down(requests, control)
             except CancelledError as exc:
                 if not getattr(cancel, "expired", False):  # a `qie.serving.jobs.Deadline` that ran out
                     raise
@@ -207,28 +230,30 @@ class Editor:
                     "lower steps or max_side, or try again when the server is less busy"
                 ) from None
             if self.safety is not None:
-                self.safety.check_output(result.image)
-            return result
+                for result in results:
+                    self.safety.check_output(result.image)
+            return results
         finally:
             self.pipe.maybe_free_model_hooks()
             self.lock.release()
 
     # --- out of memory: free, step down to a smaller plan and retry, or report the numbers -------
 
-    def _edit_with_step_down(self, request: EditRequest, *, on_step, cancel) -> EditResult:
+    def _edit_with_step_down(self, requests: list[EditRequest], control: stages.LoopControl) -> list[EditResult]:
         notes: list[str] = []
         while True:
             try:
-                result = self._edit_locked(request, on_step=on_step, cancel=cancel)
-                return replace(result, notes=result.notes + tuple(notes))
+                results = self._edit_locked(requests, control)
+                return [replace(result, notes=result.notes + tuple(notes)) for result in results]
             except torch.OutOfMemoryError as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
             # Outside the `except`: the traceback, its frames and their tensors are gone now.
             failed_plan, peak = self.plan.name, _peak_gib(self.device)
             self.cache.clear()  # cached embeddings and latents may be what filled the GPU
             free_memory(self.device)
-            if not self.step_down():
-                raise ResourceError(_oom_message(request, failed_plan, peak, self.device, reason))
+            # A batch that does not fit is split by the caller before the plan is degraded for good.
+            if len(requests) > 1 or not self.step_down():
+                raise ResourceError(_oom_message(requests, failed_plan, peak, self.device, reason))
             log.warning("out of memory with plan %r (%s); stepped down to %r", failed_plan, reason, self.plan.name)
             notes.append(f"out of memory with plan {failed_plan}; stepped down to {self.plan.name}")
 
@@ -260,42 +285,40 @@ class Editor:
 
     # --- end of out-of-memory handling ----------------------------------------------------------
 
-    def _edit_locked(self, request: EditRequest, *, on_step, cancel) -> EditResult:
-        pipe, device = self.pipe, self.device
-        timer = StageTimer(device)
-        generator = torch.Generator("cpu").manual_seed(request.seed)  # same noise on every device
-        with torch.inference_mode(), request_speed(pipe, self.speed, request) as run:
-            prompt, negative, condition, notes = self.encode(request, timer, uses_cfg=run.uses_cfg)
-            dtype = prompt.embeds.dtype
+    def _edit_locked(self, requests: list[EditRequest], control: stages.LoopControl) -> list[EditResult]:
+        """encode_prompt, encode_condition, denoise, decode for the batch; the caller holds the lock."""
+        pipe, first = self.pipe, requests[0]
+        timer = StageTimer(self.device)
+        with torch.inference_mode(), request_speed(pipe, self.speed, first) as run:
+            encoded = [self.encode(r, timer, uses_cfg=run.uses_cfg) for r in requests]
             with timer("denoise"):
-                noise = stages.prepare_noise(
-                    pipe, request.width, request.height, device=device, dtype=dtype, generator=generator
-                )
-                latents = stages.denoise(
+                inputs = stages.prepare(
                     pipe,
-                    noise,
-                    condition,
-                    prompt,
-                    negative,
+                    [e for e, _ in encoded],
+                    [r.seed for r in requests],
+                    width=first.width,
+                    height=first.height,
                     steps=run.steps,
                     true_cfg_scale=run.true_cfg_scale,
-                    width=request.width,
-                    height=request.height,
-                    on_step=on_step,
-                    cancel=cancel,
-                    observer=run.observer,
-                    predict=self.predictor,
                 )
+                latents = stages.denoise(pipe, inputs, replace(control, observer=run.observer))
             with timer("decode"):
-                image = stages.decode(pipe, latents, request.width, request.height, tile=request.tiling)
-        if request.resize_to_input:
-            image = image.resize(request.input_size, Image.Resampling.LANCZOS)
-        # --- masked edit: the original's pixels outside the region (qie/core/masking.py) ---
-        if request.has_region:
-            image = masking.keep_outside_region(request, image)
-            notes.append(f"kept the original outside the {'mask' if request.mask is not None else 'box'}")
-        if request.tiling is not None:
-            notes.append(f"VAE tiled ({request.tile_size} px tiles, {request.tile_overlap} px overlap)")
+                images = [
+                    stages.decode(pipe, latents[i : i + 1], r.width, r.height, tile=r.tiling)
+                    for i, r in enumerate(requests)
+                ]
+        if len(requests) > 1:
+            log.info("denoised a batch of %d (%dx%d, %d steps)", len(requests), first.width, first.height, run.steps)
+        batch_note = (f"batch of {len(requests)}",) if len(requests) > 1 else ()
+        results = []
+        for i, (request, image, (_, notes)) in enumerate(zip(requests, images, encoded, strict=True)):
+            image = finish_image(request, image, notes)  # adds its own notes
+            results.append(self._result(request, image, timer, run, i, (*batch_note, *run.finish_notes(i), *notes)))
+        return results
+
+    def _result(
+        self, request: EditRequest, image: Image.Image, timer: StageTimer, run: RequestRun, i: int, notes: tuple
+    ) -> EditResult:
         return EditResult(
             image=image,
             seed=request.seed,
@@ -305,20 +328,19 @@ class Editor:
             model=self.model,
             revision=self.revision,
             plan=self.plan.name,
-            steps_run=run.steps_run,
-            steps_skipped=run.steps - run.steps_run,
-            notes=(*run.finish_notes(), *notes),
+            steps_run=run.steps_run(i),
+            steps_skipped=run.steps - run.steps_run(i),
+            notes=notes,
             cached_calls=run.cache.cached if run.cache is not None else 0,
         )
 
     def encode(
         self, request: EditRequest, timer: StageTimer, uses_cfg: bool | None = None
-    ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, stages.Condition, list[str]]:
+    ) -> tuple[stages.Encoded, list[str]]:
         """Text-encode (prompt, negative) and VAE-encode one request, through the prompt/condition
         cache; the caller holds the lock. Returns the encodings and notes on cache hits.
 
-        `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG). Shared by
-        `edit` and `qie.serving.batching.edit_batch`.
+        `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG).
         """
         pipe, device = self.pipe, self.device
         self.cache.bind(pipe)
@@ -330,12 +352,12 @@ class Editor:
             )
             notes += ["prompt cache hit"] if hit else []
         with timer("condition_encode"):
-            area = request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
+            area = condition_area(request)
             condition, hit = cache.encode_condition(
                 self.cache, pipe, request, **ids, area=area, device=device, dtype=prompt.embeds.dtype
             )
             notes += ["condition cache hit"] if hit else []
-        return prompt, negative, condition, notes
+        return stages.Encoded(prompt, negative, condition), notes
 
     def reference(self, request: EditRequest) -> Image.Image:
         """The stock diffusers call, unchanged, for the same request: the oracle for tests and benchmarks."""
@@ -357,15 +379,48 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _oom_message(request: EditRequest, plan: str, peak: float | None, device: torch.device, reason: str) -> str:
+def finish_image(request: EditRequest, image: Image.Image, notes: list[str]) -> Image.Image:
+    """The decoded image at the size asked for, with the original kept outside a mask or box; notes say so."""
+    if request.resize_to_input:
+        image = image.resize(request.input_size, Image.Resampling.LANCZOS)
+    # --- masked edit: the original's pixels outside the region (qie/core/masking.py) ---
+    if request.has_region:
+        image = masking.keep_outside_region(request, image)
+        notes.append(f"kept the original outside the {'mask' if request.mask is not None else 'box'}")
+    if request.tiling is not None:
+        notes.append(f"VAE tiled ({request.tile_size} px tiles, {request.tile_overlap} px overlap)")
+    return image
+
+
+def _finish_record(record: telemetry.RequestRecord, result: EditResult) -> EditResult:
+    record.finish(
+        "ok",
+        timings={k: round(v, 4) for k, v in result.timings.items()},
+        peak_vram_gib=result.peak_vram_gib,
+        stage_peaks_gib={k: round(v, 3) for k, v in result.stage_peaks_gib.items()},
+        plan=result.plan,
+        steps_run=result.steps_run,
+        notes=list(result.notes),
+    )
+    return replace(result, request_id=record.request_id)
+
+
+def _oom_message(
+    requests: Sequence[EditRequest], plan: str, peak: float | None, device: torch.device, reason: str
+) -> str:
+    request = requests[0]
     where = "host memory"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         where = f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {device}, peak {peak:.1f} GiB"
+    if len(requests) > 1:
+        what, fix = f" in a batch of {len(requests)}", "Edit fewer requests at once, or one at a time."
+    else:
+        what = ""
+        fix = "No smaller memory plan is left: lower max_side, turn CFG off (true_cfg_scale=1) or use fewer images."
     return (
-        f"out of memory editing {request.width}x{request.height} with {len(request.images)} image(s), "
-        f"{request.steps} steps, CFG {'on' if request.uses_cfg else 'off'}, plan {plan!r} ({where}; {reason}). "
-        "No smaller memory plan is left: lower max_side, turn CFG off (true_cfg_scale=1) or use fewer images."
+        f"out of memory editing {request.width}x{request.height}{what} with {len(request.images)} image(s), "
+        f"{request.steps} steps, CFG {'on' if request.uses_cfg else 'off'}, plan {plan!r} ({where}; {reason}). {fix}"
     )
 
 

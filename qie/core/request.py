@@ -15,7 +15,7 @@ import numbers
 import random
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -38,6 +38,19 @@ DEFAULT_NEGATIVE_PROMPT = " "
 CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
 # Speed options (README "Speed options"), applied by qie.core.speed_setup.
 MODES = ("quality", "fast")
+# Field metadata: the field may differ between the requests of one denoising batch (qie.core.grouping).
+# Every other field must be equal within a batch, so a new option never mixes in a batch by mistake.
+PER_SAMPLE = MappingProxyType({"per_sample": True})
+TYPED_OPTIONS = (
+    "mode='fast'",
+    "attention_quant='int8'",
+    "step_cache='fbcache'",
+    "step_cache_threshold=0.1",
+    "step_cache_interval=3",
+    "early_exit_threshold=0.02",
+    "early_exit_patience=2",
+    "tile_size=512",
+)
 
 
 @dataclass(frozen=True)
@@ -48,29 +61,33 @@ class EditRequest:
     `max_side` caps the longer side; `resize_to_input` returns the result at the last input
     image's own size. `condition_area` is where the input images are VAE-encoded: "model" (~1024²,
     as the pipeline does) or "output" (the output's area: fewer tokens, faster at small sizes).
-    `options` holds per-request engine options (see the README). `mode`, `attention_quant`,
-    `step_cache*` and `early_exit*` are the speed options (README "Speed options").
+    `mode`, `attention_quant`, `step_cache*` and `early_exit*` are the speed options (README
+    "Speed options"); there is no free-form `options` mapping: passing a non-empty `options`
+    raises `InvalidRequestError` naming the typed fields to use instead.
+
+    Fields marked `PER_SAMPLE` may differ between requests denoised in one batch
+    (`Editor.edit_batch`); the others must match (`qie.core.grouping.batch_key`).
     """
 
-    images: Sequence[ImageInput]
-    prompt: str
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    images: Sequence[ImageInput] = field(metadata=PER_SAMPLE)
+    prompt: str = field(metadata=PER_SAMPLE)
+    negative_prompt: str = field(default=DEFAULT_NEGATIVE_PROMPT, metadata=PER_SAMPLE)
     steps: int = 40
-    true_cfg_scale: float = 4.0
-    seed: int | None = None
+    true_cfg_scale: float = field(default=4.0, metadata=PER_SAMPLE)  # the batch key holds the effective CFG
+    seed: int | None = field(default=None, metadata=PER_SAMPLE)
     height: int | None = None
     width: int | None = None
-    max_side: int | None = None
-    area: int = DEFAULT_AREA
-    resize_to_input: bool = False
+    max_side: int | None = field(default=None, metadata=PER_SAMPLE)  # settled into width and height
+    area: int = field(default=DEFAULT_AREA, metadata=PER_SAMPLE)  # settled into width and height
+    resize_to_input: bool = field(default=False, metadata=PER_SAMPLE)
     condition_area: str = "model"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    # --- tiled VAE (qie/memory/tiling.py) and masked edit (qie/core/masking.py) ---
-    tile_size: int | None = None
-    tile_overlap: int = DEFAULT_TILE_OVERLAP
-    mask: ImageInput | None = None
-    box: tuple[int, int, int, int] | None = None
-    mask_feather: int = DEFAULT_FEATHER
+    options: InitVar[Mapping[str, Any] | None] = None  # refused when not empty: see TYPED_OPTIONS
+    # --- tiled VAE (qie/memory/tiling.py) and masked edit (qie/core/masking.py): applied per image ---
+    tile_size: int | None = field(default=None, metadata=PER_SAMPLE)
+    tile_overlap: int = field(default=DEFAULT_TILE_OVERLAP, metadata=PER_SAMPLE)
+    mask: ImageInput | None = field(default=None, metadata=PER_SAMPLE)
+    box: tuple[int, int, int, int] | None = field(default=None, metadata=PER_SAMPLE)
+    mask_feather: int = field(default=DEFAULT_FEATHER, metadata=PER_SAMPLE)
     # --- speed options (qie.core.speed_setup) ---
     mode: str | None = None  # "fast" (Lightning LoRA), "quality", None: the editor's default
     attention_quant: str = "off"
@@ -80,7 +97,10 @@ class EditRequest:
     early_exit_threshold: float | None = None  # relative change of the predicted clean image
     early_exit_patience: int = 2
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, options: Mapping[str, Any] | None = None) -> None:
+        if options is not None and options != {}:
+            fix = f"per-request options are typed fields; set them instead, e.g. {', '.join(TYPED_OPTIONS)}"
+            raise InvalidRequestError("options", options, fix)
         set_ = object.__setattr__  # frozen: settle fields once, here
         set_(self, "images", _check_images(self.images))
         set_(self, "prompt", _check_prompt("prompt", self.prompt, required=True))
@@ -96,7 +116,6 @@ class EditRequest:
         set_(self, "height", height)
         if self.condition_area not in CONDITION_AREAS:
             raise InvalidRequestError("condition_area", self.condition_area, f"use one of {CONDITION_AREAS}")
-        set_(self, "options", MappingProxyType(dict(self.options)))
         # --- tiled VAE and masked edit ---
         if self.tile_size is not None:
             _ = self.tiling  # validates tile_size and tile_overlap
@@ -154,7 +173,6 @@ class EditRequest:
             "width": self.width,
             "height": self.height,
             "condition_area": self.condition_area,
-            "options": dict(self.options),
             "tile_size": self.tile_size,
             "tile_overlap": self.tile_overlap,
             "box": self.box,

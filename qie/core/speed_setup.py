@@ -9,8 +9,7 @@ cannot do is said in the result's notes.
 Example:
     >>> setup = setup_speed(pipe, device, dtype)                       # doctest: +SKIP
     >>> with request_speed(pipe, setup, request) as run:                # doctest: +SKIP
-    ...     latents = stages.denoise(..., steps=run.steps, true_cfg_scale=run.true_cfg_scale,
-    ...                              observer=run.observer)
+    ...     latents = stages.denoise(pipe, inputs, stages.LoopControl(observer=run.observer))
 """
 
 from __future__ import annotations
@@ -90,17 +89,18 @@ class RequestRun:
     def uses_cfg(self) -> bool:
         return self.true_cfg_scale > 1.0
 
-    @property
-    def steps_run(self) -> int:
-        return self.observer.steps_run if self.observer is not None else self.steps
+    def steps_run(self, sample: int = 0) -> int:
+        """Denoising steps run for `sample` of the batch (early exit stops each sample on its own)."""
+        return self.observer.steps_run_of(sample) if self.observer is not None else self.steps
 
-    def finish_notes(self) -> tuple[str, ...]:
-        """The notes, with what early exit and the step cache did."""
+    def finish_notes(self, sample: int = 0) -> tuple[str, ...]:
+        """The notes of `sample`, with what early exit and the step cache did."""
         notes = list(self.notes)
         if self.observer is not None:
+            steps_run = self.steps_run(sample)
             notes.append(
-                f"early exit: stopped after {self.steps_run} of {self.steps} steps"
-                if self.steps_run < self.steps
+                f"early exit: stopped after {steps_run} of {self.steps} steps"
+                if steps_run < self.steps
                 else f"early exit: ran all {self.steps} steps (x0 never settled below the threshold)"
             )
         if self.cache is not None:
@@ -110,7 +110,11 @@ class RequestRun:
 
 @contextlib.contextmanager
 def request_speed(pipe, setup: SpeedSetup, request: EditRequest) -> Iterator[RequestRun]:
-    """Apply `request`'s speed options for the body; undo them afterwards whatever happens."""
+    """Apply `request`'s speed options for the body; undo them afterwards whatever happens.
+
+    For a batch, `request` is any one of its requests: they share every speed option
+    (`qie.core.grouping.batch_key`).
+    """
     with contextlib.ExitStack() as stack:
         run = RequestRun(steps=request.steps, true_cfg_scale=request.true_cfg_scale if request.uses_cfg else 1.0)
         mode = request.mode or setup.default_mode

@@ -172,41 +172,117 @@ def timesteps_for(pipe, steps: int, seq_len: int, device: torch.device) -> torch
     return timesteps
 
 
-def denoise(
+@dataclass
+class Encoded:
+    """One request's encodings: prompt and (with CFG) negative prompt embeddings, condition latents."""
+
+    prompt: PromptEmbeds
+    negative: PromptEmbeds | None
+    condition: Condition
+
+
+@dataclass
+class DenoiseInputs:
+    """Everything the denoising loop reads, stacked along the batch (see `prepare`).
+
+    `latents` is the starting noise, (B, tokens, C); prompts are padded to one length with a mask;
+    every sample shares the output size, steps, CFG and condition token grids.
+    """
+
+    latents: torch.Tensor
+    condition: Condition
+    prompt: PromptEmbeds
+    negative: PromptEmbeds | None
+    width: int
+    height: int
+    steps: int
+    true_cfg_scale: float
+
+
+@dataclass
+class LoopControl:
+    """What may watch or steer the loop: progress, cancel, the early-exit observer, another predictor.
+
+    `predict` replaces the guided prediction of one step (default `guided_prediction`; CFG-parallel
+    passes its own, see `qie.serving.parallel`). `observer` (qie.speed.early_exit) sees each step
+    and may stop the loop with the latents to decode.
+    """
+
+    on_step: StepCallback | None = None
+    cancel: threading.Event | None = None
+    observer: StepObserver | None = None
+    predict: Predictor | None = None
+
+
+def pad_prompts(prompts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+    """Stack prompt embeddings, zero-padded to the longest, with a mask (None when none is padded).
+
+    The same padding and mask as diffusers' `_get_qwen_prompt_embeds` for a list of prompts; one
+    prompt comes back as it is.
+    """
+    if len(prompts) == 1:
+        return prompts[0]
+    rows = [p.embeds[0] for p in prompts]
+    longest = max(r.shape[0] for r in rows)
+    embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
+    lengths = torch.tensor([r.shape[0] for r in rows])
+    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long().to(embeds.device)
+    return PromptEmbeds(embeds=embeds, mask=None if bool(mask.all()) else mask)
+
+
+def prepare(
     pipe,
-    latents: torch.Tensor,
-    condition: Condition,
-    prompt: PromptEmbeds,
-    negative: PromptEmbeds | None,
+    encoded: Sequence[Encoded],
+    seeds: Sequence[int],
     *,
-    steps: int,
-    true_cfg_scale: float,
     width: int,
     height: int,
-    on_step: StepCallback | None = None,
-    cancel: threading.Event | None = None,
-    observer: StepObserver | None = None,
-    predict: Predictor | None = None,
-) -> torch.Tensor:
-    """Run the flow-matching loop; true CFG (with the pipeline's norm rescale) when `negative`.
+    steps: int,
+    true_cfg_scale: float,
+) -> DenoiseInputs:
+    """Stack the encodings of a batch and draw each sample's starting noise from its own seed.
 
-    Batched inputs work as they are: `latents`/`condition.latents` of shape (B, tokens, C) and
-    prompts padded to one length with a mask (see `qie.serving.batching`); every sample must share the
-    output size and condition shapes. `predict` replaces the guided prediction of one step
-    (default `guided_prediction`; CFG-parallel passes its own, see `qie.serving.parallel`).
-    `observer` (qie.speed.early_exit) sees each step and may stop the loop with the latents to decode.
+    The noise is drawn on the CPU (the same on every device) and placed like the prompt embeddings.
     """
+    prompt = pad_prompts([e.prompt for e in encoded])
+    negative = None if encoded[0].negative is None else pad_prompts([e.negative for e in encoded])
+    condition = Condition(latents=torch.cat([e.condition.latents for e in encoded]), shapes=encoded[0].condition.shapes)
+    embeds = prompt.embeds
+    noise = torch.cat(
+        [
+            prepare_noise(
+                pipe,
+                width,
+                height,
+                device=embeds.device,
+                dtype=embeds.dtype,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            )
+            for seed in seeds
+        ]
+    )
+    return DenoiseInputs(noise, condition, prompt, negative, width, height, steps, true_cfg_scale)
+
+
+def denoise(pipe, inputs: DenoiseInputs, control: LoopControl | None = None) -> torch.Tensor:
+    """Run the flow-matching loop over `inputs`; true CFG (with the pipeline's norm rescale) when
+    `inputs.negative` is set. Returns the final latents, (B, tokens, C).
+    """
+    control = control or LoopControl()
+    latents, condition, observer, on_step = inputs.latents, inputs.condition, control.observer, control.on_step
     factor = pipe.vae_scale_factor
-    img_shapes = [[(1, height // factor // 2, width // factor // 2), *condition.shapes]] * latents.shape[0]
-    predict = predict or guided_prediction
-    timesteps = timesteps_for(pipe, steps, latents.shape[1], latents.device)
+    out_shape = (1, inputs.height // factor // 2, inputs.width // factor // 2)
+    img_shapes = [[out_shape, *condition.shapes]] * latents.shape[0]
+    predict = control.predict or guided_prediction
+    timesteps = timesteps_for(pipe, inputs.steps, latents.shape[1], latents.device)
     n_out = latents.shape[1]
     for i, t in enumerate(timesteps):
-        if cancel is not None and cancel.is_set():
+        if control.cancel is not None and control.cancel.is_set():
             raise CancelledError(f"cancelled after {i} of {len(timesteps)} steps")
         model_input = torch.cat([latents, condition.latents], dim=1)
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        pred = predict(pipe, model_input, timestep, prompt, negative, img_shapes, true_cfg_scale)[:, :n_out]
+        pred = predict(pipe, model_input, timestep, inputs.prompt, inputs.negative, img_shapes, inputs.true_cfg_scale)
+        pred = pred[:, :n_out]
         # --- per-step observation / early stop (qie.speed.early_exit) ---
         if observer is not None:
             final = observer.after_step(i, latents, pred, float(pipe.scheduler.sigmas[i]))
@@ -218,7 +294,7 @@ def denoise(
         latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
-    return latents
+    return latents if observer is None else observer.finish(latents)
 
 
 def guided_prediction(

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DISK_BYTES = 2 * 2**30
 DEFAULT_TTL_S = 7 * 24 * 3600
-KEY_VERSION = "1"  # bump when the meaning of a key changes
+KEY_VERSION = "2"  # bump when the meaning of a key changes (2: no `options` mapping)
 CACHE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 2**20
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive internal errors before Serve restarts the replica
 REQUEST_FIELDS = tuple(f.name for f in fields(EditRequest))
+# Accepted and passed on, so that `EditRequest` answers with its own message (e.g. `options`: which typed fields).
+_REQUEST_PARAMETERS = frozenset(inspect.signature(EditRequest).parameters)
 _INTS = ("steps", "seed", "height", "width", "max_side", "area")
 
 
@@ -174,7 +177,7 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 def request_from_fields(values: dict[str, Any], images: list[bytes]) -> EditRequest:
     """An `EditRequest` from HTTP fields (JSON values or form strings) and the raw image files."""
-    unknown = set(values) - set(REQUEST_FIELDS) - {"images"}
+    unknown = set(values) - _REQUEST_PARAMETERS
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequestError(name, values[name], f"unknown field; use one of {list(REQUEST_FIELDS)}")

@@ -41,38 +41,82 @@ class StepObserver(Protocol):
     def after_step(self, i: int, latents: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor | None:
         """`latents` at step `i` (before the update), the model's velocity `pred`, the step's `sigma`."""
 
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to decode when the loop ran to its end (the observer may replace samples)."""
+
+
+class _Track:
+    """The early-exit state of one sample of a batch."""
+
+    def __init__(self) -> None:
+        self.steps_run = 0
+        self.changes: list[float] = []
+        self.previous: torch.Tensor | None = None
+        self.calm = 0
+        self.final: torch.Tensor | None = None  # x0, once this sample stopped
+
+    def observe(self, i: int, clean: torch.Tensor, threshold: float) -> None:
+        self.steps_run = i + 1
+        if self.previous is not None:
+            change = float(torch.linalg.vector_norm(clean - self.previous) / torch.linalg.vector_norm(self.previous))
+            self.changes.append(change)
+            self.calm = self.calm + 1 if change < threshold else 0
+        self.previous = clean
+
 
 class TrajectoryEarlyExit:
     """Stop when the predicted clean latent has settled: relative change < `threshold` for `patience` steps.
 
-    The last step is never cut (stopping there saves nothing), so `steps_run` is at most
-    `total_steps`; when it stops early, `after_step` returns x0 for decoding.
+    Each sample of a batch is watched on its own: a sample that settled keeps its x0 while the
+    others go on, and the loop stops when every sample has settled. The last step is never cut
+    (stopping there saves nothing), so `steps_run` is at most `total_steps`; when the loop stops
+    early, `after_step` returns x0 for decoding.
     """
 
     def __init__(self, threshold: float, patience: int, total_steps: int) -> None:
         self.threshold = threshold
         self.patience = patience
         self.total_steps = total_steps
-        self.steps_run = 0
-        self.changes: list[float] = []
-        self._previous: torch.Tensor | None = None
-        self._calm = 0
+        self.tracks: list[_Track] = []
 
     def after_step(self, i: int, latents: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor | None:
-        self.steps_run = i + 1
         clean = latents.float() - sigma * pred.float()
-        if self._previous is not None:
-            change = float(torch.linalg.vector_norm(clean - self._previous) / torch.linalg.vector_norm(self._previous))
-            self.changes.append(change)
-            self._calm = self._calm + 1 if change < self.threshold else 0
-        self._previous = clean
-        if self._calm >= self.patience and self.steps_run < self.total_steps:
-            return clean.to(latents.dtype)
+        if not self.tracks:
+            self.tracks = [_Track() for _ in range(latents.shape[0])]
+        for b, track in enumerate(self.tracks):
+            if track.final is not None:
+                continue
+            track.observe(i, clean[b], self.threshold)
+            if track.calm >= self.patience and track.steps_run < self.total_steps:
+                track.final = clean[b].to(latents.dtype)
+        if all(track.final is not None for track in self.tracks):
+            return self.finish(latents)
         return None
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """`latents` with each sample that stopped early replaced by its x0."""
+        if not any(track.final is not None for track in self.tracks):
+            return latents
+        rows = [latents[b] if t.final is None else t.final for b, t in enumerate(self.tracks)]
+        return torch.stack(rows)
+
+    def steps_run_of(self, sample: int) -> int:
+        """Denoising steps run for `sample` of the batch (0 before the loop started)."""
+        return self.tracks[sample].steps_run if self.tracks else 0
+
+    @property
+    def steps_run(self) -> int:
+        """Steps run by the loop: the most of any sample."""
+        return max((t.steps_run for t in self.tracks), default=0)
 
     @property
     def steps_skipped(self) -> int:
         return self.total_steps - self.steps_run
+
+    @property
+    def changes(self) -> list[float]:
+        """The relative changes of x0 seen for the first sample (all there is for one edit)."""
+        return self.tracks[0].changes if self.tracks else []
 
 
 @dataclass

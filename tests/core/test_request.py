@@ -1,5 +1,6 @@
 """Validation at the one input boundary: each bad value gets an error naming it and the fix."""
 
+import dataclasses
 import io
 import logging
 
@@ -101,12 +102,19 @@ def test_explicit_size_rounded_to_16_with_warning(img, caplog):
     assert "not a multiple of 16" in caplog.text
 
 
-def test_request_is_frozen_and_options_read_only(img):
-    req = EditRequest(images=[img], prompt="x", options={"a": 1})
+def test_request_is_frozen(img):
+    req = EditRequest(images=[img], prompt="x")
     with pytest.raises(AttributeError):
         req.prompt = "y"
-    with pytest.raises(TypeError):
-        req.options["a"] = 2
+
+
+def test_free_form_options_are_refused_with_the_typed_fields_to_use(img):
+    # A mapping nothing read used to be accepted and ignored: say which typed field does the job.
+    with pytest.raises(InvalidRequestError, match="^options=.*typed fields.*step_cache_threshold=0.1") as bad:
+        EditRequest(images=[img], prompt="x", options={"step_cache": 0.1})
+    assert bad.value.param == "options"
+    assert "options" not in {f.name for f in dataclasses.fields(EditRequest(images=[img], prompt="x", options={}))}
+    assert "options" not in EditRequest(images=[img], prompt="x").parameters()
 
 
 def test_control_characters_removed(img):

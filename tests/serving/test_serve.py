@@ -112,6 +112,10 @@ def test_multipart_and_errors(service):
     assert status == 400
     error = json.loads(body)
     assert error["param"] == "steps" and "steps=1 is not valid" in error["message"]
+    status, _, body = post_json(service, options={"step_cache": 0.1})
+    assert status == 400, body
+    error = json.loads(body)
+    assert error["param"] == "options" and "step_cache_threshold=" in error["message"]
     status, _, body = post(service, b"{not json")
     assert status == 400 and json.loads(body)["param"] == "body"
     with urllib.request.urlopen(service, timeout=30) as resp:
@@ -141,6 +145,9 @@ def test_deployment_options_and_error_mapping():
     assert (given.load.model, given.load.vram_budget_gib, given.replicas) == ("tiny", 12.0, 2)
     with pytest.raises(InvalidRequestError, match="QIE_PLAN='fast' is not valid"):
         ServeSettings.from_env({"QIE_PLAN": "fast"})
+    with pytest.raises(InvalidRequestError, match="^options=.*typed fields.*step_cache='fbcache'") as bad:
+        request_from_fields({"prompt": "x", "options": '{"step_cache": 0.1}'}, [PHOTO])
+    assert bad.value.param == "options" and error_status(bad.value) == 400
     with pytest.raises(InvalidRequestError, match="cache='memcached://h' is not valid"):
         ServeSettings(cache="memcached://h")
     with pytest.raises(InvalidRequestError, match="max_batch_size=0"):

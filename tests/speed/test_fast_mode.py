@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import small_request
+from oracle import assert_matches_reference
 from safetensors.torch import load_file
 
 from qie import Editor, InvalidRequestError
@@ -61,6 +62,15 @@ def test_unfused_lora_switches_per_request(tiny_editor, lora_file, photo):
     seen = []
     fast = editor.edit(small_request(photo, mode="fast"), on_step=scheduler_probe(editor, seen))
     assert fast.steps_run == 4 and seen[-1] == (4, None)
+    # Fast mode applies to a batch as to one edit: the LoRA's steps, its scheduler, no CFG.
+    seen.clear()
+    batch = editor.edit_batch(
+        [small_request(photo, mode="fast"), small_request(photo, mode="fast", seed=2)],
+        on_step=scheduler_probe(editor, seen),
+    )
+    assert [r.steps_run for r in batch] == [4, 4] and seen[-1] == (4, None)
+    assert batch[0].notes[0] == "batch of 2" and "fast mode" in batch[0].notes[1]
+    assert_matches_reference("batching", batch[0].image, fast.image)
     # A fixed shift of 3 at any size: sigma' = 3 sigma / (1 + 2 sigma), no terminal stretch.
     sigmas = torch.linspace(1.0, 1 / 4, 4, dtype=torch.float64)
     expected = 3 * sigmas / (1 + 2 * sigmas)
