@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 POLL_S = 0.2  # how often a running edit checks that its client is still there
+MAX_SESSIONS = 1024  # sessions remembered for "Cancelled after N of M steps" and dropped waiting edits
 
 
 class Job(threading.Event):
@@ -60,7 +61,9 @@ class SessionJobs:
         """Register a running job for `key` for the duration of the block."""
         job = Job()
         with self._lock:
+            self._last.pop(key, None)  # re-inserted: newest last
             self._jobs[key] = self._last[key] = job
+            _trim(self._last)
         try:
             yield job
         finally:
@@ -71,7 +74,9 @@ class SessionJobs:
     def cancel(self, key: str) -> Job | None:
         """Stop the running job of `key` (None when none runs); edits of `key` queued before now are dropped."""
         with self._lock:
+            self._cancelled_at.pop(key, None)
             self._cancelled_at[key] = time.monotonic()
+            _trim(self._cancelled_at)
             job = self._jobs.get(key)
         if job is not None:
             job.set()
@@ -87,6 +92,12 @@ class SessionJobs:
         with self._lock:
             at = self._cancelled_at.get(key)
         return enqueued is not None and at is not None and at >= enqueued
+
+
+def _trim(entries: dict) -> None:
+    """Forget the oldest sessions past `MAX_SESSIONS` (dicts keep insertion order)."""
+    while len(entries) > MAX_SESSIONS:
+        del entries[next(iter(entries))]
 
 
 def gradio_event() -> Any | None:

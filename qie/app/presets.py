@@ -201,6 +201,9 @@ def feature_request_fields(values: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, value in values.items():
         feature = FEATURES[name]
+        allowed = [choice for _, choice in feature.choices] if feature.choices else None
+        if allowed is not None and value not in allowed:
+            raise InvalidRequestError(name, value, f"use one of {', '.join(map(str, allowed))}")
         if feature_available(feature):
             out[feature.field] = feature.to_request(value)
         elif value != feature.default:

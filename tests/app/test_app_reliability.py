@@ -161,3 +161,51 @@ def test_edit_past_its_time_limit_is_stopped(served, monkeypatch):
     assert time.perf_counter() - started < 30
     monkeypatch.setattr(app, "EDIT_TIMEOUT_S", 900.0)
     assert edit(client)[2]
+
+
+def test_a_tile_size_that_is_not_a_choice_gets_a_clear_message(served, caplog):
+    client = Client(served, verbose=False)
+    with caplog.at_level("ERROR"), pytest.raises(AppError, match="VAE tile size: tile_size='abc'.*use one of off, 256"):
+        edit(client, tile_size="abc")
+    assert "Traceback" not in caplog.text
+
+
+def test_a_full_disk_gives_a_clear_message_and_leaves_no_partial_file(served, monkeypatch):
+    from PIL import Image as PILImage
+
+    from qie.app.handlers import output_dir
+
+    real_save = PILImage.Image.save
+
+    def disk_full(self, fp, *args, **kwargs):
+        if str(fp).endswith(".png.partial"):
+            with open(fp, "wb") as fh:
+                fh.write(b"\x89PNG half")  # a half-written file, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", disk_full)
+    client = Client(served, verbose=False)
+    with pytest.raises(AppError, match="disk is full.*try again later"):
+        edit(client)
+    assert not list(output_dir().glob("*.partial"))
+    monkeypatch.setattr(PILImage.Image, "save", real_save)
+    assert edit(client)[2]
+
+
+def test_the_hourly_cleanup_also_removes_partial_files():
+    import os
+
+    from qie.app.handlers import OUTPUT_TTL_S, output_dir
+
+    folder = output_dir()
+    old = time.time() - OUTPUT_TTL_S - 60
+    stale = [folder / "qie-1-stale.png", folder / "qie-2-stale.png.partial"]
+    fresh = folder / "qie-3-fresh.png.partial"
+    for path in (*stale, fresh):
+        path.write_bytes(b"x")
+    for path in stale:
+        os.utime(path, (old, old))
+    output_dir()
+    assert not any(path.exists() for path in stale) and fresh.exists()
+    fresh.unlink()
