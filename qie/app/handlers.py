@@ -66,7 +66,8 @@ PRIVATE_NOTES = ("cache hit",)  # they would tell a visitor that someone else se
 def explain(exc: qie.QieError) -> str:
     """The error in the page's words: the control's label, the bad value and the fix."""
     if isinstance(exc, qie.InvalidRequestError) and exc.param in CONTROL_LABELS:
-        return f"{CONTROL_LABELS[exc.param]}: {exc}"
+        label = CONTROL_LABELS[exc.param]
+        return f"{label}: {exc.fix}" if exc.value is None else f"{label}: {exc}"
     if isinstance(exc, qie.ResourceError):
         return f"{exc} {TINY_HINT}"
     if isinstance(exc, qie.BusyError):

@@ -54,7 +54,7 @@ SCROLL_TO_RESULT_JS = (
 )
 CSS = """
 /* info texts under controls: >= 4.5:1 contrast on both themes */
-.gradio-container [data-testid="block-info"], .gradio-container .info {
+.gradio-container .info-text {
   color: var(--body-text-color) !important; opacity: 1 !important;
 }
 """
@@ -128,8 +128,7 @@ def _wire_helpers(ui: Layout, handlers: Handlers, *, fast_lora: bool) -> None:
             lambda language, price_tag, key=key: handlers.fill_preset(key, language, price_tag),
             inputs_kwargs={"language": ui.language, "price_tag": ui.price_tag},
             outputs=[ui.prompt],
-            queue=False,
-            api_visibility="private",
+            api_visibility="private",  # queued (not on the GPU's queue): a bad price tag shows as a toast
         )
     ui.use_as_input.click(
         handlers.reuse, inputs_kwargs={"before_after": ui.result}, outputs=[ui.image], api_visibility="private"
@@ -233,15 +232,20 @@ def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
 
 
 def startup_notice(model: str, device: str | None = None) -> str | None:
-    """Why `model` cannot run on this machine (no GPU), with the way to the offline demo; None if it can."""
+    """Why `model` cannot run on this machine (no GPU), in the app's flags; None if it can."""
     from qie.core.models import MODELS, check_hardware, resolve_device
 
     if device is not None:
         return None
+    spec = MODELS.get(model)
     try:
-        check_hardware(MODELS.get(model), resolve_device())
-    except qie.ResourceError as exc:
-        return f"{exc} {app_handlers.TINY_HINT}"
+        check_hardware(spec, resolve_device())
+    except qie.ResourceError:
+        return (
+            f"The model {model} needs a CUDA GPU (its weights are {spec.weights_gib():.0f} GiB in bf16) and none "
+            f"was found. Start the app on a GPU machine, or with --device cpu to try anyway (very slow, "
+            f"~{spec.weights_gib(4):.0f} GiB of RAM). {app_handlers.TINY_HINT}"
+        )
     return None
 
 

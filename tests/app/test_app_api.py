@@ -219,3 +219,11 @@ def test_cancel_also_drops_this_sessions_waiting_edit(client, recorder, tiny_edi
             job.result(timeout=60)
     assert "waiting one" not in recorder.prompts  # dropped before it reached the editor
     assert edit(client)[2]
+
+
+def test_cache_hits_never_reach_the_page(client):
+    """A cache hit would tell one visitor that someone else sent the same image and prompt."""
+    first = edit(client, prompt="same prompt twice", seed=3, randomize_seed=False)[2]
+    second = edit(client, prompt="same prompt twice", seed=3, randomize_seed=False)[2]
+    assert "cache hit" not in first + second
+    assert "denoise" in second

@@ -54,6 +54,18 @@ def page_url(tiny_editor):
 
 
 @pytest.fixture(scope="module")
+def demo_url(tiny_editor):
+    """The app as `python app.py --model tiny` starts it: the tiny notice and the quick CPU settings."""
+    _require_browser()
+    from qie.app.main import TINY_NOTICE
+    from qie.app.presets import CPU_DEMO_DEFAULTS
+
+    demo, url = launch(tiny_editor, notice=TINY_NOTICE, defaults={**CPU_DEMO_DEFAULTS, "max_side": 256})
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
 def browser():
     _require_browser()
     from playwright.sync_api import sync_playwright
@@ -124,6 +136,124 @@ def _live(name: str) -> bool:
 
 def _set_number(page, elem_id: str, value: int) -> None:
     box = page.locator(f"{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
+    box.wait_for(state="visible")
+    for _ in range(5):  # an accordion still opening can swallow the first try
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        time.sleep(0.2)
+        if box.input_value() == str(value):
+            return
+    raise AssertionError(f"{elem_id} did not take {value}")
+
+
+# --- what a person sees: no red for validation or Cancel, disabled fast mode, contrast, phone ------------
+
+CONTRAST_JS = """el => {
+  const rgb = c => c.match(/[\\d.]+/g).map(Number);
+  const lum = c => { const [r, g, b] = rgb(c).slice(0, 3).map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const clear = c => c === 'rgba(0, 0, 0, 0)' || c === 'transparent';
+  let bg = el, color = getComputedStyle(el).color;
+  while (bg && clear(getComputedStyle(bg).backgroundColor))
+    bg = bg.parentElement;
+  const back = bg ? getComputedStyle(bg).backgroundColor : 'rgb(255, 255, 255)';
+  const [a, b] = [lum(color), lum(back)].sort((x, y) => y - x);
+  return (a + 0.05) / (b + 0.05);
+}"""
+
+
+def _open(browser, url, **viewport):
+    page = browser.new_page(viewport=viewport or {"width": 1280, "height": 900})
+    page.goto(url)
+    page.locator("#edit-btn").wait_for(state="visible", timeout=60_000)
+    return page
+
+
+def _upload(page, name="coffee-cup.jpg"):
+    page.set_input_files("#image-1 input[type=file]", str(EXAMPLES / name))
+    page.locator("#image-1 img").first.wait_for(state="visible", timeout=30_000)
+
+
+def _error_badges(page) -> int:
+    return page.locator("[data-testid=status-tracker] .error, .error:has-text('Error')").count()
+
+
+def _edit_and_wait(page, previous: str = "") -> str:
+    stats = page.locator("#stats textarea")
+    page.locator("#edit-btn").click()
+    wait_until(lambda: "denoise" in stats.input_value() and stats.input_value() != previous, timeout=120)
+    return stats.input_value()
+
+
+def test_validation_is_a_toast_and_cancel_keeps_the_last_result(browser, demo_url):
+    page = _open(browser, demo_url)
+    page.locator("#edit-btn").click()  # no image yet
+    page.get_by_text("Image: upload an image first").first.wait_for(timeout=30_000)
+    assert _error_badges(page) == 0
+    _upload(page)
+    page.locator("#prompt textarea").fill("white background")
+    first = _edit_and_wait(page)
+    after = page.locator("#result img").nth(1).get_attribute("src")
+    page.locator("#prompt textarea").fill("   ")
+    page.locator("#edit-btn").click()
+    page.get_by_text("Instruction:", exact=False).first.wait_for(timeout=30_000)
+    assert _error_badges(page) == 0 and page.locator("#stats textarea").input_value() == first
+
+    page.locator("#prompt textarea").fill("a long edit")
+    page.locator("#advanced").get_by_text("Advanced").click()
+    _set_number(page, "#steps", 100)
+    page.locator("#edit-btn").click()
+    page.locator("#result").get_by_text("/100 steps", exact=False).first.wait_for(timeout=60_000)
+    page.locator("#cancel-btn").click()
+    stats = page.locator("#stats textarea")
+    wait_until(
+        lambda: "Cancelled after" in stats.input_value(), timeout=60, what=f"a cancel line ({stats.input_value()!r})"
+    )
+    assert "of 100 steps" in stats.input_value()
+    time.sleep(1.0)
+    assert _error_badges(page) == 0
+    assert page.locator("#result img").nth(1).get_attribute("src") == after  # the last result stays
+    page.close()
+
+
+def test_fast_mode_is_disabled_without_a_lora_and_info_text_is_readable(browser, demo_url):
+    page = _open(browser, demo_url)
+    page.locator("#advanced").get_by_text("Advanced").click()
+    mode = page.locator("#feature-mode")
+    mode.locator("input").first.wait_for(state="attached")
+    assert all(box.is_disabled() for box in mode.locator("input").all())
+    assert "start the app with --fast-lora" in mode.inner_text()
+    ratios = [info.evaluate(CONTRAST_JS) for info in page.locator(".info-text").all() if info.is_visible()]
+    assert ratios and min(ratios) >= 4.5, ratios
+    page.close()
+
+
+def test_an_empty_price_tag_says_so_next_to_the_preset(browser, demo_url):
+    page = _open(browser, demo_url)
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("keep me")
+    page.locator("#price-tag textarea, #price-tag input").first.fill("")
+    page.locator("#preset-price_tag").click()
+    page.get_by_text("Price tag text:", exact=False).first.wait_for(timeout=30_000)
+    assert prompt.input_value() == "keep me" and _error_badges(page) == 0
+    page.close()
+
+
+def test_on_a_phone_the_result_is_in_view_after_tapping_edit(browser, demo_url):
+    page = _open(browser, demo_url, width=390, height=844)
+    _upload(page)
+    page.locator("#prompt textarea").fill("Replace the background with pure white")
+    page.locator("#advanced").get_by_text("Advanced").click()  # the settings push the result far down
+    page.locator("#edit-btn").scroll_into_view_if_needed()
+    started = time.perf_counter()
+    _edit_and_wait(page)
+    print(f"phone: first result {time.perf_counter() - started:.1f}s after tapping Edit")
+    page.locator("#result img").nth(1).wait_for(state="visible", timeout=30_000)
+    time.sleep(1.0)  # the smooth scroll
+    box = page.locator("#result").bounding_box()
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] / 2 < 844, box  # at least half in view
+    shot = Path(os.environ.get("QIE_SCREENSHOT_PHONE") or "/tmp/qie-screenshot-phone.png")
+    page.screenshot(path=str(shot))
+    page.close()

@@ -194,3 +194,28 @@ def test_fast_mode_is_disabled_without_a_fast_lora_and_says_which_flag():
     assert "fast_lora=" not in off.info
     on = mode_control(app.build_demo(lambda: None, fast_lora=True))
     assert on.interactive is not False and "--fast-lora" not in on.info
+
+
+def test_examples_are_cached_per_model_revision_and_version_and_not_for_tiny(monkeypatch):
+    import os
+
+    from qie.app import main as app
+
+    seen = []
+
+    def recorder(**kwargs):
+        seen.append((os.environ.get("GRADIO_EXAMPLES_CACHE"), kwargs["cache_examples"], kwargs["run_on_click"]))
+
+    monkeypatch.setattr(app.gr, "Examples", recorder)
+    names = {
+        app.examples_cache_name("Qwen/Qwen-Image-Edit-2509", None),
+        app.examples_cache_name("Qwen/Qwen-Image-Edit-2511", None),
+        app.examples_cache_name("Qwen/Qwen-Image-Edit-2509", "abc123"),
+    }
+    assert len(names) == 3 and all(qie.__version__ in name for name in names)
+    assert app.examples_cache_name("tiny", None) is None
+    app.build_demo(lambda: None, examples_cache=app.examples_cache_name("Qwen/Qwen-Image-Edit-2509", None))
+    app.build_demo(lambda: None, examples_cache=None)
+    (folder, cached, on_click), (_, tiny_cached, tiny_on_click) = seen
+    assert folder.endswith("Qwen--Qwen-Image-Edit-2509@main-qie" + qie.__version__) and cached and not on_click
+    assert not tiny_cached and tiny_on_click
