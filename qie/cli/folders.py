@@ -31,16 +31,29 @@ class BatchReport:
         return "\n".join(lines)
 
 
-def edit_one(editor: Any, inputs: list[Path], output: Path, params: dict[str, Any]) -> EditResult:
-    """Edit `inputs` (1-3 images) with `params` and save the PNG (with metadata) at `output`."""
+def edit_one(
+    editor: Any, inputs: list[Path], output: Path, params: dict[str, Any], *, rewrite: bool = False
+) -> EditResult:
+    """Edit `inputs` (1-3 images) with `params` and save the PNG (with metadata) at `output`.
+
+    With `rewrite`, the text encoder first rewrites the prompt (`Editor.rewrite_prompt`); the
+    rewritten prompt is printed and used.
+    """
+    if rewrite:
+        params = {**params, "prompt": editor.rewrite_prompt(inputs, params["prompt"])}
+        print(f"rewritten prompt ({', '.join(p.name for p in inputs)}): {params['prompt']}", flush=True)
     request = EditRequest(images=inputs, **params)
     result = editor.edit(request)
     save_png(result.image, output, png_metadata(editor, request, result))
     return result
 
 
-def edit_folder(editor: Any, folder: Path, out_dir: Path, params: dict[str, Any]) -> BatchReport:
-    """Edit every image in `folder` into `out_dir/<name>.png`; existing outputs are skipped."""
+def edit_folder(
+    editor: Any, folder: Path, out_dir: Path, params: dict[str, Any], *, rewrite: bool = False
+) -> BatchReport:
+    """Edit every image in `folder` into `out_dir/<name>.png`; existing outputs are skipped.
+
+    With `rewrite`, each image's prompt is rewritten for that image (see `edit_one`)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     report = BatchReport()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +63,7 @@ def edit_folder(editor: Any, folder: Path, out_dir: Path, params: dict[str, Any]
             report.skipped.append(path)
             continue
         try:
-            edit_one(editor, [path], target, params)
+            edit_one(editor, [path], target, params, rewrite=rewrite)
             report.done.append(path)
         except QieError as exc:
             log.warning("%s failed: %s", path.name, exc)

@@ -35,6 +35,11 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     edit.add_argument("inputs", nargs="+", help="1-3 image files edited together, or one folder (batch)")
     edit.add_argument("--prompt", required=True, help="the edit instruction")
     edit.add_argument("--output", required=True, help="output PNG (or folder, for a folder input)")
+    edit.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="first let the text encoder rewrite --prompt into a precise instruction (printed, then used)",
+    )
     edit.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
     edit.add_argument("--steps", type=int, default=40)
     edit.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns CFG off)")
@@ -193,10 +198,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         EditRequest(images=inputs, **params)  # fail on bad input before loading the model
     editor = Editor.load(options)
     if folder:
-        report = edit_folder(editor, inputs[0], Path(args.output), params)
+        report = edit_folder(editor, inputs[0], Path(args.output), params, rewrite=args.rewrite)
         print(report.summary())
         return 0 if not report.failed else 1
-    result = edit_one(editor, inputs, Path(args.output), params)
+    result = edit_one(editor, inputs, Path(args.output), params, rewrite=args.rewrite)
     print(f"wrote {args.output}: {result.summary()}")
     return 0
 

@@ -25,9 +25,11 @@ from qie.core import encode_cache as cache
 from qie.core import masking, stages
 from qie.core.faults import Fault, arm_spec
 from qie.core.grouping import check_batchable, condition_area
+from qie.core.images import ImageInput
 from qie.core.load_options import LoadOptions
 from qie.core.models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
 from qie.core.request import EditRequest, EditResult
+from qie.core.rewrite import DEFAULT_MAX_NEW_TOKENS, check_language, check_max_new_tokens, generate_rewrite
 from qie.core.safety import SafetyFilter, load_filter
 from qie.core.speed_setup import RequestRun, SpeedSetup, request_speed, setup_speed
 from qie.errors import (
@@ -358,6 +360,48 @@ class Editor:
             )
             notes += ["condition cache hit"] if hit else []
         return stages.Encoded(prompt, negative, condition), notes
+
+    def rewrite_prompt(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        prompt: str,
+        language: str = "en",
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        timeout: float | None = None,
+    ) -> str:
+        """A precise edit instruction written from the short `prompt` by the text encoder, seeing `images`.
+
+        `language` is "en" or "zh"; at most `max_new_tokens` tokens are generated (greedy, so the
+        same inputs give the same text). Holds the GPU lock like `edit` (waits up to `timeout`
+        seconds). When the model writes nothing usable, the original prompt comes back (WARNING).
+
+        Example:
+            >>> editor.rewrite_prompt(["shoe.jpg"], "white background")      # doctest: +SKIP
+        """
+        check = EditRequest(images=images, prompt=prompt)  # the same checks as an edit's images and prompt
+        language, max_new_tokens = check_language(language), check_max_new_tokens(max_new_tokens)
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise BusyError(f"the editor stayed busy for {timeout:.0f}s; try again shortly")
+        try:
+            if self.safety is not None:
+                self.safety.check_inputs(check.images)
+            text = generate_rewrite(
+                self.pipe,
+                check.images,
+                check.prompt,
+                language=language,
+                max_new_tokens=max_new_tokens,
+                device=self.device,
+            )
+        finally:
+            self.pipe.maybe_free_model_hooks()
+            self.lock.release()
+        try:
+            return EditRequest(images=check.images, prompt=text).prompt  # usable as an edit's prompt
+        except InvalidRequestError as exc:
+            log.warning("prompt rewrite gave no usable instruction (%s); keeping the prompt as given", exc)
+            return check.prompt
 
     def reference(self, request: EditRequest) -> Image.Image:
         """The stock diffusers call, unchanged, for the same request: the oracle for tests and benchmarks."""

@@ -38,6 +38,26 @@ def test_edit_single_file_writes_png_with_metadata(tiny_dir, tmp_path):
     assert meta["model"] == str(tiny_dir) and meta["qie_version"]
 
 
+def test_edit_with_rewrite_prints_and_uses_the_rewritten_prompt(tiny_dir, tmp_path):
+    out = tmp_path / "out.png"
+    proc = run_cli(
+        "edit",
+        str(EXAMPLES / "coffee-cup.jpg"),
+        "--prompt",
+        "white background",
+        "--rewrite",
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_dir),
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("rewritten prompt (coffee-cup.jpg): "))
+    rewritten = line.split(": ", 1)[1]
+    assert read_png_metadata(out)["prompt"] == rewritten
+
+
 def test_edit_folder_reports_failures_and_resumes(tiny_dir, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
