@@ -15,9 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 import qie
 from qie.app.presets import EDIT_DEFAULTS, FEATURES, feature_request_fields
 from qie.app.uploads import received_path
+from qie.core.geometry import DEFAULT_AREA, fit_area
+from qie.core.request import MAX_SEED
 
 Upload = dict[str, Any] | str | None  # Gradio's FileData dict (unprocessed event) or a path
 
@@ -43,9 +48,18 @@ class EditForm:
     attention_quant: str = FEATURES["attention_quant"].default
     early_exit: bool = FEATURES["early_exit"].default
     price_tag: str = ""
+    # --- the page's own controls (not `/edit` parameters) ---
+    count: float = 1  # outputs, with consecutive seeds, run as one batch
+    aspect: str = "keep"
+    mask: Any = None  # the region brush: Gradio's ImageEditor value
 
 
 FORM_FIELDS = tuple(f.name for f in dataclasses.fields(EditForm))
+PAGE_FIELDS = ("count", "aspect", "mask")
+API_FIELDS = tuple(name for name in FORM_FIELDS if name not in PAGE_FIELDS)
+MAX_OUTPUTS = 4
+# Output aspect presets (width, height); "keep" follows the last input image.
+ASPECTS = {"keep": None, "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
 
 
 def with_form_signature(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -93,6 +107,7 @@ def build_request(form: EditForm, *, preprocessed: bool = False) -> qie.EditRequ
     if not images:
         raise qie.InvalidRequestError("image", None, "upload an image first")
     features = {name: getattr(form, name) for name in ("mode", "tile_size", "attention_quant", "early_exit")}
+    max_side = _number("max_side", form.max_side or 0, int) or None  # 0 = automatic size
     return qie.EditRequest(
         images=images,
         prompt=form.prompt,
@@ -100,8 +115,48 @@ def build_request(form: EditForm, *, preprocessed: bool = False) -> qie.EditRequ
         steps=_number("steps", form.steps, int),
         true_cfg_scale=_number("true_cfg_scale", form.true_cfg_scale, float),
         seed=None if form.randomize_seed or form.seed is None else _number("seed", form.seed, int),
-        max_side=_number("max_side", form.max_side or 0, int) or None,  # 0 = automatic size
         resize_to_input=bool(form.resize_to_input),
         condition_area=form.condition_area,
+        mask=region_mask_of(form.mask, images[-1]),
+        **_size(form.aspect, max_side),
         **feature_request_fields(features),
     )
+
+
+def build_requests(form: EditForm, *, preprocessed: bool = False) -> list[qie.EditRequest]:
+    """`count` requests of `form` with consecutive seeds (one batch; the first seed as the form says)."""
+    count = _number("count", form.count, int)
+    if not 1 <= count <= MAX_OUTPUTS:
+        raise qie.InvalidRequestError("count", count, f"choose 1 to {MAX_OUTPUTS} outputs")
+    first = build_request(form, preprocessed=preprocessed)
+    return [first] + [dataclasses.replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(1, count)]
+
+
+def _size(aspect: str, max_side: int | None) -> dict[str, int | None]:
+    """The request's size fields for an aspect preset: width and height, or the input's aspect."""
+    if aspect not in ASPECTS:
+        raise qie.InvalidRequestError("aspect", aspect, f"use one of {', '.join(ASPECTS)}")
+    if ASPECTS[aspect] is None:
+        return {"max_side": max_side}
+    width, height = fit_area(*ASPECTS[aspect], area=DEFAULT_AREA, max_side=max_side)
+    return {"width": width, "height": height}
+
+
+def region_mask_of(editor_value: Any, source: str) -> Image.Image | None:
+    """The brushed region as a mask the size of `source` (white = edit), or None when nothing is brushed.
+
+    `editor_value` is the region brush's value (Gradio's ImageEditor: background, layers, composite);
+    each of its files must be one Gradio received for this request.
+    """
+    if not isinstance(editor_value, dict) or not editor_value.get("layers"):
+        return None
+    region = None
+    for i, layer in enumerate(editor_value["layers"]):
+        with Image.open(received_path(layer, f"mask layer {i + 1}")) as img:
+            alpha = np.asarray(img.convert("RGBA"))[..., 3] > 0
+        region = alpha if region is None or region.shape != alpha.shape else region | alpha
+    if region is None or not region.any():
+        return None
+    with Image.open(source) as img:
+        size = img.size
+    return Image.fromarray(region.astype(np.uint8) * 255, mode="L").resize(size, Image.Resampling.NEAREST)

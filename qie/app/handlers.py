@@ -21,7 +21,7 @@ from typing import Any
 import gradio as gr
 
 import qie
-from qie.app.form import FORM_FIELDS, EditForm, build_request
+from qie.app.form import FORM_FIELDS, EditForm, build_requests
 from qie.app.jobs import Job, SessionJobs, gradio_event, run_cancellable
 from qie.app.layout import NO_FAST_LORA, Layout
 from qie.app.presets import FAST_MODE_SETTINGS, REPEATED_EDIT_WARNING, preset_prompt
@@ -122,19 +122,40 @@ def save_result(image: Any, metadata: dict[str, Any], seed: int) -> str:
         raise
 
 
-def run_edit(editor: Any, request: Any, cancel: Any, on_step: Callable[[int, int], None], tag: str | None) -> dict:
-    """The GPU work of one edit: run it, write the PNG (with the CLI's metadata) and the before image.
+def run_edits(
+    editor: Any, requests: list[Any], cancel: Any, on_step: Callable[[int, int], None], tag: str | None
+) -> list[dict]:
+    """The GPU work: one edit, or several as one batch (`Editor.edit_batch`); write each PNG (with the
+    CLI's metadata) and its before image (the region tinted, when one was brushed).
 
-    With `tag`, a failed or blocked edit falls back to the price tag drawn from a template.
+    With `tag`, a single edit that fails or is blocked falls back to the price tag drawn from a template.
     """
     from qie.app.pricetag import edit_or_render
     from qie.core.metadata import png_metadata
 
     kwargs = {"on_step": on_step, "cancel": cancel, "timeout": LOCK_TIMEOUT_S}
-    result = edit_or_render(editor, request, tag, **kwargs) if tag else editor.edit(request, **kwargs)
-    png = save_result(result.image, png_metadata(editor, request, result), result.seed)
-    before = request.images[-1].resize(result.image.size)
-    return {"before": before, "after": result.image, "png": png, "stats": stats_line(result)}
+    if len(requests) > 1:
+        results = editor.edit_batch(requests, **kwargs)
+    else:
+        request = requests[0]
+        results = [edit_or_render(editor, request, tag, **kwargs) if tag else editor.edit(request, **kwargs)]
+    outputs = []
+    for request, result in zip(requests, results, strict=True):
+        png = save_result(result.image, png_metadata(editor, request, result), result.seed)
+        before = before_image(request, result.image.size)
+        outputs.append({"before": before, "after": result.image, "png": png, "stats": stats_line(result)})
+    return outputs
+
+
+def before_image(request: Any, size: tuple[int, int]) -> Any:
+    """The last input at the output's size; a brushed region shows as a red tint."""
+    from PIL import Image
+
+    before = request.images[-1].resize(size)
+    if request.mask is None:
+        return before
+    region = request.mask.resize(size, Image.Resampling.NEAREST).point(lambda v: 96 if v >= 128 else 0)
+    return Image.composite(Image.new("RGB", size, (220, 20, 60)), before, region)
 
 
 class Handlers:
@@ -146,7 +167,7 @@ class Handlers:
         editor_factory: Callable[[], Any],
         *,
         start: dict[str, Any],
-        gpu: Callable[..., dict] = run_edit,
+        gpu: Callable[..., list[dict]] = run_edits,
         edit_timeout_s: Callable[[], float] = lambda: 900.0,
         fast_lora: bool = False,
     ) -> None:
@@ -166,7 +187,7 @@ class Handlers:
 
         if form.mode == "fast" and not self.fast_lora:
             raise qie.InvalidRequestError("mode", form.mode, NO_FAST_LORA)
-        request = build_request(form, preprocessed=preprocessed)  # validate before touching the GPU
+        requests = build_requests(form, preprocessed=preprocessed)  # validate before touching the GPU
         progress(0, desc="getting the model ready")
         editor = self.editor_factory()
         progress(0, desc="encoding the instruction and images")
@@ -176,13 +197,13 @@ class Handlers:
             progress((step, total), desc="denoising", unit="steps")
 
         # A price-tag edit that fails is replaced by the tag drawn from a template (and says so).
-        tag = form.price_tag if tag_in_prompt(request.prompt, form.price_tag) else None
-        out = self.gpu(editor, request, Deadline(self.edit_timeout_s(), parent=job), on_step, tag)
-        return {**out, "seed": request.seed}
+        tag = form.price_tag if tag_in_prompt(requests[0].prompt, form.price_tag) else None
+        outs = self.gpu(editor, requests, Deadline(self.edit_timeout_s(), parent=job), on_step, tag)
+        return [{**out, "seed": request.seed} for out, request in zip(outs, requests, strict=True)]
 
     async def _run(
         self, form: EditForm, request: gr.Request | None, progress: gr.Progress, preprocessed: bool = False
-    ) -> tuple[dict, Job]:
+    ) -> tuple[list[dict], Job]:
         key = request.session_hash if request is not None and request.session_hash else uuid.uuid4().hex
         event = gradio_event()
         with self.jobs.job(key) as job:
@@ -191,12 +212,23 @@ class Handlers:
             out = await run_cancellable(lambda: self._work(form, job, progress, preprocessed), job, event)
         return out, job
 
-    def _outputs(self, out: dict) -> dict:
+    def _outputs(self, outs: list[dict]) -> dict:
+        """The first result in the before/after view, download and stats (what `/edit` returns)."""
+        first = outs[0]
         return {
-            self.ui.result: (out["before"], out["after"]),
-            self.ui.download: out["png"],
-            self.ui.stats: out["stats"],
-            self.ui.seed: out["seed"],
+            self.ui.result: (first["before"], first["after"]),
+            self.ui.download: first["png"],
+            self.ui.stats: first["stats"] if len(outs) == 1 else f"{first['stats']} | {len(outs)} outputs",
+            self.ui.seed: first["seed"],
+        }
+
+    def _page_outputs(self, outs: list[dict]) -> dict:
+        """`_outputs` plus the gallery of every output (shown when there are several)."""
+        gallery = [(out["png"], f"seed {out['seed']}") for out in outs]
+        return {
+            **self._outputs(outs),
+            self.ui.gallery: gr.update(value=gallery, visible=len(outs) > 1, selected_index=None),
+            self.ui.outputs_state: [{k: out[k] for k in ("png", "stats", "seed")} for out in outs],
         }
 
     async def edit_api(
@@ -219,7 +251,7 @@ class Handlers:
         **values: Any,
     ) -> dict:
         """The Edit button: like `/edit`, but a bad input is a toast and a cancel keeps the last result."""
-        keep = {self.ui.result: gr.skip(), self.ui.download: gr.skip(), self.ui.seed: gr.skip()}
+        keep = {c: gr.skip() for c in self.page_outputs() if c is not self.ui.stats}
         try:
             out, _ = await self._run(EditForm(**values), request, progress)
         except qie.CancelledError as exc:
@@ -229,7 +261,23 @@ class Handlers:
         except qie.QieError as exc:
             gr.Warning(explain(exc))
             return {**keep, self.ui.stats: gr.skip()}
-        return self._outputs(out)
+        return self._page_outputs(out)
+
+    def page_outputs(self) -> list[Any]:
+        return [*self.ui.edit_outputs(), self.ui.gallery, self.ui.outputs_state]
+
+    def pick_output(self, outputs: list[dict] | None, before_after: Any, evt: gr.SelectData) -> dict:
+        """A gallery pick: that output into the before/after view, the download and the stats."""
+        if not outputs or evt.index is None or evt.index >= len(outputs):
+            return {self.ui.result: gr.skip(), self.ui.download: gr.skip(), self.ui.stats: gr.skip()}
+        chosen = outputs[evt.index]
+        before = before_after[0] if before_after else None
+        return {
+            self.ui.result: (before, chosen["png"]),
+            self.ui.download: chosen["png"],
+            self.ui.stats: chosen["stats"],
+            self.ui.seed: chosen["seed"],
+        }
 
     async def edit_example(self, image: str, prompt: str, request: gr.Request | None = None) -> dict:
         """An example: its image (a file Gradio cached) with its instruction and a fixed seed."""
@@ -280,6 +328,10 @@ class Handlers:
             return {self.ui.image: gr.skip()}
         gr.Info(REPEATED_EDIT_WARNING)
         return {self.ui.image: after}
+
+    def region_canvas(self, image: str | None) -> dict:
+        """The region brush starts on the first image, with nothing brushed."""
+        return {self.ui.mask: {"background": image, "layers": [], "composite": image} if image else None}
 
     def apply_mode(self, chosen: str) -> dict:
         """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""

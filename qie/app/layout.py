@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from qie.app.form import FORM_FIELDS
+from qie.app.form import API_FIELDS, ASPECTS, FORM_FIELDS, MAX_OUTPUTS
 from qie.app.presets import (
     DEFAULT_PRICE_TAG,
     FEATURES,
@@ -60,9 +60,18 @@ class Layout:
     use_as_input: gr.Button
     metrics: gr.JSON | None
     refresh_metrics: gr.Button | None
+    count: gr.Slider
+    aspect: gr.Radio
+    mask: gr.ImageEditor
+    gallery: gr.Gallery
+    outputs_state: gr.State
 
     def edit_inputs(self) -> dict[str, Any]:
         """The edit's inputs by parameter name, in the `/edit` API's order."""
+        return {name: getattr(self, name) for name in API_FIELDS}
+
+    def page_inputs(self) -> dict[str, Any]:
+        """The Edit button's inputs: the API's and the page's own (outputs, aspect, region)."""
         return {name: getattr(self, name) for name in FORM_FIELDS}
 
     def edit_outputs(self) -> list[Any]:
@@ -92,7 +101,19 @@ def _images() -> dict[str, Any]:
     with gr.Accordion("More images (optional, up to 3 in all)", open=False), gr.Row():
         image_2 = gr.Image(label="Image 2", type="filepath", height=200, elem_id="image-2")
         image_3 = gr.Image(label="Image 3", type="filepath", height=200, elem_id="image-3")
-    return {"image": image, "image_2": image_2, "image_3": image_3}
+    with gr.Accordion("Region (optional): brush where the edit goes", open=False, elem_id="region"):
+        mask = gr.ImageEditor(
+            label="Brush the region on the image; outside it the photo stays exactly as it is",
+            type="filepath",
+            sources=(),
+            transforms=(),
+            layers=False,
+            brush=gr.Brush(colors=["#e0143c"], default_size=24, color_mode="fixed"),
+            eraser=gr.Eraser(default_size=24),
+            height=320,
+            elem_id="mask",
+        )
+    return {"image": image, "image_2": image_2, "image_3": image_3, "mask": mask}
 
 
 def _prompt_and_presets() -> dict[str, Any]:
@@ -115,9 +136,21 @@ def _prompt_and_presets() -> dict[str, Any]:
                 for key, p in PRESETS.items()
             }
     with gr.Row():
+        count = gr.Slider(
+            1, MAX_OUTPUTS, value=1, step=1, label="Outputs (consecutive seeds, one batch)", elem_id="count"
+        )
+        aspect = gr.Radio(
+            [("keep input", "keep"), *((name, name) for name in ASPECTS if name != "keep")],
+            value="keep",
+            label="Aspect",
+            elem_id="aspect",
+        )
+    with gr.Row():
         edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
         cancel_btn = gr.Button("Cancel", variant="secondary", elem_id="cancel-btn")
     return {
+        "count": count,
+        "aspect": aspect,
         "prompt": prompt,
         "language": language,
         "price_tag": price_tag,
@@ -176,6 +209,14 @@ def _advanced(start: dict[str, Any], fast_lora: bool) -> dict[str, Any]:
 
 def _results(metrics: bool) -> dict[str, Any]:
     result = gr.ImageSlider(label="Before / after", type="filepath", format="png", interactive=False, elem_id="result")
+    gallery = gr.Gallery(
+        label="Outputs: pick one to view, download or use as input",
+        columns=4,
+        height="auto",
+        visible=False,
+        format="png",
+        elem_id="gallery",
+    )
     stats = gr.Textbox(label="Stats", interactive=False, elem_id="stats")
     with gr.Row():
         download = gr.DownloadButton("Download PNG", elem_id="download")
@@ -185,7 +226,8 @@ def _results(metrics: bool) -> dict[str, Any]:
         with gr.Accordion("Metrics (all visitors, aggregate)", open=False, elem_id="metrics-panel"):
             panel["metrics"] = gr.JSON(label="Requests, latency, GPU memory", elem_id="metrics")
             panel["refresh_metrics"] = gr.Button("Refresh", size="sm", elem_id="metrics-refresh")
-    return {"result": result, "stats": stats, "download": download, "use_as_input": use_as_input, **panel}
+    parts = {"result": result, "gallery": gallery, "stats": stats, "download": download, "use_as_input": use_as_input}
+    return {**parts, "outputs_state": gr.State([]), **panel}
 
 
 def build_layout(start: dict[str, Any], *, notice: str | None, fast_lora: bool, metrics: bool) -> Layout:

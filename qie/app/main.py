@@ -29,7 +29,7 @@ import gradio as gr
 import qie
 from qie.app import handlers as app_handlers
 from qie.app.form import with_form_signature
-from qie.app.handlers import Handlers, run_edit
+from qie.app.handlers import Handlers, run_edits
 from qie.app.layout import Layout, build_layout
 from qie.app.presets import CPU_DEMO_DEFAULTS, EDIT_DEFAULTS, FEATURES, feature_available, load_examples
 from qie.core.load_options import LoadOptions
@@ -84,7 +84,7 @@ def build_demo(
     with gr.Blocks(title="qie: Qwen-Image-Edit-2509", delete_cache=(3600, 3600)) as demo:
         ui = build_layout(start, notice=notice, fast_lora=fast_lora, metrics=metrics)
         handlers = Handlers(
-            ui, editor_factory, start=start, gpu=_on_gpu(run_edit), edit_timeout_s=_edit_timeout, fast_lora=fast_lora
+            ui, editor_factory, start=start, gpu=_on_gpu(run_edits), edit_timeout_s=_edit_timeout, fast_lora=fast_lora
         )
         _wire_edit(ui, handlers)
         _wire_helpers(ui, handlers, fast_lora=fast_lora)
@@ -99,23 +99,25 @@ def _edit_timeout() -> float:
 
 def _wire_edit(ui: Layout, handlers: Handlers) -> None:
     """The Edit button and Enter (page), the `/edit` API endpoint, and Cancel."""
-    common = {
-        "inputs_kwargs": ui.edit_inputs(),
-        "outputs": ui.edit_outputs(),
-        # Uploads reach the handler as files, so qie reads them and a non-image gets qie's message.
-        "preprocess": False,
-        "concurrency_id": GPU_CONCURRENCY_ID,
-        "concurrency_limit": 1,
-    }
+    # Uploads reach the handler as files, so qie reads them and a non-image gets qie's message.
+    common = {"preprocess": False, "concurrency_id": GPU_CONCURRENCY_ID, "concurrency_limit": 1}
     page_event = gr.on(
         [ui.edit_btn.click, ui.prompt.submit],
         with_form_signature(handlers.edit_page),
+        inputs_kwargs=ui.page_inputs(),
+        outputs=handlers.page_outputs(),
         api_visibility="private",
         **common,
     )
     gr.on([ui.edit_btn.click, ui.prompt.submit], None, js=SCROLL_TO_RESULT_JS, api_visibility="private")
     api_trigger = gr.Button(visible=False, elem_id="api-edit")
-    api_trigger.click(with_form_signature(handlers.edit_api), api_name="edit", **common)
+    api_trigger.click(
+        with_form_signature(handlers.edit_api),
+        inputs_kwargs=ui.edit_inputs(),
+        outputs=ui.edit_outputs(),
+        api_name="edit",
+        **common,
+    )
     ui.cancel_btn.click(
         handlers.cancel, inputs=None, outputs=[ui.stats], cancels=[page_event], queue=False, api_name="cancel"
     )
@@ -130,6 +132,15 @@ def _wire_helpers(ui: Layout, handlers: Handlers, *, fast_lora: bool) -> None:
             outputs=[ui.prompt],
             api_visibility="private",  # queued (not on the GPU's queue): a bad price tag shows as a toast
         )
+    ui.gallery.select(
+        handlers.pick_output,
+        inputs_kwargs={"outputs": ui.outputs_state, "before_after": ui.result},
+        outputs=[ui.result, ui.download, ui.stats, ui.seed],
+        api_visibility="private",
+    )
+    ui.image.change(
+        handlers.region_canvas, inputs_kwargs={"image": ui.image}, outputs=[ui.mask], api_visibility="private"
+    )
     ui.use_as_input.click(
         handlers.reuse, inputs_kwargs={"before_after": ui.result}, outputs=[ui.image], api_visibility="private"
     )

@@ -7,6 +7,7 @@ it skips locally and fails in CI (CI=true), where `.ci/run` installs it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -256,4 +257,65 @@ def test_on_a_phone_the_result_is_in_view_after_tapping_edit(browser, demo_url):
     assert box is not None and box["y"] >= 0 and box["y"] + box["height"] / 2 < 844, box  # at least half in view
     shot = Path(os.environ.get("QIE_SCREENSHOT_PHONE") or "/tmp/qie-screenshot-phone.png")
     page.screenshot(path=str(shot))
+    page.close()
+
+
+# --- features: several outputs, aspect presets, a brushed region ------------------------------------
+
+
+def test_three_outputs_in_a_gallery_with_an_aspect_preset(browser, demo_url):
+    from qie.core.geometry import fit_area
+
+    page = _open(browser, demo_url)
+    _upload(page)
+    page.locator("#prompt textarea").fill("Replace the background with pure white")
+    _set_number(page, "#count", 3)
+    page.locator("#aspect").get_by_text("1:1", exact=True).click()
+    text = _edit_and_wait(page)
+    width, height = fit_area(1, 1, max_side=256)
+    assert f"output {width}x{height}" in text and "3 outputs" in text and "batch of 3" in text
+    thumbs = page.locator("#gallery .thumbnail-item, #gallery button.thumbnail-item")
+    wait_until(lambda: thumbs.count() == 3, what="3 thumbnails")
+    first_seed = int(re.search(r"seed (\d+)", text).group(1))
+    thumbs.nth(1).click()
+    stats = page.locator("#stats textarea")
+    wait_until(lambda: f"seed {first_seed + 1}" in stats.input_value(), what="the second output's stats")
+    page.close()
+
+
+def test_a_brushed_region_keeps_the_pixels_outside_it(browser, demo_url):
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    page = _open(browser, demo_url)
+    _upload(page)
+    page.locator("#region").get_by_text("Region", exact=False).first.click()
+    canvas = page.locator("#mask canvas").first
+    canvas.wait_for(state="visible")
+    time.sleep(1.0)
+    box = canvas.bounding_box()
+    # A stroke across the lower right of the picture (the image fills the canvas' middle).
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx + 60, cy + 60)
+    page.mouse.down()
+    for step in range(10):
+        page.mouse.move(cx + 60 + 8 * step, cy + 60 + 4 * step)
+    page.mouse.up()
+    page.locator("#prompt textarea").fill("Add a red price tag")
+    page.locator("#advanced").get_by_text("Advanced").click()
+    page.locator("#resize-to-input").get_by_text("Return at the input's size").click()
+    text = _edit_and_wait(page)
+    assert "kept the original outside the mask" in text
+    src = page.locator("#result img").nth(1).get_attribute("src")  # the after image (PNG)
+    url = src if src.startswith("http") else demo_url.rstrip("/") + src
+    result = np.asarray(Image.open(io.BytesIO(httpx.get(url, timeout=30).content)).convert("RGB"))
+    with Image.open(EXAMPLES / "coffee-cup.jpg") as img:
+        original = np.asarray(img.convert("RGB"))
+    assert result.shape == original.shape
+    same = (result == original).all(axis=-1)
+    assert same[:100, :100].all()  # the top left, far from the stroke, is the original exactly
+    assert not same.all()  # and the brushed part was edited
     page.close()

@@ -111,3 +111,11 @@ def test_a_real_upload_still_works(served):
         image=handle_file(str(EXAMPLES / "cat.jpg")), prompt="white background", **CHEAP, api_name="/edit"
     )
     assert "denoise" in result[2]
+
+
+def test_the_region_brush_layers_must_be_received_files_too(secret):
+    from qie.app.form import region_mask_of
+
+    for layer in ({"path": str(secret)}, {"path": str(secret), "meta": {"_type": "gradio.FileData"}}):
+        with pytest.raises(ValueError, match="only images uploaded with this request"):
+            region_mask_of({"background": None, "layers": [layer], "composite": None}, str(secret))
