@@ -11,7 +11,7 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
 
     # Both paths VAE-encode the input at the output's area (not ~1024²): same comparison, CPU-cheap.
     monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
-    monkeypatch.setattr("qie.core.editor.VAE_IMAGE_SIZE", 64 * 64)
+    monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", 64 * 64)
 
     args = argparse.Namespace(
         sections="stock,resident,fast,options,batching",

@@ -30,7 +30,7 @@ def test_stream_plan_with_fp8_rows_stays_within_its_tolerance(case, monkeypatch)
     monkeypatch.setattr("qie.memory.plans.usable", lambda b: b)
     assert resident_blocks(sizes, budget) == 1  # one block resident, one streamed
     PLANS["stream"].apply(editor.pipe, torch.device("cpu"), budget)
-    monkeypatch.setattr("qie.core.editor.VAE_IMAGE_SIZE", request.width * request.height)
+    monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", request.width * request.height)
     image = editor.edit(request).image
     diff = assert_matches_reference("plan-stream", image, reference)
     assert diff.max_abs > 0  # fp8 weights do change the numbers: the test can tell
