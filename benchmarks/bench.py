@@ -221,6 +221,9 @@ class Bench:
         editor.cache = EditCache(max_entries=0)  # every probe pays for its text and condition encode
         return editor
 
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+
     def resident_gib(self) -> float | None:
         return torch.cuda.memory_allocated() / 2**30 if self.device.type == "cuda" else None
 
@@ -265,7 +268,7 @@ class Bench:
         from benchmarks.profiling import profile_forward
 
         try:
-            row.profile = profile_forward(transformer, trigger)
+            row.profile = profile_forward(transformer, trigger, device_name=self.device_name())
         except Exception as exc:  # a profile is a diagnosis: never lose the row for it
             row.notes.append(f"profile failed: {type(exc).__name__}: {exc}")
             return
@@ -273,6 +276,12 @@ class Bench:
         print(
             f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s, "
             f"host-to-device copies {p['h2d_s']:.3f}s",
+            flush=True,
+        )
+        floors = p.get("floors_s", {})
+        print(
+            "[bench]   by category (s, floor): "
+            + ", ".join(f"{k} {v:.4f} ({floors.get(k, 0.0):.4f})" for k, v in p["categories_s"].items()),
             flush=True,
         )
         self.save()
@@ -313,7 +322,7 @@ class Bench:
     def payload(self) -> dict[str, Any]:
         from qie.versions import installed
 
-        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+        gpu = self.device_name()
         return {
             "meta": {
                 "qie": __version__,

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,62 @@ def capture_call(module: torch.nn.Module, trigger: Callable[[], Any]) -> tuple[t
     return calls[0]
 
 
+# Kernel-name patterns by category, tried in this order (first match wins). Device kernels come
+# from cuBLAS/cuBLASLt (`nvjet_*`, `sm90_xmma_gemm_*`, `cutlass*`), cuDNN/flash/FA3 attention,
+# PyTorch's own kernels and Inductor's Triton kernels (named after the aten ops they fuse:
+# `triton_red_fused_..._native_layer_norm_0`, `triton_tem_fused_mm_0` for an autotuned GEMM
+# template); CPU runs see aten op names instead.
+_ATTENTION = r"flash|fmha|sdpa|scaled_dot_product|attention|attn|flex_attention|sageattn"
+_GEMM = (
+    r"gemm|nvjet|xmma|cutlass|cublas|splitkreduce|gemv|_tem_fused_(mm|addmm|bmm|_scaled_mm)"
+    r"|^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)$"
+)
+_QUANTIZE = r"float8|fp8|e4m3|e5m2|amax|quantiz"
+_COPIES = (
+    r"memcpy|memset|copy_kernel|catarraybatchedcopy|direct_copy"
+    r"|^aten::(copy_|_to_copy|to|cat|clone|contiguous|stack|index_select)$"
+)
+_ELEMENTWISE = (
+    r"elementwise|vectorized|layer_norm|rms_norm|layernorm|rmsnorm|rowwisemoments|reduce_kernel|softmax|gelu|silu"
+    r"|^triton_|^aten::(add|add_|mul|mul_|sub|div|div_|pow|rsqrt|mean|sum|exp|sin|cos|neg|tanh|where|addcmul|lerp"
+    r"|native_layer_norm|layer_norm|rms_norm|_fused_rms_norm|gelu|silu|sigmoid|fill_|clamp|view_as_complex|view_as_real)$"
+)
+PATTERNS = [
+    ("attention", re.compile(_ATTENTION, re.I)),
+    ("gemm", re.compile(_GEMM, re.I)),
+    ("quantize", re.compile(_QUANTIZE, re.I)),
+    ("copies", re.compile(_COPIES, re.I)),
+    ("elementwise", re.compile(_ELEMENTWISE, re.I)),
+]
+CATEGORIES = ("gemm", "attention", "elementwise", "quantize", "copies", "other")
+_COPY_OPS = {"", "to", "copy", "clone", "cat", "view", "permute", "transpose", "unsqueeze", "expand", "slice"}
+# Not work: the profiler's own markers and the host side of CUDA calls.
+_SKIP = re.compile(r"^(ProfilerStep|\[memory\]|cuda[A-Z]|cu[A-Z]|Torch-Compiled Region|CompiledFunction)|^## ")
+
+
+def classify(name: str) -> str:
+    """The kernel category of a device kernel's or aten op's name (see `CATEGORIES`).
+
+    Example:
+        >>> classify("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas")
+        'gemm'
+        >>> classify("triton_poi_fused__to_copy_clone_3")
+        'copies'
+    """
+    if _is_copy_only_triton(name):
+        return "copies"
+    for category, pattern in PATTERNS:
+        if pattern.search(name):
+            return category
+    return "other"
+
+
+def _is_copy_only_triton(name: str) -> bool:
+    """An Inductor kernel that fuses nothing but layout and dtype copies (`triton_poi_fused__to_copy_clone_3`)."""
+    match = re.fullmatch(r"triton_[a-z]+_fused_(.*?)_?\d*", name)
+    return bool(match) and bool(match.group(1).strip("_")) and set(match.group(1).split("_")) <= _COPY_OPS
+
+
 def split_device_time(events: Any) -> dict[str, Any]:
     """Sum a profiler's `key_averages()` into kernel and host-to-device copy time (seconds), and the top kernels."""
     kernels: dict[str, float] = {}
@@ -51,7 +108,7 @@ def split_device_time(events: Any) -> dict[str, Any]:
     for e in events:
         if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        us = _self_us(e)
         key = e.key.lower()
         if "memcpy htod" in key:
             h2d += us
@@ -68,8 +125,64 @@ def split_device_time(events: Any) -> dict[str, Any]:
     }
 
 
-def profile_forward(module: torch.nn.Module, trigger: Callable[[], Any], repeats: int = 3) -> dict[str, Any]:
-    """Per forward of `module` (replaying its first call under `trigger`): wall, kernel and copy seconds."""
+def _self_us(event: Any) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def split_categories(events: Any) -> dict[str, Any]:
+    """Seconds per kernel category in a profiler's `key_averages()`, the busy time, and the top "other" names.
+
+    GPU kernels when the profile has any; otherwise (a CPU run) the self time of the aten ops.
+    """
+    rows = list(events)
+    on_device = [e for e in rows if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    items = [(e.key, _self_us(e)) for e in on_device] or [
+        (e.key, e.self_cpu_time_total) for e in rows if not _SKIP.search(e.key)
+    ]
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    other: dict[str, float] = {}
+    for name, us in items:
+        category = classify(name)
+        seconds[category] += us / 1e6
+        if category == "other":
+            other[name[:80]] = other.get(name[:80], 0.0) + us / 1e6
+    top_other = dict(sorted(other.items(), key=lambda kv: -kv[1])[:8])
+    return {
+        "categories_s": seconds,
+        "busy_s": sum(seconds.values()),
+        "other_top_s": top_other,
+        "on_device": bool(on_device),
+    }
+
+
+def device_busy_s(events: Any) -> float | None:
+    """The union of the GPU kernels' time intervals in a profiler's `events()` (seconds); None without any.
+
+    Kernels on several streams overlap; their union is the time the GPU had work at all.
+    """
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and hasattr(e, "time_range")
+    )
+    if not spans:
+        return None
+    total, (lo, hi) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > hi:
+            total, lo = total + hi - lo, start
+        hi = max(hi, end)
+    return (total + hi - lo) / 1e6
+
+
+def profile_forward(
+    module: torch.nn.Module, trigger: Callable[[], Any], repeats: int = 3, device_name: str | None = None
+) -> dict[str, Any]:
+    """Per forward of `module` (replaying its first call under `trigger`): wall, kernel and copy seconds,
+    seconds by kernel category with idle time, and (for the Qwen-Image transformer) each category's floor.
+
+    `device_name` picks the peak rates of the floors (`benchmarks.floors.peaks_for`; default: this GPU).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     args, kwargs = capture_call(module, trigger)
@@ -86,7 +199,48 @@ def profile_forward(module: torch.nn.Module, trigger: Callable[[], Any], repeats
             for _ in range(repeats):
                 module(*args, **kwargs)
             cuda_sync()
-    split = split_device_time(prof.key_averages())
+    averages = prof.key_averages()
+    split = split_device_time(averages)
     per = {k: (v / repeats if isinstance(v, float) else v) for k, v in split.items()}
     per["top_kernels_s"] = {k: round(v / repeats, 4) for k, v in split["top_kernels_s"].items()}
-    return {"forward_s": wall, **per}
+    summary = {"forward_s": wall, **per, **category_summary(averages, prof.events(), wall, repeats)}
+    floor = floors_for_call(module, args, kwargs, device_name)
+    if floor:
+        summary.update(floor)
+        summary["over_floor_s"] = {
+            k: round(summary["categories_s"][k] - floor["floors_s"][k], 4) for k in summary["categories_s"]
+        }
+    return summary
+
+
+def category_summary(averages: Any, events: Any, wall_s: float, repeats: int) -> dict[str, Any]:
+    """`split_categories` per forward, with `idle` = wall time the GPU (on CPU: the ops) had no work."""
+    split = split_categories(averages)
+    busy = device_busy_s(events) if split["on_device"] else None
+    busy = (busy if busy is not None else split["busy_s"]) / repeats
+    seconds = {k: round(v / repeats, 5) for k, v in split["categories_s"].items()}
+    seconds["idle"] = round(max(0.0, wall_s - busy), 5)
+    return {
+        "categories_s": seconds,
+        "busy_s": busy,
+        "other_top_s": {k: round(v / repeats, 5) for k, v in split["other_top_s"].items()},
+    }
+
+
+def floors_for_call(module: torch.nn.Module, args: tuple, kwargs: dict, device_name: str | None) -> dict[str, Any]:
+    """The floors (`benchmarks.floors`) of a captured transformer call; empty for other modules."""
+    from benchmarks.floors import floors, forward_counts, peaks_for
+
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    text = kwargs.get("encoder_hidden_states")
+    if not hasattr(module, "transformer_blocks") or hidden is None or text is None:
+        return {}
+    counts = forward_counts(module, hidden.shape[1], text.shape[1], batch=hidden.shape[0])
+    if device_name is None and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    peaks = peaks_for(device_name)
+    return {
+        "counts": counts.as_dict(),
+        "peaks": peaks.name,
+        "floors_s": floors(counts, peaks),
+    }
