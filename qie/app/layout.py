@@ -187,7 +187,11 @@ def _advanced(start: dict[str, Any], fast_lora: bool) -> dict[str, Any]:
         with gr.Row():
             resize_to_input = gr.Checkbox(value=False, label="Return at the input's size", elem_id="resize-to-input")
             condition_area = gr.Radio(
-                [("model (~1024²)", "model"), ("output (faster when small)", "output")],
+                [
+                    ("auto (output under 0.6 MP)", "auto"),
+                    ("model (~1024²)", "model"),
+                    ("output (faster when small)", "output"),
+                ],
                 value=start["condition_area"],
                 label="Encode the input images at",
                 elem_id="condition-area",

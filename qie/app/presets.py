@@ -30,7 +30,7 @@ REPEATED_EDIT_WARNING = (
 
 
 # The settings the app starts with (the model card's), and smaller ones for the tiny model's CPU demo.
-EDIT_DEFAULTS: dict[str, Any] = {"steps": 40, "true_cfg_scale": 4.0, "max_side": 0, "condition_area": "model"}
+EDIT_DEFAULTS: dict[str, Any] = {"steps": 40, "true_cfg_scale": 4.0, "max_side": 0, "condition_area": "auto"}
 CPU_DEMO_DEFAULTS: dict[str, Any] = {**EDIT_DEFAULTS, "steps": 4, "max_side": 384, "condition_area": "output"}
 FAST_MODE_SETTINGS: dict[str, Any] = {"steps": 8, "true_cfg_scale": 1.0}  # the 8-step Lightning LoRA: no CFG
 

@@ -50,9 +50,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     edit.add_argument("--resize-to-input", action="store_true", help="return the result at the input's size")
     edit.add_argument(
         "--condition-area",
-        choices=["model", "output"],
-        default="model",
-        help="VAE-encode inputs at ~1024² (model, default) or at the output's area (faster for small outputs)",
+        choices=["auto", "model", "output"],
+        default="auto",
+        help="VAE-encode inputs at ~1024² (model) or at the output's area (output: faster for small outputs); "
+        "auto (default): output under 0.6 MP",
     )
     edit.add_argument("--tile-size", type=int, help="VAE in Hann-blended tiles of this many px (less GPU memory)")
     region = edit.add_mutually_exclusive_group()

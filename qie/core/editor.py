@@ -355,6 +355,8 @@ class Editor:
             notes += ["prompt cache hit"] if hit else []
         with timer("condition_encode"):
             area = condition_area(request)
+            if request.condition_area is None:
+                notes.append(f"condition_area=auto: {request.condition_area_used}")
             condition, hit = cache.encode_condition(
                 self.cache, pipe, request, **ids, area=area, device=device, dtype=prompt.embeds.dtype
             )

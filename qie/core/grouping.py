@@ -28,7 +28,7 @@ from qie.errors import InvalidRequestError
 
 def condition_area(request: EditRequest) -> int:
     """The pixel area the request's input images are VAE-encoded at."""
-    return request.width * request.height if request.condition_area == "output" else VAE_IMAGE_SIZE
+    return request.width * request.height if request.condition_area_used == "output" else VAE_IMAGE_SIZE
 
 
 def shared_fields() -> tuple[str, ...]:

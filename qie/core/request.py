@@ -35,7 +35,10 @@ MIN_STEPS, MAX_STEPS = 2, 100  # one step with the model's terminal shift yields
 MAX_CFG = 20.0
 MAX_SEED = 2**32 - 1
 DEFAULT_NEGATIVE_PROMPT = " "
-CONDITION_AREAS = ("model", "output")  # the model card's choice: enables true CFG with an "empty" prompt
+CONDITION_AREAS = ("model", "output")
+# Automatic condition area: outputs under this many pixels (~0.6 MP) encode their inputs at the
+# output's area. At 768² that cut the 8-step CFG edit from 4.99 s to 3.60 s on an H200 (bf16 eager).
+AUTO_OUTPUT_AREA_MAX = 600_000
 # Speed options (README "Speed options"), applied by qie.core.speed_setup.
 MODES = ("quality", "fast")
 # Field metadata: the field may differ between the requests of one denoising batch (qie.core.grouping).
@@ -60,7 +63,9 @@ class EditRequest:
     `height`/`width` default to the last image's aspect at ~`area` pixels (multiples of 32);
     `max_side` caps the longer side; `resize_to_input` returns the result at the last input
     image's own size. `condition_area` is where the input images are VAE-encoded: "model" (~1024²,
-    as the pipeline does) or "output" (the output's area: fewer tokens, faster at small sizes).
+    as the pipeline does), "output" (the output's area: fewer tokens, faster at small sizes) or None
+    ("auto" is the same): "output" for outputs under `AUTO_OUTPUT_AREA_MAX` pixels, else "model"
+    (`condition_area_used` says which).
     `mode`, `attention_quant`, `step_cache*` and `early_exit*` are the speed options (README
     "Speed options"); there is no free-form `options` mapping: passing a non-empty `options`
     raises `InvalidRequestError` naming the typed fields to use instead.
@@ -80,7 +85,7 @@ class EditRequest:
     max_side: int | None = field(default=None, metadata=PER_SAMPLE)  # settled into width and height
     area: int = field(default=DEFAULT_AREA, metadata=PER_SAMPLE)  # settled into width and height
     resize_to_input: bool = field(default=False, metadata=PER_SAMPLE)
-    condition_area: str = "model"
+    condition_area: str | None = None
     options: InitVar[Mapping[str, Any] | None] = None  # refused when not empty: see TYPED_OPTIONS
     # --- tiled VAE (qie/memory/tiling.py) and masked edit (qie/core/masking.py): applied per image ---
     tile_size: int | None = field(default=None, metadata=PER_SAMPLE)
@@ -114,8 +119,12 @@ class EditRequest:
         )
         set_(self, "width", width)
         set_(self, "height", height)
-        if self.condition_area not in CONDITION_AREAS:
-            raise InvalidRequestError("condition_area", self.condition_area, f"use one of {CONDITION_AREAS}")
+        if self.condition_area == "auto":
+            set_(self, "condition_area", None)
+        if self.condition_area is not None and self.condition_area not in CONDITION_AREAS:
+            raise InvalidRequestError(
+                "condition_area", self.condition_area, f"use one of {CONDITION_AREAS}, or 'auto' (None)"
+            )
         # --- tiled VAE and masked edit ---
         if self.tile_size is not None:
             _ = self.tiling  # validates tile_size and tile_overlap
@@ -146,6 +155,18 @@ class EditRequest:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
 
     @property
+    def condition_area_used(self) -> str:
+        """ "model" or "output": `condition_area`, or when it is None the automatic choice for this output size.
+
+        Example:
+            >>> EditRequest(images=[Image.new("RGB", (64, 64))], prompt="x", max_side=768).condition_area_used
+            'output'
+        """
+        if self.condition_area is not None:
+            return self.condition_area
+        return "output" if self.width * self.height < AUTO_OUTPUT_AREA_MAX else "model"
+
+    @property
     def input_size(self) -> tuple[int, int]:
         """(width, height) of the last input image, the one the output is framed like."""
         return self.images[-1].size
@@ -172,7 +193,7 @@ class EditRequest:
             "seed": self.seed,
             "width": self.width,
             "height": self.height,
-            "condition_area": self.condition_area,
+            "condition_area": self.condition_area_used,
             "tile_size": self.tile_size,
             "tile_overlap": self.tile_overlap,
             "box": self.box,

@@ -38,6 +38,12 @@ TOLERANCES: dict[str, Tolerance] = {
         128, 25.0, "torchao fp8 weights and dynamic fp8 activations in the transformer's matmuls (GPU only)"
     ),
     "compile": Tolerance(64, 30.0, "Inductor fuses and reorders float ops; results differ by rounding"),
+    "condition-area-output": Tolerance(
+        32,
+        35.0,
+        "input images VAE-encoded at the output's area instead of ~1024²: fewer condition tokens; automatic "
+        "under 0.6 MP (tiny, 128-512 px outputs: max 9-13, 48-52 dB)",
+    ),
     "vae_tiling": Tolerance(
         48, 35.0, "each tile sees zero padding at its edges, hidden by the Hann blend (tiny, 128-px tiles: 22 / 44 dB)"
     ),

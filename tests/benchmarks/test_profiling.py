@@ -69,7 +69,7 @@ KERNELS = {
         "Memcpy DtoD (Device -> Device)",
         "Memcpy HtoD (Pinned -> Device)",
         "Memset (Device)",
-        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>>",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::OpaqueType<2u>>",
         "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
         "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>",
         "triton_poi_fused__to_copy_clone_3",

@@ -1,5 +1,7 @@
 """qie's staged path against the stock diffusers call, on the same tiny weights and seed."""
 
+import dataclasses
+
 import pytest
 from oracle import assert_matches_reference
 
@@ -11,7 +13,10 @@ def request_and_reference(tiny_editor):
     from PIL import Image
 
     image = Image.open(__import__("conftest").EXAMPLES / "cat.jpg").convert("RGB")
-    request = EditRequest(images=[image], prompt="make the cat wear a red hat", steps=3, seed=123, max_side=128)
+    # Stock diffusers encodes the inputs at ~1024² whatever the output size: ask for the same.
+    request = EditRequest(
+        images=[image], prompt="make the cat wear a red hat", steps=3, seed=123, max_side=128, condition_area="model"
+    )
     return request, tiny_editor.reference(request)
 
 
@@ -33,12 +38,28 @@ def test_prompt_fix_within_its_declared_tolerance(tiny_editor, request_and_refer
 
 def test_without_cfg_also_exact(tiny_editor, request_and_reference):
     request, _ = request_and_reference
-    no_cfg = EditRequest(
-        images=request.images, prompt=request.prompt, steps=2, seed=7, max_side=128, true_cfg_scale=1.0
-    )
+    no_cfg = dataclasses.replace(request, steps=2, seed=7, true_cfg_scale=1.0)
     tiny_editor.fixes["mm_token_type_ids"] = False
     try:
         image = tiny_editor.edit(no_cfg).image
     finally:
         tiny_editor.fixes["mm_token_type_ids"] = True
     assert_matches_reference("default-no-fixes", image, tiny_editor.reference(no_cfg))
+
+
+def test_automatic_condition_area_within_its_declared_tolerance(tiny_editor, request_and_reference):
+    """A small output (under ~0.6 MP) encodes its inputs at its own area when condition_area is left to auto."""
+    request, reference = request_and_reference
+    auto = dataclasses.replace(request, condition_area=None)
+    assert auto.condition_area_used == "output"
+    tiny_editor.fixes["mm_token_type_ids"] = False
+    try:
+        result = tiny_editor.edit(auto)
+        explicit = tiny_editor.edit(dataclasses.replace(request, condition_area="output"))
+    finally:
+        tiny_editor.fixes["mm_token_type_ids"] = True
+    assert "condition_area=auto: output" in result.notes
+    assert not any(note.startswith("condition_area=auto") for note in explicit.notes)
+    assert result.image.tobytes() == explicit.image.tobytes()
+    diff = assert_matches_reference("condition-area-output", result.image, reference)
+    assert diff.max_abs > 0  # the condition really was encoded at another size

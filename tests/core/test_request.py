@@ -120,3 +120,20 @@ def test_free_form_options_are_refused_with_the_typed_fields_to_use(img):
 def test_control_characters_removed(img):
     req = EditRequest(images=[img], prompt="white\x00 back\x07ground\nplease")
     assert req.prompt == "white background\nplease"
+
+
+@pytest.mark.parametrize(
+    "given,side,used",
+    [
+        (None, 768, "output"),  # 589,824 px: under ~0.6 MP
+        ("auto", 768, "output"),
+        (None, 1024, "model"),
+        ("model", 512, "model"),  # an explicit choice is kept
+        ("output", 1024, "output"),
+    ],
+)
+def test_condition_area_auto_picks_output_for_small_outputs(img, given, side, used):
+    request = EditRequest(images=[img], prompt="x", width=side, height=side, condition_area=given)
+    assert request.condition_area_used == used
+    assert request.condition_area == (None if given == "auto" else given)
+    assert request.parameters()["condition_area"] == used  # cache keys and metadata hold the area used

@@ -55,7 +55,9 @@ def test_quantized_attention_within_tolerance_on_gpu(mode, photo):
     if not torch.cuda.is_available() or importlib.util.find_spec("sageattention") is None:
         pytest.skip("needs a CUDA GPU and sageattention")
     editor = Editor.load("tiny", device="cuda", dtype=torch.bfloat16, fixes={"mm_token_type_ids": False})
-    request = EditRequest(images=[photo], prompt="white background", steps=4, seed=3, max_side=256)
+    request = EditRequest(
+        images=[photo], prompt="white background", steps=4, seed=3, max_side=256, condition_area="model"
+    )
     result = editor.edit(dataclasses.replace(request, attention_quant=mode))
     assert "SageAttention" in result.notes[0], result.notes
     assert_matches_reference("attention-quant", result.image, editor.reference(request))
