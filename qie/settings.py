@@ -124,6 +124,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("QIE_PLAN", "plan", _text, "memory plan (default auto)"),
     Variable("QIE_VRAM_BUDGET", "vram_budget_gib", _number(float, 0.5, "16"), "GiB the plan may use"),
     Variable("QIE_COMPILE", "compile", _bool, "1: regional torch.compile + warm-up (CUDA)", False),
+    Variable("QIE_COMPILE_MODE", "compile_mode", _text, "torch.compile mode of QIE_COMPILE (default default)"),
+    Variable("QIE_TEXT_ENCODER_FP8", "text_encoder_fp8", _bool, "1: text encoder weights stored in fp8", False),
+    Variable("QIE_VAE_COMPILE", "vae_compile", _text, "compile the VAE decoder: off, on or channels-last"),
     Variable("QIE_ATTENTION", "attention", _text, "attention backend at load (default auto)"),
     Variable("QIE_FAST_LORA", "fast_lora", _text, "Lightning LoRA for fast mode: file, folder or hub id"),
     Variable("QIE_FAST_STEPS", "fast_steps", _number(int, 1, "8"), "which Lightning LoRA: 4 or 8 steps"),
@@ -223,6 +226,9 @@ class Settings:
     plan: str | None = None
     vram_budget_gib: float | None = None
     compile: bool = False
+    compile_mode: str | None = None
+    text_encoder_fp8: bool = False
+    vae_compile: str | None = None
     attention: str | None = None
     fast_lora: str | None = None
     fast_steps: int | None = None
@@ -255,9 +261,11 @@ class Settings:
     def engine(self) -> dict[str, Any]:
         """The engine fields that are set, by `LoadOptions` field name, with the variable each came from."""
         names = ("model", "revision", "device", "dtype", "plan", "vram_budget_gib", "attention", "fast_lora")
-        values = {name: getattr(self, name) for name in (*names, "fast_steps") if getattr(self, name) is not None}
-        if self.compile:
-            values["compile"] = True
+        names += ("fast_steps", "compile_mode", "vae_compile")
+        values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        for flag in ("compile", "text_encoder_fp8"):
+            if getattr(self, flag):
+                values[flag] = True
         return values
 
 

@@ -78,6 +78,7 @@ class Editor:
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self.lock = threading.Lock()
         self.compiled = False
+        self.compile_stats: dict[str, Any] = {}  # compile mode, warm-up and first-edit seconds (`enable_compile`)
         self.cache = cache.EditCache()  # prompt embeddings and condition latents (qie/core/encode_cache.py)
         self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         self.predictor: stages.Predictor | None = None  # set by qie.serving.parallel for CFG-parallel runs
@@ -113,6 +114,10 @@ class Editor:
         start = time.perf_counter()
         pipe = load_pipeline(opts.model, device=dev, dtype=dt, revision=opts.revision)
         # Speed options first: a LoRA is fused into plain weights, before a plan quantizes or streams them.
+        if opts.text_encoder_fp8:
+            from qie.memory.quantize import store_text_encoder_fp8
+
+            store_text_encoder_fp8(pipe.text_encoder, dt)
         speed = setup_speed(
             pipe,
             dev,
@@ -124,6 +129,10 @@ class Editor:
         )
         chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
         chosen.apply(pipe, dev, opts.vram_budget_gib)
+        if opts.vae_compile != "off":
+            from qie.speed.compile import compile_vae_decoder
+
+            compile_vae_decoder(pipe.vae, opts.vae_compile)
         took = time.perf_counter() - start
         log.info("loaded %s on %s (%s, plan %s) in %.1fs", opts.model, dev, dt, chosen.name, took)
         editor = cls(
@@ -139,17 +148,21 @@ class Editor:
         )
         editor.speed = speed
         if opts.compile:
-            editor.enable_compile()
+            editor.enable_compile(mode=opts.compile_mode)
         return editor
 
-    def enable_compile(self, warm_up_size: int = 1024) -> bool:
-        """Compile the transformer block (regional) and warm it up; False and eager on failure."""
-        from qie.speed.compile import compile_blocks, uncompile_blocks
+    def enable_compile(self, warm_up_size: int = 1024, mode: str = "default") -> bool:
+        """Compile the transformer block (regional, `torch.compile` `mode`) and warm it up; False and eager on failure.
 
+        `compile_stats` then holds the mode and the warm-up seconds; the first edit after it adds its own time.
+        """
+        from qie.speed.compile import check_mode, compile_blocks, uncompile_blocks
+
+        check_mode(mode)
         if self.device.type != "cuda" or self.plan.name in ("stream", "model-offload"):
             log.warning("compile skipped: it needs CUDA and a plan with resident weights (plan %s)", self.plan.name)
             return False
-        if not compile_blocks(self.pipe.transformer):
+        if not compile_blocks(self.pipe.transformer, mode=mode):
             return False
         start = time.perf_counter()
         try:
@@ -159,7 +172,8 @@ class Editor:
             uncompile_blocks(self.pipe.transformer)
             return False
         self.compiled = True
-        log.info("compiled and warmed up in %.0fs", time.perf_counter() - start)
+        self.compile_stats = {"mode": mode, "warm_up_s": time.perf_counter() - start}
+        log.info("compiled (mode %s) and warmed up in %.0fs", mode, self.compile_stats["warm_up_s"])
         return True
 
     def edit(
@@ -206,12 +220,15 @@ class Editor:
             return []
         check_batchable(requests)
         records = [telemetry.RequestRecord(_request_fields(r, self)) for r in requests]
+        start = time.perf_counter()
         try:
             results = self._edit_guarded(requests, on_step=on_step, cancel=cancel, timeout=timeout)
         except BaseException as exc:
             for record in records:
                 record.finish(_outcome(exc), plan=self.plan.name, **telemetry.error_fields(exc))
             raise
+        if self.compiled and "first_edit_s" not in self.compile_stats:
+            self.compile_stats["first_edit_s"] = time.perf_counter() - start
         return [_finish_record(record, result) for record, result in zip(records, results, strict=True)]
 
     def _edit_guarded(self, requests: list[EditRequest], *, on_step, cancel, timeout) -> list[EditResult]:

@@ -28,6 +28,7 @@ from typing import Any
 from qie.core.models import REAL_MODEL_ID
 from qie.errors import InvalidRequestError
 from qie.settings import SafetySettings, Settings, check_fault, variable_for
+from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
 
 # Allowed values live with the type that uses them (tests check them against the mechanisms).
 PLAN_NAMES = ("auto", "resident", "resident-fp8", "fp8-te-stream", "stream", "model-offload")
@@ -44,10 +45,13 @@ FLAGS = {
     "plan": "--plan",
     "vram_budget_gib": "--vram-budget",
     "compile": "--compile",
+    "compile_mode": "--compile-mode",
     "attention": "--attention",
     "fast_lora": "--fast-lora",
     "fast_steps": "--fast-steps",
     "fast_fuse": "--fast-fuse",
+    "text_encoder_fp8": "--text-encoder-fp8",
+    "vae_compile": "--vae-compile",
 }
 
 
@@ -63,7 +67,10 @@ class LoadOptions:
     where the hardware is known); `fast_lora` (file, folder or hub id of the Lightning LoRA) enables
     fast mode with `fast_steps` steps, fused into the weights unless `fast_fuse` is False. `safety`
     and `fault` come from the environment in the adapters (`qie.settings`): the safety filter and
-    a fault drill (`component:error[:after[:times]]`) armed at load.
+    a fault drill (`component:error[:after[:times]]`) armed at load. `compile_mode` is the
+    `torch.compile` mode of the regional compile (with `compile`); `text_encoder_fp8` stores the text
+    encoder's weights in fp8 (upcast per layer); `vae_compile` compiles the VAE decoder ("on"), in
+    channels-last layout too ("channels-last").
     """
 
     model: str = REAL_MODEL_ID
@@ -73,10 +80,13 @@ class LoadOptions:
     plan: str = "auto"
     vram_budget_gib: float | None = None
     compile: bool = False
+    compile_mode: str = "default"
     attention: str | None = "auto"
     fast_lora: str | None = None
     fast_steps: int = 8
     fast_fuse: bool = True
+    text_encoder_fp8: bool = False
+    vae_compile: str = "off"
     fixes: Mapping[str, bool] | None = None
     safety: SafetySettings | None = None
     fault: str | None = None
@@ -102,6 +112,10 @@ class LoadOptions:
             problems.append(("fast_steps", self.fast_steps, "use 4 or 8 (the Lightning LoRAs that exist)"))
         if self.attention is not None and not str(self.attention).strip():
             problems.append(("attention", self.attention, "name a diffusers backend, or 'auto'"))
+        if self.compile_mode not in COMPILE_MODES:
+            problems.append(("compile_mode", self.compile_mode, f"use one of {', '.join(COMPILE_MODES)}"))
+        if self.vae_compile not in VAE_COMPILE_MODES:
+            problems.append(("vae_compile", self.vae_compile, f"use one of {', '.join(VAE_COMPILE_MODES)}"))
         if self.fault is not None:
             check_fault("fault", self.fault)
         return problems
@@ -164,6 +178,11 @@ class LoadOptions:
                 action=argparse.BooleanOptionalAction,
                 help="regional torch.compile + warm-up (CUDA; default: %(default)s)",
             ),
+            "compile_mode": dict(
+                default=d.compile_mode,
+                choices=COMPILE_MODES,
+                help="torch.compile mode of --compile; reduce-overhead = CUDA graphs (default: %(default)s)",
+            ),
             "attention": dict(default=d.attention, help="attention backend (default: %(default)s, the fastest)"),
             "fast_lora": dict(default=d.fast_lora, help="Lightning LoRA for fast mode: file, folder or hub id"),
             "fast_steps": dict(
@@ -173,6 +192,16 @@ class LoadOptions:
                 default=d.fast_fuse,
                 action=argparse.BooleanOptionalAction,
                 help="fuse the fast LoRA into the weights (fast mode only) or keep an adapter (default: %(default)s)",
+            ),
+            "text_encoder_fp8": dict(
+                default=d.text_encoder_fp8,
+                action=argparse.BooleanOptionalAction,
+                help="store the text encoder's weights in fp8, upcast layer by layer (default: %(default)s)",
+            ),
+            "vae_compile": dict(
+                default=d.vae_compile,
+                choices=VAE_COMPILE_MODES,
+                help="compile the VAE decoder; channels-last: in channels-last layout too (default: %(default)s)",
             ),
         }
         for name, kwargs in flags.items():

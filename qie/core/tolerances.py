@@ -44,6 +44,11 @@ TOLERANCES: dict[str, Tolerance] = {
         "input images VAE-encoded at the output's area instead of ~1024²: fewer condition tokens; automatic "
         "under 0.6 MP (tiny, 128-512 px outputs: max 9-13, 48-52 dB)",
     ),
+    "text-encoder-fp8": Tolerance(
+        64,
+        30.0,
+        "text-encoder weights stored in fp8 (e4m3), upcast per layer: the prompt embeddings round (tiny: 1, 65 dB)",
+    ),
     "vae_tiling": Tolerance(
         48, 35.0, "each tile sees zero padding at its edges, hidden by the Hann blend (tiny, 128-px tiles: 22 / 44 dB)"
     ),

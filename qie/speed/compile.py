@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from qie.errors import InvalidRequestError
 from qie.settings import read as read_setting
+from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,90 @@ def set_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def compile_blocks(transformer: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> bool:
-    """Compile the repeated blocks of `transformer`; False (and a warning) if that is not possible."""
+# `torch.compile` modes for the regional compile: Inductor's defaults; GEMM autotuning (minutes more
+# of warm-up); CUDA graphs ("reduce-overhead": one graph replay per block call, no launch overhead,
+# memory for the graphs' pools); both. Each new size records new graphs, hence the size buckets.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_mode(mode: str, name: str = "compile_mode") -> str:
+    """`mode` if it is one of `COMPILE_MODES`, else `InvalidRequestError` naming `name`."""
+    if mode not in COMPILE_MODES:
+        raise InvalidRequestError(name, mode, f"use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compile_blocks(
+    transformer: torch.nn.Module, cache_dir: str | os.PathLike | None = None, mode: str = "default"
+) -> bool:
+    """Compile the repeated blocks of `transformer` with `torch.compile` `mode`; False (and a warning) if not possible.
+
+    With a CUDA-graph mode, each transformer call starts a new CUDA-graph step
+    (`torch.compiler.cudagraph_mark_step_begin`): the previous call's graph outputs have been consumed
+    by then, and without it the second CFG branch would find them overwritten.
+
+    Example:
+        >>> compile_blocks(pipe.transformer, mode="max-autotune-no-cudagraphs")  # doctest: +SKIP
+        True
+    """
+    check_mode(mode)
     set_cache_dir(cache_dir)
     try:
-        transformer.compile_repeated_blocks(fullgraph=True)
+        transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
     except Exception as exc:  # compile support varies with torch/diffusers builds
         log.warning("regional compile unavailable (%s: %s); running eager", type(exc).__name__, exc)
         return False
+    if mode in CUDA_GRAPH_MODES and getattr(transformer, "_qie_graph_step", None) is None:
+        transformer._qie_graph_step = transformer.register_forward_pre_hook(
+            lambda *_: torch.compiler.cudagraph_mark_step_begin()
+        )
+    return True
+
+
+def inductor_options(module: torch.nn.Module) -> dict | None:
+    """The Inductor options `module` was compiled with (`Module.compile`), as `torch.compile` resolved its mode.
+
+    None when `module` is not compiled or the compiled wrapper does not show them (another torch).
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2); layer.compile(mode="reduce-overhead")
+        >>> inductor_options(layer)
+        {'triton.cudagraphs': True}
+    """
+    import inspect
+
+    compiled = getattr(module, "_compiled_call_impl", None)
+    if compiled is None:
+        return None
+    try:
+        backend = inspect.getclosurevars(compiled).nonlocals.get("callback")
+    except TypeError:
+        return None
+    for _ in range(8):  # dynamo wraps the backend a few times
+        if backend is None or hasattr(backend, "compiler_name"):
+            break
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    config = getattr(backend, "config", None)
+    return dict(config) if isinstance(config, dict) else None
+
+
+def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
+    """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
+
+    The decoder runs once per edit over one latent frame; its 3-D convolutions are most of the
+    decode time, and channels-last (`torch.channels_last_3d`) can give cuDNN faster kernels for them.
+    Compilation happens on the first decode at each size. Returns True when compiled.
+    """
+    if mode not in VAE_COMPILE_MODES:
+        raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
+    if mode == "off":
+        return False
+    set_cache_dir()
+    if mode == "channels-last":  # conv weights only: the norms' 4-D gammas have no 3-D channels-last layout
+        for module in vae.decoder.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    vae.decoder.compile()
     return True
 
 
@@ -51,4 +129,11 @@ def uncompile_blocks(transformer: torch.nn.Module) -> None:
     for module in transformer.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
-    torch._dynamo.reset()
+    hook = getattr(transformer, "_qie_graph_step", None)
+    if hook is not None:
+        hook.remove()
+        transformer._qie_graph_step = None
+    try:
+        torch._dynamo.reset()
+    except RuntimeError:  # torch 2.13: resetting a CUDA-graph backend edits the cache it iterates; once more is clean
+        torch._dynamo.reset()

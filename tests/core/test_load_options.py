@@ -8,11 +8,11 @@ import pytest
 from conftest import clone_editor
 
 from qie import Editor, InvalidRequestError
-from qie.core.load_options import DTYPE_NAMES, FAST_STEPS, PLAN_NAMES, LoadOptions
+from qie.core.load_options import COMPILE_MODES, DTYPE_NAMES, FAST_STEPS, PLAN_NAMES, LoadOptions
 from qie.settings import SafetySettings, Settings
 
 FLAGS = ["--model", "--revision", "--device", "--dtype", "--plan", "--vram-budget", "--compile", "--attention"]
-FLAGS += ["--fast-lora", "--fast-steps", "--fast-fuse"]
+FLAGS += ["--fast-lora", "--fast-steps", "--fast-fuse", "--compile-mode", "--text-encoder-fp8", "--vae-compile"]
 
 
 def parse(argv: list[str], defaults: LoadOptions | None = None, **kw) -> argparse.Namespace:
@@ -24,7 +24,8 @@ def parse(argv: list[str], defaults: LoadOptions | None = None, **kw) -> argpars
 def test_flags_round_trip():
     argv = ["--model", "tiny", "--revision", "main", "--device", "cpu", "--dtype", "fp32", "--plan", "stream"]
     argv += ["--vram-budget", "12", "--compile", "--attention", "native", "--fast-lora", "l.safetensors"]
-    argv += ["--fast-steps", "4", "--no-fast-fuse"]
+    argv += ["--fast-steps", "4", "--no-fast-fuse", "--compile-mode", "max-autotune-no-cudagraphs"]
+    argv += ["--text-encoder-fp8", "--vae-compile", "channels-last"]
     options = LoadOptions.from_args(parse(argv))
     assert options == LoadOptions(
         model="tiny",
@@ -38,6 +39,9 @@ def test_flags_round_trip():
         fast_lora="l.safetensors",
         fast_steps=4,
         fast_fuse=False,
+        compile_mode="max-autotune-no-cudagraphs",
+        text_encoder_fp8=True,
+        vae_compile="channels-last",
     )
 
 
@@ -80,6 +84,8 @@ def test_from_env_reads_the_settings_then_overrides():
         ("fast_steps", 6, "--fast-steps", "QIE_FAST_STEPS"),
         ("dtype", "int8", "--dtype", "QIE_DTYPE"),
         ("device", "GPU 0", "--device", "QIE_DEVICE"),
+        ("compile_mode", "fastest", "--compile-mode", "QIE_COMPILE_MODE"),
+        ("vae_compile", "yes", "--vae-compile", "QIE_VAE_COMPILE"),
     ],
 )
 def test_a_bad_value_is_named_in_the_words_of_its_source(field, value, flag, variable):
@@ -100,14 +106,20 @@ def test_the_cli_names_the_flag(capsys):
 
     assert main(["soak", "--model", "tiny", "--vram-budget", "0"]) == 2
     assert "error: --vram-budget=0.0 is not valid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["soak", "--model", "tiny", "--compile-mode", "turbo"])
+    assert "--compile-mode: invalid choice: 'turbo'" in capsys.readouterr().err
 
 
 def test_allowed_values_match_the_mechanisms():
     from qie.core.models import resolve_dtype
     from qie.memory.plans import PLANS
+    from qie.speed.compile import check_mode
     from qie.speed.fast_mode import FAST_STEPS as LORA_STEPS
 
     assert set(PLAN_NAMES) == {"auto", *PLANS}
+    for mode in COMPILE_MODES:
+        check_mode(mode)
     assert FAST_STEPS == LORA_STEPS
     for name in DTYPE_NAMES:
         resolve_dtype(None, name)

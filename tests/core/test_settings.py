@@ -45,6 +45,9 @@ def test_every_variable_from_a_fake_environment():
         "QIE_GPU_DURATION": "60",
         "QIE_PRELOAD": "yes",
         "QIE_TAG_FONT": "/fonts/noto.ttc",
+        "QIE_COMPILE_MODE": "reduce-overhead",
+        "QIE_TEXT_ENCODER_FP8": "1",
+        "QIE_VAE_COMPILE": "channels-last",
         "QIE_MAX_BATCH_SIZE": "4",
         "QIE_RESULT_CACHE_URL": "redis://h:1/0",
     }
@@ -63,6 +66,7 @@ def test_every_variable_from_a_fake_environment():
     assert (s.max_input_pixels, s.max_input_bytes, s.log_prompts) == (1000, 2000, True)
     assert (s.edit_timeout_s, s.gpu_duration_s, s.preload, s.tag_font) == (30.0, 60, True, "/fonts/noto.ttc")
     assert s.serve == {"max_batch_size": "4", "cache": "redis://h:1/0"}
+    assert (s.compile_mode, s.text_encoder_fp8, s.vae_compile) == ("reduce-overhead", True, "channels-last")
     assert {v.name for v in VARIABLES} <= set(env)  # the test covers every variable
 
 

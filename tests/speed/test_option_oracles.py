@@ -59,3 +59,10 @@ def test_tiled_vae_within_its_declared_tolerance(no_fix_editor, request_and_refe
     assert "condition cache hit" not in result.notes  # tiling is part of the condition's key
     diff = assert_matches_reference("vae_tiling", result.image, reference)
     assert diff.max_abs > 0  # the tiles really ran (decode 256 x 160 in 3 x 2 tiles)
+
+
+def test_text_encoder_fp8_within_its_declared_tolerance(request_and_reference):
+    request, reference = request_and_reference
+    editor = Editor.load("tiny", text_encoder_fp8=True, fixes={"mm_token_type_ids": False})
+    diff = assert_matches_reference("text-encoder-fp8", editor.edit(request).image, reference)
+    assert diff.max_abs > 0  # the weights really were rounded to fp8

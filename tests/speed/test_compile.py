@@ -1,0 +1,65 @@
+"""Compile options on CPU: the mode reaches torch.compile, bad modes are refused, load options are wired."""
+
+import pytest
+import torch
+
+from qie import Editor, InvalidRequestError
+from qie.core.load_options import LoadOptions
+from qie.speed.compile import compile_blocks, compile_vae_decoder, inductor_options, uncompile_blocks
+from qie.speed.options import COMPILE_MODES
+
+
+@pytest.fixture()
+def transformer(tiny_editor):
+    """A fresh transformer of the tiny config (compiling the shared one would leak into other tests)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.from_config(tiny_editor.pipe.transformer.config)
+
+
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_the_compile_mode_reaches_torch_compile(transformer, tmp_path, mode):
+    assert compile_blocks(transformer, cache_dir=tmp_path, mode=mode)
+    try:
+        expected = torch._inductor.list_mode_options(mode)  # what torch.compile(mode=...) turns into
+        for block in transformer.transformer_blocks:
+            assert inductor_options(block) == expected
+        assert inductor_options(transformer) is None  # regional: only the repeated blocks
+        graphs = getattr(transformer, "_qie_graph_step", None) is not None
+        assert graphs == (mode in ("reduce-overhead", "max-autotune"))  # a CUDA-graph step per transformer call
+    finally:
+        uncompile_blocks(transformer)
+    assert all(inductor_options(b) is None for b in transformer.transformer_blocks)
+    assert getattr(transformer, "_qie_graph_step", None) is None
+
+
+def test_an_unknown_compile_mode_is_refused_by_name(transformer, tmp_path):
+    with pytest.raises(InvalidRequestError, match="^compile_mode='turbo'"):
+        compile_blocks(transformer, cache_dir=tmp_path, mode="turbo")
+    assert inductor_options(transformer.transformer_blocks[0]) is None
+    with pytest.raises(InvalidRequestError, match="^compile_mode='turbo'"):
+        Editor.load("tiny", compile=True, compile_mode="turbo")  # checked before anything loads
+
+
+def test_vae_decoder_compile_and_channels_last(tiny_editor):
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = AutoencoderKLQwenImage.from_config(tiny_editor.pipe.vae.config)
+    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert not compile_vae_decoder(vae, "off") and inductor_options(vae.decoder) is None
+    assert compile_vae_decoder(vae, "channels-last")
+    assert inductor_options(vae.decoder) == {}
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+    assert inductor_options(vae.encoder) is None
+    with pytest.raises(InvalidRequestError, match="^vae_compile='yes'"):
+        compile_vae_decoder(vae, "yes")
+
+
+def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
+    editor = Editor.load(LoadOptions(model="tiny", text_encoder_fp8=True, vae_compile="on"))
+    te = editor.pipe.text_encoder
+    stored = {n for n, p in te.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    linears = {f"{n}.weight" for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    assert linears <= stored  # every Linear weight but the LM head's
+    assert not any("embed" in n for n in stored)
+    assert inductor_options(editor.pipe.vae.decoder) == {}
