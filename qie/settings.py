@@ -152,6 +152,7 @@ VARIABLES: tuple[Variable, ...] = (
 # `ServeSettings` fields read as QIE_<FIELD> (the result cache as QIE_RESULT_CACHE_URL: QIE_CACHE is a folder).
 SERVE_VARIABLES: dict[str, str] = {
     "QIE_RESULT_CACHE_URL": "cache",
+    "QIE_CACHE_SECRET": "cache_secret",  # key of the Redis result cache's HMACs (unset: random per deployment)
     **{
         f"QIE_{name.upper()}": name
         for name in (

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -222,29 +223,98 @@ def metrics_view(editor: Any | None, limit: int = 10) -> dict[str, Any]:
     }
 
 
-class RedactSecrets(logging.Filter):
-    """Masks Hugging Face tokens and the values of secret-looking environment variables in log records."""
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s/@:]*:)[^\s/@]+@", re.IGNORECASE)
+_BEARER = re.compile(r"(\bBearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+_EXTRA_SECRETS: set[str] = set()  # values registered by `add_secret` (e.g. a generated cache key)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets = [
-            value
-            for key, value in os.environ.items()
-            if len(value) >= 8 and any(word in key.upper() for word in SECRET_ENV_WORDS)
-        ]
+
+def add_secret(value: str | None) -> None:
+    """Mask `value` in every log line from now on (for secrets that are not in the environment)."""
+    if value and len(value) >= 8:
+        _EXTRA_SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` with Hugging Face tokens, URL passwords, bearer tokens and secret values masked.
+
+    Secret values are those of environment variables whose names contain TOKEN, SECRET,
+    PASSWORD, API_KEY or ACCESS_KEY, and those given to `add_secret`.
+
+    Example:
+        >>> redact("redis://:hunter2hunter2@cache:6379/0 Bearer abcdefgh1234")
+        'redis://:***@cache:6379/0 Bearer ***'
+    """
+    cleaned = _HF_TOKEN.sub("hf_***", text)
+    cleaned = _URL_PASSWORD.sub(r"\1***@", cleaned)
+    cleaned = _BEARER.sub(r"\1***", cleaned)
+    for secret in sorted(_secret_values(), key=len, reverse=True):
+        cleaned = cleaned.replace(secret, "***")
+    return cleaned
+
+
+def _secret_values() -> set[str]:
+    from_env = {
+        value
+        for key, value in os.environ.items()
+        if len(value) >= 8 and any(word in key.upper() for word in SECRET_ENV_WORDS)
+    }
+    return from_env | _EXTRA_SECRETS
+
+
+class RedactSecrets(logging.Filter):
+    """Masks secrets (see `redact`) in log records: the message, the traceback and the stack."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = _HF_TOKEN.sub("hf_***", message)
-        for secret in self.secrets:
-            cleaned = cleaned.replace(secret, "***")
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
+        redact_record(record)
         return True
 
 
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Mask secrets in `record` in place: its message, its formatted traceback and stack."""
+    if getattr(record, "_qie_redacted", False):
+        return record
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed call; logging reports it when the record is formatted
+        return record
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    record._qie_redacted = True
+    return record
+
+
 def install_redaction(logger: logging.Logger | None = None) -> None:
-    """Add `RedactSecrets` to every handler of `logger` (default: the root logger), once."""
+    """Mask secrets in every log record from now on, and in uncaught tracebacks.
+
+    Records are cleaned when they are created (so handlers added later, e.g. Ray's, are covered
+    too); `RedactSecrets` is also added to the handlers of `logger` (default: the root logger).
+    """
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "_qie_redacting", False):
+
+        def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            return redact_record(factory(*args, **kwargs))
+
+        redacting_factory._qie_redacting = True  # type: ignore[attr-defined]
+        logging.setLogRecordFactory(redacting_factory)
+    if not getattr(sys.excepthook, "_qie_redacting", False):
+        sys.excepthook = _redacting_excepthook
     for handler in (logger or logging.getLogger()).handlers:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())
+
+
+def _redacting_excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    import traceback
+
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, tb))))
+
+
+_redacting_excepthook._qie_redacting = True  # type: ignore[attr-defined]

@@ -71,14 +71,41 @@ def output_size(
         raise InvalidRequestError(given, height if width is None else width, f"give {missing} too, or neither")
     if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < MIN_SIDE):
         raise InvalidRequestError("max_side", max_side, f"give a whole number of pixels, at least {MIN_SIDE}")
+    if isinstance(area, bool) or not isinstance(area, int) or not MIN_SIDE**2 <= area <= MAX_AREA:
+        raise InvalidRequestError("area", area, f"give a whole number of pixels from {MIN_SIDE**2:,} to {MAX_AREA:,}")
     if height is not None and width is not None:
         w, h = _aligned("width", width), _aligned("height", height)
         if max_side is not None and max(w, h) > max_side:
             w, h = fit_area(w, h, area=w * h, max_side=max_side)
     else:
         w, h = fit_area(*input_size, area=area, max_side=max_side)
+    if min(w, h) < MIN_SIDE:
+        explicit = height is not None
+        _too_extreme(_aspect((width, height) if explicit else input_size), max_side, area, explicit)
     _check_bounds(w, h)
     return w, h
+
+
+def _aspect(size: tuple[int, int]) -> float:
+    return max(size) / min(size)
+
+
+def _too_extreme(aspect: float, max_side: int | None, area: int, explicit: bool) -> None:
+    """Raise the error for an aspect too extreme to keep at the asked size (the short side drops below MIN_SIDE)."""
+    need = math.ceil(MIN_SIDE * aspect / ALIGN_DEFAULT) * ALIGN_DEFAULT
+    what = "asked width:height" if explicit else "input's aspect"
+    param, value = ("max_side", max_side) if max_side is not None else ("area", area)
+    fix = (
+        f"the {what} ratio ({aspect:.1f}:1) is too extreme for {param}={value}: the short side would be "
+        f"below the {MIN_SIDE} px minimum; "
+        + (
+            f"raise max_side to at least {need}"
+            if param == "max_side"
+            else f"raise area to at least {need * MIN_SIDE:,}"
+        )
+        + (", or ask for a width and height closer to square" if explicit else ", or crop the image closer to square")
+    )
+    raise InvalidRequestError(param, value, fix)
 
 
 def _aligned(name: str, value: int) -> int:

@@ -125,6 +125,8 @@ class EditRequest:
             raise InvalidRequestError(
                 "condition_area", self.condition_area, f"use one of {CONDITION_AREAS}, or 'auto' (None)"
             )
+        if not isinstance(self.resize_to_input, bool):
+            raise InvalidRequestError("resize_to_input", self.resize_to_input, "give true or false")
         # --- tiled VAE and masked edit ---
         if self.tile_size is not None:
             _ = self.tiling  # validates tile_size and tile_overlap

@@ -33,8 +33,9 @@ import inspect
 import json
 import logging
 import os
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ray import serve
@@ -44,10 +45,10 @@ from starlette.responses import JSONResponse, Response
 from qie.core.images import png_bytes
 from qie.core.load_options import LoadOptions
 from qie.core.metadata import png_metadata
-from qie.core.request import EditRequest
+from qie.core.request import MAX_IMAGES, EditRequest
 from qie.errors import BusyError, InvalidRequestError, QieError, ResourceError
 from qie.serving.batching import run_grouped
-from qie.serving.result_cache import CACHE_URL_SCHEMES, cache_key, open_cache
+from qie.serving.result_cache import CACHE_URL_SCHEMES, cache_key, entry_meta, open_cache
 from qie.settings import Settings
 from qie.versions import __version__
 
@@ -55,9 +56,11 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 2**20
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive internal errors before Serve restarts the replica
+MAX_FORM_FIELDS = 64  # EditRequest has ~30 fields; Starlette's own default is 1,000
 REQUEST_FIELDS = tuple(f.name for f in fields(EditRequest))
 # Accepted and passed on, so that `EditRequest` answers with its own message (e.g. `options`: which typed fields).
 _REQUEST_PARAMETERS = frozenset(inspect.signature(EditRequest).parameters)
+MASK_FIX = "send the mask image itself: base64 in JSON, a file part in multipart (white where the edit goes)"
 _INTS = ("steps", "seed", "height", "width", "max_side", "area")
 
 
@@ -83,6 +86,8 @@ class ServeSettings:
     max_queued_requests: int = 256  # beyond this the proxy answers 503 at once instead of queueing
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_replica: float = 1.0
+    # Key of the Redis cache entries' HMACs (QIE_CACHE_SECRET); unset: a random one per deployment.
+    cache_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 64:
@@ -161,6 +166,18 @@ def error_status(exc: BaseException) -> int:
     return 500
 
 
+def as_request_error(exc: BaseException) -> BaseException:
+    """An error met while reading a request: qie's own as it is, anything else as a 400 on the body.
+
+    Validation is meant to name every bad field; an error that escapes it is still the request's
+    fault (the edit has not started), so it is logged for a fix and answered as a bad request.
+    """
+    if isinstance(exc, QieError):
+        return exc
+    log.warning("request could not be read (%s: %s)", type(exc).__name__, exc, exc_info=exc)
+    return InvalidRequestError("body", f"<{type(exc).__name__}>", "the request could not be read; check its fields")
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """A JSON error body that names the parameter and value when the error does."""
     status = error_status(exc)
@@ -176,38 +193,86 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 def request_from_fields(values: dict[str, Any], images: list[bytes]) -> EditRequest:
-    """An `EditRequest` from HTTP fields (JSON values or form strings) and the raw image files."""
+    """An `EditRequest` from HTTP fields (JSON values or form strings) and the raw image files.
+
+    `mask`, when present, is already bytes (see `parse_http`): never a path on the server.
+    """
     unknown = set(values) - _REQUEST_PARAMETERS
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequestError(name, values[name], f"unknown field; use one of {list(REQUEST_FIELDS)}")
+    if isinstance(values.get("mask"), str):
+        raise InvalidRequestError("mask", "<text>", MASK_FIX)
     params = {k: _convert(k, v, EditRequest.__dataclass_fields__[k].type) for k, v in values.items()}
     return EditRequest(images=images, **params)
 
 
+async def read_body(http: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (chunked streams too)."""
+    declared = http.headers.get("content-length")
+    too_big = f"send at most {limit // 2**20} MiB"
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequestError("body", f"<Content-Length {declared[:20]}>", "send a valid Content-Length")
+        if int(declared) > limit:
+            raise InvalidRequestError("body", f"<{declared} bytes>", too_big)
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidRequestError("body", f"<more than {limit} bytes>", too_big)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    http._body = body  # Starlette's form parser reads this instead of the spent stream
+    return body
+
+
 async def parse_http(http: Request) -> EditRequest:
-    """Read a JSON or multipart body into a validated `EditRequest`."""
-    size = int(http.headers.get("content-length") or 0)
-    if size > MAX_BODY_BYTES:
-        raise InvalidRequestError("body", f"<{size} bytes>", f"send at most {MAX_BODY_BYTES // 2**20} MiB")
-    kind = http.headers.get("content-type", "")
-    if kind.startswith("multipart/form-data"):
-        form = await http.form()
-        images = [await item.read() for item in form.getlist("images") if hasattr(item, "read")]
-        values = {k: v for k, v in form.multi_items() if k != "images"}
-        return request_from_fields(values, images)
+    """Read a JSON or multipart body into a validated `EditRequest`.
+
+    Images and the mask come only as request data: base64 strings in JSON, file parts (or base64
+    text) in multipart.
+    """
+    body = await read_body(http, MAX_BODY_BYTES)
+    if http.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _parse_form(http)
     try:
-        body = json.loads(await http.body())
+        values = json.loads(body)
     except ValueError as exc:
         raise InvalidRequestError("body", "<not JSON>", "send JSON or multipart/form-data") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("body", type(body).__name__, "send a JSON object with 'images' and 'prompt'")
-    encoded = body.pop("images", None)
+    if not isinstance(values, dict):
+        raise InvalidRequestError("body", type(values).__name__, "send a JSON object with 'images' and 'prompt'")
+    encoded = values.pop("images", None)
     if isinstance(encoded, str):
         encoded = [encoded]
     if not isinstance(encoded, list) or not encoded:
         raise InvalidRequestError("images", encoded, "give a list of 1-3 base64-encoded images")
-    return request_from_fields(body, [_b64(i, item) for i, item in enumerate(encoded)])
+    if values.get("mask") is not None:
+        values["mask"] = _b64("mask", values["mask"])
+    return request_from_fields(values, [_b64(f"images[{i}]", item) for i, item in enumerate(encoded)])
+
+
+async def _parse_form(http: Request) -> EditRequest:
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await http.form(max_files=MAX_IMAGES + 1, max_fields=MAX_FORM_FIELDS)
+    except (MultiPartException, HTTPException) as exc:
+        why = getattr(exc, "message", None) or getattr(exc, "detail", "")
+        raise InvalidRequestError(
+            "body", "<multipart>", f"{why} (send at most {MAX_FORM_FIELDS} fields and {MAX_IMAGES + 1} files)"
+        ) from exc
+    images = [await _form_bytes(f"images[{i}]", item) for i, item in enumerate(form.getlist("images"))]
+    values: dict[str, Any] = {k: v for k, v in form.multi_items() if k not in ("images", "mask")}
+    if "mask" in form:
+        values["mask"] = await _form_bytes("mask", form["mask"])
+    return request_from_fields(values, images)
+
+
+async def _form_bytes(name: str, item: Any) -> bytes:
+    """A multipart file part's bytes, or a text part decoded from base64."""
+    return await item.read() if hasattr(item, "read") else _b64(name, item)
 
 
 @serve.deployment(
@@ -221,12 +286,16 @@ class EditDeployment:
 
     def __init__(self, settings: ServeSettings) -> None:
         from qie.core.editor import Editor
+        from qie.telemetry import add_secret, install_redaction
 
         self.settings = s = settings
+        add_secret(s.cache_secret)
+        install_redaction()  # the replica's own process: Ray's log handlers included
+        _replica_grpc_on_loopback()
         # The safety filter and fault drills follow the replica's own environment.
         here = Settings.from_env()
         self.editor = Editor.load(s.load, safety=here.safety, fault=here.fault)
-        self.cache = open_cache(s.cache)
+        self.cache = open_cache(s.cache, secret=s.cache_secret.encode() if s.cache_secret else None)
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.failures = 0
@@ -241,6 +310,9 @@ class EditDeployment:
             return JSONResponse(self.describe())
         try:
             request = await parse_http(http)
+        except Exception as exc:  # malformed input never counts towards health
+            return error_response(as_request_error(exc))
+        try:
             return await self._answer(request)
         except Exception as exc:  # every failure becomes a JSON error response
             if error_status(exc) == 500:
@@ -265,7 +337,7 @@ class EditDeployment:
         }
         png = png_bytes(result.image, meta)
         if key is not None:
-            await asyncio.to_thread(self.cache.put, key, png, meta)
+            await asyncio.to_thread(self.cache.put, key, png, entry_meta(meta))
         return self._png(png, meta, cache="miss" if key else "off")
 
     def _png(self, png: bytes, meta: dict[str, Any], *, cache: str) -> Response:
@@ -319,20 +391,75 @@ class EditDeployment:
 def build_app(args: dict[str, Any] | ServeSettings | None = None) -> serve.Application:
     """The Serve application for `args` (settings, or `serve run qie.serving.service:build_app key=value ...`)."""
     settings = args if isinstance(args, ServeSettings) else ServeSettings.from_dict(dict(args or {}))
+    if settings.cache_secret is None and settings.cache.startswith(CACHE_URL_SCHEMES):
+        # Replicas of this deployment share the key; entries do not outlive it (set QIE_CACHE_SECRET to keep them).
+        settings = replace(settings, cache_secret=secrets.token_hex(32))
     options = deployment_options(settings, _cluster_gpus())
     log.debug("deployment of %s: %s", settings.load.model, options)
     return EditDeployment.options(**options).bind(settings)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def start_ray(host: str = "127.0.0.1") -> None:
+    """Start a local Ray (or join `RAY_ADDRESS`) whose ports listen on loopback when `host` is loopback.
+
+    Ray's gRPC servers, its metrics exporter and its agents otherwise listen on every interface,
+    unauthenticated. Ray binds them to 127.0.0.1 when it runs as a single-machine cluster, which
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` selects (read here and by Ray's child processes).
+    """
+    import ray
+    from ray._private import ray_constants
+
+    if host in LOOPBACK_HOSTS:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    elif not os.environ.get("RAY_ADDRESS"):
+        log.warning(
+            "--host %s: Ray's own ports (GCS, raylet, workers, metrics) listen on every interface "
+            "without authentication; let only the HTTP port through the firewall",
+            host,
+        )
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
+
+
+def _replica_grpc_on_loopback() -> None:
+    """In a loopback-only cluster (see `start_ray`), bind the replica's inter-deployment gRPC server,
+    which Serve starts after this constructor on "[::]:0", to 127.0.0.1."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_qie_loopback", False):
+        if original is None:
+            log.warning("cannot bind this Ray version's replica gRPC port to loopback; it listens on every interface")
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        return original(server, address.replace("[::]", "127.0.0.1", 1))
+
+    on_loopback._qie_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
 def run_forever(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Ray (or join `RAY_ADDRESS`), deploy, and serve until SIGINT/SIGTERM; then shut down cleanly."""
+    """Start Ray (or join `RAY_ADDRESS`), deploy, and serve until SIGINT/SIGTERM; then drain and shut down.
+
+    Draining deletes the application first: replicas finish the edits in flight (up to
+    `graceful_shutdown_timeout_s`) and the proxy still delivers their responses; only then do
+    Serve and Ray stop.
+    """
     import signal
     import threading
 
     import ray
 
     # RAY_ADDRESS is Ray's own variable (join a running cluster), not a qie setting.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
+    start_ray(host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -342,8 +469,9 @@ def run_forever(settings: ServeSettings, *, host: str = "127.0.0.1", port: int =
         print(f"qie serve: http://{host}:{port}/ (model {settings.load.model}); Ctrl-C stops it", flush=True)
         while not stop.wait(1.0):
             pass
+        log.info("stopping: finishing the edits in flight")
+        serve.delete("qie", _blocking=True)
     finally:
-        log.info("shutting down: draining replicas")
         serve.shutdown()
         ray.shutdown()
 
@@ -368,15 +496,17 @@ def _batch_size(notes: tuple[str, ...]) -> int:
     return 1
 
 
-def _b64(index: int, item: Any) -> bytes:
+def _b64(name: str, item: Any) -> bytes:
+    """Decode a base64 (or data URL) image field. A path is just text that is not base64: never opened."""
+    fix = MASK_FIX if name == "mask" else "give the image file's bytes as a base64 string"
     if not isinstance(item, str):
-        raise InvalidRequestError(f"images[{index}]", type(item).__name__, "give the image as a base64 string")
+        raise InvalidRequestError(name, type(item).__name__, fix)
     if item.startswith("data:") and "," in item:  # data URL
         item = item.split(",", 1)[1]
     try:
         return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidRequestError(f"images[{index}]", item[:20] + "...", "not valid base64; encode the file") from exc
+        raise InvalidRequestError(name, item[:20] + "...", f"not valid base64; {fix}") from exc
 
 
 def _convert(name: str, value: Any, kind: Any) -> Any:

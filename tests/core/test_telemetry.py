@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from conftest import small_request
+from PIL import Image
 
 from qie import BusyError, telemetry
 
@@ -66,3 +67,38 @@ def test_secrets_are_redacted(monkeypatch, caplog):
         logger.info("token %s and hf_%s", "s3cr3t-value-123", "a" * 34)
     assert "s3cr3t" not in caplog.text and "aaaa" not in caplog.text
     assert "token *** and hf_***" in caplog.text
+
+
+def test_secrets_are_masked_in_tracebacks_and_later_handlers(monkeypatch, capsys):
+    import io
+    import sys
+
+    from qie import EditRequest
+    from qie.errors import InvalidRequestError
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-9f8e7d6c5b4a")
+    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())  # restored afterwards
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    telemetry.install_redaction(logging.getLogger("qie.test-none"))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # added after install_redaction, as Ray's handlers are
+    logger = logging.getLogger("qie.test-traceback")
+    logger.addHandler(handler)
+    try:
+        hf = "hf_" + "Q" * 34
+        try:
+            EditRequest(images=[Image.new("RGB", (64, 64))], prompt="x", tile_size=hf)
+        except InvalidRequestError:
+            logger.exception("edit failed with redis://:pa55word-xyz@cache:6379/0")
+        try:
+            raise RuntimeError("token tok-9f8e7d6c5b4a rejected")
+        except RuntimeError:
+            logger.error("failed", exc_info=True)
+            sys.excepthook(*sys.exc_info())
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue() + capsys.readouterr().err
+    assert "Traceback" in text and "tile_size='hf_***'" in text
+    for secret in ("Q" * 20, "pa55word", "tok-9f8e7d6c5b4a"):
+        assert secret not in text, text
+    assert text.count("***") >= 4
