@@ -31,6 +31,14 @@ class ModelLoadError(QieError):
     """The model's weights or components cannot be loaded."""
 
 
+class OutputError(QieError):
+    """A result cannot be written (folder missing or read-only, disk full, unsupported format)."""
+
+    def __init__(self, path: object, why: str, fix: str) -> None:
+        self.path, self.why, self.fix = path, why, fix
+        super().__init__(f"cannot write {path}: {why}; {fix}")
+
+
 class ResourceError(QieError):
     """The hardware cannot run the request (no GPU, not enough memory)."""
 

@@ -24,29 +24,79 @@ from qie.versions import __version__
 log = logging.getLogger("qie")
 
 
+EDIT_EXAMPLES = """examples:
+  python -m qie edit shoe.jpg --prompt "pure white background" --output shoe-white.png
+  python -m qie edit shoe.jpg --prompt "pure white background" --output shoe.jpg --max-side 768
+  python -m qie edit person.jpg shirt.png --prompt "the person wears the shirt" --output look.webp
+  python -m qie edit photos/ --prompt "remove the watermark" --output edited/ --steps 20
+  # the tiny random model (its output is noise; for trying the tools): seconds on a CPU
+  python -m qie edit cat.jpg --prompt "a red hat" --output hat.png --model tiny \\
+      --steps 2 --max-side 256 --condition-area output
+
+A folder run skips inputs whose output exists (run it again to resume) and lists what it leaves out."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless it has none) and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        blank = isinstance(default, str) and (not default.strip() or " " in default)
+        return f"{text} (default: {default!r})" if blank else f"{text} (default: {default})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: the same help format as the top level."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     """The `python -m qie` parser; engine flags default to the `QIE_*` variables in `settings` (read now)."""
     engine = LoadOptions.from_env(settings)
-    parser = argparse.ArgumentParser(prog="python -m qie", description="Qwen-Image-Edit-2509, fast.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m qie",
+        description="Qwen-Image-Edit-2509, fast.",
+        epilog=EDIT_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, the request log line, library notices"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    edit = sub.add_parser("edit", help="edit one image (or 2-3 together), or every image in a folder")
+    edit = sub.add_parser(
+        "edit", help="edit one image (or 2-3 together), or every image in a folder", epilog=EDIT_EXAMPLES
+    )
     edit.add_argument("inputs", nargs="+", help="1-3 image files edited together, or one folder (batch)")
     edit.add_argument("--prompt", required=True, help="the edit instruction")
-    edit.add_argument("--output", required=True, help="output PNG (or folder, for a folder input)")
+    edit.add_argument(
+        "--output",
+        required=True,
+        help="output file: .png, .jpg/.jpeg or .webp (edit parameters kept as PNG text or EXIF/XMP); "
+        "a folder for a folder input (PNGs)",
+    )
     edit.add_argument(
         "--rewrite",
         action="store_true",
         help="first let the text encoder rewrite --prompt into a precise instruction (printed, then used)",
     )
-    edit.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
-    edit.add_argument("--steps", type=int, default=40)
-    edit.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns CFG off)")
-    edit.add_argument("--seed", type=int, default=None, help="random when omitted; saved in the PNG")
-    edit.add_argument("--height", type=int)
-    edit.add_argument("--width", type=int)
-    edit.add_argument("--max-side", type=int, help="cap the longer output side (px)")
+    edit.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG")
+    edit.add_argument("--steps", type=int, default=40, help="denoising steps, 2-100 (fewer: faster, rougher)")
+    edit.add_argument("--cfg", type=float, default=4.0, help="true CFG scale, 1-20 (1 turns CFG off: twice as fast)")
+    edit.add_argument("--seed", type=int, default=None, help="random when omitted; saved in the output's metadata")
+    edit.add_argument(
+        "--height",
+        type=int,
+        help="output height in px, a multiple of 16 (with --width; default: the input's aspect at ~1024²)",
+    )
+    edit.add_argument("--width", type=int, help="output width in px, a multiple of 16 (with --height)")
+    edit.add_argument("--max-side", type=int, help="cap the longer output side (px, at least 64)")
     edit.add_argument("--resize-to-input", action="store_true", help="return the result at the input's size")
     edit.add_argument(
         "--condition-area",
@@ -140,7 +190,9 @@ def _add_speed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speed options", "per edit (the load-time ones are under engine)")
     group.add_argument("--mode", choices=["quality", "fast"], help="fast: the Lightning LoRA's steps, CFG off")
     group.add_argument("--attention-quant", choices=["off", "int8", "fp8"], default="off", help="SageAttention")
-    group.add_argument("--step-cache", choices=["off", "fbcache", "taylorseer"], default="off")
+    group.add_argument(
+        "--step-cache", choices=["off", "fbcache", "taylorseer"], default="off", help="reuse work between steps"
+    )
     group.add_argument("--step-cache-threshold", type=float, default=0.05, help="fbcache: residual change to reuse")
     group.add_argument("--step-cache-interval", type=int, default=3, help="taylorseer: full pass every N calls")
     group.add_argument("--early-exit-threshold", type=float, help="stop when x0 changes less than this (relative)")
@@ -170,41 +222,93 @@ def main(argv: list[str] | None = None) -> int:
     from qie.telemetry import install_redaction
 
     install_redaction()
+    if not args.verbose:
+        quiet_library_notices()
+    commands = {
+        "edit": cmd_edit,
+        "info": cmd_info,
+        "make-tiny": cmd_make_tiny,
+        "bench": cmd_bench,
+        "serve": cmd_serve,
+        "soak": cmd_soak,
+    }
     try:
-        commands = {
-            "edit": cmd_edit,
-            "info": cmd_info,
-            "make-tiny": cmd_make_tiny,
-            "bench": cmd_bench,
-            "serve": cmd_serve,
-            "soak": cmd_soak,
-        }
         return commands[args.command](args)
     except QieError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from qie.cli.messages import flag_names, in_cli_words
+
+        print(f"error: {in_cli_words(str(exc), flag_names(parser))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def quiet_library_notices() -> None:
+    """Without -v: no per-edit JSON request line, no diffusers 'experimental feature' notices."""
+    logging.getLogger("qie.requests").setLevel(logging.WARNING)
+    notices = logging.getLogger("diffusers.models.modeling_utils")
+    notices.addFilter(lambda record: "experimental feature" not in record.getMessage())
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from qie.cli.folders import edit_folder, edit_one
+    from qie.cli.folders import BatchReport, edit_folder, plan_folder
     from qie.core.editor import Editor
+    from qie.core.outputs import check_output_file, check_output_folder
 
     options = LoadOptions.from_args(args)  # bad engine flags fail first, naming the flag
     inputs = [Path(p) for p in args.inputs]
-    folder = len(inputs) == 1 and inputs[0].is_dir()
     params = edit_params(args)
-    if not folder:
-        from qie.core.request import EditRequest
-
-        EditRequest(images=inputs, **params)  # fail on bad input before loading the model
-    editor = Editor.load(options)
-    if folder:
-        report = edit_folder(editor, inputs[0], Path(args.output), params, rewrite=args.rewrite)
+    # Everything that can be checked is checked before the model loads.
+    if len(inputs) == 1 and inputs[0].is_dir():
+        out_dir = check_output_folder(args.output)
+        plan = plan_folder(inputs[0], out_dir)
+        for line in plan.describe():
+            print(line)
+        report = BatchReport()
+        try:
+            edit_folder(Editor.load(options), plan, params, report, rewrite=args.rewrite)
+        except KeyboardInterrupt:
+            print(f"interrupted: {_progress(report)}; run the same command again to resume", file=sys.stderr)
+            return 130
+        except QieError as exc:  # a full disk: every later file would fail the same way
+            print(f"stopped: {exc} to resume ({_progress(report)})", file=sys.stderr)
+            return 1
         print(report.summary())
         return 0 if not report.failed else 1
-    result = edit_one(editor, inputs, Path(args.output), params, rewrite=args.rewrite)
-    print(f"wrote {args.output}: {result.summary()}")
+    from qie.core.request import EditRequest
+
+    output = check_output_file(args.output)
+    EditRequest(images=inputs, **params)  # fail on bad input before loading the model
+    return _edit_single(Editor.load(options), inputs, output, params, rewrite=args.rewrite)
+
+
+def _edit_single(editor, inputs: list[Path], output: Path, params: dict, *, rewrite: bool = False) -> int:
+    from tqdm import tqdm
+
+    from qie.cli.folders import edit_one
+
+    bars: list[tqdm] = []
+
+    def on_step(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        result = edit_one(editor, inputs, output, params, on_step=on_step, rewrite=rewrite)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {output} was not written", file=sys.stderr)
+        return 130
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"wrote {output}: {result.summary()}")
     return 0
+
+
+def _progress(report) -> str:
+    return f"{len(report.done)} of {report.total} edited, {len(report.skipped)} already done"
 
 
 def edit_params(args: argparse.Namespace) -> dict:

@@ -69,11 +69,12 @@ def test_edit_folder_reports_failures_and_resumes(tiny_dir, tmp_path):
     args = ["edit", str(src), "--prompt", "remove the watermark", "--output", str(out), "--model", str(tiny_dir), *FAST]
     first = run_cli(*args)
     assert first.returncode == 1  # one file failed
-    assert "2 edited, 0 skipped (output exists), 1 failed" in first.stdout
+    assert "2 edited, 0 skipped (output exists), 1 failed, 1 not images" in first.stdout
+    assert "not taken: notes.txt: .txt is not an image type" in first.stdout
     assert "broken.jpg" in first.stdout and "cannot be read" in first.stdout
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     second = run_cli(*args)
-    assert "0 edited, 2 skipped (output exists), 1 failed" in second.stdout
+    assert "0 edited, 2 skipped (output exists), 1 failed, 1 not images" in second.stdout
 
 
 def test_bad_input_is_a_clear_error_without_loading(tmp_path):
@@ -81,7 +82,7 @@ def test_bad_input_is_a_clear_error_without_loading(tmp_path):
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", " ", "--output", str(tmp_path / "o.png"), "--model", "tiny"
     )
     assert proc.returncode == 2
-    assert "prompt=" in proc.stderr and "describe the edit" in proc.stderr
+    assert "--prompt ' ' is not valid" in proc.stderr and "describe the edit" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -98,7 +99,8 @@ def test_real_model_without_gpu_says_what_to_do(tmp_path, model):
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", model
     )
     assert proc.returncode == 2
-    assert "needs a CUDA GPU" in proc.stderr and "model='tiny'" in proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr and "--model tiny" in proc.stderr and "--device cpu" in proc.stderr
+    assert "model='tiny'" not in proc.stderr and "device='cpu'" not in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -135,4 +137,4 @@ def test_box_edit_keeps_pixels_outside_exactly(tiny_dir, tmp_path):
         "--box",
         "1,2,three,4",
     )
-    assert bad.returncode == 2 and "box=" in bad.stderr and "four whole numbers" in bad.stderr
+    assert bad.returncode == 2 and "--box 1,2,three,4" in bad.stderr and "four whole numbers" in bad.stderr
