@@ -292,7 +292,7 @@ def _edit_single(editor, inputs: list[Path], output: Path, params: dict, *, rewr
 
     def on_step(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False))
+            bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False, mininterval=0))
         bars[0].update(done - bars[0].n)
 
     try:

@@ -75,13 +75,14 @@ def output_size(
         raise InvalidRequestError("area", area, f"give a whole number of pixels from {MIN_SIDE**2:,} to {MAX_AREA:,}")
     if height is not None and width is not None:
         w, h = _aligned("width", width), _aligned("height", height)
-        if max_side is not None and max(w, h) > max_side:
+        if max_side is not None and max(w, h) > max_side and min(w, h) >= MIN_SIDE:
             w, h = fit_area(w, h, area=w * h, max_side=max_side)
+            if min(w, h) < MIN_SIDE:  # the asked sizes were fine; max_side squeezed the short side
+                _too_extreme(_aspect((width, height)), max_side, area, explicit=True)
     else:
         w, h = fit_area(*input_size, area=area, max_side=max_side)
-    if min(w, h) < MIN_SIDE:
-        explicit = height is not None
-        _too_extreme(_aspect((width, height) if explicit else input_size), max_side, area, explicit)
+        if min(w, h) < MIN_SIDE:
+            _too_extreme(_aspect(input_size), max_side, area, explicit=False)
     _check_bounds(w, h)
     return w, h
 

@@ -50,6 +50,7 @@ from qie.errors import BusyError, InvalidRequestError, QieError, ResourceError
 from qie.serving.batching import run_grouped
 from qie.serving.result_cache import CACHE_URL_SCHEMES, cache_key, entry_meta, open_cache
 from qie.settings import Settings
+from qie.telemetry import RequestRecord, error_fields
 from qie.versions import __version__
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ class EditDeployment:
         self.settings = s = settings
         add_secret(s.cache_secret)
         install_redaction()  # the replica's own process: Ray's log handlers included
+        _request_log_on()
         _replica_grpc_on_loopback()
         # The safety filter and fault drills follow the replica's own environment.
         here = Settings.from_env()
@@ -308,17 +310,18 @@ class EditDeployment:
     async def __call__(self, http: Request) -> Response:
         if http.method == "GET":
             return JSONResponse(self.describe())
+        record = RequestRecord({"channel": "serve", "replica": self.replica})
         try:
             request = await parse_http(http)
         except Exception as exc:  # malformed input never counts towards health
-            return error_response(as_request_error(exc))
+            return _logged(record, error_response(as_request_error(exc)), exc)
         try:
-            return await self._answer(request)
+            return _logged(record, await self._answer(request))
         except Exception as exc:  # every failure becomes a JSON error response
             if error_status(exc) == 500:
                 self.failures += 1
                 log.exception("edit failed")
-            return error_response(exc)
+            return _logged(record, error_response(exc), exc)
 
     async def _answer(self, request: EditRequest) -> Response:
         key = cache_key(request, model=self.editor.model, revision=self.editor.revision) if self.cache else None
@@ -424,6 +427,14 @@ def start_ray(host: str = "127.0.0.1") -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
 
 
+def _request_log_on() -> None:
+    """Make sure the replica writes its per-request JSON lines (`qie.requests`, INFO) somewhere."""
+    requests_log = logging.getLogger("qie.requests")
+    requests_log.setLevel(logging.INFO)
+    if not requests_log.hasHandlers():
+        requests_log.addHandler(logging.StreamHandler())
+
+
 def _replica_grpc_on_loopback() -> None:
     """In a loopback-only cluster (see `start_ray`), bind the replica's inter-deployment gRPC server,
     which Serve starts after this constructor on "[::]:0", to 127.0.0.1."""
@@ -487,6 +498,20 @@ def _cluster_gpus() -> int:
         return torch.cuda.device_count()
     except ImportError:
         return 0
+
+
+OUTCOMES = {200: "ok", 400: "invalid", 503: "busy", 507: "out_of_memory"}
+
+
+def _logged(record: RequestRecord, response: Response, exc: BaseException | None = None) -> Response:
+    """Finish `record` (the request's one JSON log line) with the answer's status, and return the answer."""
+    fields: dict[str, Any] = {"status": response.status_code}
+    if "x-qie-cache" in response.headers:
+        fields.update(cache=response.headers["x-qie-cache"], seed=response.headers.get("x-qie-seed"))
+    if exc is not None:
+        fields.update(error_fields(exc))
+    record.finish(OUTCOMES.get(response.status_code, "failed"), **fields)
+    return response
 
 
 def _batch_size(notes: tuple[str, ...]) -> int:

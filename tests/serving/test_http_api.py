@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import string
 
 import pytest
@@ -123,6 +124,20 @@ def test_malformed_json_is_a_named_400_and_spares_health(api, extra, param):
     assert answer.status_code == 400, answer.text
     assert answer.json()["param"] == param
     assert api.replica.failures == 0
+
+
+def test_every_request_is_one_json_log_line(api, caplog):
+    with caplog.at_level(logging.INFO, logger="qie.requests"):
+        assert api.post_json({"images": [PHOTO_B64], **FIELDS}).status_code == 200
+        assert api.post_json({"images": [PHOTO_B64], **FIELDS, "options": 5}).status_code == 400
+        assert api.client.post("/", content=b"{oops").status_code == 400
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "qie.requests"]
+    assert [(r["channel"], r["outcome"], r["status"]) for r in lines] == [
+        ("serve", "ok", 200),
+        ("serve", "invalid", 400),
+        ("serve", "invalid", 400),
+    ]
+    assert lines[1]["param"] == "options" and "value" not in lines[1]
 
 
 def test_multipart_with_too_many_fields_is_a_400(api):
