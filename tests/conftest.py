@@ -22,6 +22,16 @@ def pytest_configure(config: pytest.Config) -> None:
         sys.path.insert(0, str(ROOT))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run only when a `-m` expression names them (`-m gpu`), so `-m "not slow"` keeps them out too."""
+    if "gpu" in (config.getoption("markexpr") or ""):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
+
+
 @pytest.fixture(scope="session")
 def tiny_editor():
     from qie import Editor

@@ -16,7 +16,7 @@ import pytest
 from app_server import launch, wait_until
 from conftest import EXAMPLES
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # drives Chromium
 
 CHROMIUM = os.environ.get("QIE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -3,6 +3,10 @@
 import argparse
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every benchmark section on the tiny model
+
 
 def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkeypatch):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.soak import soak
+
+pytestmark = pytest.mark.slow  # repeated edits
 
 EDITS = 20
 MAX_GROWTH_MIB = 48  # measured: -10 to +10 MiB over 20-200 edits; a leak of ~2.5 MiB per edit fails

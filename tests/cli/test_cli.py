@@ -9,6 +9,8 @@ from PIL import Image
 
 from qie.core.images import read_png_metadata
 
+pytestmark = pytest.mark.slow  # each test runs the CLI in a fresh Python process
+
 
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "qie", *args], capture_output=True, text=True, cwd=cwd, timeout=300)

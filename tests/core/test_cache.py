@@ -38,6 +38,7 @@ def test_new_seed_and_steps_hit_both_caches_and_match_an_uncached_run(fresh_edit
     assert np.array_equal(np.asarray(uncached.image), np.asarray(second.image))
 
 
+@pytest.mark.slow
 def test_other_prompt_fixes_or_images_miss(fresh_editor, photo):
     fresh_editor.edit(small_request(photo, steps=2, true_cfg_scale=1.0))
     other_prompt = fresh_editor.edit(small_request(photo, steps=2, true_cfg_scale=1.0, prompt="make it blue"))

@@ -72,6 +72,7 @@ def test_batched_requests_honour_step_cache_and_early_exit(tiny_editor, photo):
     assert tiny_editor.pipe.transformer._cache_config is None  # hooks removed after the batch
 
 
+@pytest.mark.slow
 def test_per_image_options_apply_in_a_batch(tiny_editor, photo):
     a = small_request(photo, seed=1, tile_size=64, tile_overlap=16)
     b = small_request(photo, seed=2, box=(10, 10, 60, 60), resize_to_input=True)

@@ -24,6 +24,7 @@ def test_edit_end_to_end(tiny_editor, photo):
     assert "seed 1" in result.summary()
 
 
+@pytest.mark.slow
 def test_same_seed_same_pixels_other_seed_differs(tiny_editor, photo):
     a = tiny_editor.edit(small_request(photo, seed=5)).image
     b = tiny_editor.edit(small_request(photo, seed=5)).image
@@ -61,6 +62,7 @@ def test_busy_when_lock_held(tiny_editor, photo):
         tiny_editor.edit(request, timeout=0.05)
 
 
+@pytest.mark.slow
 def test_multi_image_edit(tiny_editor, photo):
     from PIL import Image
 

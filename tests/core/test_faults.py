@@ -32,6 +32,7 @@ def test_oom_mid_denoise_is_reported_with_numbers_and_references_dropped(tiny_ed
     assert np.array_equal(np.asarray(clean), np.asarray(again))
 
 
+@pytest.mark.slow
 def test_oom_steps_down_and_retries(tiny_editor, photo):
     editor = clone_editor(tiny_editor)
     stepped = []

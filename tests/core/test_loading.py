@@ -8,6 +8,7 @@ from qie import Editor, ModelLoadError, ResourceError
 from qie.core.models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_dtype
 
 
+@pytest.mark.slow
 def test_make_tiny_then_load_folder_like_the_real_model(tmp_path, photo, tiny_editor):
     import subprocess
     import sys

@@ -50,6 +50,7 @@ def test_box_scales_outward_to_the_output_size():
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5, 15, 5, 15)  # 5.5 -> 5, 15.5 -> 16 (exclusive)
 
 
+@pytest.mark.slow
 def test_masked_edit_keeps_the_input_pixels_exactly(tiny_editor, photo):
     box = (300, 200, 600, 400)  # the bottom-right quarter of the 600 x 400 photo
     free = tiny_editor.edit(small_request(photo, resize_to_input=True))

@@ -7,6 +7,8 @@ from oracle import assert_matches_reference
 
 from qie import EditRequest
 
+pytestmark = pytest.mark.slow  # runs the stock diffusers pipeline as the reference
+
 
 @pytest.fixture(scope="module")
 def request_and_reference(tiny_editor):

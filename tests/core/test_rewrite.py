@@ -62,6 +62,7 @@ def test_unusable_text_keeps_the_prompt(tiny_editor, photo, monkeypatch, caplog)
     assert "no usable instruction" in caplog.text
 
 
+@pytest.mark.slow
 def test_rewrite_through_a_streamed_text_encoder(tiny_editor, photo):
     """Layers streamed by group offloading and the embedding and LM head onloaded per call (here onto the CPU)."""
     from qie.memory.plans import _stream_text_encoder

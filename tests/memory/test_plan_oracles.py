@@ -9,6 +9,8 @@ from PIL import Image
 from qie import Editor, EditRequest
 from qie.memory.plans import PLANS, measure_sizes, resident_blocks
 
+pytestmark = pytest.mark.slow  # runs the stock diffusers pipeline as the reference
+
 
 @pytest.fixture(scope="module")
 def case(tiny_editor):

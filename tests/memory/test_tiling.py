@@ -61,6 +61,7 @@ def seam_strength(error: torch.Tensor, axis: int) -> tuple[float, float]:
     return float(jumps[at_band].max()), float(jumps[~at_band].max())
 
 
+@pytest.mark.slow
 def test_tiled_decode_agrees_with_whole_decode(decoded):
     diff = decoded["hann"] - decoded["whole"]
     # Measured on the tiny VAE with 128-px tiles: 42.9 dB, max error 0.15 of the [-1, 1] range
@@ -88,6 +89,7 @@ def test_hann_blend_leaves_no_seam_and_plain_averaging_does(decoded, axis):
     assert float(error[band].mean()) <= 1.5 * float(error[~band].mean())
 
 
+@pytest.mark.slow
 def test_tiled_encode_agrees_with_whole_encode(tiny_editor, decoded):
     vae = tiny_editor.pipe.vae
     with torch.inference_mode():

@@ -67,6 +67,7 @@ def test_invalid_layouts():
         ParallelLayout(world_size=3, cfg_degree=2, cp_degree=2, cp_mode="ulysses")
 
 
+@pytest.mark.slow
 def test_cfg_parallel_on_two_processes_matches_one(tiny_editor, tiny_dir, tmp_path):
     out = tmp_path / "parallel.png"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

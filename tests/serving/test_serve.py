@@ -62,6 +62,7 @@ def post_json(url, **fields):
     return post(url, json.dumps(body).encode())
 
 
+@pytest.mark.slow  # Ray Serve with two replicas
 def test_concurrent_requests_two_replicas_batched(service, tiny_editor):
     start = time.perf_counter()
     with ThreadPoolExecutor(6) as pool:
@@ -82,6 +83,7 @@ def test_concurrent_requests_two_replicas_batched(service, tiny_editor):
     print(f"6 concurrent edits in {elapsed:.1f}s, batch sizes {batches}")
 
 
+@pytest.mark.slow  # Ray Serve with two replicas
 def test_repeat_hits_shared_redis_cache(service, redis_url):
     status, first, png = post_json(service, seed=99)
     assert status == 200 and first["x-qie-cache"] == "miss"
@@ -93,6 +95,7 @@ def test_repeat_hits_shared_redis_cache(service, redis_url):
     assert any(redis.Redis.from_url(redis_url).scan_iter("qie:result:*"))
 
 
+@pytest.mark.slow  # Ray Serve with two replicas
 def test_multipart_and_errors(service):
     boundary = "qieboundary"
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in FIELDS.items()]

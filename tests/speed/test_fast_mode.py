@@ -54,6 +54,7 @@ def test_fused_lora_adds_exactly_its_delta_and_edits_in_fast_mode(tiny_editor, l
         editor.edit(small_request(photo, mode="quality"))
 
 
+@pytest.mark.slow
 def test_unfused_lora_switches_per_request(tiny_editor, lora_file, photo):
     editor = Editor.load("tiny", fast_lora=str(lora_file), fast_steps=4, fast_fuse=False)
     quality = editor.edit(small_request(photo, steps=3))

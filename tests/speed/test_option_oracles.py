@@ -6,6 +6,8 @@ from oracle import assert_matches_reference
 
 from qie import Editor, EditRequest
 
+pytestmark = pytest.mark.slow  # runs the stock diffusers pipeline as the reference
+
 SIZE = {"max_side": 256, "condition_area": "output"}
 
 

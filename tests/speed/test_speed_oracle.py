@@ -5,6 +5,8 @@ import dataclasses
 import pytest
 from oracle import assert_matches_reference
 
+pytestmark = pytest.mark.slow  # runs the stock diffusers pipeline as the reference
+
 
 @pytest.fixture()
 def no_fixes(tiny_editor):
