@@ -19,19 +19,17 @@ def run_cli(*args, cwd=ROOT):
 FAST = ["--steps", "2", "--max-side", "128", "--condition-area", "output", "--seed", "11"]
 
 
+def edit_cup(tiny_dir, out, *extra):
+    """`python -m qie edit coffee-cup.jpg --prompt "white background" ...` on the tiny model."""
+    cup = str(EXAMPLES / "coffee-cup.jpg")
+    return run_cli(
+        "edit", cup, "--prompt", "white background", "--output", str(out), "--model", str(tiny_dir), *FAST, *extra
+    )
+
+
 def test_edit_single_file_writes_png_with_metadata(tiny_dir, tmp_path):
     out = tmp_path / "out.png"
-    proc = run_cli(
-        "edit",
-        str(EXAMPLES / "coffee-cup.jpg"),
-        "--prompt",
-        "white background",
-        "--output",
-        str(out),
-        "--model",
-        str(tiny_dir),
-        *FAST,
-    )
+    proc = edit_cup(tiny_dir, out)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (128, 96)
@@ -42,18 +40,7 @@ def test_edit_single_file_writes_png_with_metadata(tiny_dir, tmp_path):
 
 def test_edit_with_rewrite_prints_and_uses_the_rewritten_prompt(tiny_dir, tmp_path):
     out = tmp_path / "out.png"
-    proc = run_cli(
-        "edit",
-        str(EXAMPLES / "coffee-cup.jpg"),
-        "--prompt",
-        "white background",
-        "--rewrite",
-        "--output",
-        str(out),
-        "--model",
-        str(tiny_dir),
-        *FAST,
-    )
+    proc = edit_cup(tiny_dir, out, "--rewrite")
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("rewritten prompt (coffee-cup.jpg): "))
     rewritten = line.split(": ", 1)[1]
