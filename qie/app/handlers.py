@@ -22,6 +22,7 @@ import gradio as gr
 
 import qie
 from qie.app.form import FORM_FIELDS, EditForm, build_requests
+from qie.app.history import SETTINGS, record, thumbnails
 from qie.app.jobs import Job, SessionJobs, gradio_event, run_cancellable
 from qie.app.layout import NO_FAST_LORA, Layout
 from qie.app.presets import FAST_MODE_SETTINGS, REPEATED_EDIT_WARNING, preset_prompt
@@ -328,6 +329,31 @@ class Handlers:
             return {self.ui.image: gr.skip()}
         gr.Info(REPEATED_EDIT_WARNING)
         return {self.ui.image: after}
+
+    def record_history(self, history: list[dict], outputs: list[dict], image: str | None, **settings: Any) -> dict:
+        """Add the last edit's outputs to this tab's history."""
+        entries = record(history, outputs, image, settings)
+        return {self.ui.history_state: entries, self.ui.history: thumbnails(entries)}
+
+    def restore_history(self, history: list[dict], evt: gr.SelectData) -> dict:
+        """A history pick: its input image, settings and seed back in the controls, its result in view."""
+        if not history or evt.index is None or evt.index >= len(history):
+            return {}
+        entry = history[evt.index]
+        controls = {getattr(self.ui, name): value for name, value in entry["settings"].items() if value is not None}
+        return {
+            **controls,
+            self.ui.randomize_seed: False,
+            self.ui.image: entry["input"] or gr.skip(),
+            self.ui.result: (entry["input"], entry["png"]),
+            self.ui.download: entry["png"],
+            self.ui.stats: entry["stats"],
+        }
+
+    def history_outputs(self) -> list[Any]:
+        """What a history pick may set."""
+        names = [*SETTINGS, "seed", "randomize_seed", "image", "result", "download", "stats"]
+        return [getattr(self.ui, name) for name in names]
 
     def region_canvas(self, image: str | None) -> dict:
         """The region brush starts on the first image, with nothing brushed."""

@@ -65,6 +65,8 @@ class Layout:
     mask: gr.ImageEditor
     gallery: gr.Gallery
     outputs_state: gr.State
+    history: gr.Gallery
+    history_state: gr.State
 
     def edit_inputs(self) -> dict[str, Any]:
         """The edit's inputs by parameter name, in the `/edit` API's order."""
@@ -231,7 +233,14 @@ def _results(metrics: bool) -> dict[str, Any]:
             panel["metrics"] = gr.JSON(label="Requests, latency, GPU memory", elem_id="metrics")
             panel["refresh_metrics"] = gr.Button("Refresh", size="sm", elem_id="metrics-refresh")
     parts = {"result": result, "gallery": gallery, "stats": stats, "download": download, "use_as_input": use_as_input}
-    return {**parts, "outputs_state": gr.State([]), **panel}
+    history = gr.Gallery(
+        label="History (this browser tab only): pick one to restore its image and settings",
+        columns=6,
+        height="auto",
+        format="png",
+        elem_id="history",
+    )
+    return {**parts, "outputs_state": gr.State([]), "history": history, "history_state": gr.State([]), **panel}
 
 
 def build_layout(start: dict[str, Any], *, notice: str | None, fast_lora: bool, metrics: bool) -> Layout:

@@ -30,6 +30,7 @@ import qie
 from qie.app import handlers as app_handlers
 from qie.app.form import with_form_signature
 from qie.app.handlers import Handlers, run_edits
+from qie.app.history import SETTINGS
 from qie.app.layout import Layout, build_layout
 from qie.app.presets import CPU_DEMO_DEFAULTS, EDIT_DEFAULTS, FEATURES, feature_available, load_examples
 from qie.core.load_options import LoadOptions
@@ -108,6 +109,23 @@ def _wire_edit(ui: Layout, handlers: Handlers) -> None:
         outputs=handlers.page_outputs(),
         api_visibility="private",
         **common,
+    )
+    page_event.then(
+        handlers.record_history,
+        inputs_kwargs={
+            "history": ui.history_state,
+            "outputs": ui.outputs_state,
+            "image": ui.image,
+            **{name: getattr(ui, name) for name in SETTINGS},
+        },
+        outputs=[ui.history_state, ui.history],
+        api_visibility="private",
+    )
+    ui.history.select(
+        handlers.restore_history,
+        inputs_kwargs={"history": ui.history_state},
+        outputs=handlers.history_outputs(),
+        api_visibility="private",
     )
     gr.on([ui.edit_btn.click, ui.prompt.submit], None, js=SCROLL_TO_RESULT_JS, api_visibility="private")
     api_trigger = gr.Button(visible=False, elem_id="api-edit")

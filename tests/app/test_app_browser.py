@@ -319,3 +319,23 @@ def test_a_brushed_region_keeps_the_pixels_outside_it(browser, demo_url):
     assert same[:100, :100].all()  # the top left, far from the stroke, is the original exactly
     assert not same.all()  # and the brushed part was edited
     page.close()
+
+
+def test_history_restores_an_edit_and_stays_in_its_tab(browser, demo_url):
+    page = _open(browser, demo_url)
+    _upload(page)
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("first instruction")
+    first = _edit_and_wait(page)
+    prompt.fill("second instruction")
+    _edit_and_wait(page, previous=first)
+    thumbs = page.locator("#history .thumbnail-item")
+    wait_until(lambda: thumbs.count() == 2, what="2 history entries")
+    thumbs.nth(1).click()  # newest first: the first edit is the second thumbnail
+    wait_until(lambda: prompt.input_value() == "first instruction", what="the first edit's instruction restored")
+    assert page.locator("#stats textarea").input_value() == first
+    other = _open(browser, demo_url)  # another visitor
+    time.sleep(1.0)
+    assert other.locator("#history .thumbnail-item").count() == 0
+    other.close()
+    page.close()
