@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from qie.app.form import API_FIELDS, ASPECTS, FORM_FIELDS, MAX_OUTPUTS
+from qie.app.i18n import INTRO, t
 from qie.app.presets import (
     DEFAULT_PRICE_TAG,
     FEATURES,
@@ -21,11 +22,6 @@ from qie.app.presets import (
     unavailable_note,
 )
 
-INTRO = (
-    "# qie: instruction-based image editing\n"
-    "Upload a photo, describe the change or pick a preset, press **Edit**. "
-    "Model: [Qwen-Image-Edit-2509](https://huggingface.co/Qwen/Qwen-Image-Edit-2509)."
-)
 NO_FAST_LORA = "start the app with --fast-lora FILE (a Lightning LoRA) to enable fast mode"
 
 
@@ -88,7 +84,7 @@ def feature_control(feature: Feature, *, unavailable: str | None = None) -> Any:
     info = feature.info if live else unavailable if built else unavailable_note(feature)
     kwargs = {
         "value": feature.default,
-        "label": feature.label,
+        "label": t(feature.label),
         "info": info,
         "interactive": live,
         "elem_id": f"feature-{feature.name.replace('_', '-')}",
@@ -99,13 +95,13 @@ def feature_control(feature: Feature, *, unavailable: str | None = None) -> Any:
 
 
 def _images() -> dict[str, Any]:
-    image = gr.Image(label="Image", type="filepath", height=320, elem_id="image-1")
-    with gr.Accordion("More images (optional, up to 3 in all)", open=False), gr.Row():
-        image_2 = gr.Image(label="Image 2", type="filepath", height=200, elem_id="image-2")
-        image_3 = gr.Image(label="Image 3", type="filepath", height=200, elem_id="image-3")
-    with gr.Accordion("Region (optional): brush where the edit goes", open=False, elem_id="region"):
+    image = gr.Image(label=t("Image"), type="filepath", height=320, elem_id="image-1")
+    with gr.Accordion(t("More images (optional, up to 3 in all)"), open=False), gr.Row():
+        image_2 = gr.Image(label=t("Image 2"), type="filepath", height=200, elem_id="image-2")
+        image_3 = gr.Image(label=t("Image 3"), type="filepath", height=200, elem_id="image-3")
+    with gr.Accordion(t("Region (optional): brush where the edit goes"), open=False, elem_id="region"):
         mask = gr.ImageEditor(
-            label="Brush the region on the image; outside it the photo stays exactly as it is",
+            label=t("Brush the region on the image; outside it the photo stays exactly as it is"),
             type="filepath",
             sources=(),
             transforms=(),
@@ -120,36 +116,39 @@ def _images() -> dict[str, Any]:
 
 def _prompt_and_presets() -> dict[str, Any]:
     prompt = gr.Textbox(
-        label="Instruction",
-        placeholder="e.g. Replace the background with pure white (Enter to edit)",
+        label=t("Instruction"),
+        placeholder=t("e.g. Replace the background with pure white (Enter to edit)"),
         lines=1,  # one line: Enter submits (Shift+Enter on a multi-line box)
         max_lines=6,
         elem_id="prompt",
     )
-    with gr.Accordion("E-commerce presets (fill the instruction)", open=True, elem_id="presets"):
+    with gr.Accordion(t("E-commerce presets (fill the instruction)"), open=True, elem_id="presets"):
         with gr.Row():
             language = gr.Radio(
-                [(label, code) for code, label in LANGUAGES.items()], value="en", label="Language", elem_id="language"
+                [(label, code) for code, label in LANGUAGES.items()],
+                value="en",
+                label=t("Language"),
+                elem_id="language",
             )
-            price_tag = gr.Textbox(value=DEFAULT_PRICE_TAG, label="Price tag text", elem_id="price-tag")
+            price_tag = gr.Textbox(value=DEFAULT_PRICE_TAG, label=t("Price tag text"), elem_id="price-tag")
         with gr.Row():
             buttons = {
-                key: gr.Button(p.label, size="sm", variant="secondary", elem_id=f"preset-{key}")
+                key: gr.Button(t(p.label), size="sm", variant="secondary", elem_id=f"preset-{key}")
                 for key, p in PRESETS.items()
             }
     with gr.Row():
         count = gr.Slider(
-            1, MAX_OUTPUTS, value=1, step=1, label="Outputs (consecutive seeds, one batch)", elem_id="count"
+            1, MAX_OUTPUTS, value=1, step=1, label=t("Outputs (consecutive seeds, one batch)"), elem_id="count"
         )
         aspect = gr.Radio(
             [("keep input", "keep"), *((name, name) for name in ASPECTS if name != "keep")],
             value="keep",
-            label="Aspect",
+            label=t("Aspect"),
             elem_id="aspect",
         )
     with gr.Row():
-        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
-        cancel_btn = gr.Button("Cancel", variant="secondary", elem_id="cancel-btn")
+        edit_btn = gr.Button(t("Edit"), variant="primary", elem_id="edit-btn")
+        cancel_btn = gr.Button(t("Cancel"), variant="secondary", elem_id="cancel-btn")
     return {
         "count": count,
         "aspect": aspect,
@@ -163,31 +162,31 @@ def _prompt_and_presets() -> dict[str, Any]:
 
 
 def _advanced(start: dict[str, Any], fast_lora: bool) -> dict[str, Any]:
-    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+    with gr.Accordion(t("Advanced"), open=False, elem_id="advanced"):
         mode = feature_control(FEATURES["mode"], unavailable=None if fast_lora else NO_FAST_LORA)
-        steps = gr.Slider(2, 100, value=start["steps"], step=1, label="Steps", elem_id="steps")
+        steps = gr.Slider(2, 100, value=start["steps"], step=1, label=t("Steps"), elem_id="steps")
         cfg = gr.Slider(
             1.0,
             20.0,
             value=start["true_cfg_scale"],
             step=0.1,
-            label="True CFG scale (1 = off, 2x faster)",
+            label=t("True CFG scale (1 = off, 2x faster)"),
             elem_id="cfg",
         )
-        negative_prompt = gr.Textbox(value=" ", label="Negative prompt", elem_id="negative-prompt")
+        negative_prompt = gr.Textbox(value=" ", label=t("Negative prompt"), elem_id="negative-prompt")
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
-            randomize_seed = gr.Checkbox(value=True, label="Randomize seed", elem_id="randomize-seed")
+            seed = gr.Number(value=0, precision=0, minimum=0, label=t("Seed"), elem_id="seed")
+            randomize_seed = gr.Checkbox(value=True, label=t("Randomize seed"), elem_id="randomize-seed")
         max_side = gr.Slider(
             0,
             2048,
             value=start["max_side"],
             step=32,
-            label="Longest output side (px; 0 = auto, ~1 megapixel)",
+            label=t("Longest output side (px; 0 = auto, ~1 megapixel)"),
             elem_id="max-side",
         )
         with gr.Row():
-            resize_to_input = gr.Checkbox(value=False, label="Return at the input's size", elem_id="resize-to-input")
+            resize_to_input = gr.Checkbox(value=False, label=t("Return at the input's size"), elem_id="resize-to-input")
             condition_area = gr.Radio(
                 [
                     ("auto (output under 0.6 MP)", "auto"),
@@ -195,7 +194,7 @@ def _advanced(start: dict[str, Any], fast_lora: bool) -> dict[str, Any]:
                     ("output (faster when small)", "output"),
                 ],
                 value=start["condition_area"],
-                label="Encode the input images at",
+                label=t("Encode the input images at"),
                 elem_id="condition-area",
             )
         features = {name: feature_control(FEATURES[name]) for name in ("tile_size", "attention_quant", "early_exit")}
@@ -214,27 +213,29 @@ def _advanced(start: dict[str, Any], fast_lora: bool) -> dict[str, Any]:
 
 
 def _results(metrics: bool) -> dict[str, Any]:
-    result = gr.ImageSlider(label="Before / after", type="filepath", format="png", interactive=False, elem_id="result")
+    result = gr.ImageSlider(
+        label=t("Before / after"), type="filepath", format="png", interactive=False, elem_id="result"
+    )
     gallery = gr.Gallery(
-        label="Outputs: pick one to view, download or use as input",
+        label=t("Outputs: pick one to view, download or use as input"),
         columns=4,
         height="auto",
         visible=False,
         format="png",
         elem_id="gallery",
     )
-    stats = gr.Textbox(label="Stats", interactive=False, elem_id="stats")
+    stats = gr.Textbox(label=t("Stats"), interactive=False, elem_id="stats")
     with gr.Row():
-        download = gr.DownloadButton("Download PNG", elem_id="download")
-        use_as_input = gr.Button("Use as input", elem_id="use-as-input")
+        download = gr.DownloadButton(t("Download PNG"), elem_id="download")
+        use_as_input = gr.Button(t("Use as input"), elem_id="use-as-input")
     panel = {"metrics": None, "refresh_metrics": None}
     if metrics:
-        with gr.Accordion("Metrics (all visitors, aggregate)", open=False, elem_id="metrics-panel"):
-            panel["metrics"] = gr.JSON(label="Requests, latency, GPU memory", elem_id="metrics")
-            panel["refresh_metrics"] = gr.Button("Refresh", size="sm", elem_id="metrics-refresh")
+        with gr.Accordion(t("Metrics (all visitors, aggregate)"), open=False, elem_id="metrics-panel"):
+            panel["metrics"] = gr.JSON(label=t("Requests, latency, GPU memory"), elem_id="metrics")
+            panel["refresh_metrics"] = gr.Button(t("Refresh"), size="sm", elem_id="metrics-refresh")
     parts = {"result": result, "gallery": gallery, "stats": stats, "download": download, "use_as_input": use_as_input}
     history = gr.Gallery(
-        label="History (this browser tab only): pick one to restore its image and settings",
+        label=t("History (this browser tab only): pick one to restore its image and settings"),
         columns=6,
         height="auto",
         format="png",
@@ -245,7 +246,7 @@ def _results(metrics: bool) -> dict[str, Any]:
 
 def build_layout(start: dict[str, Any], *, notice: str | None, fast_lora: bool, metrics: bool) -> Layout:
     """Place the components (inside an open `gr.Blocks`); `start` holds the controls' start values."""
-    gr.Markdown(INTRO)
+    gr.Markdown(t(INTRO))
     if notice:
         gr.Markdown(f"**{notice}**", elem_id="notice")
     with gr.Row(equal_height=False):

@@ -31,6 +31,7 @@ from qie.app import handlers as app_handlers
 from qie.app.form import with_form_signature
 from qie.app.handlers import Handlers, run_edits
 from qie.app.history import SETTINGS
+from qie.app.i18n import t, translations
 from qie.app.layout import Layout, build_layout
 from qie.app.presets import CPU_DEMO_DEFAULTS, EDIT_DEFAULTS, FEATURES, feature_available, load_examples
 from qie.core.load_options import LoadOptions
@@ -53,6 +54,8 @@ SCROLL_TO_RESULT_JS = (
     "() => { if (window.innerWidth < 768) "
     "document.getElementById('results-column')?.scrollIntoView({behavior: 'smooth', block: 'start'}); }"
 )
+# The presets start in the browser's language.
+PRESET_LANGUAGE_JS = "() => (navigator.language || '').toLowerCase().startsWith('zh') ? 'zh' : 'en'"
 CSS = """
 /* info texts under controls: >= 4.5:1 contrast on both themes */
 .gradio-container .info-text {
@@ -90,6 +93,7 @@ def build_demo(
         _wire_edit(ui, handlers)
         _wire_helpers(ui, handlers, fast_lora=fast_lora)
         _examples(ui, handlers, examples_dir, examples_cache)
+        demo.load(None, js=PRESET_LANGUAGE_JS, outputs=[ui.language], api_visibility="private")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo
 
@@ -204,20 +208,26 @@ def examples_cache_name(model: str, revision: str | None) -> str | None:
 
 
 def _examples(ui: Layout, handlers: Handlers, folder: Path, cache: str | None) -> None:
+    """The shipped examples, with English and with Chinese instructions."""
     examples = load_examples(folder)
     if not examples:
         return
+    sets = {
+        "Examples (CC0 / public-domain photos)": [[str(e.image), e.prompt] for e in examples],
+        "Examples in Chinese": [[str(e.image), e.prompt_zh] for e in examples],
+    }
     with _examples_cache_folder(cache):
-        gr.Examples(
-            examples=[[str(e.image), e.prompt] for e in examples],
-            inputs=[ui.image, ui.prompt],
-            outputs=ui.edit_outputs(),
-            fn=handlers.edit_example,
-            cache_examples=cache is not None,
-            cache_mode="lazy",
-            run_on_click=cache is None,
-            label="Examples (CC0 / public-domain photos)",
-        )
+        for label, rows in sets.items():
+            gr.Examples(
+                examples=rows,
+                inputs=[ui.image, ui.prompt],
+                outputs=ui.edit_outputs(),
+                fn=handlers.edit_example,
+                cache_examples=cache is not None,
+                cache_mode="lazy",
+                run_on_click=cache is None,
+                label=t(label),
+            )
 
 
 def _spaces() -> Any | None:
@@ -257,6 +267,7 @@ def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
         "max_file_size": max_input_bytes(),
         "app_kwargs": {"routes": [APIRoute("/health", health, methods=["GET"])]},
         "css": CSS,
+        "i18n": translations(),
     }
 
 

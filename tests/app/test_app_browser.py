@@ -339,3 +339,18 @@ def test_history_restores_an_edit_and_stays_in_its_tab(browser, demo_url):
     assert other.locator("#history .thumbnail-item").count() == 0
     other.close()
     page.close()
+
+
+def test_the_page_speaks_chinese_to_a_chinese_browser(browser, demo_url):
+    context = browser.new_context(locale="zh-CN", viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(demo_url)
+    page.locator("#edit-btn").wait_for(state="visible", timeout=60_000)
+    wait_until(lambda: page.locator("#edit-btn").inner_text().strip() == "编辑", what="the Edit button in Chinese")
+    assert "编辑指令" in page.locator("#prompt").inner_text()
+    assert page.locator("#preset-white_background").inner_text().strip() == "白色背景"
+    assert page.get_by_text("中文示例").count() >= 1
+    page.locator("#preset-white_background").click()  # presets start in the browser's language too
+    prompt = page.locator("#prompt textarea")
+    wait_until(lambda: "纯白色" in prompt.input_value(), what="the preset's Chinese instruction")
+    context.close()

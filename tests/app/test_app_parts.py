@@ -216,6 +216,7 @@ def test_examples_are_cached_per_model_revision_and_version_and_not_for_tiny(mon
     assert app.examples_cache_name("tiny", None) is None
     app.build_demo(lambda: None, examples_cache=app.examples_cache_name("Qwen/Qwen-Image-Edit-2509", None))
     app.build_demo(lambda: None, examples_cache=None)
-    (folder, cached, on_click), (_, tiny_cached, tiny_on_click) = seen
+    assert len(seen) == 4  # English and Chinese examples, in each app
+    (folder, cached, on_click), (_, tiny_cached, tiny_on_click) = seen[0], seen[-1]
     assert folder.endswith("Qwen--Qwen-Image-Edit-2509@main-qie" + qie.__version__) and cached and not on_click
     assert not tiny_cached and tiny_on_click
