@@ -52,10 +52,18 @@ class EditForm:
     count: float = 1  # outputs, with consecutive seeds, run as one batch
     aspect: str = "keep"
     mask: Any = None  # the region brush: Gradio's ImageEditor value
+    rewrite: bool = False  # rewrite the instruction first (`Editor.rewrite_prompt`)
+    rewritten: str = ""  # the last rewrite, as the person may have edited it
+    rewritten_from: str = ""  # the instruction that rewrite was made from
+    language: str = "en"  # the presets' language, also the rewrite's
+
+    def prompt_to_rewrite(self) -> bool:
+        """Whether Edit must rewrite first: asked for, and no rewrite of this very instruction to reuse."""
+        return self.rewrite and not (self.rewritten.strip() and self.rewritten_from == self.prompt)
 
 
 FORM_FIELDS = tuple(f.name for f in dataclasses.fields(EditForm))
-PAGE_FIELDS = ("count", "aspect", "mask")
+PAGE_FIELDS = ("count", "aspect", "mask", "rewrite", "rewritten", "rewritten_from", "language")
 API_FIELDS = tuple(name for name in FORM_FIELDS if name not in PAGE_FIELDS)
 MAX_OUTPUTS = 4
 # Output aspect presets (width, height); "keep" follows the last input image.

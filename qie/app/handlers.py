@@ -9,6 +9,7 @@ away (`qie.app.jobs`).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import tempfile
@@ -191,6 +192,7 @@ class Handlers:
         requests = build_requests(form, preprocessed=preprocessed)  # validate before touching the GPU
         progress(0, desc="getting the model ready")
         editor = self.editor_factory()
+        requests, rewrite = self._rewritten(editor, form, requests, progress)
         progress(0, desc="encoding the instruction and images")
 
         def on_step(step: int, total: int) -> None:
@@ -200,7 +202,23 @@ class Handlers:
         # A price-tag edit that fails is replaced by the tag drawn from a template (and says so).
         tag = form.price_tag if tag_in_prompt(requests[0].prompt, form.price_tag) else None
         outs = self.gpu(editor, requests, Deadline(self.edit_timeout_s(), parent=job), on_step, tag)
-        return [{**out, "seed": request.seed} for out, request in zip(outs, requests, strict=True)]
+        return [{**out, "seed": r.seed, "rewrite": rewrite} for out, r in zip(outs, requests, strict=True)]
+
+    def _rewritten(
+        self, editor: Any, form: EditForm, requests: list, progress: gr.Progress
+    ) -> tuple[list, dict | None]:
+        """The requests with the rewritten instruction when the rewrite toggle is on (reusing the
+        person's edited rewrite of the same instruction); and what to show of the rewrite."""
+        if not form.rewrite:
+            return requests, None
+        if form.prompt_to_rewrite():
+            progress(0, desc="rewriting the instruction")
+            started = time.perf_counter()
+            text = editor.rewrite_prompt(requests[0].images, requests[0].prompt, form.language, timeout=LOCK_TIMEOUT_S)
+            shown = {"text": text, "from": form.prompt, "seconds": time.perf_counter() - started}
+        else:
+            shown = {"text": form.rewritten.strip(), "from": form.prompt, "seconds": None}
+        return [dataclasses.replace(r, prompt=shown["text"]) for r in requests], shown
 
     async def _run(
         self, form: EditForm, request: gr.Request | None, progress: gr.Progress, preprocessed: bool = False
@@ -227,6 +245,7 @@ class Handlers:
         """`_outputs` plus the gallery of every output (shown when there are several)."""
         gallery = [(out["png"], f"seed {out['seed']}") for out in outs]
         return {
+            **self._rewrite_outputs(outs[0]["rewrite"]),
             **self._outputs(outs),
             self.ui.gallery: gr.update(value=gallery, visible=len(outs) > 1, selected_index=None),
             self.ui.outputs_state: [{k: out[k] for k in ("png", "stats", "seed")} for out in outs],
@@ -265,7 +284,27 @@ class Handlers:
         return self._page_outputs(out)
 
     def page_outputs(self) -> list[Any]:
-        return [*self.ui.edit_outputs(), self.ui.gallery, self.ui.outputs_state]
+        return [
+            *self.ui.edit_outputs(),
+            self.ui.gallery,
+            self.ui.outputs_state,
+            self.ui.rewritten,
+            self.ui.rewritten_from,
+        ]
+
+    def _rewrite_outputs(self, rewrite: dict | None) -> dict:
+        if rewrite is None:
+            return {self.ui.rewritten: gr.skip(), self.ui.rewritten_from: gr.skip()}
+        took = "your edited text" if rewrite["seconds"] is None else f"rewritten in {rewrite['seconds']:.1f}s"
+        info = f"{took}; edit it and press Edit to use your text"
+        return {
+            self.ui.rewritten: gr.update(value=rewrite["text"], info=info, visible=True),
+            self.ui.rewritten_from: rewrite["from"],
+        }
+
+    def show_rewrite(self, on: bool) -> dict:
+        """The rewritten instruction's box shows while the toggle is on."""
+        return {self.ui.rewritten: gr.update(visible=bool(on))}
 
     def pick_output(self, outputs: list[dict] | None, before_after: Any, evt: gr.SelectData) -> dict:
         """A gallery pick: that output into the before/after view, the download and the stats."""

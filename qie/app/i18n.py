@@ -38,6 +38,8 @@ ZH = {
     "e.g. Replace the background with pure white (Enter to edit)": "例如：把背景换成纯白色（按回车开始编辑）",
     "E-commerce presets (fill the instruction)": "电商预设（填入编辑指令）",
     "Language": "语言",
+    "Rewrite the instruction first": "先改写编辑指令",
+    "Rewritten instruction": "改写后的指令",
     "Price tag text": "价格标签文字",
     "Outputs (consecutive seeds, one batch)": "输出数量（连续种子，一次批量生成）",
     "Aspect": "宽高比",

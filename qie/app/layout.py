@@ -61,6 +61,9 @@ class Layout:
     mask: gr.ImageEditor
     gallery: gr.Gallery
     outputs_state: gr.State
+    rewrite: gr.Checkbox
+    rewritten: gr.Textbox
+    rewritten_from: gr.State
     history: gr.Gallery
     history_state: gr.State
 
@@ -122,6 +125,13 @@ def _prompt_and_presets() -> dict[str, Any]:
         max_lines=6,
         elem_id="prompt",
     )
+    rewrite = gr.Checkbox(
+        value=False,
+        label=t("Rewrite the instruction first"),
+        info="the text encoder (Qwen2.5-VL) writes a precise instruction from yours, looking at the images",
+        elem_id="rewrite",
+    )
+    rewritten = gr.Textbox(label=t("Rewritten instruction"), lines=2, visible=False, elem_id="rewritten")
     with gr.Accordion(t("E-commerce presets (fill the instruction)"), open=True, elem_id="presets"):
         with gr.Row():
             language = gr.Radio(
@@ -150,6 +160,9 @@ def _prompt_and_presets() -> dict[str, Any]:
         edit_btn = gr.Button(t("Edit"), variant="primary", elem_id="edit-btn")
         cancel_btn = gr.Button(t("Cancel"), variant="secondary", elem_id="cancel-btn")
     return {
+        "rewrite": rewrite,
+        "rewritten": rewritten,
+        "rewritten_from": gr.State(""),
         "count": count,
         "aspect": aspect,
         "prompt": prompt,

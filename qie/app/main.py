@@ -163,6 +163,9 @@ def _wire_helpers(ui: Layout, handlers: Handlers, *, fast_lora: bool) -> None:
     ui.image.change(
         handlers.region_canvas, inputs_kwargs={"image": ui.image}, outputs=[ui.mask], api_visibility="private"
     )
+    ui.rewrite.change(
+        handlers.show_rewrite, inputs_kwargs={"on": ui.rewrite}, outputs=[ui.rewritten], api_visibility="private"
+    )
     ui.use_as_input.click(
         handlers.reuse, inputs_kwargs={"before_after": ui.result}, outputs=[ui.image], api_visibility="private"
     )

@@ -354,3 +354,20 @@ def test_the_page_speaks_chinese_to_a_chinese_browser(browser, demo_url):
     prompt = page.locator("#prompt textarea")
     wait_until(lambda: "纯白色" in prompt.input_value(), what="the preset's Chinese instruction")
     context.close()
+
+
+def test_the_rewrite_toggle_fills_an_editable_instruction(browser, demo_url):
+    page = _open(browser, demo_url)
+    _upload(page)
+    page.locator("#prompt textarea").fill("white background")
+    page.locator("#rewrite").get_by_text("Rewrite the instruction first").click()
+    rewritten = page.locator("#rewritten textarea")
+    rewritten.wait_for(state="visible", timeout=30_000)
+    first = _edit_and_wait(page)
+    wait_until(lambda: rewritten.input_value().strip() != "", what="the rewritten instruction")
+    assert "rewritten in" in page.locator("#rewritten").inner_text()
+    rewritten.fill("Replace the background with pure white, my own words")
+    _edit_and_wait(page, previous=first)  # the person's text is used as it is, not rewritten again
+    assert rewritten.input_value() == "Replace the background with pure white, my own words"
+    assert "your edited text" in page.locator("#rewritten").inner_text()
+    page.close()

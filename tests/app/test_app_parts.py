@@ -220,3 +220,32 @@ def test_examples_are_cached_per_model_revision_and_version_and_not_for_tiny(mon
     (folder, cached, on_click), (_, tiny_cached, tiny_on_click) = seen[0], seen[-1]
     assert folder.endswith("Qwen--Qwen-Image-Edit-2509@main-qie" + qie.__version__) and cached and not on_click
     assert not tiny_cached and tiny_on_click
+
+
+def test_rewrite_runs_once_per_instruction_and_the_persons_text_wins():
+    import gradio as gr
+
+    from qie.app.form import EditForm
+    from qie.app.handlers import Handlers
+
+    class Editor:
+        calls: list[str] = []
+
+        def rewrite_prompt(self, images, prompt, language, timeout=None):
+            self.calls.append(f"{prompt}/{language}")
+            return "a precise instruction"
+
+    image = ROOT / "examples" / "cat.jpg"
+    request = qie.EditRequest(images=[image], prompt="white", steps=2)
+    handlers = Handlers(None, lambda: None, start={})
+    editor, progress = Editor(), gr.Progress()
+    fresh = EditForm(image=None, prompt="white", rewrite=True, language="zh")
+    requests, shown = handlers._rewritten(editor, fresh, [request, request], progress)
+    assert [r.prompt for r in requests] == ["a precise instruction"] * 2 and shown["seconds"] is not None
+    edited = EditForm(image=None, prompt="white", rewrite=True, rewritten="my words", rewritten_from="white")
+    requests, shown = handlers._rewritten(editor, edited, [request], progress)
+    assert requests[0].prompt == "my words" and shown["seconds"] is None
+    assert editor.calls == ["white/zh"]  # the person's edit of the same instruction is not rewritten again
+    changed = EditForm(image=None, prompt="black", rewrite=True, rewritten="my words", rewritten_from="white")
+    assert changed.prompt_to_rewrite()
+    assert handlers._rewritten(editor, EditForm(image=None, prompt="white"), [request], progress) == ([request], None)
