@@ -250,7 +250,9 @@ def _results(metrics: bool) -> dict[str, Any]:
     history = gr.Gallery(
         label=t("History (this browser tab only): pick one to restore its image and settings"),
         columns=6,
-        height="auto",
+        height=180,
+        object_fit="cover",
+        allow_preview=False,
         format="png",
         elem_id="history",
     )

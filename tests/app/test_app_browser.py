@@ -100,7 +100,7 @@ def test_edit_an_uploaded_example_with_a_preset(browser, page_url, tmp_path):
     page.locator("#advanced").get_by_text("Advanced").click()
     _set_number(page, "#steps", 3)
     _set_number(page, "#max-side", 128)
-    page.locator("#condition-area").get_by_text("output", exact=False).click()
+    page.locator("#condition-area").get_by_text("output (faster when small)").click()
     assert page.locator("#feature-tile-size input").first.is_disabled() or _live("tile_size")
 
     page.locator("#edit-btn").click()
