@@ -226,8 +226,9 @@ def pad_prompts(prompts: Sequence[PromptEmbeds]) -> PromptEmbeds:
     longest = max(r.shape[0] for r in rows)
     embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
     lengths = torch.tensor([r.shape[0] for r in rows])
-    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long().to(embeds.device)
-    return PromptEmbeds(embeds=embeds, mask=None if bool(mask.all()) else mask)
+    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+    padded = any(r.shape[0] < longest for r in rows)  # decided on the host: `mask.all()` on the GPU would sync
+    return PromptEmbeds(embeds=embeds, mask=mask.to(embeds.device) if padded else None)
 
 
 def prepare(
@@ -275,6 +276,8 @@ def denoise(pipe, inputs: DenoiseInputs, control: LoopControl | None = None) -> 
     img_shapes = [[out_shape, *condition.shapes]] * latents.shape[0]
     predict = control.predict or guided_prediction
     timesteps = timesteps_for(pipe, inputs.steps, latents.shape[1], latents.device)
+    # Read once, before the loop: indexing the scheduler's (device) sigmas per step would sync the host.
+    sigmas = pipe.scheduler.sigmas.tolist() if observer is not None else []
     n_out = latents.shape[1]
     for i, t in enumerate(timesteps):
         if control.cancel is not None and control.cancel.is_set():
@@ -285,7 +288,7 @@ def denoise(pipe, inputs: DenoiseInputs, control: LoopControl | None = None) -> 
         pred = pred[:, :n_out]
         # --- per-step observation / early stop (qie.speed.early_exit) ---
         if observer is not None:
-            final = observer.after_step(i, latents, pred, float(pipe.scheduler.sigmas[i]))
+            final = observer.after_step(i, latents, pred, sigmas[i])
             if final is not None:
                 if on_step is not None:
                     on_step(len(timesteps), len(timesteps))

@@ -11,6 +11,11 @@ Two independent mechanisms:
 - **Trajectory early exit** (`TrajectoryEarlyExit`): after each step, the predicted clean latent
   x0 = x_t - sigma * v (flow matching) is compared with the previous step's; when its relative
   change stays below `threshold` for `patience` consecutive steps the loop stops and x0 is decoded.
+  The change is read on the host one step late: computed on the GPU at step i, copied to pinned
+  memory without waiting, and read at step i+1, once step i+1's forward is queued. Reading it
+  then waits only for step i's own work, so the GPU never runs dry waiting for the host (an
+  immediate read would stall every step). The cost: the loop stops one step after x0 settled,
+  and decodes that newest x0.
 
 Example:
     >>> observer = TrajectoryEarlyExit(threshold=0.01, patience=2, total_steps=40)
@@ -45,22 +50,51 @@ class StepObserver(Protocol):
         """The latents to decode when the loop ran to its end (the observer may replace samples)."""
 
 
+class HostScalar:
+    """A device scalar on its way to the host: the copy is queued now; `value()` waits for it alone.
+
+    On CUDA it goes to pinned memory with `non_blocking=True` and an event behind it, so `value()`
+    waits for the work queued before the copy, not for what was queued after (a plain `float(t)`
+    waits for everything). On the CPU it is just the tensor.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
+
+
 class _Track:
     """The early-exit state of one sample of a batch."""
 
     def __init__(self) -> None:
         self.steps_run = 0
-        self.changes: list[float] = []
+        self.changes: list[float] = []  # read one step late (see the module's docstring)
         self.previous: torch.Tensor | None = None
+        self.pending: HostScalar | None = None
         self.calm = 0
         self.final: torch.Tensor | None = None  # x0, once this sample stopped
 
     def observe(self, i: int, clean: torch.Tensor, threshold: float) -> None:
         self.steps_run = i + 1
-        if self.previous is not None:
-            change = float(torch.linalg.vector_norm(clean - self.previous) / torch.linalg.vector_norm(self.previous))
+        if self.pending is not None:  # the previous step's change: its work is done or nearly
+            change = self.pending.value()
             self.changes.append(change)
             self.calm = self.calm + 1 if change < threshold else 0
+        self.pending = None
+        if self.previous is not None:
+            change = torch.linalg.vector_norm(clean - self.previous) / torch.linalg.vector_norm(self.previous)
+            self.pending = HostScalar(change)
         self.previous = clean
 
 
@@ -70,7 +104,8 @@ class TrajectoryEarlyExit:
     Each sample of a batch is watched on its own: a sample that settled keeps its x0 while the
     others go on, and the loop stops when every sample has settled. The last step is never cut
     (stopping there saves nothing), so `steps_run` is at most `total_steps`; when the loop stops
-    early, `after_step` returns x0 for decoding.
+    early, `after_step` returns x0 for decoding. A step's change is judged at the next step
+    (no host sync in the loop), so the stop comes one step after x0 settled.
     """
 
     def __init__(self, threshold: float, patience: int, total_steps: int) -> None:

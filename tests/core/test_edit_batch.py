@@ -65,8 +65,8 @@ def test_batched_requests_honour_step_cache_and_early_exit(tiny_editor, photo):
     assert set(seen) == {2}  # really one batch
     for result, single in zip(results, singles, strict=True):
         assert result.cached_calls > 0 and result.cached_calls == single.cached_calls
-        assert (result.steps_run, result.steps_skipped) == (single.steps_run, single.steps_skipped) == (2, 2)
-        assert "early exit: stopped after 2 of 4 steps" in result.notes
+        assert (result.steps_run, result.steps_skipped) == (single.steps_run, single.steps_skipped) == (3, 1)
+        assert "early exit: stopped after 3 of 4 steps" in result.notes
         assert any(note.startswith("step_cache=fbcache") for note in result.notes)
         assert_matches_reference("batching", result.image, single.image)
     assert tiny_editor.pipe.transformer._cache_config is None  # hooks removed after the batch

@@ -31,8 +31,9 @@ def no_fixes(tiny_editor):
         ),
         (
             "early-exit",
-            {"early_exit_threshold": 1.0, "early_exit_patience": 1},
-            lambda r: (r.steps_run, r.steps_skipped) == (2, 1),
+            # A step's change is read at the next step: with 4 steps, it stops after 3 (x0 settled at step 2).
+            {"early_exit_threshold": 1.0, "early_exit_patience": 1, "steps": 4},
+            lambda r: (r.steps_run, r.steps_skipped) == (3, 1),
         ),
     ],
 )
