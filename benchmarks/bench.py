@@ -12,9 +12,9 @@ Sections (``--sections``):
   resident  qie's staged path: plan resident; with cuDNN attention; with regional compile
   fp8       plan resident-fp8 (torchao fp8 rowwise) + regional compile
   budgets   the automatic planner under emulated budgets (24, 16, 10, 8, 6 GiB)
-  fast      fast mode: a random Lightning LoRA of the real shapes fused, 8 and 4 steps, end to end
   options   step cache, early exit, condition_area="output", each vs the same plan without it
   batching  images/hour of batched denoising vs batch 1
+  fast, quality, compile, encoders: the fast path to the floor (`benchmarks.bench_fast`)
 
 The JSON goes to ``--out`` (default ``benchmarks/``), one line of summary per configuration
 is printed, and a table at the end. Arguments: see `python -m qie bench --help`.
@@ -85,6 +85,7 @@ class Probe:
     peak_gib: float | None
     stage_peaks_gib: dict[str, float]
     steps_run: int | None = None
+    notes: tuple[str, ...] = ()
 
 
 def test_image(size: int) -> Image.Image:
@@ -106,8 +107,10 @@ def _median_step(stamps: list[float]) -> float:
 
 
 def make_request(size: int, steps: int, cfg: bool, seed: int = 0, **options: Any):
+    """The bench's edit at `size`²; the condition is encoded at ~1024² as stock does, unless `options` say."""
     from qie.core.request import EditRequest
 
+    options.setdefault("condition_area", "model")
     return EditRequest(
         images=[test_image(size)],
         prompt=PROMPT,
@@ -121,8 +124,12 @@ def make_request(size: int, steps: int, cfg: bool, seed: int = 0, **options: Any
     )
 
 
-def probe_qie(editor, size: int, steps: int, cfg: bool, **options: Any) -> Probe:
-    """One edit through `Editor.edit` (with request `options`), timing each denoising step."""
+def probe_qie(editor, size: int, steps: int, cfg: bool, *, stamp_steps: bool = True, **options: Any) -> Probe:
+    """One edit through `Editor.edit` (with request `options`), timing each denoising step.
+
+    The step stamps synchronize with the GPU after every step; `stamp_steps=False` leaves the loop
+    unsynchronized (step_s is then NaN) for end-to-end times as a service sees them.
+    """
     stamps: list[float] = []
 
     def on_step(i: int, n: int) -> None:
@@ -132,7 +139,7 @@ def probe_qie(editor, size: int, steps: int, cfg: bool, **options: Any) -> Probe
     request = make_request(size, steps, cfg, **options)
     cuda_sync()
     start = time.perf_counter()
-    result = editor.edit(request, on_step=on_step)
+    result = editor.edit(request, on_step=on_step if stamp_steps else None)
     cuda_sync()
     return Probe(
         step_s=_median_step(stamps),
@@ -142,6 +149,7 @@ def probe_qie(editor, size: int, steps: int, cfg: bool, **options: Any) -> Probe
         peak_gib=result.peak_vram_gib,
         stage_peaks_gib=dict(result.stage_peaks_gib),
         steps_run=result.steps_run,
+        notes=tuple(result.notes),
     )
 
 
@@ -258,9 +266,7 @@ class Bench:
         if stock and stock is not row:
             row.ratio_step_cfg = stock.step_s_cfg / row.step_s_cfg if row.step_s_cfg else None
             row.ratio_step_nocfg = stock.step_s_nocfg / row.step_s_nocfg if row.step_s_nocfg else None
-        self.rows.append(row)
-        self.report(row)
-        self.save()
+        self.add(row)
         return row
 
     def profile(self, row: Row, transformer, trigger) -> None:
@@ -284,6 +290,16 @@ class Bench:
             + ", ".join(f"{k} {v:.4f} ({floors.get(k, 0.0):.4f})" for k, v in p["categories_s"].items()),
             flush=True,
         )
+        self.save()
+
+    def fast_plan(self) -> str:
+        """The fastest plan this device runs: resident-fp8 (with compile) on a GPU, resident on the CPU."""
+        return "resident-fp8" if self.device.type == "cuda" else "resident"
+
+    def add(self, row: Row) -> None:
+        """Keep `row`, print its line and save the JSON."""
+        self.rows.append(row)
+        self.report(row)
         self.save()
 
     def report(self, row: Row) -> None:
@@ -443,77 +459,13 @@ class Bench:
             }
         )
 
-    def fast_plan(self) -> str:
-        return "resident-fp8" if self.device.type == "cuda" else "resident"
-
-    def fast_editor(self, steps: int):
-        """A fresh pipeline with a random Lightning LoRA of the real shapes fused, on the fastest plan."""
-        import tempfile
-
-        from qie.core.speed_setup import setup_speed
-        from qie.speed.compile import compile_blocks
-        from qie.speed.fast_mode import random_lightning_lora
-
-        pipe = self.fresh_pipe()
-        with tempfile.TemporaryDirectory() as tmp:
-            lora = random_lightning_lora(pipe.transformer, Path(tmp) / "lightning.safetensors", dtype=pipe.dtype)
-            speed = setup_speed(
-                pipe, self.device, pipe.dtype, attention_backend="native", fast_lora=str(lora), fast_steps=steps
-            )
-        editor = self.editor(pipe, self.fast_plan())
-        editor.speed = speed
-        if self.device.type == "cuda":
-            compile_blocks(pipe.transformer)
-        return editor
-
-    def time_e2e(self, editor, size: int, steps: int, cfg: bool, repeats: int = 3, **options: Any) -> Probe:
-        """Warm up once, then the median end-to-end time of `repeats` edits."""
-        probe_qie(editor, size, steps, cfg, **options)
-        probes = [probe_qie(editor, size, steps, cfg, **options) for _ in range(repeats)]
-        best = sorted(probes, key=lambda p: p.e2e_s)[len(probes) // 2]
-        return best
-
-    def run_fast(self) -> None:
-        """Fast mode: fused random Lightning LoRA, 8 and 4 steps without CFG, end to end.
-
-        The 4- and 8-step LoRAs have the same shapes, so once fused they cost the same per step:
-        one build serves both step counts (fast mode runs the LoRA's own step count, so the
-        loaded LoRA is told it is the 4-step one for the second row).
-        """
-        import dataclasses
-
-        self.check_time("fast")
-        editor = self.fast_editor(8)
-        for steps in (8, 4):
-            editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
-            for size in self.args.sizes:
-                self.check_time(f"fast {steps} @ {size}")
-                probe = self.time_e2e(editor, size, steps, False)
-                if probe.steps_run != steps:
-                    raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
-                row = Row(
-                    name=f"fast mode {steps} steps (fused LoRA) + {self.fast_plan()}",
-                    size=size,
-                    plan=self.fast_plan(),
-                    step_s_nocfg=probe.step_s,
-                    peak_gib=probe.peak_gib,
-                    e2e_s={f"fast_{steps}": probe.e2e_s},
-                    text_encode_s=probe.timings.get("text_encode"),
-                    decode_s=probe.timings.get("decode"),
-                )
-                stock = self.stock.get(size)
-                if stock and stock.e2e_8_nocfg_s:
-                    row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
-                self.rows.append(row)
-                self.report(row)
-                self.save()
-
     def run_options(self) -> None:
         """Step cache, early exit and condition area, each vs the same plan without it.
 
         `--options-plan eager` runs them on the bf16 resident plan without compile (no minutes of
         compilation); the default runs them on the fastest plan (fp8 + compile on a GPU).
         """
+        from benchmarks.bench_fast import time_e2e
         from qie.speed.compile import compile_blocks
 
         eager = getattr(self.args, "options_plan", "fastest") == "eager"
@@ -524,7 +476,7 @@ class Bench:
             compile_blocks(pipe.transformer)
         steps = self.args.option_steps
         for size in self.args.sizes:
-            base = self.time_e2e(editor, size, steps, True, repeats=1)
+            base = time_e2e(editor, size, steps, True, repeats=1)
             variants = {
                 "step_cache=fbcache": {"step_cache": "fbcache"},
                 "step_cache=taylorseer": {"step_cache": "taylorseer"},
@@ -533,7 +485,7 @@ class Bench:
             }
             for label, options in variants.items():
                 self.check_time(f"option {label}")
-                probe = self.time_e2e(editor, size, steps, True, repeats=1, **options)
+                probe = time_e2e(editor, size, steps, True, repeats=1, **options)
                 diff = difference(probe.image, base.image)
                 row = Row(
                     name=f"{label} ({steps} steps CFG, {plan}{'' if eager else ' + compile'})",
@@ -546,9 +498,7 @@ class Bench:
                     max_abs_vs_ref=diff.max_abs,
                     notes=["PSNR against the same plan without the option"],
                 )
-                self.rows.append(row)
-                self.report(row)
-                self.save()
+                self.add(row)
 
     def run_batching(self) -> None:
         """Throughput of batched denoising (`qie.serving.batching.bench_batching`) on the resident plan."""
@@ -584,7 +534,6 @@ SECTIONS = {
     "resident": Bench.run_resident,
     "fp8": Bench.run_fp8,
     "budgets": Bench.run_budgets,
-    "fast": Bench.run_fast,
     "options": Bench.run_options,
     "batching": Bench.run_batching,
 }
@@ -594,17 +543,25 @@ def run(args: argparse.Namespace) -> int:
     args.tag = args.tag or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.budgets = [float(b) for b in str(args.budgets).split(",") if b]
+    from qie.speed.options import COMPILE_MODES
+
+    for mode in str(getattr(args, "compile_modes", "")).split(","):
+        if mode and mode not in COMPILE_MODES:
+            raise SystemExit(f"--compile-modes: unknown mode {mode!r}; use {', '.join(COMPILE_MODES)}")
     bench = Bench(args)
     sections = [s for s in args.sections.split(",") if s]
     if "stock" not in sections:
         print("[bench] note: without the stock section there are no ratios", flush=True)
+    from benchmarks import bench_fast
+
+    every = {**SECTIONS, **bench_fast.SECTIONS}
     for name in sections:
-        if name not in SECTIONS:
-            raise SystemExit(f"--sections: unknown section {name!r}; use {list(SECTIONS)}")
-        if name in ("fp8", "budgets") and bench.device.type != "cuda":
+        if name not in every:
+            raise SystemExit(f"--sections: unknown section {name!r}; use {list(every)}")
+        if name in ("fp8", "budgets", *bench_fast.CUDA_ONLY) and bench.device.type != "cuda":
             print(f"[bench] section {name} needs CUDA; skipped", flush=True)
             continue
-        bench.section(name, lambda n=name: SECTIONS[n](bench))
+        bench.section(name, lambda n=name: every[n](bench))
     path = bench.save()
     print(bench.table())
     print(f"[bench] wrote {path}")

@@ -19,6 +19,7 @@ from qie.core.load_options import LoadOptions
 from qie.core.models import prefer_expandable_segments
 from qie.errors import InvalidRequestError, QieError
 from qie.settings import Settings
+from qie.speed.options import COMPILE_MODES
 from qie.versions import __version__
 
 log = logging.getLogger("qie")
@@ -118,8 +119,18 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     bench.add_argument(
         "--sections",
         default="stock,resident,fp8,budgets",
-        help="comma list of stock,resident,fp8,budgets,fast,options,batching",
+        help="comma list of stock,resident,fp8,budgets,fast,quality,compile,encoders,options,batching",
     )
+    bench.add_argument(
+        "--compile-mode", choices=COMPILE_MODES, default="default", help="fast and quality sections' compile mode"
+    )
+    bench.add_argument(
+        "--compile-modes",
+        default="default,max-autotune-no-cudagraphs,reduce-overhead",
+        help=f"compile section: comma list of {', '.join(COMPILE_MODES)}",
+    )
+    bench.add_argument("--attention", default="auto", help="fast and quality sections' attention backend")
+    bench.add_argument("--quality-steps", type=int, default=40, help="quality section: CFG steps of its edit")
     bench.add_argument("--sizes", default="1024,768", help="square output sizes, comma list")
     bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
     bench.add_argument("--probe-steps", type=int, default=4, help="CFG steps timed per configuration")

@@ -43,3 +43,44 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     assert any(r["name"].startswith("condition_area=output") for r in data["rows"])
     assert [b["batch"] for b in data["batching"]] == [1, 2, 4]
     assert stock["profile"]["forward_s"] > 0 and not stock["notes"]  # the profile's trigger is a valid edit
+
+
+def test_fast_path_sections_on_the_tiny_model(tmp_path, monkeypatch):
+    """fast, quality and encoders keep the row schema; compile (CUDA only) is skipped on the CPU."""
+    from benchmarks.bench import run
+    from qie.cli.main import build_parser
+
+    monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", 64 * 64)
+    argv = ["bench", "--sections", "fast,quality,encoders,compile", "--sizes", "64", "--scale", "tiny"]
+    argv += ["--device", "cpu", "--out", str(tmp_path), "--tag", "f", "--probe-steps", "2", "--quality-steps", "3"]
+    args = build_parser().parse_args(argv)
+    assert run(args) == 0
+    data = json.loads((tmp_path / "bench-f.json").read_text())
+    assert data["errors"] == []
+    rows = {r["name"].split(" + ")[0].split(" (")[0]: r for r in data["rows"]}
+    fast4, fast8 = rows["fast mode 4 steps"], rows["fast mode 8 steps"]
+    for row in (fast4, fast8):
+        assert row["plan"] == "resident" and row["size"] == 64 and row["step_s_nocfg"] > 0 and row["peak_gib"] is None
+        assert row["notes"][0] == "condition_area=auto: output"
+    assert fast4["e2e_s"]["fast_4"] > 0 and fast8["e2e_s"]["fast_8"] > 0
+    profile = fast4["profile"]
+    assert profile["categories_s"]["gemm"] > 0 and profile["floors_s"]["attention"] > 0
+    assert profile["counts"]["image_tokens"] == 2 * 4 * 4 and profile["host_syncs"] == {}
+    quality = rows["quality 3 steps CFG"]
+    assert quality["step_s_cfg"] > 0 and quality["e2e_s"]["quality_3_cfg"] > 0
+    assert quality["e2e_40_cfg_s"] is None and quality["e2e_40_cfg_measured"] is False  # 3 steps here, not 40
+    assert quality["profile"]["categories_s"]["attention"] > 0
+    plain, fp8 = rows["encoders: plain"], rows["encoders: text encoder fp8 storage"]
+    assert plain["text_encode_s"] > 0 and plain["decode_s"] > 0 and fp8["psnr_vs_ref"] > 30
+    assert not any(name.startswith("compile mode") for name in rows)  # needs CUDA
+
+
+def test_an_unknown_compile_mode_stops_the_bench(tmp_path):
+    import pytest
+
+    from benchmarks.bench import run
+    from qie.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "--compile-modes", "default,turbo", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--compile-modes: unknown mode 'turbo'"):
+        run(args)

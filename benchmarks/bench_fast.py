@@ -1,0 +1,255 @@
+"""The benchmark's fast-path sections: how close an edit gets to the floor, end to end.
+
+Sections (``python -m qie bench --sections ...``), each on fresh full-size random weights:
+  fast      fast mode (a random Lightning LoRA of the real shapes, fused) on the fastest plan
+            (resident-fp8 + regional compile with ``--compile-mode``): 8 and 4 steps end to end at
+            every ``--sizes`` (the condition area left to auto: the output's area under 0.6 MP); at the
+            first size, the forward's time by kernel category next to each category's floor, and the
+            host syncs of one edit (CUDA's sync debug mode)
+  quality   a 40-step CFG edit on the fastest plan, measured end to end (not derived), with the
+            forward's kernel-category profile
+  compile   the regional compile's modes (``--compile-modes``): warm-up seconds, first-edit
+            seconds, step times and peak memory of each
+  encoders  around the transformer: the VAE decoder compiled (plain, channels-last) and the text
+            encoder stored in fp8: their stage seconds, memory and PSNR against the plain pipeline
+
+End-to-end times are medians of edits without per-step synchronization (the loop runs as in
+service); step times come from one more edit with a synchronized timestamp per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench import Bench, Probe, Row, probe_qie
+from qie.core.tolerances import difference
+
+AUTO = {"condition_area": None}  # what a user gets: the output's area under 0.6 MP
+
+
+def compile_mode(bench: Bench) -> str:
+    return getattr(bench.args, "compile_mode", None) or "default"
+
+
+def time_e2e(editor, size: int, steps: int, cfg: bool, repeats: int = 3, **options: Any) -> Probe:
+    """Warm up once; the median end-to-end seconds of `repeats` unsynchronized edits, and the step
+    seconds of one more with a synchronized stamp per step."""
+    probe_qie(editor, size, steps, cfg, **options)
+    runs = [probe_qie(editor, size, steps, cfg, stamp_steps=False, **options) for _ in range(repeats)]
+    stamped = probe_qie(editor, size, steps, cfg, **options)
+    median = sorted(runs, key=lambda p: p.e2e_s)[len(runs) // 2]
+    return dataclasses.replace(median, step_s=stamped.step_s)
+
+
+def host_syncs(editor, request_size: int, steps: int, **options: Any) -> dict[str, int]:
+    """Where one edit synchronized the host with the GPU: {"file:line": count} (CUDA only, else {})."""
+    if not torch.cuda.is_available():
+        return {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            probe_qie(editor, request_size, steps, False, stamp_steps=False, **options)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "ynchroniz" in str(w.message))
+    return dict(places.most_common(20))
+
+
+def fastest_editor(bench: Bench, *, lora_steps: int | None = None, fixes: bool = True):
+    """A fresh pipeline on the fastest plan, compiled, with a random Lightning LoRA fused when `lora_steps`.
+
+    `fixes=False` turns qie's prompt fix off, for images comparable with the stock reference.
+    """
+    from qie.core.speed_setup import setup_speed
+    from qie.speed.compile import compile_blocks
+    from qie.speed.fast_mode import random_lightning_lora
+
+    pipe = bench.fresh_pipe()
+    attention = getattr(bench.args, "attention", None) or "auto"
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = None
+        if lora_steps:
+            lora = str(random_lightning_lora(pipe.transformer, Path(tmp) / "lightning.safetensors", dtype=pipe.dtype))
+        speed = setup_speed(
+            pipe, bench.device, pipe.dtype, attention_backend=attention, fast_lora=lora, fast_steps=lora_steps or 8
+        )
+    editor = bench.editor(pipe, bench.fast_plan(), fixes=fixes)
+    editor.speed = speed
+    start = time.perf_counter()
+    compiled = bench.device.type == "cuda" and compile_blocks(pipe.transformer, mode=compile_mode(bench))
+    return editor, compiled, time.perf_counter() - start
+
+
+def plan_label(bench: Bench, compiled: bool, attention: str) -> str:
+    compiled_part = f" + compile ({compile_mode(bench)})" if compiled else ""
+    return f"{bench.fast_plan()}{compiled_part}, {attention} attention"
+
+
+def run_fast(bench: Bench) -> None:
+    """Fast mode, 8 and 4 steps without CFG, end to end at every size; at the first size the profile.
+
+    The 4- and 8-step LoRAs have the same shapes, so once fused they cost the same per step: one
+    build serves both step counts (the loaded LoRA is told it is the 4-step one for those rows).
+    """
+    bench.check_time("fast")
+    editor, compiled, _ = fastest_editor(bench, lora_steps=8)
+    label = plan_label(bench, compiled, editor.speed.attention_backend)
+    for steps in (8, 4):
+        editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
+        for size in bench.args.sizes:
+            bench.check_time(f"fast {steps} @ {size}")
+            probe = time_e2e(editor, size, steps, False, **AUTO)
+            if probe.steps_run != steps:
+                raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
+            row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
+            row.e2e_s = {f"fast_{steps}": probe.e2e_s}
+            row.notes += [n for n in probe.notes if n.startswith("condition_area")]
+            stock = bench.stock.get(size)
+            if stock and stock.e2e_8_nocfg_s:
+                row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
+            bench.add(row)
+            if steps == 4 and size == bench.args.sizes[0]:
+                size0 = bench.args.sizes[0]
+                bench.profile(row, editor.pipe.transformer, lambda s=size0: probe_qie(editor, s, 4, False, **AUTO))
+                row.profile["host_syncs"] = host_syncs(editor, size, steps, **AUTO)
+                bench.save()
+
+
+def stage_row(name: str, size: int, plan: str, probe: Probe) -> Row:
+    """A row with a probe's step seconds (without CFG), peak memory and stage seconds."""
+    return Row(
+        name=name,
+        size=size,
+        plan=plan,
+        step_s_nocfg=probe.step_s,
+        peak_gib=probe.peak_gib,
+        stage_peaks_gib=probe.stage_peaks_gib,
+        text_encode_s=probe.timings.get("text_encode"),
+        condition_encode_s=probe.timings.get("condition_encode"),
+        decode_s=probe.timings.get("decode"),
+    )
+
+
+def run_quality(bench: Bench) -> None:
+    """A 40-step CFG edit on the fastest plan, measured end to end, at the first size; and its profile."""
+    bench.check_time("quality")
+    editor, compiled, _ = fastest_editor(bench, fixes=False)
+    size = bench.args.sizes[0]
+    steps = getattr(bench.args, "quality_steps", 40)
+    probe = time_e2e(editor, size, steps, True, repeats=1, **AUTO)
+    row = Row(
+        name=f"quality {steps} steps CFG + {plan_label(bench, compiled, editor.speed.attention_backend)}",
+        size=size,
+        plan=bench.fast_plan(),
+        step_s_cfg=probe.step_s,
+        peak_gib=probe.peak_gib,
+        stage_peaks_gib=probe.stage_peaks_gib,
+        text_encode_s=probe.timings.get("text_encode"),
+        condition_encode_s=probe.timings.get("condition_encode"),
+        decode_s=probe.timings.get("decode"),
+        e2e_40_cfg_s=probe.e2e_s if steps == 40 else None,
+        e2e_40_cfg_measured=steps == 40,
+        e2e_s={f"quality_{steps}_cfg": probe.e2e_s},
+        notes=["without step caching"],
+    )
+    if size in bench.reference:  # same weights and seed as the stock reference (probe_steps CFG steps)
+        ref_probe = probe_qie(editor, size, bench.args.probe_steps, True, condition_area="model")
+        diff = difference(ref_probe.image, bench.reference[size])
+        row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
+    bench.add(row)
+    bench.profile(row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **AUTO))
+
+
+def run_compile_modes(bench: Bench) -> None:
+    """Each `--compile-modes` mode on the fastest plan: warm-up, first edit, steps, peak memory."""
+    from qie.speed.compile import inductor_options
+
+    modes = [m for m in str(getattr(bench.args, "compile_modes", "default")).split(",") if m]
+    size = bench.args.sizes[0]
+    for mode in modes:
+        bench.check_time(f"compile mode {mode}")
+        pipe = bench.fresh_pipe()
+        editor = bench.editor(pipe, bench.fast_plan())
+        start = time.perf_counter()
+        if not editor.enable_compile(warm_up_size=size, mode=mode):
+            raise RuntimeError(f"compile mode {mode}: compile or its warm-up failed (see the log)")
+        warm_up = time.perf_counter() - start
+        first = probe_qie(editor, size, bench.args.probe_steps, True, stamp_steps=False)
+        row = bench.measure(f"compile mode {mode} + {bench.fast_plan()}", bench.fast_plan(), size, _runner(editor))
+        row.e2e_s = {"compile_warm_up": warm_up, "first_edit": first.e2e_s}
+        row.notes.append(f"inductor options {inductor_options(pipe.transformer.transformer_blocks[0])}")
+        row.notes.append(f"first edit: {bench.args.probe_steps} CFG steps right after the warm-up")
+        bench.save()
+        del editor, pipe
+
+
+def _runner(editor):
+    return lambda s, n, c: probe_qie(editor, s, n, c)
+
+
+def run_encoders(bench: Bench) -> None:
+    """VAE decoder compile (plain, channels-last) and fp8 text-encoder storage, on the plain resident plan.
+
+    The variants are applied in turn to one pipeline (each stays applied): plain, VAE compiled,
+    VAE compiled channels-last, then the text encoder in fp8. Each row's PSNR is against the plain
+    pipeline's image (same weights and seed); the VAE variants need CUDA.
+    """
+    from qie.memory.quantize import store_text_encoder_fp8
+    from qie.speed.compile import compile_vae_decoder
+
+    size = bench.args.sizes[0]
+    pipe = bench.fresh_pipe()
+    editor = bench.editor(pipe, "resident")
+    plain = encoder_row(bench, editor, "encoders: plain", size, None)
+    variants = [("on", "VAE decoder compiled"), ("channels-last", "VAE decoder compiled, channels-last")]
+    for mode, label in variants if bench.device.type == "cuda" else []:
+        bench.check_time(label)
+        compile_vae_decoder(pipe.vae, mode)
+        encoder_row(bench, editor, f"encoders: {label}", size, plain)
+    bench.check_time("text encoder fp8")
+    before = bench.resident_gib()
+    store_text_encoder_fp8(pipe.text_encoder, pipe.dtype)
+    after = bench.resident_gib()
+    freed = None if before is None or after is None else before - after
+    encoder_row(bench, editor, "encoders: text encoder fp8 storage", size, plain, freed_gib=freed)
+
+
+def encoder_row(
+    bench: Bench, editor, name: str, size: int, plain: Probe | None, freed_gib: float | None = None
+) -> Probe:
+    """Median text-encode and decode seconds of 3 edits (2 steps, no CFG) after a warm-up, PSNR against
+    the `plain` pipeline's probe; returns this configuration's first probe."""
+    probe_qie(editor, size, 2, False)  # warm-up: compiles what is compiled
+    probes = [probe_qie(editor, size, 2, False, stamp_steps=False) for _ in range(3)]
+    row = stage_row(name, size, "resident", probes[0])
+    row.text_encode_s = statistics.median(p.timings["text_encode"] for p in probes)
+    row.decode_s = statistics.median(p.timings["decode"] for p in probes)
+    row.e2e_s = {"text_encode": row.text_encode_s, "decode": row.decode_s}
+    row.resident_gib = bench.resident_gib()
+    if plain is not None:
+        diff = difference(probes[0].image, plain.image)
+        row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
+        row.notes.append("PSNR against the plain pipeline")
+    if freed_gib is not None:
+        row.notes.append(f"frees {freed_gib:.2f} GiB of GPU memory")
+    bench.add(row)
+    return probes[0]
+
+
+SECTIONS = {
+    "fast": run_fast,
+    "quality": run_quality,
+    "compile": run_compile_modes,
+    "encoders": run_encoders,
+}
+CUDA_ONLY = ("compile",)
