@@ -48,6 +48,7 @@ from qie.core.metadata import png_metadata
 from qie.core.request import MAX_IMAGES, EditRequest
 from qie.errors import BusyError, InvalidRequestError, QieError, ResourceError
 from qie.serving.batching import run_grouped
+from qie.serving.body_limit import MAX_BODY_BYTES, PROXY_CALLBACK
 from qie.serving.result_cache import CACHE_URL_SCHEMES, cache_key, entry_meta, open_cache
 from qie.settings import Settings
 from qie.telemetry import RequestRecord, error_fields
@@ -55,7 +56,6 @@ from qie.versions import __version__
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 2**20
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive internal errors before Serve restarts the replica
 MAX_FORM_FIELDS = 64  # EditRequest has ~30 fields; Starlette's own default is 1,000
 REQUEST_FIELDS = tuple(f.name for f in fields(EditRequest))
@@ -415,10 +415,13 @@ def start_ray(host: str = "127.0.0.1") -> None:
     import ray
     from ray._private import ray_constants
 
-    if host in LOOPBACK_HOSTS:
+    joining = bool(os.environ.get("RAY_ADDRESS"))  # a running cluster binds as its operator set it up
+    if not joining:  # Serve's proxy refuses an oversized body as it streams in (read by the proxy's process)
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+    if host in LOOPBACK_HOSTS and not joining:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
-    elif not os.environ.get("RAY_ADDRESS"):
+    elif not joining:
         log.warning(
             "--host %s: Ray's own ports (GCS, raylet, workers, metrics) listen on every interface "
             "without authentication; let only the HTTP port through the firewall",

@@ -250,3 +250,39 @@ FORM_TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_charact
 def test_fuzz_multipart_fields_give_a_result_or_a_named_400(fields):
     api = Replica()
     assert_named_answer(api.post_form([*FIELDS.items(), *fields], [("images", PHOTO)]), api)
+
+
+def test_proxy_middleware_stops_reading_at_the_limit():
+    from qie.serving.body_limit import BodyLimit
+
+    seen: dict = {}
+
+    async def app(scope, receive, send):  # reads the whole body, as Serve's proxy forwards it
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                seen["disconnected"] = True
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await Response(b"ok")(scope, receive, send)
+
+    async def run(headers, count):
+        pulled, sent = [0], []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""}
+        await BodyLimit(app, limit=4 * 2**20)(scope, chunked(b"x" * 2**20, count, pulled), send)
+        return pulled[0], sent
+
+    pulled, sent = asyncio.run(run([(b"transfer-encoding", b"chunked")], 300))
+    assert pulled <= 5 and seen["disconnected"], pulled
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["param"] == "body"
+    pulled, sent = asyncio.run(run([(b"content-length", str(300 * 2**20).encode())], 300))
+    assert pulled == 0 and sent[0]["status"] == 400
+    pulled, sent = asyncio.run(run([(b"transfer-encoding", b"chunked")], 3))
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"ok"

@@ -87,6 +87,19 @@ def test_ray_and_serve_listen_on_loopback_only(server):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_oversized_chunked_body_is_refused_while_streaming(server):
+    import http.client
+
+    proc, url, _ = server
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    chunks = (b"x" * 2**20 for _ in range(100))  # 100 MiB, no Content-Length
+    conn.request("POST", "/", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True)
+    answer = conn.getresponse()
+    body = json.loads(answer.read())
+    assert answer.status == 400 and body["param"] == "body" and "64 MiB" in body["message"], body
+
+
 def test_sigterm_drains_and_delivers_the_edit_in_flight(server):
     proc, url, log = server
     photo = base64.b64encode((EXAMPLES / "coffee-cup.jpg").read_bytes()).decode()
