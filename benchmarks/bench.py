@@ -86,6 +86,7 @@ class Probe:
     stage_peaks_gib: dict[str, float]
     steps_run: int | None = None
     notes: tuple[str, ...] = ()
+    first_e2e_s: float | None = None  # `bench_fast.time_e2e`: the warm-up edit (compiles what is compiled)
 
 
 def test_image(size: int) -> Image.Image:
