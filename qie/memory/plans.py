@@ -85,11 +85,12 @@ class Plan:
 
 
 def measure_sizes(pipe, tokens: int = TOKENS_1024) -> Sizes:
-    """Component sizes of `pipe` (counted in bf16, whatever the current dtype)."""
+    """Component sizes of `pipe` (counted in bf16 whatever the current dtype; weights already stored in fp8,
+    such as the text encoder's with `text_encoder_fp8`, at one byte)."""
     from qie.memory.streaming import block_bytes
 
     def gib(module) -> float:
-        return sum(p.numel() * 2 for p in module.parameters()) / GIB
+        return sum(p.numel() * (1 if p.element_size() == 1 else 2) for p in module.parameters()) / GIB
 
     blocks = pipe.transformer.transformer_blocks
     te_layers = _text_encoder_layers(pipe.text_encoder)

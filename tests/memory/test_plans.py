@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from qie import InvalidRequestError, ResourceError
-from qie.memory.plans import PLANS, Sizes, choose_plan, next_plan, onload_per_call, resident_blocks, usable
+from qie.memory.plans import (
+    PLANS,
+    Sizes,
+    choose_plan,
+    measure_sizes,
+    next_plan,
+    onload_per_call,
+    resident_blocks,
+    usable,
+)
 
 BLOCK_BF16 = 20.4e9 / 60 * 2 / 2**30
 FULL = Sizes(
@@ -70,3 +79,16 @@ def test_onload_per_call_leaves_the_weights_on_the_host_between_calls():
     onload_per_call(layer, torch.device("cpu"))
     assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)
     assert layer.weight.device.type == "cpu"
+
+
+def test_sizes_count_a_text_encoder_stored_in_fp8_at_one_byte():
+    from qie.core.models import load_pipeline
+    from qie.memory.quantize import store_text_encoder_fp8
+
+    pipe = load_pipeline("tiny", device=torch.device("cpu"), dtype=torch.float32)
+    before = measure_sizes(pipe)
+    stored = store_text_encoder_fp8(pipe.text_encoder, torch.float32)
+    after = measure_sizes(pipe)
+    fp8_params = sum(p.numel() for p in pipe.text_encoder.parameters() if p.dtype == torch.float8_e4m3fn)
+    assert stored > 0 and after.text_encoder == pytest.approx(before.text_encoder - fp8_params / 2**30)
+    assert after.transformer == before.transformer and after.vae == before.vae
