@@ -187,9 +187,7 @@ class Handlers:
         """Validate, get the editor, run the edit (in a worker thread)."""
         from qie.serving.jobs import Deadline
 
-        if form.mode == "fast" and not self.fast_lora:
-            raise qie.InvalidRequestError("mode", form.mode, NO_FAST_LORA)
-        requests = build_requests(form, preprocessed=preprocessed)  # validate before touching the GPU
+        requests = self._validated(form, preprocessed)  # before touching the GPU
         progress(0, desc="getting the model ready")
         editor = self.editor_factory()
         requests, rewrite = self._rewritten(editor, form, requests, progress)
@@ -203,6 +201,16 @@ class Handlers:
         tag = form.price_tag if tag_in_prompt(requests[0].prompt, form.price_tag) else None
         outs = self.gpu(editor, requests, Deadline(self.edit_timeout_s(), parent=job), on_step, tag)
         return [{**out, "seed": r.seed, "rewrite": rewrite} for out, r in zip(outs, requests, strict=True)]
+
+    def _validated(self, form: EditForm, preprocessed: bool) -> list:
+        """The form's requests; a refused form is logged as one request line (outcome "invalid")."""
+        try:
+            if form.mode == "fast" and not self.fast_lora:
+                raise qie.InvalidRequestError("mode", form.mode, NO_FAST_LORA)
+            return build_requests(form, preprocessed=preprocessed)
+        except qie.InvalidRequestError as exc:
+            log_request("invalid", **_error_fields(exc))
+            raise
 
     def _rewritten(
         self, editor: Any, form: EditForm, requests: list, progress: gr.Progress
@@ -227,6 +235,7 @@ class Handlers:
         event = gradio_event()
         with self.jobs.job(key) as job:
             if self.jobs.cancelled_since(key, getattr(event, "enqueue_time", None)):
+                log_request("cancelled", stage="queue")
                 raise qie.CancelledError("cancelled while waiting in the queue")
             out = await run_cancellable(lambda: self._work(form, job, progress, preprocessed), job, event)
         return out, job
@@ -402,6 +411,19 @@ class Handlers:
         """Steps and CFG that suit a mode: the few-step LoRA runs without CFG."""
         settings = FAST_MODE_SETTINGS if chosen == "fast" else self.start
         return {self.ui.steps: settings["steps"], self.ui.true_cfg_scale: settings["true_cfg_scale"]}
+
+
+def log_request(outcome: str, **fields: Any) -> None:
+    """One JSON request line for what the app ends itself (refused input, dropped waiting edit)."""
+    from qie.telemetry import RequestRecord
+
+    RequestRecord({"channel": "app"}).finish(outcome, **fields)
+
+
+def _error_fields(exc: BaseException) -> dict[str, Any]:
+    from qie.telemetry import error_fields
+
+    return error_fields(exc)
 
 
 def _start_form(start: dict[str, Any]) -> dict[str, Any]:

@@ -209,3 +209,17 @@ def test_the_hourly_cleanup_also_removes_partial_files():
     output_dir()
     assert not any(path.exists() for path in stale) and fresh.exists()
     fresh.unlink()
+
+
+def test_every_refused_input_is_one_request_log_line(served, caplog):
+    import json
+
+    client = Client(served, verbose=False)
+    with caplog.at_level("INFO", logger="qie.requests"):
+        for params in ({"prompt": "   "}, {"steps": 1000}, {"tile_size": "abc"}):
+            with pytest.raises(AppError):
+                edit(client, **params)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "qie.requests"]
+    refused = [line for line in lines if line["outcome"] == "invalid"]
+    assert [line["param"] for line in refused] == ["prompt", "steps", "tile_size"]
+    assert all(line["channel"] == "app" and "   " not in json.dumps(line) for line in refused)
