@@ -24,9 +24,10 @@ import gradio as gr
 import qie
 from qie.app.form import FORM_FIELDS, EditForm, build_requests
 from qie.app.history import SETTINGS, record, thumbnails
+from qie.app.i18n import fix_text, label, language_of, say
 from qie.app.jobs import Job, SessionJobs, gradio_event, run_cancellable
 from qie.app.layout import NO_FAST_LORA, Layout
-from qie.app.presets import FAST_MODE_SETTINGS, REPEATED_EDIT_WARNING, preset_prompt
+from qie.app.presets import FAST_MODE_SETTINGS, preset_prompt
 from qie.app.pricetag import tag_in_prompt
 
 log = logging.getLogger("qie.app")
@@ -61,15 +62,17 @@ CONTROL_LABELS = {
     "attention_quant": "Attention / KV quantization",
     "early_exit": "Early exit",
     "price_tag": "Price tag text",
+    "count": "Outputs",
+    "aspect": "Aspect",
 }
 PRIVATE_NOTES = ("cache hit",)  # they would tell a visitor that someone else sent the same image and prompt
 
 
-def explain(exc: qie.QieError) -> str:
-    """The error in the page's words: the control's label, the bad value and the fix."""
+def explain(exc: qie.QieError, language: str = "en") -> str:
+    """The error in the page's words: the control's name (in `language`), the bad value and the fix."""
     if isinstance(exc, qie.InvalidRequestError) and exc.param in CONTROL_LABELS:
-        label = CONTROL_LABELS[exc.param]
-        return f"{label}: {exc.fix}" if exc.value is None else f"{label}: {exc}"
+        name = label(CONTROL_LABELS[exc.param], language)
+        return f"{name}: {fix_text(exc.fix, language)}" if exc.value is None else f"{name}: {exc}"
     if isinstance(exc, qie.ResourceError):
         return f"{exc} {TINY_HINT}"
     if isinstance(exc, qie.BusyError):
@@ -285,10 +288,10 @@ class Handlers:
             out, _ = await self._run(EditForm(**values), request, progress)
         except qie.CancelledError as exc:
             if isinstance(exc, qie.EditTimeoutError):
-                gr.Warning(explain(exc))
+                gr.Warning(explain(exc, language_of(request)))
             return {**keep, self.ui.stats: self._cancelled_text(request)}
         except qie.QieError as exc:
-            gr.Warning(explain(exc))
+            gr.Warning(explain(exc, language_of(request)))
             return {**keep, self.ui.stats: gr.skip()}
         return self._page_outputs(out)
 
@@ -341,16 +344,16 @@ class Handlers:
 
     def _cancelled_text(self, request: gr.Request | None) -> str:
         job = self.jobs.last(request.session_hash) if request is not None and request.session_hash else None
-        return job.progress_text() if job is not None else "Cancelled."
+        return job.progress_text(language_of(request)) if job is not None else "Cancelled."
 
     def cancel(self, request: gr.Request) -> dict:
         """Stop this tab's running edit at its next step; its edits still waiting are dropped."""
         key = request.session_hash or ""
         job = self.jobs.cancel(key)
         if job is None:
-            return {self.ui.stats: "Cancelled: no edit of yours was running (a waiting one is dropped)."}
+            return {self.ui.stats: say("cancelled_none", language_of(request))}
         job.finished.wait(CANCEL_WAIT_S)  # it stops at its next step: report where
-        return {self.ui.stats: job.progress_text()}
+        return {self.ui.stats: job.progress_text(language_of(request))}
 
     def show_metrics(self) -> dict:
         """Aggregate figures only: request counts by outcome, latency percentiles, GPU memory."""
@@ -366,16 +369,16 @@ class Handlers:
         try:
             return {self.ui.prompt: preset_prompt(key, language, price_tag)}
         except qie.QieError as exc:
-            gr.Warning(explain(exc))
+            gr.Warning(explain(exc, language))
             return {self.ui.prompt: gr.skip()}
 
-    def reuse(self, before_after: tuple[str | None, str | None] | None) -> dict:
+    def reuse(self, before_after: tuple[str | None, str | None] | None, request: gr.Request | None = None) -> dict:
         """Put the last result into the first image slot, for another edit."""
         after = before_after[1] if before_after else None
         if not after:
-            gr.Warning("There is no result yet: press Edit first.")
+            gr.Warning(say("no_result", language_of(request)))
             return {self.ui.image: gr.skip()}
-        gr.Info(REPEATED_EDIT_WARNING)
+        gr.Info(say("repeated_edit", language_of(request)))
         return {self.ui.image: after}
 
     def record_history(self, history: list[dict], outputs: list[dict], image: str | None, **settings: Any) -> dict:

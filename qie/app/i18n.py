@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qie.app.presets import PRESETS
+from qie.app.presets import PRESETS, REPEATED_EDIT_WARNING
 
 INTRO = (
     "# qie: instruction-based image editing\n"
@@ -76,6 +76,67 @@ ZH = {
         for p, label in zip(PRESETS.values(), ("白色背景", "去除水印 / 标志", "添加价格标签", "三项全做"), strict=True)
     },
 }
+
+
+# The app's own messages (toasts, the stats line after Cancel) in the language of the request's
+# browser (its Accept-Language); errors from the library keep their English fix text, after the
+# control's name in that language.
+MESSAGES = {
+    "cancelled_after": ("Cancelled after {step} of {total} steps.", "已取消：共 {total} 步，完成了 {step} 步。"),
+    "cancelled_early": ("Cancelled before denoising started.", "已取消：去噪尚未开始。"),
+    "cancelled_none": (
+        "Cancelled: no edit of yours was running (a waiting one is dropped).",
+        "已取消：你没有正在运行的编辑（排队中的编辑会被移除）。",
+    ),
+    "no_result": ("There is no result yet: press Edit first.", "还没有结果：请先点击“编辑”。"),
+    "repeated_edit": (
+        REPEATED_EDIT_WARNING,
+        "每次在已编辑的图片上再编辑，质量都会略有下降；如需多处修改，建议在原图上用一条合并的指令。",
+    ),
+}
+FIXES_ZH = {"upload an image first": "请先上传图片"}  # the app's own fixes
+LABELS_ZH = {
+    "Image": "图片",
+    "Image 2": "图片 2",
+    "Image 3": "图片 3",
+    "Instruction": "编辑指令",
+    "Negative prompt": "反向提示词",
+    "Steps": "步数",
+    "True CFG scale": "True CFG 强度",
+    "Seed": "种子",
+    "Longest output side": "输出最长边",
+    "Encode the input images at": "输入图片的编码尺寸",
+    "Mode": "模式",
+    "VAE tile size": "VAE 分块大小",
+    "Attention / KV quantization": "注意力 / KV 量化",
+    "Early exit": "提前结束",
+    "Price tag text": "价格标签文字",
+    "Outputs": "输出数量",
+    "Aspect": "宽高比",
+}
+
+
+def language_of(request: Any) -> str:
+    """ "zh" when the request's browser prefers Chinese, else "en"."""
+    headers = getattr(request, "headers", None) or {}
+    accept = str(headers.get("accept-language", "")).lower()
+    return "zh" if accept.startswith("zh") else "en"
+
+
+def say(key: str, language: str, **values: Any) -> str:
+    """The app's message `key` in `language` ("en" or "zh")."""
+    en, zh = MESSAGES[key]
+    return (zh if language == "zh" else en).format(**values)
+
+
+def label(text: str, language: str) -> str:
+    """A control's name in `language` (messages name the controls as the page shows them)."""
+    return LABELS_ZH.get(text, text) if language == "zh" else text
+
+
+def fix_text(fix: str, language: str) -> str:
+    """One of the app's own fixes in `language` (others stay as the library wrote them)."""
+    return FIXES_ZH.get(fix, fix) if language == "zh" else fix
 
 
 def translations() -> Any:

@@ -41,10 +41,12 @@ class Job(threading.Event):
     def on_step(self, step: int, total: int) -> None:
         self.step, self.total = step, total
 
-    def progress_text(self) -> str:
+    def progress_text(self, language: str = "en") -> str:
+        from qie.app.i18n import say
+
         if not self.total:
-            return "Cancelled before denoising started."
-        return f"Cancelled after {self.step} of {self.total} steps."
+            return say("cancelled_early", language)
+        return say("cancelled_after", language, step=self.step, total=self.total)
 
 
 class SessionJobs:

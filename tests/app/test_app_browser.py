@@ -353,6 +353,8 @@ def test_the_page_speaks_chinese_to_a_chinese_browser(browser, demo_url):
     page.locator("#preset-white_background").click()  # presets start in the browser's language too
     prompt = page.locator("#prompt textarea")
     wait_until(lambda: "纯白色" in prompt.input_value(), what="the preset's Chinese instruction")
+    page.locator("#edit-btn").click()  # no image: the message is in Chinese too
+    page.get_by_text("图片: 请先上传图片", exact=False).first.wait_for(timeout=30_000)
     context.close()
 
 
