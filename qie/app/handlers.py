@@ -349,7 +349,8 @@ class Handlers:
     def cancel(self, request: gr.Request) -> dict:
         """Stop this tab's running edit at its next step; its edits still waiting are dropped."""
         key = request.session_hash or ""
-        job = self.jobs.cancel(key)
+        # Gradio's own cancel of the page's edit may have stopped it a moment before this runs.
+        job = self.jobs.cancel(key) or self.jobs.just_stopped(key)
         if job is None:
             return {self.ui.stats: say("cancelled_none", language_of(request))}
         job.finished.wait(CANCEL_WAIT_S)  # it stops at its next step: report where

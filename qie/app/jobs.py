@@ -37,6 +37,7 @@ class Job(threading.Event):
         self.step = 0
         self.total = 0
         self.finished = threading.Event()  # set when the worker thread is done, whatever the outcome
+        self.ended: float | None = None  # `time.monotonic()` when it was done
 
     def on_step(self, step: int, total: int) -> None:
         self.step, self.total = step, total
@@ -84,6 +85,13 @@ class SessionJobs:
             job.set()
         return job
 
+    def just_stopped(self, key: str, within_s: float = 5.0) -> Job | None:
+        """The job of `key` that was cancelled (e.g. by Gradio's own cancel) and is stopping or has just stopped."""
+        job = self.last(key)
+        if job is None or not job.is_set():
+            return None
+        return job if job.ended is None or time.monotonic() - job.ended < within_s else None
+
     def last(self, key: str) -> Job | None:
         """The latest job of `key`, running or not."""
         with self._lock:
@@ -124,6 +132,7 @@ async def run_cancellable(work: Callable[[], T], job: Job, event: Any | None) ->
         try:
             return work()
         finally:
+            job.ended = time.monotonic()
             job.finished.set()
 
     future = asyncio.ensure_future(asyncio.to_thread(run))

@@ -249,3 +249,21 @@ def test_rewrite_runs_once_per_instruction_and_the_persons_text_wins():
     changed = EditForm(image=None, prompt="black", rewrite=True, rewritten="my words", rewritten_from="white")
     assert changed.prompt_to_rewrite()
     assert handlers._rewritten(editor, EditForm(image=None, prompt="white"), [request], progress) == ([request], None)
+
+
+def test_cancel_reports_an_edit_that_gradio_stopped_a_moment_before():
+    import time as clock
+
+    from qie.app.jobs import SessionJobs
+
+    jobs = SessionJobs()
+    with jobs.job("tab") as job:
+        job.on_step(3, 40)
+    assert jobs.just_stopped("tab") is None  # finished normally: nothing to report
+    with jobs.job("tab") as job:
+        job.on_step(5, 40)
+        job.set()  # Gradio's cancel reached it first
+    job.ended = clock.monotonic()
+    assert jobs.just_stopped("tab") is job and job.progress_text() == "Cancelled after 5 of 40 steps."
+    job.ended -= 60
+    assert jobs.just_stopped("tab") is None
