@@ -1,14 +1,11 @@
-"""Cancellable edits, one per client session: the web app's Cancel button reaches the running edit.
+"""Time limits for edits: a cancel event that also fires once a deadline has passed.
 
 `Editor.edit(..., cancel=event)` stops at the next denoising step once `event` is set and frees the
-GPU. `CancelBoard` hands out such an event for each running job and sets it on request.
+GPU; `Deadline` is such an event that sets itself after `seconds` (the app's per-edit limit). The
+web app's per-session cancellation lives in `qie.app.jobs`.
 
 Example:
-    >>> board = CancelBoard()
-    >>> with board.job("session-1") as cancel:
-    ...     board.cancel("session-1")
-    ...     cancel.is_set()
-    True
+    >>> Deadline(0).is_set()
     True
 """
 
@@ -16,43 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-
-class CancelBoard:
-    """Maps a session key to the cancel event of its running edit (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def job(self, key: str) -> Iterator[threading.Event]:
-        """Register a running job for `key` for the duration of the block; yields its cancel event."""
-        event = threading.Event()
-        with self._lock:
-            self._events[key] = event
-        try:
-            yield event
-        finally:
-            with self._lock:
-                if self._events.get(key) is event:
-                    del self._events[key]
-
-    def cancel(self, key: str) -> bool:
-        """Ask the running job of `key` to stop; False when it has none."""
-        with self._lock:
-            event = self._events.get(key)
-        if event is None:
-            return False
-        event.set()
-        return True
-
-    def running(self, key: str) -> bool:
-        """Whether `key` has a job in progress."""
-        with self._lock:
-            return key in self._events
 
 
 class Deadline(threading.Event):

@@ -1,4 +1,4 @@
-"""The app's parts without a server: presets, the toggle table, cancel board, start-up checks, CLI flags."""
+"""The app's parts without a server: presets, the toggle table, session jobs, start-up checks, CLI flags."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 import qie
+from qie.app.jobs import SessionJobs
 from qie.app.presets import (
     FEATURES,
     PRESETS,
@@ -21,7 +22,6 @@ from qie.app.presets import (
     load_examples,
     preset_prompt,
 )
-from qie.serving.jobs import CancelBoard
 
 
 def test_presets_in_both_languages_fill_the_price_tag():
@@ -64,15 +64,14 @@ def test_examples_are_listed_with_existing_images():
     assert len(examples) >= 3 and all(e.image.is_file() and e.prompt and e.prompt_zh for e in examples)
 
 
-def test_cancel_board_reaches_only_the_running_job():
-    board = CancelBoard()
-    assert not board.cancel("a")
-    with board.job("a") as event:
-        assert board.running("a") and not board.running("b")
-        assert not board.cancel("b") and not event.is_set()
-        assert board.cancel("a") and event.is_set()
-    assert not board.running("a")
-    with board.job("a") as fresh:
+def test_session_jobs_cancel_reaches_only_the_running_job():
+    jobs = SessionJobs()
+    assert jobs.cancel("a") is None
+    with jobs.job("a") as job:
+        assert jobs.cancel("b") is None and not job.is_set()
+        assert jobs.cancel("a") is job and job.is_set()
+    assert jobs.cancel("a") is None
+    with jobs.job("a") as fresh:
         assert not fresh.is_set()
 
 
@@ -137,8 +136,8 @@ def test_resource_error_in_the_app_tells_how_to_start_the_tiny_demo():
         demo.close()
 
 
-def test_thread_safety_of_cancel_board():
-    board = CancelBoard()
+def test_thread_safety_of_session_jobs():
+    board = SessionJobs()
     errors = []
 
     def worker(i):
