@@ -125,6 +125,23 @@ def make_request(size: int, steps: int, cfg: bool, seed: int = 0, **options: Any
     )
 
 
+def predicted_step(pipe, device: torch.device, plan: str) -> dict[str, Any]:
+    """The cost model's forward and CFG-step seconds for `plan` on `device` (`qie.memory.cost`)."""
+    from dataclasses import asdict as fields
+
+    from qie.memory.cost import GIB as COST_GIB
+    from qie.memory.cost import detect_gpu, predict_resident, predict_stream
+
+    streamer = getattr(pipe.transformer.transformer_blocks, "qie_streamer", None)
+    if streamer is not None:
+        gpu = detect_gpu(device, streamer.pcie_gbps)
+        p = predict_stream(gpu, streamer.host_bytes() / COST_GIB)
+    else:
+        gpu = detect_gpu(device)
+        p = predict_resident(gpu, fp8=plan != "resident")
+    return {**fields(p), "cfg_step_s": p.cfg_step_s, "bound": p.bound, "pcie_gbps": gpu.pcie_gbps}
+
+
 def probe_qie(editor, size: int, steps: int, cfg: bool, *, stamp_steps: bool = True, **options: Any) -> Probe:
     """One edit through `Editor.edit` (with request `options`), timing each denoising step.
 
@@ -366,7 +383,7 @@ class Bench:
         ref_editor = self.editor(pipe, "resident", fixes=False)
         for size in self.args.sizes:
             # The bf16 reference: qie's staged path with fixes off (bit-exact to stock, checked below).
-            self.reference[size] = probe_qie(ref_editor, size, self.args.probe_steps, True).image
+            self.reference[size] = probe_qie(ref_editor, size, self.args.probe_steps, True, batch_cfg=False).image
             row = self.measure(
                 "stock diffusers (resident, sdpa)",
                 "stock",
@@ -437,10 +454,9 @@ class Bench:
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
         pipe = self.fresh_pipe()
         plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
-        blocks = resident_blocks(measure_sizes(pipe), budget) if plan.name == "stream" else None
+        blocks = resident_blocks(measure_sizes(pipe, device=self.device), budget) if plan.name == "stream" else None
         editor = self.editor(pipe, plan.name, budget_gib=budget)
-        if plan.name != "stream":
-            editor.enable_compile()
+        editor.enable_compile()  # the stream plan too: block forwards compiled, weights rebound per call
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
@@ -457,6 +473,8 @@ class Bench:
                 "ratio_step_cfg": row.ratio_step_cfg,
                 "ratio_step_nocfg": row.ratio_step_nocfg,
                 "profile": row.profile,
+                "predicted": predicted_step(pipe, self.device, plan.name),
+                "batch_cfg": editor._batch_cfg_pays,
             }
         )
 

@@ -41,7 +41,7 @@ from qie.errors import (
     ResourceError,
     SafetyError,
 )
-from qie.memory.plans import PLANS, Plan, choose_plan, next_plan
+from qie.memory.plans import PLANS, Plan, batch_cfg_pays, choose_plan, next_plan
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
 
@@ -82,6 +82,8 @@ class Editor:
         self.cache = cache.EditCache()  # prompt embeddings and condition latents (qie/core/encode_cache.py)
         self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         self.predictor: stages.Predictor | None = None  # set by qie.serving.parallel for CFG-parallel runs
+        self.batched_cfg = stages.BatchedCfg()  # both CFG branches in one call (requests' `batch_cfg`)
+        self._batch_cfg_pays: bool | None = None  # the cost model's verdict for this plan, once asked
         pipe.set_progress_bar_config(disable=True)
         self.safety = safety
         self.fault = fault
@@ -159,8 +161,8 @@ class Editor:
         from qie.speed.compile import check_mode, compile_blocks, uncompile_blocks
 
         check_mode(mode)
-        if self.device.type != "cuda" or self.plan.name in ("stream", "model-offload"):
-            log.warning("compile skipped: it needs CUDA and a plan with resident weights (plan %s)", self.plan.name)
+        if self.device.type != "cuda" or self.plan.name == "model-offload":
+            log.warning("compile skipped: it needs CUDA and a plan other than model-offload (plan %s)", self.plan.name)
             return False
         if not compile_blocks(self.pipe.transformer, mode=mode):
             return False
@@ -299,6 +301,7 @@ class Editor:
                 name = next_plan(name)
                 continue
             self.plan = PLANS[name]
+            self._batch_cfg_pays = None  # ask the cost model again for the new plan
             return True
         return False
 
@@ -320,7 +323,8 @@ class Editor:
                     steps=run.steps,
                     true_cfg_scale=run.true_cfg_scale,
                 )
-                latents = stages.denoise(pipe, inputs, replace(control, observer=run.observer))
+                predict = self._predictor(first, run, control.predict)
+                latents = stages.denoise(pipe, inputs, replace(control, observer=run.observer, predict=predict))
             with timer("decode"):
                 images = [
                     stages.decode(pipe, latents[i : i + 1], r.width, r.height, tile=r.tiling)
@@ -352,6 +356,20 @@ class Editor:
             notes=notes,
             cached_calls=run.cache.cached if run.cache is not None else 0,
         )
+
+    def _predictor(self, request: EditRequest, run, predict: stages.Predictor | None) -> stages.Predictor | None:
+        """`predict` (CFG-parallel's) if set, else batched CFG where asked or (`batch_cfg=None`) predicted to pay.
+
+        Step caches keep one cache per branch, so they always get two calls.
+        """
+        if predict is not None or run.cache is not None:
+            return predict
+        batched = request.batch_cfg
+        if batched is None:
+            if self._batch_cfg_pays is None:
+                self._batch_cfg_pays = batch_cfg_pays(self.pipe, self.device, self.plan.name)
+            batched = self._batch_cfg_pays
+        return self.batched_cfg if batched else None
 
     def encode(
         self, request: EditRequest, timer: StageTimer, uses_cfg: bool | None = None

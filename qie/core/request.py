@@ -101,6 +101,7 @@ class EditRequest:
     step_cache_interval: int = 3  # taylorseer: a full pass every this many calls
     early_exit_threshold: float | None = None  # relative change of the predicted clean image
     early_exit_patience: int = 2
+    batch_cfg: bool | None = None  # both CFG branches in one call (qie.core.stages.BatchedCfg); None: where it pays
 
     def __post_init__(self, options: Mapping[str, Any] | None = None) -> None:
         if options is not None and options != {}:
@@ -150,6 +151,10 @@ class EditRequest:
         if self.early_exit_threshold is not None:
             set_(self, "early_exit_threshold", _check_fraction("early_exit_threshold", self.early_exit_threshold))
         set_(self, "early_exit_patience", _check_int("early_exit_patience", self.early_exit_patience, 1, MAX_STEPS))
+        if self.batch_cfg is not None and not isinstance(self.batch_cfg, bool):
+            raise InvalidRequestError(
+                "batch_cfg", self.batch_cfg, "use True (one batched call), False (two calls) or None (where it pays)"
+            )
 
     @property
     def uses_cfg(self) -> bool:
@@ -208,6 +213,7 @@ class EditRequest:
             "step_cache_interval": self.step_cache_interval,
             "early_exit_threshold": self.early_exit_threshold,
             "early_exit_patience": self.early_exit_patience,
+            "batch_cfg": self.batch_cfg,
         }
 
 

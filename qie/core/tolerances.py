@@ -70,6 +70,9 @@ TOLERANCES: dict[str, Tolerance] = {
     "batching": Tolerance(
         3, 50.0, "a batch pads prompts to one length with a mask; only float rounding of batched kernels changes"
     ),
+    "batched-cfg": Tolerance(
+        3, 50.0, "both CFG branches in one call: the shorter prompt is padded and masked; only kernel rounding changes"
+    ),
     "cfg-parallel": Tolerance(
         0, math.inf, "each branch runs the same ops on another device; predictions are exchanged, not recomputed"
     ),

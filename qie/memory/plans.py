@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -56,13 +56,15 @@ class Sizes:
     text_encoder_embed: float  # token embedding; the LM head has the same size (each on the GPU for its call)
     vae: float
     tokens: int = TOKENS_1024
+    upcast: bool = True  # streamed fp8 rows are upcast into a bf16 workspace (GPUs without fp8 units)
+    cfg_batch: int = 1  # samples per transformer call: batched CFG (stream plan) makes it 2
 
     @property
     def transformer(self) -> float:
         return sum(self.blocks) + self.transformer_rest
 
     def denoise_act(self) -> float:
-        return max(0.3, DENOISE_ACT_GIB_1024 * self.tokens / TOKENS_1024)
+        return max(0.3, DENOISE_ACT_GIB_1024 * self.cfg_batch * self.tokens / TOKENS_1024)
 
     def vae_act(self, tiled: bool) -> float:
         return VAE_TILED_ACT_GIB if tiled else VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
@@ -84,9 +86,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def measure_sizes(pipe, tokens: int = TOKENS_1024) -> Sizes:
+def measure_sizes(pipe, tokens: int = TOKENS_1024, device: torch.device | None = None) -> Sizes:
     """Component sizes of `pipe` (counted in bf16 whatever the current dtype; weights already stored in fp8,
-    such as the text encoder's with `text_encoder_fp8`, at one byte)."""
+    such as the text encoder's with `text_encoder_fp8`, at one byte).
+
+    With `device`, whether the stream plan there multiplies fp8 rows directly (no upcast workspace).
+    """
+    from qie.memory.fp8_matmul import fp8_available
     from qie.memory.streaming import block_bytes
 
     def gib(module) -> float:
@@ -103,6 +109,7 @@ def measure_sizes(pipe, tokens: int = TOKENS_1024) -> Sizes:
         text_encoder_embed=gib(pipe.text_encoder.get_input_embeddings()),
         vae=gib(pipe.vae),
         tokens=tokens,
+        upcast=device is None or not fp8_available(device),
     )
 
 
@@ -195,7 +202,7 @@ def _fp8_te_stream(pipe, device: torch.device, budget_gib: float | None) -> None
 def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
     from qie.memory.streaming import BlockStreamer
 
-    sizes = measure_sizes(pipe)
+    sizes = measure_sizes(pipe, device=device)
     budget = budget_gib if budget_gib is not None else free_gib(device)
     resident = resident_blocks(sizes, budget)
     blocks = pipe.transformer.transformer_blocks
@@ -230,8 +237,9 @@ def _fp8_te_stream_need(s: Sizes) -> float:
 
 
 def _stream_fixed(s: Sizes) -> float:
-    """What the stream plan needs besides resident blocks: activations, buffers, small parts."""
-    buffers = 2 * max(s.blocks_fp8) + max(s.blocks)  # two blocks in flight + one upcast to bf16
+    """What the stream plan needs besides resident blocks: activations (batched CFG: 2x), buffers, small parts."""
+    s = replace(s, cfg_batch=2)
+    buffers = 2 * max(s.blocks_fp8) + (max(s.blocks) if s.upcast else 0)  # two blocks in flight (+ upcast)
     stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
     return s.transformer_rest + s.vae + stage + OVERHEAD_GIB
 
@@ -316,7 +324,7 @@ def choose_plan(pipe, device: torch.device, plan: str = "auto", budget_gib: floa
     if device.type != "cuda":
         return PLANS["resident"]
     budget = budget_gib if budget_gib is not None else free_gib(device)
-    sizes = measure_sizes(pipe)
+    sizes = measure_sizes(pipe, device=device)
     for name in AUTO_ORDER:
         need = PLANS[name].need_gib(sizes)
         if need <= usable(budget):
@@ -328,6 +336,31 @@ def choose_plan(pipe, device: torch.device, plan: str = "auto", budget_gib: floa
         f"no memory plan fits: the smallest ('stream') needs ~{smallest:.1f} GiB of GPU memory at this "
         f"resolution and {budget:.1f} GiB is available; free GPU memory or lower the output size"
     )
+
+
+def batch_cfg_pays(pipe, device: torch.device, plan: str) -> bool:
+    """Whether running both CFG branches in one call is predicted faster than two calls (`qie.memory.cost`).
+
+    Only the stream plan can gain (its weights cross PCIe once per step instead of twice); with
+    resident weights a step is compute-bound and the masked attention of the padded batch costs more.
+    """
+    from qie.memory.cost import GIB as COST_GIB
+    from qie.memory.cost import detect_gpu, predict_stream
+
+    streamer = getattr(getattr(pipe.transformer, "transformer_blocks", None), "qie_streamer", None)
+    if plan != "stream" or device.type != "cuda" or streamer is None:
+        return False
+    gpu = detect_gpu(device, streamer.pcie_gbps)
+    p = predict_stream(gpu, streamer.host_bytes() / COST_GIB)
+    log.info(
+        "batched CFG %s: predicted CFG step %.3fs batched vs %.3fs as two calls (%s, %.0f GB/s PCIe)",
+        "on" if p.batch_cfg else "off",
+        p.cfg_batched_s,
+        p.cfg_two_calls_s,
+        gpu.label,
+        gpu.pcie_gbps,
+    )
+    return p.batch_cfg
 
 
 def next_plan(name: str) -> str | None:

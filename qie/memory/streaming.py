@@ -13,8 +13,15 @@ PCIe as one copy and nothing is allocated while the transformer runs (per-tensor
 CUDA events order the two streams both ways: the compute waits until its slot's copy landed, the
 next copy into a slot waits until the block that used it finished.
 
-Weights can be stored in fp8 (e4m3) with one scale per output row (`Fp8Rows`): half the bytes to
-hold and to move, upcast on the GPU into one block-sized workspace just before the block runs.
+Weights can be stored in fp8 (e4m3) with one fp32 scale per output row (`Fp8Rows`): half the bytes
+to hold and to move. How they are multiplied (`compute`): on GPUs with fp8 units each linear layer
+runs as an fp8 matmul straight on the stored rows (`qie.memory.fp8_matmul`, activations quantized
+per token on the fly); elsewhere they are upcast on the GPU into one block-sized workspace just
+before the block runs.
+
+The block forwards can be compiled while streaming (`qie.speed.compile.compile_streamed_blocks`):
+the hooks that bind weights run outside the compiled code, and the weights are graph inputs, so
+one graph serves every block and step.
 
 Example:
     >>> streamer = BlockStreamer(pipe.transformer.transformer_blocks, torch.device("cuda"),
@@ -24,15 +31,16 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qie.memory.fp8_matmul import FP8, Fp8RowLinear, compute_mode, quantize_rows
+
 log = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 ALIGN = 256  # bytes; every tensor in a packed buffer starts on this boundary
 SLOTS = 2  # device buffers that streamed blocks take in turn: one computing, one being filled
 
@@ -42,13 +50,12 @@ class Fp8Rows:
     """A 2-D weight stored as fp8 values times one scale per output row."""
 
     values: torch.Tensor  # float8_e4m3fn, same shape as the weight
-    scales: torch.Tensor  # (rows, 1), compute dtype
+    scales: torch.Tensor  # (rows, 1), float32
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Fp8Rows:
-        w = weight.float()
-        scales = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-        return cls(values=(w / scales).to(FP8), scales=scales.to(weight.dtype))
+        values, scales = quantize_rows(weight)
+        return cls(values=values, scales=scales)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.values.to(dtype) * self.scales.to(dtype)
@@ -82,11 +89,15 @@ class Entry:
     plain: Slice | None
     values: Slice | None
     scales: Slice | None
-    work: Slice | None  # where the upcast weight goes in the workspace (fp8 entries only)
+    work: Slice | None  # where the upcast weight goes in the workspace (upcast fp8 entries only)
+    linear: Fp8RowLinear | None = None  # the layer that multiplies the fp8 rows as they are (fp8 compute)
 
 
 class BlockLayout:
     """How one block's parameters pack into a flat byte buffer (fp8 rows for 2-D weights if asked).
+
+    With `compute="fp8"` (fp8 storage only) the block's `nn.Linear` layers become `Fp8RowLinear`s
+    that multiply the stored rows directly; other 2-D weights are still upcast into the workspace.
 
     Example:
         >>> layout = BlockLayout(nn.Linear(4, 3), "fp8", torch.float32)
@@ -95,17 +106,24 @@ class BlockLayout:
         (torch.uint8, True)
     """
 
-    def __init__(self, block: nn.Module, storage: str, dtype: torch.dtype) -> None:
+    def __init__(self, block: nn.Module, storage: str, dtype: torch.dtype, compute: str = "upcast") -> None:
         self.dtype = dtype
         self.entries: list[Entry] = []
+        linears = {}
+        if storage == "fp8" and compute == "fp8":
+            linears = {id(m.weight): m for m in block.modules() if isinstance(m, nn.Linear)}
         offset = work = 0
         for p in block.parameters():
             shape = tuple(p.shape)
             if storage == "fp8" and p.dim() == 2:
                 values = Slice(offset, FP8, shape)
                 offset = _aligned(offset + values.nbytes)
-                scales = Slice(offset, dtype, (shape[0], 1))
+                scales = Slice(offset, torch.float32, (shape[0], 1))
                 offset = _aligned(offset + scales.nbytes)
+                linear = linears.get(id(p))
+                if linear is not None:
+                    self.entries.append(Entry(p, None, values, scales, None, linear))
+                    continue
                 upcast = Slice(work, dtype, shape)
                 work = _aligned(work + upcast.nbytes)
                 self.entries.append(Entry(p, None, values, scales, upcast))
@@ -114,6 +132,12 @@ class BlockLayout:
                 offset = _aligned(offset + plain.nbytes)
                 self.entries.append(Entry(p, plain, None, None, None))
         self.nbytes, self.work_nbytes = offset, work
+
+    def to_fp8_compute(self) -> None:
+        """Make the layers of fp8-compute entries `Fp8RowLinear`s (after `pack`: it reads the plain weights)."""
+        for e in self.entries:
+            if e.linear is not None and not isinstance(e.linear, Fp8RowLinear):
+                Fp8RowLinear.to_fp8_rows(e.linear)
 
     def pack(self, pin: bool = False) -> torch.Tensor:
         """The block's weights (as they are now) in one host byte buffer."""
@@ -133,6 +157,9 @@ class BlockLayout:
         for e in self.entries:
             if e.plain is not None:
                 e.param.data = e.plain.view(buffer)
+            elif e.linear is not None:
+                e.param.data = e.values.view(buffer)
+                e.linear.weight_scale.data = e.scales.view(buffer)
             else:
                 out = e.work.view(workspace)
                 out.copy_(e.values.view(buffer))  # fp8 -> compute dtype in place, no temporary
@@ -143,10 +170,17 @@ class BlockLayout:
         empty = torch.empty(0, dtype=self.dtype, device=device)
         for e in self.entries:
             e.param.data = empty
+            if e.linear is not None:
+                e.linear.weight_scale.data = empty.float()
 
 
 class BlockStreamer:
-    """Place `blocks` (a ModuleList run in order) with the first `resident` on `device`, the rest streamed."""
+    """Place `blocks` (a ModuleList run in order): `resident` of them on `device`, the rest streamed.
+
+    The resident blocks are spread evenly over the stack (`spread`), so copies of streamed blocks
+    keep flowing while resident blocks compute, instead of the copy engine idling through a run
+    of resident blocks at the start of each pass.
+    """
 
     def __init__(
         self,
@@ -155,39 +189,46 @@ class BlockStreamer:
         resident: int,
         storage: str = "bf16",
         compute_dtype: torch.dtype = torch.bfloat16,
+        compute: str = "auto",
     ) -> None:
         if storage not in ("bf16", "fp8"):
             raise ValueError(f"storage={storage!r}: use 'bf16' or 'fp8'")
+        self.compute = compute_mode(device, compute) if storage == "fp8" else "bf16"
         self.device = device
         self.resident = max(0, min(resident, len(blocks)))
-        self.streamed = list(range(self.resident, len(blocks)))
-        self.next_streamed = [self._first_streamed_after(i) for i in range(len(blocks))]  # looked up per block
+        self.resident_ids = spread(self.resident, len(blocks))
+        self.streamed = [i for i in range(len(blocks)) if i not in self.resident_ids]
+        self.upcoming = [self._streamed_after(i) for i in range(len(blocks))]  # looked up per block
         cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        self.layouts = [BlockLayout(block, storage, compute_dtype) for block in blocks]
+        blocks.requires_grad_(False)  # inference only; fp8 weights cannot carry gradients anyway
+        self.layouts = [BlockLayout(block, storage, compute_dtype, self.compute) for block in blocks]
         # Resident blocks: one device buffer each. Streamed blocks: one pinned host buffer each.
-        self.buffers = [layout.pack(pin=cuda and i >= self.resident) for i, layout in enumerate(self.layouts)]
-        for i in range(self.resident):
+        self.buffers = [layout.pack(pin=cuda and i in self.streamed) for i, layout in enumerate(self.layouts)]
+        for i in self.resident_ids:
             self.buffers[i] = self.buffers[i].to(device)
         for layout in self.layouts:
+            layout.to_fp8_compute()
             layout.release(device)
         largest = max((self.layouts[i].nbytes for i in self.streamed), default=0)
         self.slots = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in range(SLOTS if largest else 0)]
         work = max(layout.work_nbytes for layout in self.layouts) if self.layouts else 0
         self.workspace = torch.empty(work, dtype=torch.uint8, device=device) if work else None
-        self.loaded: dict[int, int] = {}  # streamed block -> slot its copy was issued to
-        self.next_slot = 0  # slots are taken in turn, never the one the running block uses
+        self.loaded: dict[int, int] = {}  # streamed block -> slot its copy was issued to (until it has run)
         self.ready: dict[int, torch.cuda.Event] = {}  # streamed block -> its copy is done
         self.free: list[torch.cuda.Event | None] = [None] * len(self.slots)  # slot -> its last user finished
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(self._make_pre_hook(i))
             block.register_forward_hook(self._make_post_hook(i))
+        blocks.qie_streamer = self  # lets compile find the streamed blocks (qie.speed.compile)
+        self.pcie_gbps = self._probe_pcie()
         log.info(
-            "streaming %d of %d blocks (%s storage): %.1f GiB resident, %.1f GiB in pinned host memory, "
+            "streaming %d of %d blocks (%s storage, %s compute): %.1f GiB resident, %.1f GiB in pinned host memory, "
             "%d x %.2f GiB copy slots",
             len(self.streamed),
             len(blocks),
             storage,
+            self.compute,
             self.resident_bytes() / 2**30,
             self.host_bytes() / 2**30,
             len(self.slots),
@@ -195,26 +236,48 @@ class BlockStreamer:
         )
 
     def resident_bytes(self) -> int:
-        return sum(self.layouts[i].nbytes for i in range(self.resident))
+        return sum(self.layouts[i].nbytes for i in self.resident_ids)
+
+    def _probe_pcie(self) -> float | None:
+        """Host-to-device GB/s of one streamed block's copy (the cost model's PCIe rate); None on CPU."""
+        if self.copy_stream is None or not self.streamed:
+            return None
+        i = self.streamed[-1]
+        target = self.slots[0].narrow(0, 0, self.layouts[i].nbytes)
+        target.copy_(self.buffers[i], non_blocking=True)  # warm
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        target.copy_(self.buffers[i], non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        gbps = self.layouts[i].nbytes / (time.perf_counter() - start) / 1e9
+        log.info("host-to-device copy of one block: %.1f GB/s", gbps)
+        return gbps
 
     def host_bytes(self) -> int:
         return sum(self.layouts[i].nbytes for i in self.streamed)
 
-    def _first_streamed_after(self, i: int) -> int | None:
-        """The first streamed block after block `i` (wrapping to the next forward pass)."""
-        later = [j for j in self.streamed if j > i]
-        if later:
-            return later[0]
-        return self.streamed[0] if self.streamed else None
+    def _streamed_after(self, i: int) -> list[int]:
+        """The next `SLOTS` streamed blocks after block `i` (wrapping to the next forward pass)."""
+        later = [j for j in self.streamed if j > i] + [j for j in self.streamed if j <= i]
+        return [j for j in later if j != i][:SLOTS]
 
-    def _prefetch(self, i: int) -> None:
-        """Issue the copy of streamed block `i` into its slot (once the slot's last user is done)."""
+    def _prefetch(self, i: int, force: bool = False) -> None:
+        """Issue the copy of streamed block `i` into a free slot (once that slot's last user is done).
+
+        Without a free slot nothing happens, unless `force` (block `i` is about to run): then a
+        block left over from an interrupted pass gives up its slot.
+        """
         if i in self.loaded:
             return
-        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slots)
-        for j in [j for j, s in self.loaded.items() if s == slot]:  # left over from an interrupted pass
-            del self.loaded[j]
-            self.ready.pop(j, None)
+        taken = set(self.loaded.values())
+        free = [s for s in range(len(self.slots)) if s not in taken]
+        if not free:
+            if not force:
+                return
+            leftover = next(iter(self.loaded))
+            free = [self.loaded.pop(leftover)]
+            self.ready.pop(leftover, None)
+        slot = free[0]
         target = self.slots[slot].narrow(0, 0, self.layouts[i].nbytes)
         if self.copy_stream is None:
             target.copy_(self.buffers[i])
@@ -230,18 +293,16 @@ class BlockStreamer:
 
     def _make_pre_hook(self, i: int):
         def hook(module, args):
-            if i < self.resident:
+            if i in self.resident_ids:
                 buffer = self.buffers[i]
             else:
-                self._prefetch(i)
+                self._prefetch(i, force=True)
                 if i in self.ready:
                     torch.cuda.current_stream(self.device).wait_event(self.ready.pop(i))
                 buffer = self.slots[self.loaded[i]]
-                self.next_slot = (self.loaded[i] + 1) % len(self.slots)
             self.layouts[i].bind(buffer, self.workspace)
-            nxt = self.next_streamed[i]
-            if nxt is not None and nxt != i:
-                self._prefetch(nxt)
+            for j in self.upcoming[i]:  # fill every free slot: copies overlap this block's compute
+                self._prefetch(j)
 
         return hook
 
@@ -255,6 +316,16 @@ class BlockStreamer:
                 self.free[slot] = done
 
         return hook
+
+
+def spread(count: int, total: int) -> frozenset[int]:
+    """`count` of `total` block indices, evenly spaced (e.g. 2 of 6: {0, 3}).
+
+    Example:
+        >>> sorted(spread(3, 9))
+        [0, 3, 6]
+    """
+    return frozenset((k * total) // count for k in range(count)) if count else frozenset()
 
 
 def block_bytes(blocks: nn.ModuleList, storage: str) -> list[int]:

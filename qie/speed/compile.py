@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,14 +60,28 @@ def compile_blocks(
     (`torch.compiler.cudagraph_mark_step_begin`): the previous call's graph outputs have been consumed
     by then, and without it the second CFG branch would find them overwritten.
 
+    Blocks placed by a `BlockStreamer` (the stream plan) get `compile_streamed_blocks`; their weights
+    move between calls, so CUDA-graph modes fall back to "default" there (logged).
+
     Example:
         >>> compile_blocks(pipe.transformer, mode="max-autotune-no-cudagraphs")  # doctest: +SKIP
         True
     """
     check_mode(mode)
     set_cache_dir(cache_dir)
+    blocks = getattr(transformer, "transformer_blocks", None)
     try:
-        transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+        if getattr(blocks, "qie_streamer", None) is not None:
+            if mode in CUDA_GRAPH_MODES:
+                log.warning(
+                    "compile mode %r records CUDA graphs, which need fixed weight addresses; "
+                    "streamed blocks compile with mode 'default'",
+                    mode,
+                )
+                mode = "default"
+            compile_streamed_blocks(blocks, mode=mode)
+        else:
+            transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
     except Exception as exc:  # compile support varies with torch/diffusers builds
         log.warning("regional compile unavailable (%s: %s); running eager", type(exc).__name__, exc)
         return False
@@ -124,11 +139,25 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     return True
 
 
+def compile_streamed_blocks(blocks: torch.nn.ModuleList, backend: str = "inductor", mode: str | None = None) -> None:
+    """Compile each block's `forward` (one graph for all: same code, weights are graph inputs).
+
+    Unlike `compile_repeated_blocks`, which compiles the whole module call, only `forward` is
+    compiled, so the streamer's pre/post hooks (copies, events, weight binding) stay eager and
+    the compiled code reads whatever buffers the hooks bound for this call.
+    """
+    for block in blocks:
+        if "forward" not in vars(block):
+            block.forward = torch.compile(block.forward, fullgraph=True, backend=backend, mode=mode)
+
+
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
     """Undo `compile_blocks` (e.g. after a failed warm-up): blocks run eager again."""
     for module in transformer.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
+        if isinstance(vars(module).get("forward"), Callable):
+            del module.forward  # compile_streamed_blocks' per-instance forward: back to the class's
     hook = getattr(transformer, "_qie_graph_step", None)
     if hook is not None:
         hook.remove()

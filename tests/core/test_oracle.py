@@ -17,7 +17,13 @@ def request_and_reference(tiny_editor):
     image = Image.open(__import__("conftest").EXAMPLES / "cat.jpg").convert("RGB")
     # Stock diffusers encodes the inputs at ~1024² whatever the output size: ask for the same.
     request = EditRequest(
-        images=[image], prompt="make the cat wear a red hat", steps=3, seed=123, max_side=128, condition_area="model"
+        images=[image],
+        prompt="make the cat wear a red hat",
+        steps=3,
+        seed=123,
+        max_side=128,
+        condition_area="model",
+        batch_cfg=False,
     )
     return request, tiny_editor.reference(request)
 

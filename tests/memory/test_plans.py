@@ -63,7 +63,7 @@ def test_named_plan_checks_and_step_down():
 def test_auto_on_a_small_budget_says_what_it_needs(monkeypatch):
     import qie.memory.plans as plans
 
-    monkeypatch.setattr(plans, "measure_sizes", lambda pipe: FULL)
+    monkeypatch.setattr(plans, "measure_sizes", lambda pipe, **kw: FULL)
     cuda = torch.device("cuda")
     assert plans.choose_plan(None, cuda, "auto", budget_gib=80).name == "resident"
     assert plans.choose_plan(None, cuda, "auto", budget_gib=30).name == "fp8-te-stream"

@@ -69,3 +69,14 @@ def test_a_pass_interrupted_midway_leaves_the_next_one_correct():
     handle.remove()
     assert torch.equal(run(stack, x), reference)
     assert torch.equal(run(stack, x), reference)
+
+
+def test_resident_blocks_are_spread_over_the_stack():
+    from qie.memory.streaming import spread
+
+    assert sorted(spread(2, 6)) == [0, 3] and spread(0, 6) == frozenset() and spread(6, 6) == frozenset(range(6))
+    assert len(spread(19, 60)) == 19 and max(spread(19, 60)) < 60
+    stack = blocks(6)
+    streamer = BlockStreamer(stack, torch.device("cpu"), resident=2, storage="bf16", compute_dtype=torch.float32)
+    assert streamer.streamed == [1, 2, 4, 5]
+    assert streamer.upcoming[3] == [4, 5] and streamer.upcoming[5] == [1, 2]  # wraps to the next pass

@@ -31,7 +31,9 @@ def test_streamed_blocks_on_the_gpu_match_resident_ones(storage, tol, resident):
     plain = blocks(12, 256)
     reference = run((fp8_rounded(plain) if storage == "fp8" else plain).to(dev), x)
     stack = blocks(12, 256)
-    streamer = BlockStreamer(stack, dev, resident=resident, storage=storage, compute_dtype=torch.float32)
+    streamer = BlockStreamer(
+        stack, dev, resident=resident, storage=storage, compute_dtype=torch.float32, compute="upcast"
+    )
     before = torch.cuda.memory_allocated()
     for _ in range(4):  # the copy of block k+1 overlaps block k; a pass prefetches the next pass's first block
         out = run(stack, x)
@@ -54,3 +56,44 @@ def test_onload_per_call_holds_the_weights_on_the_gpu_only_during_the_call():
     torch.cuda.synchronize()
     assert layer.weight.device.type == "cpu"
     assert torch.cuda.memory_allocated() <= base + 64 * 1024
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 2, 77])
+def test_scaled_mm_on_the_gpu_matches_the_emulation(rows):
+    from qie.memory.fp8_matmul import quantize_rows, scaled_linear
+
+    x, w, b = torch.randn(rows, 512), torch.randn(384, 512) * 0.02, torch.randn(384)
+    values, scales = quantize_rows(w)
+    expected = scaled_linear(x, values, scales, b)  # float32 emulation on the CPU
+    dev = torch.device("cuda")
+    got = scaled_linear(x.to(dev, torch.bfloat16), values.to(dev), scales.to(dev), b.to(dev, torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    rel = (got.float().cpu() - expected).norm() / expected.norm()
+    assert rel < 2e-2  # bf16 inputs and output
+
+
+@cuda
+def test_fp8_compute_compiles_once_for_all_streamed_blocks_and_passes():
+    from test_fp8_matmul import fp8_reference, stack
+    from torch._dynamo.utils import counters
+
+    from qie.memory.fp8_matmul import Fp8RowLinear
+    from qie.speed.compile import compile_streamed_blocks
+
+    dev = torch.device("cuda")
+    torch._dynamo.reset()
+    x = torch.randn(2, 64, 256)
+    reference = fp8_reference(stack(8, 256), x)  # float32 emulation on the CPU
+    blocks = stack(8, 256).to(torch.bfloat16)
+    streamer = BlockStreamer(blocks, dev, resident=3, storage="fp8", compute_dtype=torch.bfloat16)
+    assert streamer.compute == "fp8" and isinstance(blocks[0].up, Fp8RowLinear)
+    compile_streamed_blocks(blocks)
+    counters.clear()
+    xg = x.to(dev, torch.bfloat16)
+    for _ in range(3):
+        out = run(blocks, xg)
+        torch.cuda.synchronize()
+        rel = (out.float().cpu() - reference).norm() / reference.norm()
+        assert rel < 3e-2
+    assert counters["stats"]["unique_graphs"] == 1  # 8 blocks (3 resident, 5 streamed) x 3 passes
