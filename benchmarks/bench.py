@@ -131,14 +131,15 @@ def predicted_step(pipe, device: torch.device, plan: str) -> dict[str, Any]:
 
     from qie.memory.cost import GIB as COST_GIB
     from qie.memory.cost import detect_gpu, predict_resident, predict_stream
+    from qie.speed.fa3 import installed
 
     streamer = getattr(pipe.transformer.transformer_blocks, "qie_streamer", None)
     if streamer is not None:
         gpu = detect_gpu(device, streamer.pcie_gbps)
-        p = predict_stream(gpu, streamer.host_bytes() / COST_GIB)
+        p = predict_stream(gpu, streamer.host_bytes() / COST_GIB, fa3=installed())
     else:
         gpu = detect_gpu(device)
-        p = predict_resident(gpu, fp8=plan != "resident")
+        p = predict_resident(gpu, fp8=plan != "resident", fa3=installed())
     return {**fields(p), "cfg_step_s": p.cfg_step_s, "bound": p.bound, "pcie_gbps": gpu.pcie_gbps}
 
 
@@ -449,6 +450,15 @@ class Bench:
                 torch.cuda.empty_cache()
 
     def run_budget(self, budget: float) -> None:
+        from qie.speed import fa3
+
+        attention = "fa3-fwd" if fa3.install(self.device) else "native"  # as `Editor.load` chooses it
+        try:
+            self.run_budget_with(budget, attention)
+        finally:
+            fa3.uninstall()
+
+    def run_budget_with(self, budget: float, attention: str) -> None:
         from qie.memory.plans import choose_plan, measure_sizes, resident_blocks
 
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
@@ -475,6 +485,7 @@ class Bench:
                 "profile": row.profile,
                 "predicted": predicted_step(pipe, self.device, plan.name),
                 "batch_cfg": editor._batch_cfg_pays,
+                "attention": attention,
             }
         )
 

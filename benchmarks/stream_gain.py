@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="stream-gain.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
+    from qie.speed import fa3
+
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "rows": []}
     tr = build_transformer(device)
     stock = time_forward(tr, inputs(device, False))
@@ -130,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         resident = resident_count(budget, device)
         for variant in args.variants.split(","):
             start = time.perf_counter()
+            if "fa3" in variant and not fa3.install(device):
+                continue
             row = stream_variant(device, resident, variant.split("+")[0], "compile" in variant)
+            fa3.uninstall()
             row.update(budget_gib=budget, resident=resident, variant=variant, wall_s=time.perf_counter() - start)
             row["ratio_forward"] = row["forward_s"] / stock
             row["ratio_cfg_step"] = min(row["cfg_batched_s"], row["cfg_two_calls_s"]) / (2 * stock)

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from qie.cli.plan import add_plan_parser, cmd_plan
 from qie.core.load_options import LoadOptions
 from qie.core.models import prefer_expandable_segments
 from qie.errors import InvalidRequestError, QieError
@@ -150,6 +151,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
 
     _add_serve_parser(sub, engine)
+    add_plan_parser(sub)
 
     soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
     soak.add_argument("--edits", type=int, default=200)
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "serve": cmd_serve,
         "soak": cmd_soak,
+        "plan": cmd_plan,
     }
     try:
         return commands[args.command](args)

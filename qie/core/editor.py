@@ -42,6 +42,7 @@ from qie.errors import (
     SafetyError,
 )
 from qie.memory.plans import PLANS, Plan, batch_cfg_pays, choose_plan, next_plan
+from qie.speed.fa3 import installed as installed_fa3
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
 
@@ -168,7 +169,8 @@ class Editor:
             return False
         start = time.perf_counter()
         try:
-            self.edit(warm_up_request(warm_up_size))
+            self.edit(warm_up_request(warm_up_size))  # both CFG branches in one call where that pays
+            self.edit(replace(warm_up_request(warm_up_size), batch_cfg=False))  # batch 1, both prompt lengths
         except Exception as exc:  # an unsupported op shows up only when the graph is traced
             log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
             uncompile_blocks(self.pipe.transformer)
@@ -367,7 +369,8 @@ class Editor:
         batched = request.batch_cfg
         if batched is None:
             if self._batch_cfg_pays is None:
-                self._batch_cfg_pays = batch_cfg_pays(self.pipe, self.device, self.plan.name)
+                fa3 = self.speed.attention_backend == "fa3-fwd" or installed_fa3()
+                self._batch_cfg_pays = batch_cfg_pays(self.pipe, self.device, self.plan.name, fa3=fa3)
             batched = self._batch_cfg_pays
         return self.batched_cfg if batched else None
 

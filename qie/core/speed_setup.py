@@ -23,7 +23,7 @@ import torch
 
 from qie.core.request import EditRequest
 from qie.errors import InvalidRequestError, ModelLoadError
-from qie.speed import attention, early_exit
+from qie.speed import attention, early_exit, fa3
 from qie.speed.fast_mode import FastMode, load_fast_mode
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def setup_speed(
     choice = attention.choose_backend(facts, attention_backend)
     attention.apply_backend(pipe.transformer, choice)
     setup = SpeedSetup(attention_backend=choice.name, facts=facts)
+    if attention_backend in (None, "auto") and choice.name in fa3.REPLACES and fa3.install(device):
+        setup.attention_backend = "fa3-fwd"
     if fast_lora:
         try:
             setup.fast = load_fast_mode(pipe, fast_lora, steps=fast_steps, fuse=fast_fuse)

@@ -18,6 +18,7 @@ step down to after an OOM.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -72,6 +73,18 @@ class Sizes:
     def text_encoder_stream(self) -> float:
         """Text-encoder memory while it streams: two layers or the embedding / LM head in flight, activations."""
         return max(2 * self.text_encoder_layer, self.text_encoder_embed) + 0.5
+
+
+# Qwen-Image-Edit-2509 at full size (measured with `measure_sizes` on a meta-device build; checked by a test).
+FULL_SIZE = Sizes(
+    blocks=[0.632985] * 60,
+    blocks_fp8=[0.316922] * 60,
+    transformer_rest=0.0755,
+    text_encoder=15.445,
+    text_encoder_layer=0.4341,
+    text_encoder_embed=1.0151,
+    vae=0.2364,
+)
 
 
 @dataclass(frozen=True)
@@ -204,6 +217,8 @@ def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
 
     sizes = measure_sizes(pipe, device=device)
     budget = budget_gib if budget_gib is not None else free_gib(device)
+    if _stream_fixed(sizes) > usable(budget):  # not even this plan fits: say which budget would
+        pick_plan(sizes, budget, given=budget_gib is not None)
     resident = resident_blocks(sizes, budget)
     blocks = pipe.transformer.transformer_blocks
     # Blocks are placed by the streamer; everything else of the transformer goes to the GPU.
@@ -324,25 +339,37 @@ def choose_plan(pipe, device: torch.device, plan: str = "auto", budget_gib: floa
     if device.type != "cuda":
         return PLANS["resident"]
     budget = budget_gib if budget_gib is not None else free_gib(device)
-    sizes = measure_sizes(pipe, device=device)
+    return pick_plan(measure_sizes(pipe, device=device), budget, given=budget_gib is not None)
+
+
+def pick_plan(sizes: Sizes, budget_gib: float, given: bool = True, budget_name: str = "vram_budget_gib") -> Plan:
+    """The first plan of `AUTO_ORDER` whose predicted peak fits `budget_gib`, each skip logged.
+
+    When none fits, the error names the smallest budget that works (`budget_name`: the parameter
+    as the caller's interface spells it; `given` False: the budget was the free VRAM).
+    """
     for name in AUTO_ORDER:
         need = PLANS[name].need_gib(sizes)
-        if need <= usable(budget):
-            log.info("memory plan %r: predicted peak %.1f GiB fits the %.1f GiB budget", name, need, budget)
+        if need <= usable(budget_gib):
+            log.info("memory plan %r: predicted peak %.1f GiB fits the %.1f GiB budget", name, need, budget_gib)
             return PLANS[name]
-        log.info("memory plan %r skipped: predicted peak %.1f GiB > %.1f GiB budget", name, need, budget)
+        log.info("memory plan %r skipped: predicted peak %.1f GiB > %.1f GiB budget", name, need, budget_gib)
     smallest = min(PLANS[n].need_gib(sizes) for n in AUTO_ORDER)
+    works = math.ceil(smallest / (1 - FRAGMENTATION) * 10) / 10
+    what = f"{budget_name}={budget_gib:g}" if given else f"{budget_gib:.1f} GiB of free GPU memory"
     raise ResourceError(
-        f"no memory plan fits: the smallest ('stream') needs ~{smallest:.1f} GiB of GPU memory at this "
-        f"resolution and {budget:.1f} GiB is available; free GPU memory or lower the output size"
+        f"no memory plan fits {what}: the smallest plan ('stream') needs a budget of at least {works:.1f} GiB "
+        f"at this resolution (~{smallest:.1f} GiB peak); give {budget_name} >= {works:.1f}, free GPU memory, "
+        "or lower the output size"
     )
 
 
-def batch_cfg_pays(pipe, device: torch.device, plan: str) -> bool:
+def batch_cfg_pays(pipe, device: torch.device, plan: str, fa3: bool = False) -> bool:
     """Whether running both CFG branches in one call is predicted faster than two calls (`qie.memory.cost`).
 
     Only the stream plan can gain (its weights cross PCIe once per step instead of twice); with
-    resident weights a step is compute-bound and the masked attention of the padded batch costs more.
+    resident weights a step is compute-bound and, through SDPA, the masked attention of the padded
+    batch costs more. `fa3`: attention runs through FlashAttention-3, where masks cost nothing.
     """
     from qie.memory.cost import GIB as COST_GIB
     from qie.memory.cost import detect_gpu, predict_stream
@@ -351,7 +378,7 @@ def batch_cfg_pays(pipe, device: torch.device, plan: str) -> bool:
     if plan != "stream" or device.type != "cuda" or streamer is None:
         return False
     gpu = detect_gpu(device, streamer.pcie_gbps)
-    p = predict_stream(gpu, streamer.host_bytes() / COST_GIB)
+    p = predict_stream(gpu, streamer.host_bytes() / COST_GIB, fa3=fa3)
     log.info(
         "batched CFG %s: predicted CFG step %.3fs batched vs %.3fs as two calls (%s, %.0f GB/s PCIe)",
         "on" if p.batch_cfg else "off",

@@ -24,8 +24,10 @@ def case(tiny_editor):
         return request, tiny_editor.reference(request)
 
 
-def test_stream_plan_with_fp8_rows_stays_within_its_tolerance(case, monkeypatch):
+@pytest.mark.parametrize("compute", ["upcast", "fp8"])
+def test_stream_plan_with_fp8_rows_stays_within_its_tolerance(case, monkeypatch, compute):
     request, reference = case
+    monkeypatch.setattr("qie.memory.streaming.compute_mode", lambda device, requested: compute)
     editor = Editor.load("tiny", fixes={"mm_token_type_ids": False})  # its own pipeline: the plan rewires it
     sizes = measure_sizes(editor.pipe)
     budget = PLANS["stream"].need_gib(sizes) + sizes.blocks_fp8[0] * 1.5  # room for one resident block
@@ -34,7 +36,7 @@ def test_stream_plan_with_fp8_rows_stays_within_its_tolerance(case, monkeypatch)
     PLANS["stream"].apply(editor.pipe, torch.device("cpu"), budget)
     monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", request.width * request.height)
     image = editor.edit(request).image
-    diff = assert_matches_reference("plan-stream", image, reference)
+    diff = assert_matches_reference("plan-stream" if compute == "upcast" else "plan-stream-fp8", image, reference)
     assert diff.max_abs > 0  # fp8 weights do change the numbers: the test can tell
 
 

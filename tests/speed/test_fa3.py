@@ -1,0 +1,76 @@
+"""FA3 joint attention: masks become kept-key counts (keys reordered), checked against masked SDPA."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import small_request
+from oracle import assert_matches_reference
+
+from qie.speed import fa3
+
+
+def masked_sdpa(q, k, v, mask):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+def random_case(b=3, s=40, h=2, d=16, device="cpu", dtype=torch.float32):
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+    keep = torch.rand(b, s, device=device) > 0.4  # scattered holes, not only padding at the end
+    keep[:, 0] = True
+    keep[0] = True  # one sample without padding
+    return q, k, v, keep[:, None, None, :]
+
+
+def test_kept_keys_first_then_counts_equal_the_masked_attention():
+    q, k, v, mask = random_case()
+    k2, v2, used = fa3.kept_keys_first(k, v, mask)
+    assert used.tolist() == mask.reshape(3, -1).sum(1).tolist() and used.dtype == torch.int32
+    for i in range(3):  # the kept keys, in their order, then the dropped ones
+        kept = mask.reshape(3, -1)[i]
+        assert torch.equal(k2[i, : used[i]], k[i, kept]) and torch.equal(v2[i, used[i] :], v[i, ~kept])
+    got = fa3.joint_attention(q, k, v, mask, kernel=fa3.reference_kernel, fallback=None)
+    assert torch.allclose(got, masked_sdpa(q, k, v, mask), atol=1e-5)
+    unmasked = fa3.joint_attention(q, k, v, None, kernel=fa3.reference_kernel, fallback=None)
+    assert torch.allclose(unmasked, masked_sdpa(q, k, v, None), atol=1e-6)
+
+
+def test_calls_the_kernel_cannot_serve_go_to_the_fallback():
+    q, k, v, mask = random_case()
+    seen = []
+
+    def fallback(*args, **kwargs):
+        seen.append(kwargs)
+        return "fallback"
+
+    result = fa3.joint_attention(q, k, v, mask, kernel=lambda *a: "fa3", fallback=fallback, backend=None)
+    assert result == "fallback" and seen[0]["attn_mask"] is mask  # float32 on the CPU
+    assert fa3.REPLACES == ("None", "native", "_native_cudnn")  # a per-request SageAttention backend stays
+
+
+def test_installed_attention_keeps_batched_cfg_within_its_tolerance(tiny_editor, photo):
+    request = small_request(photo, seed=5, steps=2, batch_cfg=True)
+    two_calls = tiny_editor.edit(dataclasses.replace(request, batch_cfg=False)).image
+    assert fa3.install(torch.device("cpu"), kernel=fa3.reference_kernel)
+    try:
+        batched = tiny_editor.edit(request).image
+    finally:
+        fa3.uninstall()
+    module = __import__(fa3.QWEN_MODULE, fromlist=["x"])
+    assert not hasattr(module, "_qie_dispatch") and module.dispatch_attention_fn.__module__.endswith("dispatch")
+    assert_matches_reference("batched-cfg", batched, two_calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fa3_on_hopper_matches_masked_sdpa():
+    dev = torch.device("cuda")
+    if not fa3.available(dev):
+        pytest.skip("needs a Hopper GPU and the fa3-fwd package")
+    q, k, v, mask = random_case(b=2, s=1000, h=4, d=128, device="cuda", dtype=torch.bfloat16)
+    got = fa3.joint_attention(q, k, v, mask, kernel=fa3.fa3_kernel(), fallback=None)
+    ref = masked_sdpa(q.float(), k.float(), v.float(), mask)
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
