@@ -31,6 +31,7 @@ CHANGED = {
     "step_cache_interval": 4,
     "early_exit_threshold": 0.1,
     "early_exit_patience": 3,
+    "batch_cfg": True,
 }
 
 
@@ -59,6 +60,7 @@ def test_every_shared_field_splits_a_batch_and_per_image_fields_do_not(photo):
         "step_cache_interval",
         "early_exit_threshold",
         "early_exit_patience",
+        "batch_cfg",
     }
     for f in dataclasses.fields(EditRequest):
         if f.name in ("images", "prompt", "mask"):
