@@ -54,7 +54,7 @@ def describe(name: str, vram: float | None, pcie: float | None, tflops: float | 
     base = GPUS[name]
     gpu = custom_gpu(base, vram if vram is not None else base.vram_gib * 0.93, pcie, tflops)
     sizes = replace(FULL_SIZE, upcast=not gpu.fp8)
-    plan = pick_plan(sizes, gpu.vram_gib, budget_name="--vram")
+    plan = pick_plan(sizes, gpu.vram_gib, budget_name="vram")  # the CLI shows it as --vram
     p, detail, peak = predict_plan(plan.name, gpu, sizes)
     units = "fp8 units" if gpu.fp8 else "no fp8 units (fp8 weights upcast to bf16)"
     cfg = "batched" if p.batch_cfg else "two calls"

@@ -359,7 +359,7 @@ def pick_plan(sizes: Sizes, budget_gib: float, given: bool = True, budget_name: 
     what = f"{budget_name}={budget_gib:g}" if given else f"{budget_gib:.1f} GiB of free GPU memory"
     raise ResourceError(
         f"no memory plan fits {what}: the smallest plan ('stream') needs a budget of at least {works:.1f} GiB "
-        f"at this resolution (~{smallest:.1f} GiB peak); give {budget_name} >= {works:.1f}, free GPU memory, "
+        f"at this resolution (~{smallest:.1f} GiB peak); give {budget_name}={works:.1f} or more, free GPU memory, "
         "or lower the output size"
     )
 

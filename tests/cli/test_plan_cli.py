@@ -29,7 +29,7 @@ def test_every_documented_gpu_gets_a_labelled_prediction(capsys):
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["plan", "--vram", "3"], "--vram=3: the smallest plan ('stream') needs a budget of at least"),
+        (["plan", "--vram", "3"], "--vram 3: the smallest plan ('stream') needs a budget of at least 3.7 GiB"),
         (["plan", "--gpu", "tpu"], "--gpu"),
         (["plan", "--pcie", "0"], "--pcie"),
     ],
