@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 
 from benchmarks.profiling import cuda_sync
 from qie.core.editor import run_stock
+from qie.core.registry import check_variant
 from qie.core.tolerances import difference
 from qie.versions import __version__
 
@@ -197,6 +198,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.variant = check_variant(args.model_variant)  # "2509" or "2511": the transformer flavour built
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rows: list[Row] = []
         self.budgets: list[dict[str, Any]] = []
@@ -224,10 +226,11 @@ class Bench:
         if self.args.scale == "tiny":
             from qie.core.models import load_pipeline
 
-            return load_pipeline("tiny", device=self.device, dtype=torch.float32).to(self.device)
+            tiny = "tiny" if self.variant == "2509" else f"tiny-{self.variant}"
+            return load_pipeline(tiny, device=self.device, dtype=torch.float32).to(self.device)
         from benchmarks.random_model import build_random_pipeline
 
-        return build_random_pipeline(self.device, torch.bfloat16, seed=self.args.seed)
+        return build_random_pipeline(self.device, torch.bfloat16, seed=self.args.seed, variant=self.variant)
 
     def editor(self, pipe, plan: str, budget_gib: float | None = None, fixes: bool = True):
         from qie.core.editor import Editor
@@ -239,7 +242,7 @@ class Bench:
         dtype = torch.float32 if self.args.scale == "tiny" else torch.bfloat16
         editor = Editor(
             pipe,
-            model=f"random-{self.args.scale}",
+            model=f"random-{self.args.scale}-{self.variant}",
             device=self.device,
             dtype=dtype,
             plan=chosen,
@@ -364,13 +367,14 @@ class Bench:
                 "date": self.started.isoformat(timespec="seconds"),
                 "device": gpu,
                 "scale": self.args.scale,
+                "model_variant": self.variant,
                 "versions": installed(),
                 "cuda": torch.version.cuda,
                 "probe_steps_cfg": self.args.probe_steps,
                 "prompt": PROMPT,
                 "weights": "random (seeded), full-size configs" if self.args.scale == "full" else "tiny random",
             },
-            "rows": [asdict(r) for r in self.rows],
+            "rows": [{**asdict(r), "model_variant": self.variant} for r in self.rows],
             "budgets": self.budgets,
             "batching": self.batching,
             "errors": self.errors,

@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    bench = Bench(argparse.Namespace(device=str(device), scale="full", seed=args.seed, out=args.out, max_seconds=0))
+    bench = Bench(
+        argparse.Namespace(
+            device=str(device), scale="full", seed=args.seed, out=args.out, max_seconds=0, model_variant="2509"
+        )
+    )
     pipe = bench.fresh_pipe()
     pipe.set_progress_bar_config(disable=True)
     say(f"built the random pipeline on {world} GPUs in {time.perf_counter() - t0:.0f}s")

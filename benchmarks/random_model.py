@@ -1,6 +1,7 @@
-"""Full-size Qwen-Image-Edit-2509 pipelines with random weights, for benchmarks without downloads.
+"""Full-size Qwen-Image-Edit pipelines (2509 or 2511) with random weights, for benchmarks without downloads.
 
-The transformer and VAE use diffusers' class defaults (the published full-size configs); the text
+The transformer and VAE use diffusers' class defaults (the published full-size configs; variant
+"2511" sets the transformer's `zero_cond_t`, the only config difference); the text
 encoder uses Qwen2.5-VL-7B's published config. Parameters are created on the meta device, given
 storage with `to_empty` directly on the GPU in bf16, and filled from a seeded generator: the same
 FLOPs and bytes as the real model, built in seconds, identical for the same seed. Buffers (RoPE
@@ -80,8 +81,10 @@ def materialize(build, device: torch.device, dtype: torch.dtype, seed: int) -> n
     return model.eval()
 
 
-def build_random_pipeline(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """A full-size `QwenImageEditPlusPipeline` with random weights on `device`."""
+def build_random_pipeline(
+    device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, variant: str = "2509"
+):
+    """A full-size `QwenImageEditPlusPipeline` of `variant` ("2509"/"2511") with random weights on `device`."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -91,8 +94,10 @@ def build_random_pipeline(device: torch.device | str = "cuda", dtype: torch.dtyp
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from qie.core.registry import check_variant
     from qie.core.tiny import SCHEDULER_CONFIG, TinyQwen2VLProcessor, build_tokenizer, text_encoder_config
 
+    zero_cond_t = check_variant(variant) == "2511"
     device = torch.device(device)
     start = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -104,7 +109,7 @@ def build_random_pipeline(device: torch.device | str = "cuda", dtype: torch.dtyp
         text_encoder=materialize(lambda: Qwen2_5_VLForConditionalGeneration(te_config), device, dtype, seed + 2),
         tokenizer=tokenizer,
         processor=processor,
-        transformer=materialize(QwenImageTransformer2DModel, device, dtype, seed + 3),
+        transformer=materialize(lambda: QwenImageTransformer2DModel(zero_cond_t=zero_cond_t), device, dtype, seed + 3),
     )
-    log.info("built the full-size random pipeline on %s in %.1fs", device, time.perf_counter() - start)
+    log.info("built the full-size random %s pipeline on %s in %.1fs", variant, device, time.perf_counter() - start)
     return pipe

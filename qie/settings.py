@@ -108,6 +108,10 @@ def check_fault(name: str, text: str) -> str | None:
     return spec
 
 
+def _list(name: str, text: str) -> tuple[str, ...] | None:
+    return tuple(item.strip() for item in text.split(",") if item.strip()) or None
+
+
 def _checks(name: str, text: str) -> frozenset[str]:
     checks = frozenset(c.strip() for c in text.split(",") if c.strip())
     if not checks or checks - {"inputs", "outputs"}:
@@ -117,7 +121,7 @@ def _checks(name: str, text: str) -> frozenset[str]:
 
 VARIABLES: tuple[Variable, ...] = (
     # the engine (LoadOptions.from_env)
-    Variable("QIE_MODEL", "model", _text, "hub id, local folder or 'tiny' (default Qwen/Qwen-Image-Edit-2509)"),
+    Variable("QIE_MODEL", "model", _text, "2509, 2511, tiny, tiny-2511, a hub id or a local folder (default 2509)"),
     Variable("QIE_REVISION", "revision", _text, "hub revision: branch, tag or commit"),
     Variable("QIE_DEVICE", "device", _text, "cuda, cuda:1 or cpu (default: CUDA when present)"),
     Variable("QIE_DTYPE", "dtype", _text, "bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"),
@@ -130,6 +134,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("QIE_ATTENTION", "attention", _text, "attention backend at load (default auto)"),
     Variable("QIE_FAST_LORA", "fast_lora", _text, "Lightning LoRA for fast mode: file, folder or hub id"),
     Variable("QIE_FAST_STEPS", "fast_steps", _number(int, 1, "8"), "which Lightning LoRA: 4 or 8 steps"),
+    Variable("QIE_LORAS", "loras", _list, "LoRAs fused at load: PATH_OR_REPO[:SCALE], comma-separated", ()),
     # safety filter and fault drills (handed to the Editor)
     Variable("QIE_SAFETY", "safety", _text, "1 or a classifier id/folder: turn the safety filter on"),
     Variable("QIE_SAFETY_THRESHOLD", "safety_threshold", _number(float, 0.0, "0.8"), "block at or above this"),
@@ -233,6 +238,7 @@ class Settings:
     attention: str | None = None
     fast_lora: str | None = None
     fast_steps: int | None = None
+    loras: tuple[str, ...] = ()
     safety: SafetySettings | None = None
     fault: str | None = None
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qie")
@@ -267,6 +273,8 @@ class Settings:
         for flag in ("compile", "text_encoder_fp8"):
             if getattr(self, flag):
                 values[flag] = True
+        if self.loras:
+            values["loras"] = self.loras
         return values
 
 

@@ -40,6 +40,14 @@ def tiny_editor():
 
 
 @pytest.fixture(scope="session")
+def tiny_2511_editor():
+    """The tiny pipeline in the Edit-2511 flavour (`zero_cond_t=True`), same weights as `tiny_editor`'s."""
+    from qie import Editor
+
+    return Editor.load("tiny-2511")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tiny_editor) -> Path:
     from qie.core.models import tiny_model_dir
 

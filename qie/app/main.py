@@ -35,6 +35,7 @@ from qie.app.i18n import t, translations
 from qie.app.layout import Layout, build_layout
 from qie.app.presets import CPU_DEMO_DEFAULTS, EDIT_DEFAULTS, FEATURES, feature_available, load_examples
 from qie.core.load_options import LoadOptions
+from qie.core.registry import is_tiny
 from qie.settings import Settings
 from qie.settings import read as read_setting
 
@@ -204,7 +205,7 @@ def examples_cache_name(model: str, revision: str | None) -> str | None:
         >>> examples_cache_name("Qwen/Qwen-Image-Edit-2509", None)
         'Qwen--Qwen-Image-Edit-2509@main-qie0.1.0'
     """
-    if model == "tiny":
+    if is_tiny(model):
         return None
     slug = model.strip("/").replace("/", "--").replace(os.sep, "--")
     return f"{slug}@{revision or 'main'}-qie{qie.__version__}"
@@ -276,14 +277,18 @@ def launch_options(current_editor: Callable[[], Any | None]) -> dict[str, Any]:
 
 def startup_notice(model: str, device: str | None = None) -> str | None:
     """Why `model` cannot run on this machine (no GPU), in the app's flags; None if it can."""
-    from qie.core.models import MODELS, check_hardware, resolve_device
+    from qie.core.models import check_hardware, resolve_device
+    from qie.core.registry import resolve_model
 
     if device is not None:
         return None
-    spec = MODELS.get(model)
     try:
-        check_hardware(spec, resolve_device())
+        resolved = resolve_model(model)
+        check_hardware(resolved, resolve_device())
+    except qie.InvalidRequestError as exc:
+        return f"{exc} {app_handlers.TINY_HINT}"
     except qie.ResourceError:
+        spec = resolved.spec
         return (
             f"The model {model} needs a CUDA GPU (its weights are {spec.weights_gib():.0f} GiB in bf16) and none "
             f"was found. Start the app on a GPU machine, or with --device cpu to try anyway (very slow, "
@@ -364,13 +369,13 @@ def main(argv: list[str] | None = None) -> None:
         editor = editor_factory()  # on ZeroGPU the weights must be placed at start-up, outside GPU functions
         if not _on_zero_gpu():
             warm_up(editor)
-    tiny = model == "tiny"
+    tiny = is_tiny(model)
     demo = build_demo(
         editor_factory,
         notice=TINY_NOTICE if tiny else notice,
         defaults=CPU_DEMO_DEFAULTS if tiny else None,  # small and quick: its edits are noise anyway
         queue_size=args.queue_size,
-        examples_cache=examples_cache_name(model, options.revision),
+        examples_cache=examples_cache_name(" + ".join([model, *options.loras]), options.revision),
         fast_lora=bool(args.fast_lora),
         metrics=args.metrics,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from qie.cli.plan import add_plan_parser, cmd_plan
 from qie.core.load_options import LoadOptions
 from qie.core.models import prefer_expandable_segments
+from qie.core.registry import DEFAULT_MODEL, VARIANTS
 from qie.errors import InvalidRequestError, QieError
 from qie.settings import Settings
 from qie.speed.options import COMPILE_MODES
@@ -63,7 +64,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     engine = LoadOptions.from_env(settings)
     parser = argparse.ArgumentParser(
         prog="python -m qie",
-        description="Qwen-Image-Edit-2509, fast.",
+        description="Qwen-Image-Edit (2509, 2511), fast.",
         epilog=EDIT_EXAMPLES,
         formatter_class=HelpFormatter,
     )
@@ -114,7 +115,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     LoadOptions.add_arguments(edit, engine)
     _add_speed_args(edit)
 
-    sub.add_parser("info", help="versions, device and free GPU memory")
+    sub.add_parser("info", help="versions, device, free GPU memory and the models qie knows")
 
     bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
     bench.add_argument(
@@ -144,6 +145,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     )
     bench.add_argument("--e2e-40", action="store_true", help="also time full 40-step CFG edits (slow)")
     bench.add_argument("--scale", choices=["full", "tiny"], default="full", help="tiny: check the bench on CPU")
+    bench.add_argument(
+        "--model-variant", choices=VARIANTS, default="2509", help="2511: zero_cond_t transformer (in the JSON)"
+    )
     bench.add_argument("--device")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default="benchmarks", help="folder for the JSON")
@@ -162,6 +166,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="save the tiny offline pipeline to a folder")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--variant", choices=VARIANTS, default="2509", help="2511: the zero_cond_t transformer")
     return parser
 
 
@@ -376,6 +381,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("device           cpu (no CUDA GPU found)")
     for level, problem in known_problems():
         print(f"{logging.getLevelName(level).lower()}: {problem}")
+    from qie.core.registry import registry_lines
+
+    print(f"models (--model; default {DEFAULT_MODEL}; also a hub id or a pipeline folder):")
+    for line in registry_lines():
+        print(f"  {line}")
     return 0
 
 
@@ -388,7 +398,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from qie.core.tiny import save_tiny_pipeline
 
-    path = save_tiny_pipeline(args.path, seed=args.seed)
+    path = save_tiny_pipeline(args.path, seed=args.seed, variant=args.variant)
     print(f"saved the tiny pipeline to {path}; load it with --model {path}")
     return 0
 

@@ -27,7 +27,9 @@ from qie.core.faults import Fault, arm_spec
 from qie.core.grouping import check_batchable, condition_area
 from qie.core.images import ImageInput
 from qie.core.load_options import LoadOptions
-from qie.core.models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_device, resolve_dtype
+from qie.core.loras import LoraSpec, fuse_loras, lora_notes
+from qie.core.models import check_hardware, load_pipeline, resolve_device, resolve_dtype
+from qie.core.registry import DEFAULT_MODEL, ModelSpec, pipeline_variant, resolve_model, spec_for_pipeline
 from qie.core.request import EditRequest, EditResult
 from qie.core.rewrite import DEFAULT_MAX_NEW_TOKENS, check_language, check_max_new_tokens, generate_rewrite
 from qie.core.safety import SafetyFilter, load_filter
@@ -77,6 +79,8 @@ class Editor:
         self.plan = plan
         self.revision = revision
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
+        self.variant = pipeline_variant(pipe)  # "2509" or "2511", from the transformer config
+        self.loras: tuple[LoraSpec, ...] = ()  # user LoRAs fused into the weights; set by `load`
         self.lock = threading.Lock()
         self.compiled = False
         self.compile_stats: dict[str, Any] = {}  # compile mode, warm-up and first-edit seconds (`enable_compile`)
@@ -92,31 +96,37 @@ class Editor:
     @classmethod
     def load(
         cls,
-        options: LoadOptions | str = REAL_MODEL_ID,
+        options: LoadOptions | str = DEFAULT_MODEL,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         **overrides: Any,
     ) -> Editor:
         """Load a model and place it with a memory plan, as `options` say (see `LoadOptions`).
 
-        `options` is a `LoadOptions` or a model ("tiny", a hub id or a local folder); `device`,
-        `dtype` and keyword `overrides` (any `LoadOptions` field) replace its values. With
-        `compile=True` (CUDA only) the transformer block is compiled and warmed up once at 1024²;
-        if compiling fails, the editor logs a warning and runs eager.
+        `options` is a `LoadOptions` or a model: a registry name ("2509", "2511", "tiny",
+        "tiny-2511"; see `qie.core.registry`), a hub id or a local pipeline folder; `device`,
+        `dtype` and keyword `overrides` (any `LoadOptions` field) replace its values. `loras`
+        (`PATH_OR_REPO[:SCALE]` each; see `qie.core.loras`) are fused into the transformer in
+        order, before the fast LoRA and the memory plan. With `compile=True` (CUDA only) the
+        transformer block is compiled and warmed up once at 1024²; if compiling fails, the editor
+        logs a warning and runs eager.
 
         Example:
-            >>> Editor.load("tiny", plan="resident")                                  # doctest: +SKIP
+            >>> Editor.load("2511", loras=["ink.safetensors:0.8"])                     # doctest: +SKIP
             >>> Editor.load(LoadOptions(model="tiny", fast_lora="lightning.safetensors"))  # doctest: +SKIP
         """
         opts = _load_options(options, device=device, dtype=dtype, **overrides)
+        resolved = resolve_model(opts.model)
         dev = resolve_device(opts.device)
         if opts.device is None:
-            check_hardware(MODELS.get(opts.model), dev)
+            check_hardware(resolved, dev)
         dt = resolve_dtype(dev, opts.dtype)
         warn_known_problems()
         start = time.perf_counter()
-        pipe = load_pipeline(opts.model, device=dev, dtype=dt, revision=opts.revision)
-        # Speed options first: a LoRA is fused into plain weights, before a plan quantizes or streams them.
+        pipe = load_pipeline(resolved, device=dev, dtype=dt, revision=opts.revision)
+        spec: ModelSpec = spec_for_pipeline(resolved.spec, pipe)
+        # LoRAs first: they are fused into plain weights, before a plan quantizes or streams them.
+        fused = fuse_loras(pipe, opts.loras)
         if opts.text_encoder_fp8:
             from qie.memory.quantize import store_text_encoder_fp8
 
@@ -129,6 +139,7 @@ class Editor:
             fast_lora=opts.fast_lora,
             fast_steps=opts.fast_steps,
             fast_fuse=opts.fast_fuse,
+            lightning=spec.lightning,
         )
         chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
         chosen.apply(pipe, dev, opts.vram_budget_gib)
@@ -137,10 +148,10 @@ class Editor:
 
             compile_vae_decoder(pipe.vae, opts.vae_compile)
         took = time.perf_counter() - start
-        log.info("loaded %s on %s (%s, plan %s) in %.1fs", opts.model, dev, dt, chosen.name, took)
+        log.info("loaded %s (%s) on %s (%s, plan %s) in %.1fs", resolved.name, spec.variant, dev, dt, chosen.name, took)
         editor = cls(
             pipe,
-            model=opts.model,
+            model=resolved.name,
             device=dev,
             dtype=dt,
             plan=chosen,
@@ -150,9 +161,15 @@ class Editor:
             fault=arm_spec(pipe, opts.fault) if opts.fault else None,
         )
         editor.speed = speed
+        editor.loras = fused
         if opts.compile:
             editor.enable_compile(mode=opts.compile_mode)
         return editor
+
+    @property
+    def weights_id(self) -> str:
+        """The model and the LoRAs fused into it: what a cached result must match."""
+        return " + ".join([self.model, *(lora.label for lora in self.loras)])
 
     def enable_compile(self, warm_up_size: int = 1024, mode: str = "default") -> bool:
         """Compile the transformer block (regional, `torch.compile` `mode`) and warm it up; False and eager on failure.
@@ -355,7 +372,7 @@ class Editor:
             plan=self.plan.name,
             steps_run=run.steps_run(i),
             steps_skipped=run.steps - run.steps_run(i),
-            notes=notes,
+            notes=(*notes, *lora_notes(self.loras)),
             cached_calls=run.cache.cached if run.cache is not None else 0,
         )
 

@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from qie.core.models import REAL_MODEL_ID
+from qie.core.loras import LoraSpec
+from qie.core.registry import MODELS, REAL_MODEL_ID
 from qie.errors import InvalidRequestError
 from qie.settings import SafetySettings, Settings, check_fault, variable_for
 from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
@@ -33,7 +34,7 @@ from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
 # Allowed values live with the type that uses them (tests check them against the mechanisms).
 PLAN_NAMES = ("auto", "resident", "resident-fp8", "fp8-te-stream", "stream", "model-offload")
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
-FAST_STEPS = (4, 8)
+FAST_STEPS = tuple(sorted({n for spec in MODELS.values() if spec.lightning for n in spec.lightning.steps}))
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
 
 # Command-line flag and argparse destination of each field that has a flag.
@@ -52,6 +53,7 @@ FLAGS = {
     "fast_fuse": "--fast-fuse",
     "text_encoder_fp8": "--text-encoder-fp8",
     "vae_compile": "--vae-compile",
+    "loras": "--lora",
 }
 
 
@@ -87,18 +89,21 @@ class LoadOptions:
     fast_fuse: bool = True
     text_encoder_fp8: bool = False
     vae_compile: str = "off"
+    loras: tuple[str, ...] = ()
     fixes: Mapping[str, bool] | None = None
     safety: SafetySettings | None = None
     fault: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.loras, str) or not isinstance(self.loras, tuple):  # a list from argparse
+            object.__setattr__(self, "loras", (self.loras,) if isinstance(self.loras, str) else tuple(self.loras))
         for name, value, fix in self._problems():
             raise InvalidRequestError(name, value, fix)
 
     def _problems(self) -> list[tuple[str, Any, str]]:
         problems = []
         if not isinstance(self.model, str) or not self.model.strip():
-            problems.append(("model", self.model, "give a hub id, a local folder or 'tiny'"))
+            problems.append(("model", self.model, f"give one of {', '.join(MODELS)}, a hub id or a local folder"))
         if self.plan not in PLAN_NAMES:
             problems.append(("plan", self.plan, f"use one of {', '.join(PLAN_NAMES)}"))
         if isinstance(self.dtype, str) and self.dtype not in DTYPE_NAMES:
@@ -116,6 +121,11 @@ class LoadOptions:
             problems.append(("compile_mode", self.compile_mode, f"use one of {', '.join(COMPILE_MODES)}"))
         if self.vae_compile not in VAE_COMPILE_MODES:
             problems.append(("vae_compile", self.vae_compile, f"use one of {', '.join(VAE_COMPILE_MODES)}"))
+        for lora in self.loras:
+            try:
+                LoraSpec.parse(lora)
+            except InvalidRequestError as exc:
+                problems.append(("loras", lora, exc.fix))
         if self.fault is not None:
             check_fault("fault", self.fault)
         return problems
@@ -165,7 +175,10 @@ class LoadOptions:
         d = defaults or cls()
         group = parser.add_argument_group("engine", "how the model is loaded (see the docs: memory plans, speed)")
         flags = {
-            "model": dict(default=d.model, help="hub id, local folder or 'tiny' (default: %(default)s)"),
+            "model": dict(
+                default=d.model,
+                help=f"{', '.join(MODELS)} (`python -m qie info`), a hub id or a local folder (default: %(default)s)",
+            ),
             "revision": dict(default=d.revision, help="hub revision: branch, tag or commit"),
             "device": dict(default=d.device, help="cuda, cuda:1 or cpu (default: CUDA when present)"),
             "dtype": dict(default=d.dtype, choices=DTYPE_NAMES[:3], help="default: bf16 on GPU, fp32 on CPU"),
@@ -202,6 +215,13 @@ class LoadOptions:
                 default=d.vae_compile,
                 choices=VAE_COMPILE_MODES,
                 help="compile the VAE decoder; channels-last: in channels-last layout too (default: %(default)s)",
+            ),
+            "loras": dict(
+                default=list(d.loras),
+                action="append",
+                metavar="PATH_OR_REPO[:SCALE]",
+                help="a LoRA fused into the model at load: file, folder, hub repo or repo/file; scale default 1. "
+                "Repeatable",
             ),
         }
         for name, kwargs in flags.items():

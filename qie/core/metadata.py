@@ -18,6 +18,8 @@ def png_metadata(editor: Any, request: EditRequest, result: EditResult) -> dict[
         "true_cfg_scale": request.true_cfg_scale,
         "size": f"{result.image.width}x{result.image.height}",
         "model": editor.model,
+        "model_variant": editor.variant,
+        "loras": ", ".join(lora.label for lora in editor.loras),
         "revision": editor.revision or "",
         "plan": result.plan,
         "qie_version": __version__,

@@ -1,9 +1,9 @@
-"""The models qie knows, and loading them with the dtype policy.
+"""Loading the models of the registry (`qie.core.registry`) with the dtype policy.
 
-`MODELS` is a table of specs; `load_pipeline` turns a model name (a spec key, a hub id or a local
-directory) into a `QwenImageEditPlusPipeline` through diffusers' `from_pretrained`, honouring
-`HF_HOME`, `HF_HUB_OFFLINE` and a revision. The tiny model is saved once to a cache directory and
-loaded through the same `from_pretrained` path as the real one.
+`load_pipeline` turns a `--model` value (a registry name, a hub id or a local directory) into a
+`QwenImageEditPlusPipeline` through diffusers' `from_pretrained`, honouring `HF_HOME`,
+`HF_HUB_OFFLINE` and a revision. The tiny models are saved once to a cache directory and loaded
+through the same `from_pretrained` path as the real ones.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qie.core.registry import DEFAULT_MODEL, ResolvedModel, resolve_model
 from qie.errors import ModelLoadError, ResourceError
 
 if TYPE_CHECKING:
@@ -23,41 +23,6 @@ if TYPE_CHECKING:
     from diffusers import QwenImageEditPlusPipeline
 
 log = logging.getLogger(__name__)
-
-REAL_MODEL_ID = "Qwen/Qwen-Image-Edit-2509"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model qie can load: where it comes from and what it needs."""
-
-    name: str
-    source: str  # hub id, or "tiny" for the offline random pipeline
-    params_billion: float  # transformer + text encoder + VAE
-    needs_gpu: bool
-    description: str
-
-    def weights_gib(self, bytes_per_param: float = 2.0) -> float:
-        """Size of all weights at `bytes_per_param` (2 for bf16)."""
-        return self.params_billion * 1e9 * bytes_per_param / 2**30
-
-
-MODELS: dict[str, ModelSpec] = {
-    REAL_MODEL_ID: ModelSpec(
-        name=REAL_MODEL_ID,
-        source=REAL_MODEL_ID,
-        params_billion=20.4 + 8.3 + 0.13,
-        needs_gpu=True,
-        description="Qwen-Image-Edit-2509: 20B MMDiT + Qwen2.5-VL-7B text encoder + VAE",
-    ),
-    "tiny": ModelSpec(
-        name="tiny",
-        source="tiny",
-        params_billion=0.0002,
-        needs_gpu=False,
-        description="tiny random pipeline built offline (tests and demos; its edits are noise)",
-    ),
-}
 
 
 def prefer_expandable_segments() -> None:
@@ -114,18 +79,19 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
     return torch.float32
 
 
-def tiny_model_dir(seed: int = 0) -> Path:
-    """Where the tiny pipeline is saved (built on first use): `$QIE_CACHE` or ~/.cache/qie."""
+def tiny_model_dir(seed: int = 0, variant: str = "2509") -> Path:
+    """Where a tiny pipeline is saved (built on first use): `$QIE_CACHE` or ~/.cache/qie."""
     from qie.settings import read as read_setting
     from qie.versions import __version__
 
-    path = read_setting("cache_dir") / f"tiny-{__version__}-seed{seed}"
+    flavour = "" if variant == "2509" else f"-{variant}"
+    path = read_setting("cache_dir") / f"tiny{flavour}-{__version__}-seed{seed}"
     if not (path / "model_index.json").is_file():
         from qie.core.tiny import save_tiny_pipeline
 
-        log.info("building the tiny offline pipeline in %s", path)
+        log.info("building the tiny offline %s pipeline in %s", variant, path)
         tmp = path.with_name(path.name + f".building-{os.getpid()}")
-        save_tiny_pipeline(tmp, seed=seed)
+        save_tiny_pipeline(tmp, seed=seed, variant=variant)
         try:
             tmp.replace(path)
         except OSError:  # another process finished first
@@ -136,27 +102,31 @@ def tiny_model_dir(seed: int = 0) -> Path:
 
 
 def load_pipeline(
-    model: str = REAL_MODEL_ID,
+    model: str | ResolvedModel = DEFAULT_MODEL,
     *,
     device: torch.device,
     dtype: torch.dtype,
     revision: str | None = None,
 ) -> QwenImageEditPlusPipeline:
-    """Load `model` (a name in `MODELS`, a hub id or a local directory) with `from_pretrained`.
+    """Load `model` (a registry name, a hub id or a local directory) with `from_pretrained`.
 
-    Weights are loaded straight into `dtype` (no fp32 copy in host RAM). Raises `ModelLoadError`
-    with what to do when the weights are missing and there is no network.
+    Weights are loaded straight into `dtype` (no fp32 copy in host RAM). `revision` defaults to
+    the registry's. Raises `ModelLoadError` with what to do when the weights are missing and there
+    is no network.
     """
     from diffusers import QwenImageEditPlusPipeline
 
-    source = tiny_model_dir() if model == "tiny" else model
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
+    tiny = resolved.spec is not None and resolved.spec.is_tiny
+    source = tiny_model_dir(variant=resolved.spec.variant) if tiny else resolved.source
     local = Path(source).is_dir()
     if local:
         _import_custom_components(Path(source))
     kwargs: dict = {"dtype": dtype}
+    revision = revision or (resolved.spec.revision if resolved.registered else None)
     if revision and not local:
         kwargs["revision"] = revision
-    if model == "tiny":
+    if tiny:
         kwargs["disable_mmap"] = True  # bit-identical reloads
     try:
         return QwenImageEditPlusPipeline.from_pretrained(source, **kwargs)
@@ -164,12 +134,13 @@ def load_pipeline(
         raise ModelLoadError(_missing_weights_message(str(source), local, exc)) from exc
 
 
-def check_hardware(spec: ModelSpec | None, device: torch.device) -> None:
-    """Refuse early, with the numbers, when the device cannot hold the model at all."""
-    if spec is None or not spec.needs_gpu or device.type != "cpu":
+def check_hardware(model: ResolvedModel, device: torch.device) -> None:
+    """Refuse early, with the numbers, when the device cannot hold a registered model at all."""
+    spec = model.spec
+    if not model.registered or spec is None or not spec.needs_gpu or device.type != "cpu":
         return
     raise ResourceError(
-        f"model={spec.name!r} needs a CUDA GPU (its weights are {spec.weights_gib():.0f} GiB in bf16) "
+        f"model={spec.source!r} needs a CUDA GPU (its weights are {spec.weights_gib():.0f} GiB in bf16) "
         "and none was found. Run on a GPU machine, pass device='cpu' explicitly to try anyway "
         "(very slow, ~{:.0f} GiB of RAM), or use model='tiny' for the offline demo.".format(spec.weights_gib(4))
     )

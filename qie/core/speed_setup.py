@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qie.core.registry import pipeline_variant, variant_spec
 from qie.core.request import EditRequest
 from qie.errors import InvalidRequestError, ModelLoadError
 from qie.speed import attention, early_exit, fa3
 from qie.speed.fast_mode import FastMode, load_fast_mode
+from qie.speed.options import LightningSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,11 @@ def setup_speed(
     fast_lora: str | None = None,
     fast_steps: int = 8,
     fast_fuse: bool = True,
+    lightning: LightningSpec | None = None,
 ) -> SpeedSetup:
     """Choose and set the attention backend; load the fast LoRA when `fast_lora` is given.
 
+    `lightning` names the published Lightning files (default: those of the loaded transformer's variant).
     A fast LoRA that cannot be found does not stop the load: fast mode is then unavailable,
     with the reason logged at WARNING and kept in `fast_unavailable`.
     """
@@ -69,7 +73,8 @@ def setup_speed(
         setup.attention_backend = "fa3-fwd"
     if fast_lora:
         try:
-            setup.fast = load_fast_mode(pipe, fast_lora, steps=fast_steps, fuse=fast_fuse)
+            spec = lightning or variant_spec(pipeline_variant(pipe)).lightning
+            setup.fast = load_fast_mode(pipe, fast_lora, lightning=spec, steps=fast_steps, fuse=fast_fuse)
             setup.fast_unavailable = None
         except ModelLoadError as exc:
             setup.fast_unavailable = f"LoRA not found: {exc}"

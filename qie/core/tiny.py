@@ -7,7 +7,7 @@ system prompt, as with the real tokenizer) and a Qwen2-VL processor. Nothing is 
 
 Example:
     >>> from qie.core.tiny import build_tiny_pipeline
-    >>> pipe = build_tiny_pipeline(seed=0)  # doctest: +SKIP
+    >>> pipe = build_tiny_pipeline(seed=0, variant="2511")  # doctest: +SKIP
     >>> pipe.save_pretrained("tiny-qie")     # doctest: +SKIP
 """
 
@@ -32,6 +32,8 @@ from transformers import (
     Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from qie.core.registry import check_variant
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
@@ -177,14 +179,19 @@ def text_encoder_config(tokenizer: Qwen2Tokenizer, text: dict, vision: dict) -> 
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> QwenImageEditPlusPipeline:
-    """Build the tiny pipeline in fp32 on CPU, with weights drawn from `seed` (deterministic)."""
+def build_tiny_pipeline(seed: int = 0, variant: str = "2509") -> QwenImageEditPlusPipeline:
+    """Build the tiny pipeline in fp32 on CPU, with weights drawn from `seed` (deterministic).
+
+    `variant` "2511" gives the Edit-2511 transformer flavour (`zero_cond_t=True`); the weights are
+    the same draws as the 2509 one's (the flag adds no parameters).
+    """
+    check_variant(variant)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     processor = TinyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
     config = text_encoder_config(tokenizer, TINY_TEXT_CONFIG, TINY_VISION_CONFIG)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
+    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG, zero_cond_t=variant == "2511").eval()
     vae = AutoencoderKLQwenImage(**TINY_VAE_CONFIG).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return QwenImageEditPlusPipeline(
@@ -197,8 +204,8 @@ def build_tiny_pipeline(seed: int = 0) -> QwenImageEditPlusPipeline:
     )
 
 
-def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+def save_tiny_pipeline(path: str | Path, seed: int = 0, variant: str = "2509") -> Path:
     """Build the tiny pipeline and save it where `from_pretrained(path)` can load it."""
     path = Path(path)
-    build_tiny_pipeline(seed).save_pretrained(path)
+    build_tiny_pipeline(seed, variant).save_pretrained(path)
     return path

@@ -324,7 +324,7 @@ class EditDeployment:
             return _logged(record, error_response(exc), exc)
 
     async def _answer(self, request: EditRequest) -> Response:
-        key = cache_key(request, model=self.editor.model, revision=self.editor.revision) if self.cache else None
+        key = cache_key(request, model=self.editor.weights_id, revision=self.editor.revision) if self.cache else None
         if key is not None:
             hit = await asyncio.to_thread(self.cache.get, key)
             if hit is not None:
@@ -555,6 +555,8 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
             return float(value)
         if kind.startswith(("Mapping", "dict")):
             return json.loads(value)
+        if kind.startswith("tuple"):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
     except ValueError as exc:
         raise InvalidRequestError(name, value, f"give a value of type {kind}") from exc
     return value

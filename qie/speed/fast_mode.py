@@ -1,21 +1,24 @@
-"""Fast mode: the few-step Lightning LoRA for Qwen-Image-Edit-2509 (4 or 8 steps, CFG off).
+"""Fast mode: a model's few-step Lightning LoRA (4 or 8 steps, CFG off).
 
-`load_fast_mode` loads the published LoRA (`lightx2v/Qwen-Image-Lightning`, folder
-`Qwen-Image-Edit-2509/`, or a local file or folder) with diffusers' `load_lora_weights` and, by
-default, fuses it into the transformer weights (`fuse_lora` + `unload_lora_weights`: no extra
-work per step). A fused editor runs every request in fast mode; with `fuse=False` the adapter
-stays separate and is switched on only for requests with `mode="fast"` (a little slower per step,
-but the same editor serves quality requests exactly as without the LoRA).
+`load_fast_mode` loads the published LoRA named by the model's `LightningSpec` (for Edit-2509
+`lightx2v/Qwen-Image-Lightning`, folder `Qwen-Image-Edit-2509/`; for Edit-2511
+`lightx2v/Qwen-Image-Edit-2511-Lightning`), or a local file or folder, with diffusers'
+`load_lora_weights` and, by default, fuses it into the transformer weights (`fuse_lora` +
+`unload_lora_weights`: no extra work per step). A fused editor runs every request in fast mode;
+with `fuse=False` the adapter stays separate and is switched on only for requests with
+`mode="fast"` (a little slower per step, but the same editor serves quality requests exactly as
+without the LoRA).
 
 The LoRAs were distilled with a fixed time shift of 3 and no terminal shift: fast requests run
-with that scheduler (`LIGHTNING_SCHEDULER_OVERRIDES`); the model's own scheduler gives poor images.
+with the published Lightning scheduler (`LIGHTNING_SCHEDULER_CONFIG`, built from that whole dict,
+never merged into the model's config); the model's own scheduler gives poor images.
 
 `random_lightning_lora` writes a LoRA of the real key format and shapes with random values, for
 benchmarks and tests where the published file cannot be downloaded.
 
 Example:
-    >>> fast = load_fast_mode(pipe, "lightx2v/Qwen-Image-Lightning", steps=8)  # doctest: +SKIP
-    >>> with fast.active(pipe): ...                                             # doctest: +SKIP
+    >>> fast = load_fast_mode(pipe, "lightx2v/Qwen-Image-Lightning", lightning=spec, steps=8)  # doctest: +SKIP
+    >>> with fast.active(pipe): ...                                                           # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,30 +33,12 @@ from typing import Any
 
 import torch
 
-from qie.errors import InvalidRequestError, ModelLoadError
+from qie.errors import ModelLoadError
+from qie.speed.options import LIGHTNING_SCHEDULER_CONFIG, LightningSpec
 
 log = logging.getLogger(__name__)
 
-LIGHTNING_REPO = "lightx2v/Qwen-Image-Lightning"
-LIGHTNING_FOLDER = "Qwen-Image-Edit-2509"
-FAST_STEPS = (4, 8)
 ADAPTER = "fast"
-
-# The Lightning LoRAs were distilled with a fixed time shift of 3 and no terminal shift. Their
-# diffusers example (ModelTC/Qwen-Image-Lightning, generate_with_diffusers.py) uses the model's
-# scheduler config with these three values changed: base_shift = max_shift = log(3) makes the
-# dynamic shift exp(mu) = 3 whatever the image size ("We use shift=3 in distillation").
-LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {
-    "base_shift": math.log(3),
-    "max_shift": math.log(3),
-    "shift_terminal": None,
-}
-
-
-def lightning_weight_name(steps: int, dtype: torch.dtype) -> str:
-    """The published file for `steps` (4 or 8): bf16 weights for half-precision models, else fp32."""
-    precision = "bf16" if dtype in (torch.bfloat16, torch.float16) else "fp32"
-    return f"Qwen-Image-Edit-2509-Lightning-{steps}steps-V1.0-{precision}.safetensors"
 
 
 @dataclass
@@ -80,24 +65,23 @@ class FastMode:
             pipe.scheduler = original
 
 
-def load_fast_mode(pipe, source: str, *, steps: int = 8, fuse: bool = True) -> FastMode:
+def load_fast_mode(pipe, source: str, *, lightning: LightningSpec, steps: int = 8, fuse: bool = True) -> FastMode:
     """Load the Lightning LoRA from `source` into `pipe` and return its `FastMode`.
 
-    `source` is a .safetensors file, a folder holding the published file (directly or in
-    `Qwen-Image-Edit-2509/`), or a hub repo id (normally `LIGHTNING_REPO`). Raises
-    `ModelLoadError` when the file cannot be found or read.
+    `source` is a .safetensors file, a folder holding the published file (directly or in the
+    spec's folder), or a hub repo id (normally `lightning.repo`). `lightning` names the files of
+    the loaded model. Raises `ModelLoadError` when the file cannot be found or read.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if steps not in FAST_STEPS:
-        raise InvalidRequestError("fast_steps", steps, f"use one of {FAST_STEPS} (the published Lightning LoRAs)")
-    weight = lightning_weight_name(steps, pipe.transformer.dtype)
+    half = pipe.transformer.dtype in (torch.bfloat16, torch.float16)
+    weight = lightning.weight_name(steps, "bf16" if half else "fp32")
     try:
-        pipe.load_lora_weights(**_lora_location(source, weight), adapter_name=ADAPTER)
+        pipe.load_lora_weights(**_lora_location(source, weight, lightning.folder), adapter_name=ADAPTER)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(
             f"fast_lora={source!r} cannot be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Download {LIGHTNING_REPO}/{LIGHTNING_FOLDER}/{weight} "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Download {lightning.location(weight)} "
             "and pass the file or its folder."
         ) from exc
     if fuse:
@@ -105,23 +89,25 @@ def load_fast_mode(pipe, source: str, *, steps: int = 8, fuse: bool = True) -> F
         pipe.unload_lora_weights()
     else:
         pipe.transformer.disable_lora()  # quality requests run without it
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config({**pipe.scheduler.config, **LIGHTNING_SCHEDULER_OVERRIDES})
+    scheduler = FlowMatchEulerDiscreteScheduler(**LIGHTNING_SCHEDULER_CONFIG)
     log.info("fast mode: %d-step Lightning LoRA from %s (%s)", steps, source, "fused" if fuse else "adapter")
     return FastMode(source=source, steps=steps, fused=fuse, scheduler=scheduler)
 
 
-def _lora_location(source: str, weight: str) -> dict[str, Any]:
+def _lora_location(source: str, weight: str, subfolder: str) -> dict[str, Any]:
     path = Path(source).expanduser()
     if path.is_file():
         return {"pretrained_model_name_or_path_or_dict": str(path)}
     if path.is_dir():
-        for folder in (path, path / LIGHTNING_FOLDER):
+        folders = [path, path / subfolder] if subfolder else [path]
+        for folder in folders:
             if (folder / weight).is_file():
                 return {"pretrained_model_name_or_path_or_dict": str(folder), "weight_name": weight}
-        raise FileNotFoundError(f"no {weight} in {path} or {path / LIGHTNING_FOLDER}")
+        raise FileNotFoundError(f"no {weight} in {' or '.join(str(f) for f in folders)}")
     if path.suffix == ".safetensors" or source.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"no such file or folder: {path}")
-    return {"pretrained_model_name_or_path_or_dict": source, "subfolder": LIGHTNING_FOLDER, "weight_name": weight}
+    hub = {"pretrained_model_name_or_path_or_dict": source, "weight_name": weight}
+    return {**hub, "subfolder": subfolder} if subfolder else hub
 
 
 def lora_target_modules(transformer: torch.nn.Module, *, modulation: bool = False) -> dict[str, torch.nn.Linear]:

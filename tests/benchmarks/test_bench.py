@@ -25,6 +25,7 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
         option_steps=3,
         e2e_40=False,
         scale="tiny",
+        model_variant="2509",
         device="cpu",
         seed=0,
         out=str(tmp_path),
@@ -39,6 +40,7 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     assert staged["max_abs_vs_ref"] == 0
     assert staged["ratio_step_cfg"] > 0 and stock["step_s_nocfg"] > 0
     assert data["meta"]["scale"] == "tiny" and data["errors"] == []
+    assert data["meta"]["model_variant"] == "2509" and {r["model_variant"] for r in data["rows"]} == {"2509"}
     assert {"fast_8", "fast_4"} <= {k for r in data["rows"] for k in r["e2e_s"]}
     assert any(r["name"].startswith("condition_area=output") for r in data["rows"])
     assert [b["batch"] for b in data["batching"]] == [1, 2, 4]

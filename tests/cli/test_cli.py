@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import EXAMPLES, ROOT
 from PIL import Image
 
@@ -47,6 +48,43 @@ def test_edit_with_rewrite_prints_and_uses_the_rewritten_prompt(tiny_dir, tmp_pa
     assert read_png_metadata(out)["prompt"] == rewritten
 
 
+def test_edit_with_tiny_2511_names_the_variant_in_the_png(tiny_2511_editor, tmp_path):
+    out = tmp_path / "o.png"
+    proc = run_cli(
+        "edit", str(EXAMPLES / "cat.jpg"), "--model", "tiny-2511", "--prompt", "a red hat", "--output", str(out), *FAST
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = read_png_metadata(out)
+    assert (meta["model"], meta["model_variant"]) == ("tiny-2511", "2511")
+
+
+def test_edit_with_loras_records_them_and_refuses_a_foreign_file(tiny_editor, tmp_path):
+    from lora_files import write_lora
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "ink.safetensors"
+    write_lora(tiny_editor.pipe.transformer, lora, "kohya")
+    out = tmp_path / "o.png"
+    args = ["edit", str(EXAMPLES / "cat.jpg"), "--model", "tiny", "--prompt", "ink", "--output", str(out), *FAST]
+    proc = run_cli(*args, "--lora", f"{lora}:0.5", "--lora", str(lora))
+    assert proc.returncode == 0, proc.stderr
+    assert read_png_metadata(out)["loras"] == "ink.safetensors:0.5, ink.safetensors:1"
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}, str(foreign))
+    bad = run_cli(*args, "--lora", str(foreign))
+    assert bad.returncode == 2, bad.stderr
+    assert "is not a LoRA for this model: its key 'lora_unet_double_blocks_0_img_attn_qkv" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_an_unknown_model_name_is_a_clear_error(tmp_path):
+    proc = run_cli(
+        "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", "2512"
+    )
+    assert proc.returncode == 2 and "model='2512'" in proc.stderr and "tiny-2511" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_edit_folder_reports_failures_and_resumes(tiny_dir, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -80,9 +118,11 @@ def test_info_prints_versions():
     assert proc.returncode == 0
     for name in ("qie", "torch", "diffusers", "transformers", "device"):
         assert name in proc.stdout
+    for model in ("Qwen/Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2511", "tiny-2511", "zero_cond_t=True"):
+        assert model in proc.stdout
 
 
-@pytest.mark.parametrize("model", ["Qwen/Qwen-Image-Edit-2509"])
+@pytest.mark.parametrize("model", ["Qwen/Qwen-Image-Edit-2509", "2511"])
 def test_real_model_without_gpu_says_what_to_do(tmp_path, model):
     proc = run_cli(
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", model

@@ -59,6 +59,18 @@ def test_defaults_round_trip_including_the_fields_without_flags():
     assert LoadOptions.from_args(parse([])) == LoadOptions()
 
 
+def test_lora_flag_repeats_and_a_bad_scale_names_the_flag():
+    options = LoadOptions.from_args(parse(["--lora", "ink.safetensors:0.5", "--lora", "owner/style"]))
+    assert options.loras == ("ink.safetensors:0.5", "owner/style")
+    env_default = LoadOptions(loras=["from-env.safetensors"])  # a list is kept as a tuple
+    assert LoadOptions.from_args(parse(["--lora", "x.safetensors"], env_default)).loras == (
+        "from-env.safetensors",
+        "x.safetensors",
+    )
+    with pytest.raises(InvalidRequestError, match="^--lora='ink.safetensors:50'.*from -10 to 10"):
+        LoadOptions.from_args(parse(["--lora", "ink.safetensors:50"]))
+
+
 def test_every_flag_is_there_with_its_help_and_default():
     parser = argparse.ArgumentParser()
     LoadOptions.add_arguments(parser, LoadOptions(plan="stream"))
@@ -113,14 +125,14 @@ def test_the_cli_names_the_flag(capsys):
 
 def test_allowed_values_match_the_mechanisms():
     from qie.core.models import resolve_dtype
+    from qie.core.registry import MODELS
     from qie.memory.plans import PLANS
     from qie.speed.compile import check_mode
-    from qie.speed.fast_mode import FAST_STEPS as LORA_STEPS
 
     assert set(PLAN_NAMES) == {"auto", *PLANS}
     for mode in COMPILE_MODES:
         check_mode(mode)
-    assert FAST_STEPS == LORA_STEPS
+    assert FAST_STEPS == (4, 8) == MODELS["2509"].lightning.steps == MODELS["2511"].lightning.steps
     for name in DTYPE_NAMES:
         resolve_dtype(None, name)
 

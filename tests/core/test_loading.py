@@ -5,7 +5,8 @@ import pytest
 from conftest import small_request
 
 from qie import Editor, ModelLoadError, ResourceError
-from qie.core.models import MODELS, REAL_MODEL_ID, check_hardware, load_pipeline, resolve_dtype
+from qie.core.models import check_hardware, load_pipeline, resolve_dtype
+from qie.core.registry import REAL_MODEL_ID, resolve_model
 
 
 @pytest.mark.slow
@@ -45,12 +46,14 @@ def test_missing_local_folder_pieces(tmp_path):
         load_pipeline(str(tmp_path), device=torch.device("cpu"), dtype=torch.float32)
 
 
-def test_real_model_refused_on_cpu_with_numbers():
+@pytest.mark.parametrize("model", [REAL_MODEL_ID, "2511"])
+def test_real_model_refused_on_cpu_with_numbers(model):
     import torch
 
     with pytest.raises(ResourceError) as info:
-        check_hardware(MODELS[REAL_MODEL_ID], torch.device("cpu"))
+        check_hardware(resolve_model(model), torch.device("cpu"))
     assert "needs a CUDA GPU" in str(info.value) and "GiB" in str(info.value) and "tiny" in str(info.value)
+    check_hardware(resolve_model("tiny-2511"), torch.device("cpu"))  # the tiny models run anywhere
 
 
 def test_dtype_policy_on_cpu_and_explicit():

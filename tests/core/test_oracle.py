@@ -1,4 +1,4 @@
-"""qie's staged path against the stock diffusers call, on the same tiny weights and seed."""
+"""qie's staged path against the stock diffusers call, on the same tiny weights and seed, for both variants."""
 
 import dataclasses
 
@@ -10,8 +10,13 @@ from qie import EditRequest
 pytestmark = pytest.mark.slow  # runs the stock diffusers pipeline as the reference
 
 
+@pytest.fixture(scope="module", params=["tiny", "tiny-2511"])
+def editor(request, tiny_editor, tiny_2511_editor):
+    return {"tiny": tiny_editor, "tiny-2511": tiny_2511_editor}[request.param]
+
+
 @pytest.fixture(scope="module")
-def request_and_reference(tiny_editor):
+def request_and_reference(editor):
     from PIL import Image
 
     image = Image.open(__import__("conftest").EXAMPLES / "cat.jpg").convert("RGB")
@@ -25,47 +30,45 @@ def request_and_reference(tiny_editor):
         condition_area="model",
         batch_cfg=False,
     )
-    return request, tiny_editor.reference(request)
+    return request, editor.reference(request)
 
 
-def test_default_path_with_fixes_off_is_bit_exact(tiny_editor, request_and_reference):
-    request, reference = request_and_reference
-    tiny_editor.fixes["mm_token_type_ids"] = False
+def edit_without_fixes(editor, request):
+    editor.fixes["mm_token_type_ids"] = False
     try:
-        image = tiny_editor.edit(request).image
+        return editor.edit(request).image
     finally:
-        tiny_editor.fixes["mm_token_type_ids"] = True
-    diff = assert_matches_reference("default-no-fixes", image, reference)
+        editor.fixes["mm_token_type_ids"] = True
+
+
+def test_default_path_with_fixes_off_is_bit_exact(editor, request_and_reference):
+    request, reference = request_and_reference
+    diff = assert_matches_reference("default-no-fixes", edit_without_fixes(editor, request), reference)
     assert diff.max_abs == 0
 
 
-def test_prompt_fix_within_its_declared_tolerance(tiny_editor, request_and_reference):
+def test_prompt_fix_within_its_declared_tolerance(editor, request_and_reference):
     request, reference = request_and_reference
-    assert_matches_reference("mm_token_type_ids", tiny_editor.edit(request).image, reference)
+    assert_matches_reference("mm_token_type_ids", editor.edit(request).image, reference)
 
 
-def test_without_cfg_also_exact(tiny_editor, request_and_reference):
+def test_without_cfg_also_exact(editor, request_and_reference):
     request, _ = request_and_reference
     no_cfg = dataclasses.replace(request, steps=2, seed=7, true_cfg_scale=1.0)
-    tiny_editor.fixes["mm_token_type_ids"] = False
-    try:
-        image = tiny_editor.edit(no_cfg).image
-    finally:
-        tiny_editor.fixes["mm_token_type_ids"] = True
-    assert_matches_reference("default-no-fixes", image, tiny_editor.reference(no_cfg))
+    assert_matches_reference("default-no-fixes", edit_without_fixes(editor, no_cfg), editor.reference(no_cfg))
 
 
-def test_automatic_condition_area_within_its_declared_tolerance(tiny_editor, request_and_reference):
+def test_automatic_condition_area_within_its_declared_tolerance(editor, request_and_reference):
     """A small output (under ~0.6 MP) encodes its inputs at its own area when condition_area is left to auto."""
     request, reference = request_and_reference
     auto = dataclasses.replace(request, condition_area=None)
     assert auto.condition_area_used == "output"
-    tiny_editor.fixes["mm_token_type_ids"] = False
+    editor.fixes["mm_token_type_ids"] = False
     try:
-        result = tiny_editor.edit(auto)
-        explicit = tiny_editor.edit(dataclasses.replace(request, condition_area="output"))
+        result = editor.edit(auto)
+        explicit = editor.edit(dataclasses.replace(request, condition_area="output"))
     finally:
-        tiny_editor.fixes["mm_token_type_ids"] = True
+        editor.fixes["mm_token_type_ids"] = True
     assert "condition_area=auto: output" in result.notes
     assert not any(note.startswith("condition_area=auto") for note in explicit.notes)
     assert result.image.tobytes() == explicit.image.tobytes()

@@ -31,6 +31,7 @@ def test_every_variable_from_a_fake_environment():
         "QIE_ATTENTION": "native",
         "QIE_FAST_LORA": "lightning.safetensors",
         "QIE_FAST_STEPS": "4",
+        "QIE_LORAS": "ink.safetensors:0.5, owner/style",
         "QIE_SAFETY": "1",
         "QIE_SAFETY_THRESHOLD": "0.6",
         "QIE_SAFETY_CHECK": "outputs",
@@ -62,6 +63,7 @@ def test_every_variable_from_a_fake_environment():
     )
     assert s.safety == SafetySettings(model=None, threshold=0.6, inputs=False, outputs=True, required=True)
     assert s.fault == "transformer:oom:2:1"
+    assert s.loras == ("ink.safetensors:0.5", "owner/style") and s.engine["loras"] == s.loras
     assert (s.cache_dir, s.result_cache_dir) == (Path("/tmp/qie-cache"), Path("/tmp/qie-results"))
     assert (s.max_input_pixels, s.max_input_bytes, s.log_prompts) == (1000, 2000, True)
     assert (s.edit_timeout_s, s.gpu_duration_s, s.preload, s.tag_font) == (30.0, 60, True, "/fonts/noto.ttc")

@@ -151,6 +151,14 @@ def test_deployment_options_and_error_mapping():
     with pytest.raises(InvalidRequestError, match="^options=.*typed fields.*step_cache='fbcache'") as bad:
         request_from_fields({"prompt": "x", "options": '{"step_cache": 0.1}'}, [PHOTO])
     assert bad.value.param == "options" and error_status(bad.value) == 400
+    loras = ServeSettings.from_env({"QIE_LORAS": "ink.safetensors:0.5, owner/ink-lora"}).load.loras
+    assert loras == ("ink.safetensors:0.5", "owner/ink-lora")
+    assert ServeSettings.from_dict({"loras": "a.safetensors,b.safetensors:2"}).load.loras == (
+        "a.safetensors",
+        "b.safetensors:2",
+    )
+    with pytest.raises(InvalidRequestError, match="^QIE_LORAS='ink.safetensors:50'"):
+        ServeSettings.from_env({"QIE_LORAS": "ink.safetensors:50"})
     with pytest.raises(InvalidRequestError, match="cache='memcached://h' is not valid"):
         ServeSettings(cache="memcached://h")
     with pytest.raises(InvalidRequestError, match="max_batch_size=0"):
@@ -169,3 +177,5 @@ def test_health_check_and_cli_parser(tiny_editor):
         replica.check_health()
     args = build_parser().parse_args(["serve", "--model", "tiny", "--cache", "redis://h:1/0", "--max-batch-size", "4"])
     assert (args.command, args.model, args.cache, args.max_batch_size) == ("serve", "tiny", "redis://h:1/0", 4)
+    args = build_parser().parse_args(["serve", "--model", "tiny-2511", "--lora", "a.safetensors:0.5", "--lora", "o/b"])
+    assert (args.model, args.lora) == ("tiny-2511", ["a.safetensors:0.5", "o/b"])

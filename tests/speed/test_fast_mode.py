@@ -9,7 +9,9 @@ from oracle import assert_matches_reference
 from safetensors.torch import load_file
 
 from qie import Editor, InvalidRequestError
-from qie.speed.fast_mode import LIGHTNING_SCHEDULER_OVERRIDES, lora_target_modules, random_lightning_lora
+from qie.core.registry import MODELS
+from qie.speed.fast_mode import load_fast_mode, lora_target_modules, random_lightning_lora
+from qie.speed.options import LIGHTNING_SCHEDULER_CONFIG
 
 LAYER = "transformer_blocks.1.img_mlp.net.2"
 
@@ -76,7 +78,35 @@ def test_unfused_lora_switches_per_request(tiny_editor, lora_file, photo):
     sigmas = torch.linspace(1.0, 1 / 4, 4, dtype=torch.float64)
     expected = 3 * sigmas / (1 + 2 * sigmas)
     torch.testing.assert_close(editor.speed.fast.scheduler.sigmas[:-1].double(), expected, rtol=1e-5, atol=1e-6)
-    assert math.isclose(LIGHTNING_SCHEDULER_OVERRIDES["max_shift"], math.log(3))
+    assert math.isclose(LIGHTNING_SCHEDULER_CONFIG["max_shift"], math.log(3))
+
+
+def test_lightning_scheduler_ignores_a_default_valued_model_config(lora_file):
+    """A model scheduler whose config left the shifts at defaults (`_use_default_values` lists them):
+    merging the Lightning values into that config would silently keep base_shift 0.5 / max_shift 1.15
+    without dynamic shifting; the published dict, built alone, gives the fixed shift of 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qie.core.models import load_pipeline
+
+    pipe = load_pipeline("tiny", device=torch.device("cpu"), dtype=torch.float32)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    assert "base_shift" in pipe.scheduler.config["_use_default_values"]
+    fast = load_fast_mode(pipe, str(lora_file), lightning=MODELS["2509"].lightning, steps=4)
+    config = fast.scheduler.config
+    assert math.isclose(config.base_shift, math.log(3)) and math.isclose(config.max_shift, math.log(3))
+    assert config.use_dynamic_shifting and config.shift_terminal is None and config.time_shift_type == "exponential"
+    assert {k: config[k] for k in LIGHTNING_SCHEDULER_CONFIG} == LIGHTNING_SCHEDULER_CONFIG
+
+
+def test_tiny_2511_finds_the_2511_lightning_file(tiny_2511_editor, tmp_path, photo):
+    name = MODELS["tiny-2511"].lightning.weight_name(4, "fp32")
+    assert name.startswith("Qwen-Image-Edit-2511-Lightning-4steps")
+    random_lightning_lora(tiny_2511_editor.pipe.transformer, tmp_path / name, rank=2, dtype=torch.float32)
+    editor = Editor.load("tiny-2511", fast_lora=str(tmp_path), fast_steps=4)
+    assert editor.speed.fast is not None and editor.speed.fast.steps == 4
+    with pytest.raises(InvalidRequestError, match="^fast_steps=6"):
+        Editor.load("tiny-2511", fast_lora=str(tmp_path), fast_steps=6)
 
 
 def test_missing_lora_makes_fast_mode_unavailable_not_the_editor(photo, caplog):
