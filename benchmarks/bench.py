@@ -15,6 +15,7 @@ Sections (``--sections``):
   options   step cache, early exit, condition_area="output", each vs the same plan without it
   batching  images/hour of batched denoising vs batch 1
   fast, quality, compile, encoders: the fast path to the floor (`benchmarks.bench_fast`)
+  lora      a fused user LoRA (random, real shapes): resident, and the stream plan at 10 GiB (CUDA)
 
 The JSON goes to ``--out`` (default ``benchmarks/``), one line of summary per configuration
 is printed, and a table at the end. Arguments: see `python -m qie bench --help`.
@@ -493,6 +494,40 @@ class Bench:
             }
         )
 
+    def lora_pipe(self):
+        """A fresh pipeline with a random user LoRA of the real shapes (rank 64) fused, as `Editor.load` does."""
+        import tempfile
+
+        from qie.core.loras import fuse_loras
+        from qie.speed.fast_mode import random_lightning_lora
+
+        pipe = self.fresh_pipe()
+        with tempfile.TemporaryDirectory() as tmp:
+            lora = random_lightning_lora(pipe.transformer, Path(tmp) / "user-lora.safetensors", dtype=pipe.dtype)
+            fuse_loras(pipe, [str(lora)])
+        return pipe
+
+    def run_lora(self) -> None:
+        """A fused user LoRA: per-step time against `qie resident (sdpa)` (same plan, no LoRA), and on CUDA
+        the stream plan at 10 GiB, whose packed fp8 weights carry the LoRA. The LoRA changes the image:
+        PSNR against the reference says nothing here."""
+        pipe = self.lora_pipe()
+        editor = self.editor(pipe, "resident", fixes=False)
+        for size in self.args.sizes:
+            self.measure("qie resident + fused user LoRA", "resident", size, lambda s, n, c: probe_qie(editor, s, n, c))
+        if self.device.type != "cuda":
+            return
+        del editor, pipe
+        budget = 10.0
+        pipe = self.lora_pipe()
+        editor = self.editor(pipe, "stream", budget_gib=budget)
+        gc.collect()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        name = f"qie stream @ {budget:g} GiB + fused user LoRA"
+        self.measure(name, "stream", 1024, lambda s, n, c: probe_qie(editor, s, n, c))
+
     def run_options(self) -> None:
         """Step cache, early exit and condition area, each vs the same plan without it.
 
@@ -570,6 +605,7 @@ SECTIONS = {
     "budgets": Bench.run_budgets,
     "options": Bench.run_options,
     "batching": Bench.run_batching,
+    "lora": Bench.run_lora,
 }
 
 

@@ -121,7 +121,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     bench.add_argument(
         "--sections",
         default="stock,resident,fp8,budgets",
-        help="comma list of stock,resident,fp8,budgets,fast,quality,compile,encoders,options,batching",
+        help="comma list of stock,resident,fp8,budgets,fast,quality,compile,encoders,options,batching,lora",
     )
     bench.add_argument(
         "--compile-mode", choices=COMPILE_MODES, default="default", help="fast and quality sections' compile mode"

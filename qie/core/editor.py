@@ -168,8 +168,8 @@ class Editor:
 
     @property
     def weights_id(self) -> str:
-        """The model and the LoRAs fused into it: what a cached result must match."""
-        return " + ".join([self.model, *(lora.label for lora in self.loras)])
+        """The model and the LoRAs fused into it (full sources and scales): what a cached result must match."""
+        return " + ".join([self.model, *(f"{lora.source}:{lora.scale:g}" for lora in self.loras)])
 
     def enable_compile(self, warm_up_size: int = 1024, mode: str = "default") -> bool:
         """Compile the transformer block (regional, `torch.compile` `mode`) and warm it up; False and eager on failure.

@@ -18,7 +18,7 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", 64 * 64)
 
     args = argparse.Namespace(
-        sections="stock,resident,fast,options,batching",
+        sections="stock,resident,fast,options,batching,lora",
         sizes="64",
         budgets="",
         probe_steps=2,
@@ -44,6 +44,8 @@ def test_bench_tiny_writes_json_with_bit_exact_stock_and_ratios(tmp_path, monkey
     assert {"fast_8", "fast_4"} <= {k for r in data["rows"] for k in r["e2e_s"]}
     assert any(r["name"].startswith("condition_area=output") for r in data["rows"])
     assert [b["batch"] for b in data["batching"]] == [1, 2, 4]
+    lora = rows["qie resident + fused user LoRA"]
+    assert lora["step_s_cfg"] > 0 and lora["max_abs_vs_ref"] > 0  # the fused LoRA does change the image
     assert stock["profile"]["forward_s"] > 0 and not stock["notes"]  # the profile's trigger is a valid edit
 
 
