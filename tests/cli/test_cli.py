@@ -81,7 +81,7 @@ def test_an_unknown_model_name_is_a_clear_error(tmp_path):
     proc = run_cli(
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", "2512"
     )
-    assert proc.returncode == 2 and "model='2512'" in proc.stderr and "tiny-2511" in proc.stderr
+    assert proc.returncode == 2 and "--model 2512 is not valid" in proc.stderr and "tiny-2511" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
