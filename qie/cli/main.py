@@ -174,9 +174,17 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 def _add_serve_parser(sub, engine: LoadOptions) -> None:
     serve = sub.add_parser("serve", help="HTTP edit service on Ray Serve (one replica per GPU)")
     LoadOptions.add_arguments(serve, engine)
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--cache", default="disk", help="result cache: disk (default), off, or redis://host:port/db")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="HTTP bind address; on loopback Ray's own ports stay on loopback too (0.0.0.0: every interface)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument(
+        "--cache",
+        default="disk",
+        help="result cache: disk (default), off, or redis://host:port/db (entries signed with QIE_CACHE_SECRET)",
+    )
     serve.add_argument("--max-batch-size", type=int, default=2, help="requests denoised together (same shape)")
     serve.add_argument("--batch-wait-ms", type=float, default=50, help="how long a request waits for batch mates")
     serve.add_argument("--replicas", type=int, help="default: one per GPU")
