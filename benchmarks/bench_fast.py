@@ -31,24 +31,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench import Bench, Probe, Row, probe_qie
+from benchmarks.probes import Probe, Row, probe_qie, time_e2e
 from qie.core.tolerances import difference
 
 AUTO = {"condition_area": None}  # what a user gets: the output's area under 0.6 MP
 
 
-def compile_mode(bench: Bench) -> str:
+def compile_mode(bench: Any) -> str:
     return getattr(bench.args, "compile_mode", None) or "default"
-
-
-def time_e2e(editor, size: int, steps: int, cfg: bool, repeats: int = 3, **options: Any) -> Probe:
-    """Warm up once; the median end-to-end seconds of `repeats` unsynchronized edits, and the step
-    seconds of one more with a synchronized stamp per step."""
-    first = probe_qie(editor, size, steps, cfg, stamp_steps=False, **options)
-    runs = [probe_qie(editor, size, steps, cfg, stamp_steps=False, **options) for _ in range(repeats)]
-    stamped = probe_qie(editor, size, steps, cfg, **options)
-    median = sorted(runs, key=lambda p: p.e2e_s)[len(runs) // 2]
-    return dataclasses.replace(median, step_s=stamped.step_s, first_e2e_s=first.e2e_s)
 
 
 def host_syncs(editor, request_size: int, steps: int, **options: Any) -> dict[str, int]:
@@ -66,7 +56,7 @@ def host_syncs(editor, request_size: int, steps: int, **options: Any) -> dict[st
     return dict(places.most_common(20))
 
 
-def fastest_editor(bench: Bench, *, lora_steps: int | None = None, fixes: bool = True):
+def fastest_editor(bench: Any, *, lora_steps: int | None = None, fixes: bool = True):
     """A fresh pipeline on the fastest plan, compiled, with a random Lightning LoRA fused when `lora_steps`.
 
     `fixes=False` turns qie's prompt fix off, for images comparable with the stock reference.
@@ -90,12 +80,12 @@ def fastest_editor(bench: Bench, *, lora_steps: int | None = None, fixes: bool =
     return editor, compiled
 
 
-def plan_label(bench: Bench, compiled: bool, attention: str) -> str:
+def plan_label(bench: Any, compiled: bool, attention: str) -> str:
     compiled_part = f" + compile ({compile_mode(bench)})" if compiled else ""
     return f"{bench.fast_plan()}{compiled_part}, {attention} attention"
 
 
-def run_fast(bench: Bench) -> None:
+def run_fast(bench: Any) -> None:
     """Fast mode, 8 and 4 steps without CFG, end to end at every size; at the first size the profile.
 
     The 4- and 8-step LoRAs have the same shapes, so once fused they cost the same per step: one
@@ -142,7 +132,7 @@ def stage_row(name: str, size: int, plan: str, probe: Probe) -> Row:
     )
 
 
-def run_quality(bench: Bench) -> None:
+def run_quality(bench: Any) -> None:
     """A 40-step CFG edit on the fastest plan, measured end to end, at the first size; and its profile."""
     bench.check_time("quality")
     editor, compiled = fastest_editor(bench, fixes=False)
@@ -172,7 +162,7 @@ def run_quality(bench: Bench) -> None:
     bench.profile(row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **AUTO))
 
 
-def run_compile_modes(bench: Bench) -> None:
+def run_compile_modes(bench: Any) -> None:
     """Each `--compile-modes` mode on the fastest plan: warm-up, first edit, steps, peak memory."""
     from qie.speed.compile import inductor_options, uncompile_blocks
 
@@ -200,7 +190,7 @@ def _runner(editor):
     return lambda s, n, c: probe_qie(editor, s, n, c)
 
 
-def run_encoders(bench: Bench) -> None:
+def run_encoders(bench: Any) -> None:
     """VAE decoder compile (plain, channels-last) and fp8 text-encoder storage, on the plain resident plan.
 
     The variants are applied in turn to one pipeline (each stays applied): plain, VAE compiled,
@@ -227,9 +217,7 @@ def run_encoders(bench: Bench) -> None:
     encoder_row(bench, editor, "encoders: text encoder fp8 storage", size, plain, freed_gib=freed)
 
 
-def encoder_row(
-    bench: Bench, editor, name: str, size: int, plain: Probe | None, freed_gib: float | None = None
-) -> Probe:
+def encoder_row(bench: Any, editor, name: str, size: int, plain: Probe | None, freed_gib: float | None = None) -> Probe:
     """Median text-encode and decode seconds of 3 edits (2 steps, no CFG) after a warm-up, PSNR against
     the `plain` pipeline's probe; returns this configuration's first probe."""
     probe_qie(editor, size, 2, False)  # warm-up: compiles what is compiled

@@ -41,7 +41,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from benchmarks.bench import Bench, probe_qie, probe_stock
+    from benchmarks.bench import Bench
+    from benchmarks.probes import probe_qie, probe_stock
     from qie.core.tolerances import difference
     from qie.serving.parallel import CP_MODES, PROCESS_GROUP_BACKEND, enable, plan_layout
     from qie.versions import installed

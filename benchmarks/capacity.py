@@ -10,7 +10,7 @@ from) and prints, for each configuration at one size:
 
 `utilization` is the share of the day a replica is busy editing: traffic is not flat, and a
 service sized for its peak runs below 100% on average. An optional `batching` list (rows of
-`qie.serving.batching.bench_batching`) adds the measured images/hour at each batch size.
+`benchmarks.batching.bench_batching`) adds the measured images/hour at each batch size.
 
 Without a benchmark file, `PLACEHOLDER` holds anchors measured once on an H100 (see the
 README); they are labelled as such in every line printed.

@@ -72,7 +72,16 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="debug logging, the request log line, library notices"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_edit_parser(sub, engine)
+    sub.add_parser("info", help="versions, device, free GPU memory and the models qie knows")
+    _add_bench_parser(sub)
+    _add_serve_parser(sub, engine)
+    add_plan_parser(sub)
+    _add_soak_and_tiny_parsers(sub, engine)
+    return parser
 
+
+def _add_edit_parser(sub, engine: LoadOptions) -> None:
     edit = sub.add_parser(
         "edit", help="edit one image (or 2-3 together), or every image in a folder", epilog=EDIT_EXAMPLES
     )
@@ -115,8 +124,8 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     LoadOptions.add_arguments(edit, engine)
     _add_speed_args(edit)
 
-    sub.add_parser("info", help="versions, device, free GPU memory and the models qie knows")
 
+def _add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
     bench.add_argument(
         "--sections",
@@ -154,9 +163,8 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--tag", default=None, help="JSON name suffix (default: UTC date-time)")
     bench.add_argument("--max-seconds", type=float, default=0, help="start no new measurement after this long")
 
-    _add_serve_parser(sub, engine)
-    add_plan_parser(sub)
 
+def _add_soak_and_tiny_parsers(sub, engine: LoadOptions) -> None:
     soak = sub.add_parser("soak", help="many small edits in a row; report memory growth as JSON")
     soak.add_argument("--edits", type=int, default=200)
     soak.add_argument("--size", type=int, default=64, help="image side (px)")
@@ -167,7 +175,6 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--variant", choices=VARIANTS, default="2509", help="2511: the zero_cond_t transformer")
-    return parser
 
 
 # --- serve (Ray Serve; extra `qie[serve]`) ------------------------------------------------------

@@ -8,8 +8,8 @@ pytestmark = pytest.mark.gpu
 def test_bench_batching_on_gpu():
     import torch
 
+    from benchmarks.batching import bench_batching
     from benchmarks.random_model import build_random_pipeline
-    from qie.serving.batching import bench_batching
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -22,7 +22,7 @@ def test_bench_batching_on_gpu():
 
 
 def test_bench_batching_accepts_a_bare_pipeline(tiny_editor):
-    from qie.serving.batching import bench_batching
+    from benchmarks.batching import bench_batching
 
     # Runs on CPU too, but is kept with the GPU tests: it is a benchmark, not a check for CI.
     rows = bench_batching(tiny_editor.pipe, sizes=[(64, 64)], batch_sizes=[1, 2], steps=2, repeats=1)
