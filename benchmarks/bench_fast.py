@@ -117,18 +117,20 @@ def run_fast(bench: Any) -> None:
                 bench.save()
 
 
-def stage_row(name: str, size: int, plan: str, probe: Probe) -> Row:
-    """A row with a probe's step seconds (without CFG), peak memory and stage seconds."""
+def stage_row(name: str, size: int, plan: str, probe: Probe, *, cfg: bool = False, **fields: Any) -> Row:
+    """A row with a probe's step seconds (CFG or not), peak memory and stage seconds, plus `fields`."""
     return Row(
         name=name,
         size=size,
         plan=plan,
-        step_s_nocfg=probe.step_s,
+        step_s_nocfg=None if cfg else probe.step_s,
+        step_s_cfg=probe.step_s if cfg else None,
         peak_gib=probe.peak_gib,
         stage_peaks_gib=probe.stage_peaks_gib,
         text_encode_s=probe.timings.get("text_encode"),
         condition_encode_s=probe.timings.get("condition_encode"),
         decode_s=probe.timings.get("decode"),
+        **fields,
     )
 
 
@@ -139,16 +141,12 @@ def run_quality(bench: Any) -> None:
     size = bench.args.sizes[0]
     steps = getattr(bench.args, "quality_steps", 40)
     probe = time_e2e(editor, size, steps, True, repeats=1, **AUTO)
-    row = Row(
-        name=f"quality {steps} steps CFG + {plan_label(bench, compiled, editor.speed.attention_backend)}",
-        size=size,
-        plan=bench.fast_plan(),
-        step_s_cfg=probe.step_s,
-        peak_gib=probe.peak_gib,
-        stage_peaks_gib=probe.stage_peaks_gib,
-        text_encode_s=probe.timings.get("text_encode"),
-        condition_encode_s=probe.timings.get("condition_encode"),
-        decode_s=probe.timings.get("decode"),
+    row = stage_row(
+        f"quality {steps} steps CFG + {plan_label(bench, compiled, editor.speed.attention_backend)}",
+        size,
+        bench.fast_plan(),
+        probe,
+        cfg=True,
         e2e_40_cfg_s=probe.e2e_s if steps == 40 else None,
         e2e_40_cfg_measured=steps == 40,
         e2e_s={f"quality_{steps}_cfg": probe.e2e_s, "first_edit": probe.first_e2e_s},
