@@ -16,6 +16,7 @@ Sections (``--sections``):
   batching  images/hour of batched denoising vs batch 1
   fast, quality, compile, encoders: the fast path to the floor (`benchmarks.bench_fast`)
   lora      a fused user LoRA (random, real shapes): resident, and the stream plan at 10 GiB (CUDA)
+  placement text encoder (bf16 / fp8 storage) and VAE tiling choices on fp8-te-stream (`benchmarks.placement`)
 
 The JSON goes to ``--out`` (default ``benchmarks/``), one line of summary per configuration
 is printed, and a table at the end. Arguments: see `python -m qie bench --help`.
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from benchmarks.placement import run_placement
 from benchmarks.probes import PROMPT, Row, probe_qie, probe_stock
 from qie.core.registry import check_variant
 from qie.core.tolerances import difference
@@ -476,6 +478,7 @@ SECTIONS = {
     "options": Bench.run_options,
     "batching": Bench.run_batching,
     "lora": Bench.run_lora,
+    "placement": run_placement,
 }
 
 
@@ -498,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
     for name in sections:
         if name not in every:
             raise SystemExit(f"--sections: unknown section {name!r}; use {list(every)}")
-        if name in ("fp8", "budgets", *bench_fast.CUDA_ONLY) and bench.device.type != "cuda":
+        if name in ("fp8", "budgets", "placement", *bench_fast.CUDA_ONLY) and bench.device.type != "cuda":
             print(f"[bench] section {name} needs CUDA; skipped", flush=True)
             continue
         bench.section(name, lambda n=name: every[n](bench))

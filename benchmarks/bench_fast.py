@@ -215,15 +215,25 @@ def run_encoders(bench: Any) -> None:
     encoder_row(bench, editor, "encoders: text encoder fp8 storage", size, plain, freed_gib=freed)
 
 
-def encoder_row(bench: Any, editor, name: str, size: int, plain: Probe | None, freed_gib: float | None = None) -> Probe:
-    """Median text-encode and decode seconds of 3 edits (2 steps, no CFG) after a warm-up, PSNR against
-    the `plain` pipeline's probe; returns this configuration's first probe."""
+def encoder_row(
+    bench: Any,
+    editor,
+    name: str,
+    size: int,
+    plain: Probe | None,
+    freed_gib: float | None = None,
+    plan: str = "resident",
+) -> Probe:
+    """Median text-encode, condition-encode and decode seconds of 3 edits (2 steps, no CFG) after a
+    warm-up, PSNR against the `plain` probe; returns this configuration's first probe."""
     probe_qie(editor, size, 2, False)  # warm-up: compiles what is compiled
     probes = [probe_qie(editor, size, 2, False, stamp_steps=False) for _ in range(3)]
-    row = stage_row(name, size, "resident", probes[0])
-    row.text_encode_s = statistics.median(p.timings["text_encode"] for p in probes)
-    row.decode_s = statistics.median(p.timings["decode"] for p in probes)
-    row.e2e_s = {"text_encode": row.text_encode_s, "decode": row.decode_s}
+    row = stage_row(name, size, plan, probes[0])
+    for stage in ("text_encode", "condition_encode", "decode"):
+        seconds = statistics.median(p.timings[stage] for p in probes)
+        setattr(row, f"{stage}_s", seconds)
+        row.e2e_s[stage] = seconds
+    row.e2e_s["edit_2_steps"] = statistics.median(p.e2e_s for p in probes)
     row.resident_gib = bench.resident_gib()
     if plain is not None:
         diff = difference(probes[0].image, plain.image)

@@ -130,7 +130,7 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument(
         "--sections",
         default="stock,resident,fp8,budgets",
-        help="comma list of stock,resident,fp8,budgets,fast,quality,compile,encoders,options,batching,lora",
+        help="comma list of stock,resident,fp8,budgets,fast,quality,compile,encoders,options,batching,lora,placement",
     )
     bench.add_argument(
         "--compile-mode", choices=COMPILE_MODES, default="default", help="fast and quality sections' compile mode"
