@@ -11,7 +11,8 @@ Sections (``--sections``):
   stock     stock `pipe(...)`, resident bf16, native SDPA: the baseline
   resident  qie's staged path: plan resident; with cuDNN attention; with regional compile
   fp8       plan resident-fp8 (torchao fp8 rowwise) + regional compile
-  budgets   the automatic planner under emulated budgets (24, 16, 10, 8, 6 GiB)
+  budgets   the automatic planner under emulated budgets (24, 16, 10, 8, 6 GiB), with host RAM peaks;
+            at the largest budget <= 10 GiB also fast mode (8 and 4 steps) end to end
   options   step cache, early exit, condition_area="output", each vs the same plan without it
   batching  images/hour of batched denoising vs batch 1
   fast, quality, compile, encoders: the fast path to the floor (`benchmarks.bench_fast`)
@@ -52,17 +53,9 @@ def predicted_step(pipe, device: torch.device, plan: str) -> dict[str, Any]:
     """The cost model's forward and CFG-step seconds for `plan` on `device` (`qie.memory.cost`)."""
     from dataclasses import asdict as fields
 
-    from qie.memory.cost import GIB as COST_GIB
-    from qie.memory.cost import detect_gpu, predict_resident, predict_stream
-    from qie.speed.fa3 import installed
+    from qie.memory.cost import predict_pipe
 
-    streamer = getattr(pipe.transformer.transformer_blocks, "qie_streamer", None)
-    if streamer is not None:
-        gpu = detect_gpu(device, streamer.pcie_gbps)
-        p = predict_stream(gpu, streamer.host_bytes() / COST_GIB, fa3=installed())
-    else:
-        gpu = detect_gpu(device)
-        p = predict_resident(gpu, fp8=plan != "resident", fa3=installed())
+    p, gpu = predict_pipe(pipe, device, plan)
     return {**fields(p), "cfg_step_s": p.cfg_step_s, "bound": p.bound, "pcie_gbps": gpu.pcie_gbps}
 
 
@@ -336,9 +329,11 @@ class Bench:
             fa3.uninstall()
 
     def run_budget_with(self, budget: float, attention: str) -> None:
+        from benchmarks.profiling import host_peak_gib, reset_host_peak
         from qie.memory.plans import choose_plan, measure_sizes, resident_blocks
 
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        reset_host_peak()
         pipe = self.fresh_pipe()
         plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
         blocks = resident_blocks(measure_sizes(pipe, device=self.device), budget) if plan.name == "stream" else None
@@ -349,6 +344,12 @@ class Bench:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
         row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
         self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False))
+        placement = getattr(pipe, "qie_placement", None)
+        streamer = getattr(pipe.transformer.transformer_blocks, "qie_streamer", None)
+        host = host_peak_gib()
+        row.notes += [f"host RAM peak {host:.1f} GiB"] if host else []
+        row.notes += [placement.describe()] if placement else []
+        self.save()
         self.budgets.append(
             {
                 "budget_gib": budget,
@@ -363,8 +364,16 @@ class Bench:
                 "predicted": predicted_step(pipe, self.device, plan.name),
                 "batch_cfg": editor._batch_cfg_pays,
                 "attention": attention,
+                "placement": placement.describe() if placement else None,
+                "host_peak_gib": host,
+                "streamed_blocks_gib": streamer.host_bytes() / 2**30 if streamer else 0.0,
             }
         )
+        if budget == max((b for b in self.args.budgets if b <= 10), default=None):  # fast mode at <= 10 GiB
+            del editor, pipe
+            from benchmarks.bench_fast import run_fast_under_budget
+
+            run_fast_under_budget(self, budget)
 
     def lora_pipe(self):
         """A fresh pipeline with a random user LoRA of the real shapes (rank 64) fused, as `Editor.load` does."""

@@ -21,6 +21,7 @@ come from one more edit with a synchronized timestamp per step.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import tempfile
 import time
@@ -56,8 +57,16 @@ def host_syncs(editor, request_size: int, steps: int, **options: Any) -> dict[st
     return dict(places.most_common(20))
 
 
-def fastest_editor(bench: Any, *, lora_steps: int | None = None, fixes: bool = True):
-    """A fresh pipeline on the fastest plan, compiled, with a random Lightning LoRA fused when `lora_steps`.
+def fastest_editor(
+    bench: Any,
+    *,
+    lora_steps: int | None = None,
+    fixes: bool = True,
+    plan: str | None = None,
+    budget_gib: float | None = None,
+):
+    """A fresh pipeline on the fastest plan (or `plan` within `budget_gib`), compiled, with a random
+    Lightning LoRA fused when `lora_steps`.
 
     `fixes=False` turns qie's prompt fix off, for images comparable with the stock reference.
     """
@@ -74,10 +83,34 @@ def fastest_editor(bench: Any, *, lora_steps: int | None = None, fixes: bool = T
         speed = setup_speed(
             pipe, bench.device, pipe.dtype, attention_backend=attention, fast_lora=lora, fast_steps=lora_steps or 8
         )
-    editor = bench.editor(pipe, bench.fast_plan(), fixes=fixes)
+    editor = bench.editor(pipe, plan or bench.fast_plan(), budget_gib=budget_gib, fixes=fixes)
     editor.speed = speed
     compiled = bench.device.type == "cuda" and compile_blocks(pipe.transformer, mode=compile_mode(bench))
     return editor, compiled
+
+
+def run_fast_under_budget(bench: Any, budget: float) -> None:
+    """Fast mode (8 and 4 steps, fused random Lightning LoRA) on the plan the planner picks for `budget` GiB,
+    end to end at 1024² with the GPU memory capped at the budget (the budgets section calls it for <= 10 GiB)."""
+    bench.check_time(f"fast mode @ {budget:g} GiB")
+    torch.cuda.set_per_process_memory_fraction(1.0)  # the pipeline is built on the GPU before the plan moves it
+    gc.collect()
+    torch.cuda.empty_cache()
+    plan = "stream"  # what the planner picks at 10 GiB and below (checked by tests/memory/test_plans.py)
+    editor, compiled = fastest_editor(bench, lora_steps=8, plan=plan, budget_gib=budget)
+    total = torch.cuda.get_device_properties(bench.device).total_memory / 2**30
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+    try:
+        for steps in (8, 4):
+            editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
+            probe = time_e2e(editor, 1024, steps, False, **AUTO)
+            row = stage_row(f"fast mode {steps} steps @ {budget:g} GiB ({plan}, compiled)", 1024, plan, probe)
+            row.e2e_s = {f"fast_{steps}": probe.e2e_s, "first_edit": probe.first_e2e_s}
+            bench.add(row)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        del editor
 
 
 def plan_label(bench: Any, compiled: bool, attention: str) -> str:

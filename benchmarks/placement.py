@@ -19,28 +19,15 @@ from typing import Any
 
 from benchmarks.bench_fast import encoder_row
 from benchmarks.probes import Probe
+from qie.memory.placement import set_vae_tiling
 
-# (tile side, stride) in output pixels for diffusers' `vae.enable_tiling`; None: untiled.
-VAE_TILES: dict[str, tuple[int, int] | None] = {
+# Label -> VAE tile side in pixels (`qie.memory.placement.set_vae_tiling`); None: untiled.
+VAE_TILES: dict[str, int | None] = {
     "untiled": None,
-    "tiles 256/192 (diffusers default)": (256, 192),
-    "tiles 512/448": (512, 448),
-    "tiles 576/512": (576, 512),
+    "tiles 256/192 (diffusers default)": 256,
+    "tiles 512/448": 512,
+    "tiles 576/512": 576,
 }
-
-
-def set_vae_tiling(vae, tiles: tuple[int, int] | None) -> None:
-    """Untiled (`None`) or diffusers' tiling with square tiles of `tiles` = (side, stride) pixels."""
-    if tiles is None:
-        vae.disable_tiling()
-        return
-    side, stride = tiles
-    vae.enable_tiling(
-        tile_sample_min_height=side,
-        tile_sample_min_width=side,
-        tile_sample_stride_height=stride,
-        tile_sample_stride_width=stride,
-    )
 
 
 def run_placement(bench: Any) -> None:

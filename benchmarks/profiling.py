@@ -244,3 +244,25 @@ def floors_for_call(module: torch.nn.Module, args: tuple, kwargs: dict, device_n
         "peaks": peaks.name,
         "floors_s": floors(counts, peaks),
     }
+
+
+def reset_host_peak() -> bool:
+    """Restart the process's resident-memory high-water mark (Linux `/proc/self/clear_refs`); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_gib() -> float | None:
+    """The process's resident host-memory high-water mark (`VmHWM`) in GiB, since start or `reset_host_peak`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 2**30
+    except OSError:
+        pass
+    return None

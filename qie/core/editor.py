@@ -89,6 +89,8 @@ class Editor:
         self.predictor: stages.Predictor | None = None  # set by qie.serving.parallel for CFG-parallel runs
         self.batched_cfg = stages.BatchedCfg()  # both CFG branches in one call (requests' `batch_cfg`)
         self._batch_cfg_pays: bool | None = None  # the cost model's verdict for this plan, once asked
+        self._prediction_logged = False  # predicted vs measured step time, logged after the first edit
+        self._warming_up = False
         pipe.set_progress_bar_config(disable=True)
         self.safety = safety
         self.fault = fault
@@ -185,6 +187,7 @@ class Editor:
         if not compile_blocks(self.pipe.transformer, mode=mode):
             return False
         start = time.perf_counter()
+        self._warming_up = True
         try:
             self.edit(warm_up_request(warm_up_size))  # both CFG branches in one call where that pays
             self.edit(replace(warm_up_request(warm_up_size), batch_cfg=False))  # batch 1, both prompt lengths
@@ -192,6 +195,8 @@ class Editor:
             log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
             uncompile_blocks(self.pipe.transformer)
             return False
+        finally:
+            self._warming_up = False
         self.compiled = True
         self.compile_stats = {"mode": mode, "warm_up_s": time.perf_counter() - start}
         log.info("compiled (mode %s) and warmed up in %.0fs", mode, self.compile_stats["warm_up_s"])
@@ -250,6 +255,9 @@ class Editor:
             raise
         if self.compiled and "first_edit_s" not in self.compile_stats:
             self.compile_stats["first_edit_s"] = time.perf_counter() - start
+        if not self._prediction_logged and not self._warming_up and self.device.type == "cuda":
+            self._prediction_logged = True
+            log_prediction(self, requests[0], results[0])
         return [_finish_record(record, result) for record, result in zip(records, results, strict=True)]
 
     def _edit_guarded(self, requests: list[EditRequest], *, on_step, cancel, timeout) -> list[EditResult]:
@@ -625,3 +633,36 @@ def set_editor(editor: Editor | None) -> None:
     global _editor
     with _editor_lock:
         _editor = editor
+
+
+def log_prediction(editor: Editor, request: EditRequest, result: EditResult) -> None:
+    """Log the cost model's step time (`qie.memory.cost`) beside the one `result` measured.
+
+    Tokens are counted as the output's plus as many for the condition (a condition encoded at the
+    output's area); a first edit that compiles or warms caches measures slower than later ones.
+    """
+    from qie.memory.cost import predict_pipe
+
+    steps = result.steps_run or 0
+    if not steps or "denoise" not in result.timings:
+        return
+    tokens = 2 * (request.width // 16) * (request.height // 16)
+    try:
+        p, gpu = predict_pipe(editor.pipe, editor.device, editor.plan.name, tokens=tokens)
+    except Exception as exc:  # a log line must never fail an edit
+        log.debug("no prediction: %s", exc)
+        return
+    fast = editor.speed.fast is not None and (request.mode or editor.speed.default_mode) == "fast"
+    cfg = request.uses_cfg and not fast  # fast mode runs without CFG
+    predicted = (p.cfg_batched_s if editor._batch_cfg_pays else p.cfg_two_calls_s) if cfg else p.forward_s
+    measured = result.timings["denoise"] / steps
+    log.info(
+        "plan %s on %s: predicted %.3fs per step%s, measured %.3fs (%+.0f%%) over %d steps of the first edit",
+        editor.plan.name,
+        gpu.label,
+        predicted,
+        " with CFG" if cfg else "",
+        measured,
+        100 * (measured / predicted - 1),
+        steps,
+    )

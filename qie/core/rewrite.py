@@ -5,7 +5,7 @@ The text encoder is a full vision-language chat model (LM head included); the ed
 reads its hidden states. Here it generates, greedily and with a bound on new tokens, under a
 system prompt that asks for one explicit instruction: what to change, where, and what to keep.
 Memory plans need nothing special: streamed layers and the per-call embedding and LM head
-(`qie.memory.plans.onload_per_call`) come to the GPU for each generated token's forward.
+(`qie.memory.placement.onload_per_call`) come to the GPU for each generated token's forward.
 
 Example:
     >>> editor.rewrite_prompt(["shoe.jpg"], "white background")                  # doctest: +SKIP

@@ -152,3 +152,16 @@ def detect_gpu(device, pcie_gbps: float | None = None) -> Gpu:
     fp8 = torch.cuda.get_device_capability(device) >= (8, 9)
     gpu = replace(base, fp8=fp8) if pcie_gbps is None else replace(base, fp8=fp8, pcie_gbps=pcie_gbps)
     return replace(gpu, label=gpu.label + ("; PCIe measured at load" if pcie_gbps is not None else ""))
+
+
+def predict_pipe(pipe, device, plan: str, tokens: int = TOKENS_1024) -> tuple[Prediction, Gpu]:
+    """The prediction for `pipe` as placed by `plan` on `device`: the stream plan from the bytes its
+    streamer holds in host memory and the PCIe rate it measured at load, other plans as resident."""
+    from qie.speed.fa3 import installed
+
+    streamer = getattr(getattr(pipe.transformer, "transformer_blocks", None), "qie_streamer", None)
+    if streamer is not None:
+        gpu = detect_gpu(device, streamer.pcie_gbps)
+        return predict_stream(gpu, streamer.host_bytes() / GIB, tokens=tokens, fa3=installed()), gpu
+    gpu = detect_gpu(device)
+    return predict_resident(gpu, fp8=plan != "resident", tokens=tokens, fa3=installed()), gpu

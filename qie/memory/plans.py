@@ -10,8 +10,14 @@ step down to after an OOM.
 |---|---|---|---|
 | `resident` | bf16 on GPU | bf16 on GPU | 58.0 GiB peak, stock speed, bit-exact |
 | `resident-fp8` | torchao fp8 (int8 weight-only without fp8 units) | bf16 on GPU | 39.0 GiB, 1.58x with compile |
-| `fp8-te-stream` | torchao fp8 on GPU | streamed from pinned host memory | 20.5 GiB, 1.60x with compile |
-| `stream` | fp8 rows, first K blocks resident, rest streamed | streamed | 5.0-14.5 GiB, 1/1.3 of stock |
+| `fp8-te-stream` | torchao fp8 on GPU | resident if it fits, else streamed in fp8 | 20.5 GiB, 1.60x with compile |
+| `stream` | fp8 rows, K blocks resident, rest streamed | streamed in fp8 | 4.3-14.5 GiB, 0.70x stock at 10 GiB |
+
+The two streaming plans place the text encoder and the VAE per stage from what the budget leaves
+(`place_stages`, logged): the VAE runs untiled or in the largest tiles that fit (tiles of 256 px,
+diffusers' default, cost 0.57 + 0.76 s per 1024² edit on an H200 against 0.08 + 0.11 s with 576 px
+tiles: `benchmarks/bench-h200-placement.json`), and a text encoder that must stream is stored in fp8
+(half the bytes over PCIe: 0.30 s against 0.44 s in bf16).
 | `model-offload` | diffusers `enable_model_cpu_offload` | same | not measured; last resort |
 """
 
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qie.errors import InvalidRequestError, ResourceError
+from qie.memory.placement import VAE_TILES, place_text_encoder, set_vae_tiling
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,8 @@ TOKENS_1024 = 8192  # output + one condition image at 1024²
 # H100 (benchmarks/bench-h100-a.json, stage_peaks_gib minus resident_gib).
 DENOISE_ACT_GIB_1024 = 0.75
 VAE_ACT_GIB_1024 = 4.2  # VAE decode, untiled; encode needs about half
-VAE_TILED_ACT_GIB = 0.6
+VAE_TILED_ACT_GIB = 0.6  # tiles of 256 px, diffusers' default
+TEXT_ENCODER_ACT_GIB = 0.5  # the text encoder's activations (a 1024² condition and a long prompt)
 # What cuBLAS workspaces, compile warm-up and the caching allocator's fragmentation take beyond
 # live tensors. 0.8 GiB was too little: at a 24 GiB budget fp8-te-stream hit OOM with 22.5 GiB
 # allocated and 1.55 GiB reserved but unusable, and the stream plan at 16 GiB with 15.0 + 0.9
@@ -67,12 +75,20 @@ class Sizes:
     def denoise_act(self) -> float:
         return max(0.3, DENOISE_ACT_GIB_1024 * self.cfg_batch * self.tokens / TOKENS_1024)
 
-    def vae_act(self, tiled: bool) -> float:
-        return VAE_TILED_ACT_GIB if tiled else VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
+    def vae_act(self, tile: int | None) -> float:
+        """VAE activation memory: untiled (`tile` None) it grows with the image, tiled with the tile's area."""
+        if tile is None:
+            return VAE_ACT_GIB_1024 * self.tokens / TOKENS_1024
+        return max(VAE_TILED_ACT_GIB, VAE_ACT_GIB_1024 * tile**2 / 1024**2)
+
+    @property
+    def text_encoder_fp8(self) -> float:
+        """The text encoder stored in fp8 (`store_text_encoder_fp8`): embedding and LM head stay bf16."""
+        return (self.text_encoder - 2 * self.text_encoder_embed) / 2 + 2 * self.text_encoder_embed
 
     def text_encoder_stream(self) -> float:
         """Text-encoder memory while it streams: two layers or the embedding / LM head in flight, activations."""
-        return max(2 * self.text_encoder_layer, self.text_encoder_embed) + 0.5
+        return max(2 * self.text_encoder_layer, self.text_encoder_embed) + TEXT_ENCODER_ACT_GIB
 
 
 # Qwen-Image-Edit-2509 at full size (measured with `measure_sizes` on a meta-device build; checked by a test).
@@ -145,71 +161,66 @@ def _resident_fp8(pipe, device: torch.device, budget_gib: float | None) -> None:
     quantize_transformer(pipe.transformer, device)
 
 
-def _stream_text_encoder(pipe, device: torch.device) -> None:
-    # diffusers' group offloading does this job: the vision tower's blocks and the language model's
-    # layers streamed from pinned memory on a side stream, one ahead of the compute. The encoder
-    # runs once or twice per edit, so streaming all of it costs little. It is applied to the two
-    # layer stacks separately (recursing from the top registers its prefetch tracker twice). The
-    # token embedding is looked up outside the language model's forward, where no group hook
-    # fires, so it and the LM head (`encode_prompt` asks for one token's logits) get their own
-    # hooks: each comes to the GPU for its call and leaves after it (1 GiB each for the 7B encoder).
-    from diffusers.hooks import apply_group_offloading
+@dataclass(frozen=True)
+class StagePlacement:
+    """Where the text encoder runs ("resident", "resident-fp8", "stream-fp8", "stream"), the VAE's tile
+    side (None: untiled) and the predicted peak in GiB."""
 
-    te = pipe.text_encoder
-    te.to("cpu")
-    on_cuda = device.type == "cuda"
-    lm = te.model.language_model
-    embed = lm.embed_tokens
-    lm.embed_tokens = torch.nn.Identity()  # keep it out of the language model's offload group
-    for part in (te.model.visual, lm):
-        apply_group_offloading(
-            part,
-            onload_device=device,
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=on_cuda,
-            record_stream=on_cuda,
-        )
-    lm.embed_tokens = embed
-    if te.lm_head.weight is embed.weight:  # tied: one tensor, keep it on the GPU
-        embed.to(device)
-        return
-    onload_per_call(embed, device)
-    onload_per_call(te.lm_head, device)
+    text_encoder: str
+    vae_tile: int | None
+    peak_gib: float
+
+    def describe(self) -> str:
+        vae = "untiled" if self.vae_tile is None else f"in {self.vae_tile}-px tiles"
+        return f"text encoder {self.text_encoder}, VAE {vae} (predicted peak {self.peak_gib:.1f} GiB)"
 
 
-def onload_per_call(module: torch.nn.Module, device: torch.device) -> None:
-    """Keep `module`'s weights in (pinned) host memory and copy them to `device` only for its calls.
+def place_stages(s: Sizes, budget_gib: float, fp8: bool = True) -> StagePlacement:
+    """Text encoder and VAE placement beside the fp8 transformer of `fp8-te-stream`, within `budget_gib`.
 
-    For large modules called once per edit (the text encoder's token embedding and LM head):
-    the copy costs tens of milliseconds, the memory is free the rest of the time.
+    In order of what each choice gains per edit (H200, 1024²): the largest VAE tiles that fit
+    (576 px instead of 256 saves ~1.1 s), then the text encoder resident (bf16, else fp8; saves the
+    ~0.3 s it takes to stream), then the VAE untiled (~0.05 s). A streamed text encoder is stored in
+    fp8 when `fp8` (half the PCIe bytes).
+
+    Example:
+        >>> place_stages(FULL_SIZE, 24).describe()
+        'text encoder stream-fp8, VAE in 576-px tiles (predicted peak 21.8 GiB)'
     """
-    pin = device.type == "cuda"
-    params = list(module.parameters())
-    host = [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in params]
-    for p, h in zip(params, host, strict=True):
-        p.data = h
+    room = usable(budget_gib)
+    streamed = "stream-fp8" if fp8 else "stream"
+    te_weights = {"resident": s.text_encoder, "resident-fp8": s.text_encoder_fp8, streamed: 0.0}
 
-    def onload(mod, args):
-        for p, h in zip(params, host, strict=True):
-            p.data = h.to(device, non_blocking=pin)
+    def peak(te: str, tile: int | None) -> float:
+        te_act = s.text_encoder_stream() if te == streamed else TEXT_ENCODER_ACT_GIB
+        stage = max(s.denoise_act(), te_act, s.vae_act(tile))
+        return _fp8_te_stream_weights(s) + te_weights[te] + stage + OVERHEAD_GIB
 
-    def offload(mod, args, output):
-        for p, h in zip(params, host, strict=True):
-            p.data = h
+    tile = next((t for t in VAE_TILES if peak(streamed, t) <= room), VAE_TILES[-1])
+    te = next((t for t in ("resident", "resident-fp8") if peak(t, tile) <= room), streamed)
+    if peak(te, None) <= room:
+        tile = None
+    return StagePlacement(te, tile, peak(te, tile))
 
-    module.register_forward_pre_hook(onload)
-    module.register_forward_hook(offload)
+
+def vae_tile_within(s: Sizes, room_gib: float) -> int | None:
+    """The largest VAE choice (untiled, then `VAE_TILES`) whose activations fit `room_gib` (else the smallest tile)."""
+    return next((t for t in (None, *VAE_TILES) if s.vae_act(t) <= room_gib), VAE_TILES[-1])
 
 
 def _fp8_te_stream(pipe, device: torch.device, budget_gib: float | None) -> None:
     from qie.memory.quantize import quantize_transformer
 
+    sizes = measure_sizes(pipe, device=device)
+    budget = budget_gib if budget_gib is not None else free_gib(device)
+    placed = place_stages(sizes, budget, fp8=device.type == "cuda")
+    log.info("fp8-te-stream at %.1f GiB: %s", budget, placed.describe())
     pipe.transformer.to(device)
     pipe.vae.to(device)
     quantize_transformer(pipe.transformer, device)
-    _stream_text_encoder(pipe, device)
-    pipe.vae.enable_tiling()  # VAE decode at 1024² otherwise peaks at ~4 GiB
+    place_text_encoder(pipe, device, placed.text_encoder)
+    set_vae_tiling(pipe.vae, placed.vae_tile)
+    pipe.qie_placement = placed
 
 
 def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
@@ -227,8 +238,15 @@ def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
             child.to(device)
     BlockStreamer(blocks, device, resident=resident, storage="fp8", compute_dtype=pipe.transformer.dtype)
     pipe.vae.to(device)
-    pipe.vae.enable_tiling()
-    _stream_text_encoder(pipe, device)
+    # The VAE gets the largest tiles whose activations fit under the denoising stage's peak (free).
+    tile = vae_tile_within(sizes, _stream_stage(sizes) - 0.001)
+    set_vae_tiling(pipe.vae, tile)
+    fp8 = device.type == "cuda"
+    place_text_encoder(pipe, device, "stream-fp8" if fp8 else "stream")
+    peak = _stream_fixed(sizes) + sum(sizes.blocks_fp8[:resident])
+    placed = StagePlacement("stream-fp8" if fp8 else "stream", tile, peak)
+    log.info("stream at %.1f GiB: %d of %d blocks resident, %s", budget, resident, len(blocks), placed.describe())
+    pipe.qie_placement = placed
 
 
 def _model_offload(pipe, device: torch.device, budget_gib: float | None) -> None:
@@ -238,29 +256,38 @@ def _model_offload(pipe, device: torch.device, budget_gib: float | None) -> None
 
 def _resident_need(s: Sizes) -> float:
     weights = s.transformer + s.text_encoder + s.vae
-    return weights + max(s.denoise_act(), s.vae_act(tiled=False)) + OVERHEAD_GIB
+    return weights + max(s.denoise_act(), s.vae_act(None)) + OVERHEAD_GIB
 
 
 def _resident_fp8_need(s: Sizes) -> float:
     weights = sum(s.blocks_fp8) + s.transformer_rest + s.text_encoder + s.vae
-    return weights + max(s.denoise_act(), s.vae_act(tiled=False)) + OVERHEAD_GIB
+    return weights + max(s.denoise_act(), s.vae_act(None)) + OVERHEAD_GIB
+
+
+def _fp8_te_stream_weights(s: Sizes) -> float:
+    return sum(s.blocks_fp8) + s.transformer_rest + s.vae
 
 
 def _fp8_te_stream_need(s: Sizes) -> float:
-    weights = sum(s.blocks_fp8) + s.transformer_rest + s.vae
-    return weights + max(s.denoise_act(), s.vae_act(tiled=True), s.text_encoder_stream()) + OVERHEAD_GIB
+    stage = max(s.denoise_act(), s.vae_act(VAE_TILES[-1]), s.text_encoder_stream())
+    return _fp8_te_stream_weights(s) + stage + OVERHEAD_GIB
+
+
+def _stream_stage(s: Sizes) -> float:
+    """The stream plan's denoising stage beside its resident blocks: activations (batched CFG: 2x) and buffers."""
+    s = replace(s, cfg_batch=2)
+    buffers = 2 * max(s.blocks_fp8) + (max(s.blocks) if s.upcast else 0)  # two blocks in flight (+ upcast)
+    return s.denoise_act() + buffers
 
 
 def _stream_fixed(s: Sizes) -> float:
-    """What the stream plan needs besides resident blocks: activations (batched CFG: 2x), buffers, small parts."""
-    s = replace(s, cfg_batch=2)
-    buffers = 2 * max(s.blocks_fp8) + (max(s.blocks) if s.upcast else 0)  # two blocks in flight (+ upcast)
-    stage = max(s.denoise_act() + buffers, s.vae_act(tiled=True), s.text_encoder_stream())
+    """What the stream plan needs besides resident blocks: the largest stage's activations, small parts."""
+    stage = max(_stream_stage(s), s.vae_act(VAE_TILES[-1]), s.text_encoder_stream())
     return s.transformer_rest + s.vae + stage + OVERHEAD_GIB
 
 
 def _model_offload_need(s: Sizes) -> float:
-    return max(s.transformer + s.denoise_act(), s.text_encoder, s.vae + s.vae_act(tiled=False)) + OVERHEAD_GIB
+    return max(s.transformer + s.denoise_act(), s.text_encoder, s.vae + s.vae_act(None)) + OVERHEAD_GIB
 
 
 def usable(budget_gib: float) -> float:

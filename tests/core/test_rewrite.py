@@ -65,10 +65,10 @@ def test_unusable_text_keeps_the_prompt(tiny_editor, photo, monkeypatch, caplog)
 @pytest.mark.slow
 def test_rewrite_through_a_streamed_text_encoder(tiny_editor, photo):
     """Layers streamed by group offloading and the embedding and LM head onloaded per call (here onto the CPU)."""
-    from qie.memory.plans import _stream_text_encoder
+    from qie.memory.placement import stream_text_encoder
 
     editor = Editor.load("tiny")
-    _stream_text_encoder(editor.pipe, torch.device("cpu"))
+    stream_text_encoder(editor.pipe, torch.device("cpu"))
     calls = []
     editor.pipe.text_encoder.lm_head.register_forward_pre_hook(lambda *_: calls.append(1))
     streamed = editor.rewrite_prompt([photo], "white background", max_new_tokens=6)

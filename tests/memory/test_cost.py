@@ -99,3 +99,29 @@ def test_the_stream_plan_itself_refuses_a_budget_it_cannot_meet(monkeypatch):
     monkeypatch.setattr("qie.memory.plans.measure_sizes", lambda pipe, **kw: FULL_SIZE)  # upcast: 4.3, not 3.7
     with pytest.raises(ResourceError, match="vram_budget_gib=2: .* at least 4.3 GiB"):
         PLANS["stream"].apply(None, __import__("torch").device("cpu"), 2.0)
+
+
+def test_log_prediction_puts_the_predicted_step_beside_the_measured_one(monkeypatch, caplog):
+    """The line `Editor` logs once after its first GPU edit (here fed a CPU edit's result and H100 rates)."""
+    import logging
+
+    import torch
+    from PIL import Image
+
+    from qie.core import editor as editor_module
+    from qie.core.editor import Editor, log_prediction
+    from qie.core.request import EditRequest
+    from qie.memory import cost
+
+    editor = Editor.load("tiny")
+    calls = []
+    monkeypatch.setattr(editor_module, "log_prediction", lambda *a: calls.append(a))
+    request = EditRequest(images=[Image.new("RGB", (64, 64))], prompt="white background", steps=2, width=64, height=64)
+    result = editor.edit(request)
+    assert calls == []  # CPU edits log no GPU prediction
+    monkeypatch.setattr(cost, "detect_gpu", lambda device, pcie_gbps=None: cost.GPUS["h100"])
+    monkeypatch.setattr(editor, "device", torch.device("cuda"))
+    with caplog.at_level(logging.INFO, logger="qie.core.editor"):
+        log_prediction(editor, request, result)
+    (line,) = [r.getMessage() for r in caplog.records if "predicted" in r.getMessage()]
+    assert "plan resident" in line and "with CFG" in line and "over 2 steps" in line

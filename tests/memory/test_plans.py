@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from qie import InvalidRequestError, ResourceError
+from qie.memory.placement import onload_per_call
 from qie.memory.plans import (
     PLANS,
     Sizes,
     choose_plan,
     measure_sizes,
     next_plan,
-    onload_per_call,
     resident_blocks,
     usable,
 )

@@ -5,7 +5,7 @@ import torch
 from test_streaming import blocks, run
 from torch import nn
 
-from qie.memory.plans import onload_per_call
+from qie.memory.placement import onload_per_call
 from qie.memory.streaming import BlockStreamer, Fp8Rows
 
 pytestmark = pytest.mark.gpu

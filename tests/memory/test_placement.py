@@ -1,0 +1,82 @@
+"""Text encoder and VAE placement: the planner's per-stage choices and carrying them out (CPU, tiny model)."""
+
+import pytest
+import torch
+
+from qie.memory.placement import place_text_encoder, set_vae_tiling, stores_fp8
+from qie.memory.plans import FULL_SIZE, pick_plan, place_stages, usable, vae_tile_within
+
+
+@pytest.mark.parametrize(
+    ("budget", "text_encoder", "tile"),
+    [
+        (24, "stream-fp8", 576),  # an RTX 4090: the largest tiles fit, the encoder does not
+        (28, "stream-fp8", None),
+        (32, "resident-fp8", 576),  # an RTX 5090: the encoder fits in fp8
+        (40, "resident", 576),
+        (48, "resident", None),
+    ],
+)
+def test_fp8_te_stream_places_each_stage_by_budget(budget, text_encoder, tile):
+    assert pick_plan(FULL_SIZE, budget).name == "fp8-te-stream"
+    placed = place_stages(FULL_SIZE, budget)
+    assert (placed.text_encoder, placed.vae_tile) == (text_encoder, tile)
+    assert placed.peak_gib <= usable(budget)
+
+
+def test_more_budget_never_places_a_stage_worse():
+    order_te = ["stream-fp8", "resident-fp8", "resident"]
+    order_tile = [256, 512, 576, None]
+    last = (0, 0)
+    for budget in range(22, 64):
+        if pick_plan(FULL_SIZE, budget).name != "fp8-te-stream":
+            continue
+        placed = place_stages(FULL_SIZE, budget)
+        assert placed.peak_gib <= usable(budget), budget
+        rank = (order_te.index(placed.text_encoder), order_tile.index(placed.vae_tile))
+        assert rank[0] >= last[0], budget
+        last = rank
+
+
+def test_without_fp8_the_streamed_encoder_stays_in_its_dtype():
+    assert place_stages(FULL_SIZE, 24, fp8=False).text_encoder == "stream"
+
+
+def test_vae_tile_within_room():
+    assert vae_tile_within(FULL_SIZE, 100) is None
+    assert vae_tile_within(FULL_SIZE, FULL_SIZE.vae_act(576)) == 576
+    assert vae_tile_within(FULL_SIZE, FULL_SIZE.vae_act(576) - 0.01) == 512
+    assert vae_tile_within(FULL_SIZE, 0.0) == 256
+
+
+def test_vae_activations_grow_with_the_tile():
+    acts = [FULL_SIZE.vae_act(t) for t in (256, 512, 576, None)]
+    assert acts == sorted(acts) and len(set(acts)) == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from qie.core.models import load_pipeline
+
+    return load_pipeline("tiny", device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_set_vae_tiling_sets_the_tile_and_blend(tiny_pipe):
+    vae = tiny_pipe.vae
+    set_vae_tiling(vae, 576)
+    assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_stride_width) == (576, 512)
+    set_vae_tiling(vae, None)
+    assert not vae.use_tiling
+
+
+def test_resident_fp8_text_encoder_is_stored_in_fp8_and_still_encodes(tiny_pipe):
+    from qie.core.models import load_pipeline
+
+    pipe = load_pipeline("tiny", device=torch.device("cpu"), dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    place_text_encoder(pipe, torch.device("cpu"), "resident-fp8")
+    assert stores_fp8(pipe.text_encoder)
+    after = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert after.dtype == before.dtype and torch.allclose(after, before, atol=0.1 * before.abs().max().item())
+    assert not torch.equal(after, before)  # fp8 storage moves the numbers a little
