@@ -370,7 +370,10 @@ class Bench:
             }
         )
         if budget == max((b for b in self.args.budgets if b <= 10), default=None):  # fast mode at <= 10 GiB
-            del editor, pipe
+            # Every reference to this plan's pipeline goes first: its streamer alone holds the resident
+            # blocks' GPU buffers (keeping it made the fast build run out of memory under the cap).
+            del editor, pipe, streamer, row
+            gc.collect()
             from benchmarks.bench_fast import run_fast_under_budget
 
             run_fast_under_budget(self, budget)
