@@ -10,7 +10,7 @@ step down to after an OOM.
 |---|---|---|---|
 | `resident` | bf16 on GPU | bf16 on GPU | 58.0 GiB peak, stock speed, bit-exact |
 | `resident-fp8` | torchao fp8 (int8 weight-only without fp8 units) | bf16 on GPU | 39.0 GiB, 1.58x with compile |
-| `fp8-te-stream` | torchao fp8 on GPU | resident if it fits, else streamed in fp8 | 20.5 GiB, 1.60x with compile |
+| `fp8-te-stream` | torchao fp8 on GPU | resident if it fits, else streamed in fp8 | 20.7 GiB at 24 GiB, 1.72x (H200) |
 | `stream` | fp8 rows, K blocks resident, rest streamed | streamed in fp8 | 4.3-14.5 GiB, 0.70x stock at 10 GiB |
 
 The two streaming plans place the text encoder and the VAE per stage from what the budget leaves
