@@ -378,6 +378,13 @@ class Bench:
 
             run_fast_under_budget(self, budget)
 
+    def run_fast_budget(self) -> None:
+        """Fast mode at the largest budget <= 10 GiB of `--budgets` (what `budgets` adds after that budget's row)."""
+        from benchmarks.bench_fast import run_fast_under_budget
+
+        budget = max((b for b in self.args.budgets if b <= 10), default=10.0)
+        run_fast_under_budget(self, budget)
+
     def lora_pipe(self):
         """A fresh pipeline with a random user LoRA of the real shapes (rank 64) fused, as `Editor.load` does."""
         import tempfile
@@ -491,6 +498,7 @@ SECTIONS = {
     "batching": Bench.run_batching,
     "lora": Bench.run_lora,
     "placement": run_placement,
+    "fast-budget": lambda bench: bench.run_fast_budget(),
 }
 
 
@@ -513,7 +521,8 @@ def run(args: argparse.Namespace) -> int:
     for name in sections:
         if name not in every:
             raise SystemExit(f"--sections: unknown section {name!r}; use {list(every)}")
-        if name in ("fp8", "budgets", "placement", *bench_fast.CUDA_ONLY) and bench.device.type != "cuda":
+        cuda_only = ("fp8", "budgets", "placement", "fast-budget", *bench_fast.CUDA_ONLY)
+        if name in cuda_only and bench.device.type != "cuda":
             print(f"[bench] section {name} needs CUDA; skipped", flush=True)
             continue
         bench.section(name, lambda n=name: every[n](bench))
