@@ -346,6 +346,7 @@ class Bench:
         self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False))
         placement = getattr(pipe, "qie_placement", None)
         streamer = getattr(pipe.transformer.transformer_blocks, "qie_streamer", None)
+        te_arena = getattr(pipe.text_encoder, "qie_pinned", None)
         host = host_peak_gib()
         row.notes += [f"host RAM peak {host:.1f} GiB"] if host else []
         row.notes += [placement.describe()] if placement else []
@@ -367,12 +368,14 @@ class Bench:
                 "placement": placement.describe() if placement else None,
                 "host_peak_gib": host,
                 "streamed_blocks_gib": streamer.host_bytes() / 2**30 if streamer else 0.0,
+                "pinned_blocks_gib": streamer.pinned_bytes() / 2**30 if streamer else 0.0,
+                "pinned_text_encoder_gib": te_arena.reserved_bytes / 2**30 if te_arena else 0.0,
             }
         )
         if budget == max((b for b in self.args.budgets if b <= 10), default=None):  # fast mode at <= 10 GiB
             # Every reference to this plan's pipeline goes first: its streamer alone holds the resident
             # blocks' GPU buffers (keeping it made the fast build run out of memory under the cap).
-            del editor, pipe, streamer, row
+            del editor, pipe, streamer, row, te_arena
             gc.collect()
             from benchmarks.bench_fast import run_fast_under_budget
 

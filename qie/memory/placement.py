@@ -19,6 +19,8 @@ import logging
 
 import torch
 
+from qie.memory.pinned import PinnedArena
+
 log = logging.getLogger(__name__)
 
 # VAE tile sides tried, largest first. Neighbouring tiles share VAE_TILE_BLEND pixels (diffusers
@@ -68,8 +70,11 @@ def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
         from qie.memory.quantize import store_text_encoder_fp8
 
         store_text_encoder_fp8(te, next(p.dtype for p in te.parameters() if p.is_floating_point()))
-    te.to("cpu")
     on_cuda = device.type == "cuda"
+    if on_cuda:  # weights copied straight into 1 GiB pinned blocks (`qie.memory.pinned`: no rounding up)
+        te.qie_pinned = PinnedArena()
+        te.qie_pinned.pin_parameters(te)
+    te.to("cpu")
     lm = te.model.language_model
     embed = lm.embed_tokens
     lm.embed_tokens = torch.nn.Identity()  # keep it out of the language model's offload group

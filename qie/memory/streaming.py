@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from qie.memory.fp8_matmul import FP8, Fp8RowLinear, compute_mode, quantize_rows
+from qie.memory.pinned import PinnedArena
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ class BlockLayout:
             if e.linear is not None and not isinstance(e.linear, Fp8RowLinear):
                 Fp8RowLinear.to_fp8_rows(e.linear)
 
-    def pack(self, pin: bool = False) -> torch.Tensor:
-        """The block's weights (as they are now) in one host byte buffer."""
-        buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+    def pack(self, arena: PinnedArena | None = None) -> torch.Tensor:
+        """The block's weights (as they are now) in one host byte buffer (a piece of `arena`: pinned)."""
+        buf = arena.empty(self.nbytes) if arena is not None else torch.empty(self.nbytes, dtype=torch.uint8)
         for e in self.entries:
             w = e.param.data.detach().to(self.dtype)  # quantized where it lives (the GPU: fast), then copied
             if e.plain is not None:
@@ -203,8 +204,11 @@ class BlockStreamer:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         blocks.requires_grad_(False)  # inference only; fp8 weights cannot carry gradients anyway
         self.layouts = [BlockLayout(block, storage, compute_dtype, self.compute) for block in blocks]
-        # Resident blocks: one device buffer each. Streamed blocks: one pinned host buffer each.
-        self.buffers = [layout.pack(pin=cuda and i in self.streamed) for i, layout in enumerate(self.layouts)]
+        # Resident blocks: one device buffer each. Streamed blocks: one pinned host buffer each, cut
+        # from 1 GiB pinned blocks (`PinnedArena`: pinning each alone would round it up to 0.5 GiB).
+        self.arena = PinnedArena() if cuda else None
+        streamed = set(self.streamed)
+        self.buffers = [layout.pack(self.arena if i in streamed else None) for i, layout in enumerate(self.layouts)]
         for i in self.resident_ids:
             self.buffers[i] = self.buffers[i].to(device)
         for layout in self.layouts:
@@ -223,14 +227,15 @@ class BlockStreamer:
         blocks.qie_streamer = self  # lets compile find the streamed blocks (qie.speed.compile)
         self.pcie_gbps = self._probe_pcie()
         log.info(
-            "streaming %d of %d blocks (%s storage, %s compute): %.1f GiB resident, %.1f GiB in pinned host memory, "
-            "%d x %.2f GiB copy slots",
+            "streaming %d of %d blocks (%s storage, %s compute): %.1f GiB resident, %.1f GiB in pinned host memory "
+            "(%.1f GiB pinned), %d x %.2f GiB copy slots",
             len(self.streamed),
             len(blocks),
             storage,
             self.compute,
             self.resident_bytes() / 2**30,
             self.host_bytes() / 2**30,
+            self.pinned_bytes() / 2**30,
             len(self.slots),
             largest / 2**30,
         )
@@ -255,6 +260,10 @@ class BlockStreamer:
 
     def host_bytes(self) -> int:
         return sum(self.layouts[i].nbytes for i in self.streamed)
+
+    def pinned_bytes(self) -> int:
+        """Pinned host memory held for the streamed blocks (`host_bytes` plus the arena's unused tails)."""
+        return self.arena.reserved_bytes if self.arena is not None else 0
 
     def _streamed_after(self, i: int) -> list[int]:
         """The next `SLOTS` streamed blocks after block `i` (wrapping to the next forward pass)."""

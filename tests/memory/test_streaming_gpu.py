@@ -97,3 +97,19 @@ def test_fp8_compute_compiles_once_for_all_streamed_blocks_and_passes():
         rel = (out.float().cpu() - reference).norm() / reference.norm()
         assert rel < 3e-2
     assert counters["stats"]["unique_graphs"] == 1  # 8 blocks (3 resident, 5 streamed) x 3 passes
+
+
+@cuda
+def test_streamed_blocks_and_the_text_encoder_sit_in_pinned_memory_without_rounding_up():
+    """Pinned memory for the streamed blocks <= 1.1x their bytes; every text-encoder weight pinned."""
+    from qie.core.models import load_pipeline
+    from qie.memory.placement import stream_text_encoder
+    from qie.memory.streaming import BlockStreamer
+
+    dev = torch.device("cuda")
+    pipe = load_pipeline("tiny", device=dev, dtype=torch.bfloat16)
+    streamer = BlockStreamer(pipe.transformer.transformer_blocks, dev, resident=0, storage="fp8")
+    assert all(streamer.buffers[i].is_pinned() for i in streamer.streamed)
+    assert streamer.host_bytes() <= streamer.pinned_bytes()
+    stream_text_encoder(pipe, dev, fp8=True)
+    assert all(p.data.is_pinned() for p in pipe.text_encoder.parameters() if p.device.type == "cpu")
