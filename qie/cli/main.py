@@ -81,7 +81,15 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_edit_parser(sub, engine: LoadOptions) -> None:
+def edit_parser(prog: str) -> argparse.ArgumentParser:
+    """The `edit` subcommand's parser on its own, its usage line named `prog` (`qie.cli.parallel` uses it)."""
+    sub = argparse.ArgumentParser(formatter_class=HelpFormatter).add_subparsers(parser_class=_Parser)
+    parser = _add_edit_parser(sub, LoadOptions.from_env())
+    parser.prog = prog
+    return parser
+
+
+def _add_edit_parser(sub, engine: LoadOptions) -> argparse.ArgumentParser:
     edit = sub.add_parser(
         "edit", help="edit one image (or 2-3 together), or every image in a folder", epilog=EDIT_EXAMPLES
     )
@@ -123,6 +131,7 @@ def _add_edit_parser(sub, engine: LoadOptions) -> None:
     region.add_argument("--mask", help="edit only where this mask image is white; the rest stays exact")
     LoadOptions.add_arguments(edit, engine)
     _add_speed_args(edit)
+    return edit
 
 
 def _add_bench_parser(sub) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 
 from qie.cli.folders import edit_one
-from qie.cli.main import build_parser, edit_params
+from qie.cli.main import edit_params, edit_parser
 from qie.core.editor import Editor
 from qie.core.load_options import LoadOptions
 from qie.errors import QieError
@@ -24,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--cp-mode", choices=CP_MODES, default="ulysses")
-    own, rest = extra.parse_known_args(argv)
-    args = build_parser().parse_args(["edit", *rest])
+    parser = edit_parser("torchrun --nproc-per-node N -m qie.cli.parallel")
+    parser.add_argument(
+        "--cp-mode", choices=CP_MODES, default="ulysses", help="how attention is split over GPUs beyond CFG-parallel"
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = edit_params(args)
     if params["seed"] is None:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     # torchrun's own variables (not qie settings): how many ranks, and which one this process is.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    layout = plan_layout(world_size, cfg=args.cfg > 1, cp_mode=own.cp_mode, device_type=device_type)
+    layout = plan_layout(world_size, cfg=args.cfg > 1, cp_mode=args.cp_mode, device_type=device_type)
     if layout is not None and device_type == "cpu" and layout.cp_degree > 1:
         print("error: context parallelism needs CUDA GPUs; on CPU only CFG-parallel (2 ranks) runs", file=sys.stderr)
         return 2

@@ -167,3 +167,16 @@ def test_box_edit_keeps_pixels_outside_exactly(tiny_dir, tmp_path):
         "1,2,three,4",
     )
     assert bad.returncode == 2 and "--box 1,2,three,4" in bad.stderr and "four whole numbers" in bad.stderr
+
+
+def test_the_torchrun_entry_point_names_itself_and_its_own_flag_in_help(capsys):
+    """`python -m qie.cli.parallel --help` used to print the usage of `python -m qie edit`."""
+    import pytest
+
+    from qie.cli.parallel import main as parallel_main
+
+    with pytest.raises(SystemExit) as stop:
+        parallel_main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    assert out.startswith("usage: torchrun --nproc-per-node N -m qie.cli.parallel") and "--cp-mode" in out
