@@ -49,7 +49,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def describe(name: str, vram: float | None, pcie: float | None, tflops: float | None) -> str:
     """The plan chosen for GPU `name` at `vram` GiB (its own memory if None) and its predicted times."""
     from qie.memory.cost import GPUS, custom_gpu
-    from qie.memory.plans import FULL_SIZE, pick_plan
+    from qie.memory.plans import FULL_SIZE, pick_plan, stages_for
 
     base = GPUS[name]
     gpu = custom_gpu(base, vram if vram is not None else base.vram_gib * 0.93, pcie, tflops)
@@ -58,10 +58,12 @@ def describe(name: str, vram: float | None, pcie: float | None, tflops: float | 
     p, detail, peak = predict_plan(plan.name, gpu, sizes)
     units = "fp8 units" if gpu.fp8 else "no fp8 units (fp8 weights upcast to bf16)"
     cfg = "batched" if p.batch_cfg else "two calls"
+    stages = stages_for(plan.name, sizes, gpu.vram_gib)
     return "\n".join(
         [
             f"{gpu.label}: {gpu.pcie_gbps:g} GB/s host-to-device, {gpu.tflops:g} TFLOP/s bf16, {units}",
             f"budget {gpu.vram_gib:.1f} GiB -> plan {plan.name!r} (predicted peak {peak:.1f} GiB)" + detail,
+            "stages: " + (stages.describe() if stages else "text encoder and VAE on the GPU, VAE untiled"),
             f"1024² transformer forward {p.forward_s:.3f} s ({p.bound}-bound); CFG step {p.cfg_step_s:.3f} s "
             f"({cfg}; two calls {p.cfg_two_calls_s:.3f} s, batched {p.cfg_batched_s:.3f} s)",
             f"denoising: 8 steps without CFG {8 * p.forward_s:.1f} s, 40 CFG steps {40 * p.cfg_step_s:.1f} s",

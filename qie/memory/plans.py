@@ -203,6 +203,24 @@ def place_stages(s: Sizes, budget_gib: float, fp8: bool = True) -> StagePlacemen
     return StagePlacement(te, tile, peak(te, tile))
 
 
+def stream_stages(s: Sizes, resident: int, fp8: bool = True) -> StagePlacement:
+    """The stream plan's stages: the text encoder streamed (fp8 storage when `fp8`), the VAE in the largest
+    tiles whose activations fit under the denoising stage's peak (free: no resident block given up)."""
+    tile = vae_tile_within(s, _stream_stage(s) - 0.001)
+    peak = _stream_fixed(s) + sum(s.blocks_fp8[:resident])
+    return StagePlacement("stream-fp8" if fp8 else "stream", tile, peak)
+
+
+def stages_for(plan: str, s: Sizes, budget_gib: float, fp8: bool = True) -> StagePlacement | None:
+    """Where `plan` puts the text encoder and the VAE at `budget_gib`; None for the resident plans
+    (both on the GPU, the VAE untiled) and model-offload."""
+    if plan == "fp8-te-stream":
+        return place_stages(s, budget_gib, fp8)
+    if plan == "stream":
+        return stream_stages(s, resident_blocks(s, budget_gib), fp8)
+    return None
+
+
 def vae_tile_within(s: Sizes, room_gib: float) -> int | None:
     """The largest VAE choice (untiled, then `VAE_TILES`) whose activations fit `room_gib` (else the smallest tile)."""
     return next((t for t in (None, *VAE_TILES) if s.vae_act(t) <= room_gib), VAE_TILES[-1])
@@ -238,13 +256,9 @@ def _stream(pipe, device: torch.device, budget_gib: float | None) -> None:
             child.to(device)
     BlockStreamer(blocks, device, resident=resident, storage="fp8", compute_dtype=pipe.transformer.dtype)
     pipe.vae.to(device)
-    # The VAE gets the largest tiles whose activations fit under the denoising stage's peak (free).
-    tile = vae_tile_within(sizes, _stream_stage(sizes) - 0.001)
-    set_vae_tiling(pipe.vae, tile)
-    fp8 = device.type == "cuda"
-    place_text_encoder(pipe, device, "stream-fp8" if fp8 else "stream")
-    peak = _stream_fixed(sizes) + sum(sizes.blocks_fp8[:resident])
-    placed = StagePlacement("stream-fp8" if fp8 else "stream", tile, peak)
+    placed = stream_stages(sizes, resident, fp8=device.type == "cuda")
+    set_vae_tiling(pipe.vae, placed.vae_tile)
+    place_text_encoder(pipe, device, placed.text_encoder)
     log.info("stream at %.1f GiB: %d of %d blocks resident, %s", budget, resident, len(blocks), placed.describe())
     pipe.qie_placement = placed
 

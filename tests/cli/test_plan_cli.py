@@ -12,6 +12,20 @@ def test_plan_for_an_h200_at_10_gib(capsys):
     assert "forward 0.268 s (pcie-bound)" in out and "CFG step 0.434 s (batched" in out
 
 
+@pytest.mark.parametrize(
+    ("vram", "stages"),
+    [
+        ("10", "stages: text encoder stream-fp8, VAE in 576-px tiles"),
+        ("24", "stages: text encoder stream-fp8, VAE in 576-px tiles"),
+        ("32", "stages: text encoder resident-fp8, VAE in 576-px tiles"),
+        ("80", "stages: text encoder and VAE on the GPU, VAE untiled"),
+    ],
+)
+def test_plan_says_where_the_text_encoder_and_vae_run(vram, stages, capsys):
+    assert main(["plan", "--gpu", "h200", "--vram", vram]) == 0
+    assert stages in capsys.readouterr().out
+
+
 def test_given_rates_replace_the_parameter_set(capsys):
     assert main(["plan", "--gpu", "rtx4090", "--vram", "10", "--pcie", "6", "--tflops", "165"]) == 0
     out = capsys.readouterr().out
