@@ -12,13 +12,13 @@ step down to after an OOM.
 | `resident-fp8` | torchao fp8 (int8 weight-only without fp8 units) | bf16 on GPU | 39.0 GiB, 1.58x with compile |
 | `fp8-te-stream` | torchao fp8 on GPU | resident if it fits, else streamed in fp8 | 20.7 GiB at 24 GiB, 1.72x (H200) |
 | `stream` | fp8 rows, K blocks resident, rest streamed | streamed in fp8 | 4.3-14.5 GiB, 0.70x stock at 10 GiB |
+| `model-offload` | diffusers `enable_model_cpu_offload` | same | not measured; last resort |
 
 The two streaming plans place the text encoder and the VAE per stage from what the budget leaves
 (`place_stages`, logged): the VAE runs untiled or in the largest tiles that fit (tiles of 256 px,
 diffusers' default, cost 0.57 + 0.76 s per 1024² edit on an H200 against 0.08 + 0.11 s with 576 px
 tiles: `benchmarks/bench-h200-placement.json`), and a text encoder that must stream is stored in fp8
 (half the bytes over PCIe: 0.30 s against 0.44 s in bf16).
-| `model-offload` | diffusers `enable_model_cpu_offload` | same | not measured; last resort |
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qie.errors import InvalidRequestError, ResourceError
-from qie.memory.placement import VAE_TILES, place_text_encoder, set_vae_tiling
+from qie.memory.placement import VAE_TILES, place_text_encoder, set_vae_tiling, stores_fp8
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Sizes:
     vae: float
     tokens: int = TOKENS_1024
     upcast: bool = True  # streamed fp8 rows are upcast into a bf16 workspace (GPUs without fp8 units)
+    text_encoder_in_fp8: bool = False  # already stored in fp8 (`text_encoder` counts it at one byte)
     cfg_batch: int = 1  # samples per transformer call: batched CFG (stream plan) makes it 2
 
     @property
@@ -84,6 +85,8 @@ class Sizes:
     @property
     def text_encoder_fp8(self) -> float:
         """The text encoder stored in fp8 (`store_text_encoder_fp8`): embedding and LM head stay bf16."""
+        if self.text_encoder_in_fp8:
+            return self.text_encoder
         return (self.text_encoder - 2 * self.text_encoder_embed) / 2 + 2 * self.text_encoder_embed
 
     def text_encoder_stream(self) -> float:
@@ -139,6 +142,7 @@ def measure_sizes(pipe, tokens: int = TOKENS_1024, device: torch.device | None =
         vae=gib(pipe.vae),
         tokens=tokens,
         upcast=device is None or not fp8_available(device),
+        text_encoder_in_fp8=stores_fp8(pipe.text_encoder),
     )
 
 

@@ -80,3 +80,11 @@ def test_resident_fp8_text_encoder_is_stored_in_fp8_and_still_encodes(tiny_pipe)
     after = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     assert after.dtype == before.dtype and torch.allclose(after, before, atol=0.1 * before.abs().max().item())
     assert not torch.equal(after, before)  # fp8 storage moves the numbers a little
+
+
+def test_an_encoder_already_in_fp8_is_not_counted_at_half_again():
+    from dataclasses import replace
+
+    stored = replace(FULL_SIZE, text_encoder=FULL_SIZE.text_encoder_fp8, text_encoder_in_fp8=True)
+    assert stored.text_encoder_fp8 == stored.text_encoder
+    assert FULL_SIZE.text_encoder_fp8 < FULL_SIZE.text_encoder
