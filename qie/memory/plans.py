@@ -416,14 +416,12 @@ def batch_cfg_pays(pipe, device: torch.device, plan: str, fa3: bool = False) -> 
     resident weights a step is compute-bound and, through SDPA, the masked attention of the padded
     batch costs more. `fa3`: attention runs through FlashAttention-3, where masks cost nothing.
     """
-    from qie.memory.cost import GIB as COST_GIB
-    from qie.memory.cost import detect_gpu, predict_stream
+    from qie.memory.cost import predict_pipe
 
     streamer = getattr(getattr(pipe.transformer, "transformer_blocks", None), "qie_streamer", None)
     if plan != "stream" or device.type != "cuda" or streamer is None:
         return False
-    gpu = detect_gpu(device, streamer.pcie_gbps)
-    p = predict_stream(gpu, streamer.host_bytes() / COST_GIB, fa3=fa3)
+    p, gpu = predict_pipe(pipe, device, plan, fa3=fa3)
     log.info(
         "batched CFG %s: predicted CFG step %.3fs batched vs %.3fs as two calls (%s, %.0f GB/s PCIe)",
         "on" if p.batch_cfg else "off",
