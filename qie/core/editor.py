@@ -187,20 +187,34 @@ class Editor:
         if not compile_blocks(self.pipe.transformer, mode=mode):
             return False
         start = time.perf_counter()
-        self._warming_up = True
         try:
-            self.edit(warm_up_request(warm_up_size))  # both CFG branches in one call where that pays
-            self.edit(replace(warm_up_request(warm_up_size), batch_cfg=False))  # batch 1, both prompt lengths
+            self.warm_up(warm_up_size)
         except Exception as exc:  # an unsupported op shows up only when the graph is traced
             log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
             uncompile_blocks(self.pipe.transformer)
             return False
-        finally:
-            self._warming_up = False
         self.compiled = True
         self.compile_stats = {"mode": mode, "warm_up_s": time.perf_counter() - start}
         log.info("compiled (mode %s) and warmed up in %.0fs", mode, self.compile_stats["warm_up_s"])
         return True
+
+    def warm_up(self, size: int = 1024) -> None:
+        """Run the edits that trace every graph a compiled transformer needs, so no real edit compiles.
+
+        Each batch size gets its own graph (dynamo specializes a dimension of size 1), which turns
+        dynamic in the prompt length once it has seen two lengths: batch 1 sees the prompt and the
+        negative prompt; where both CFG branches run as one batch-2 call (`batch_cfg`), that call
+        is traced at two prompt lengths too. Without the second, the first real edit recompiled
+        (on an H200's stream plan its first two steps took 4.4 s each).
+        """
+        self._warming_up = True
+        try:
+            self.edit(warm_up_request(size))  # both CFG branches in one call where that pays
+            if self._batch_cfg_pays:
+                self.edit(replace(warm_up_request(size), prompt=WARM_UP_PROMPT_LONG))
+            self.edit(replace(warm_up_request(size), batch_cfg=False))  # batch 1, both prompt lengths
+        finally:
+            self._warming_up = False
 
     def edit(
         self,
@@ -587,6 +601,10 @@ def bucketed(request: EditRequest) -> EditRequest:
         *size,
     )
     return replace(request, width=size[0], height=size[1], max_side=None)
+
+
+# A second prompt length for the warm-up (any length other than "warm up"'s).
+WARM_UP_PROMPT_LONG = "warm up the compiled transformer blocks at a second, longer prompt length"
 
 
 def warm_up_request(size: int) -> EditRequest:

@@ -63,3 +63,38 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
     assert linears <= stored  # every Linear weight but the LM head's
     assert not any("embed" in n for n in stored)
     assert inductor_options(editor.pipe.vae.decoder) == {}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_after_the_warm_up_no_edit_compiles_again(streamed):
+    """With both CFG branches batched (as the stream plan does on a GPU), the warm-up traces the batch-2
+    graph at two prompt lengths; before, the first real edit with another prompt recompiled it."""
+    import torch
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from qie.core.editor import Editor
+    from qie.core.request import EditRequest
+    from qie.memory.streaming import BlockStreamer
+    from qie.speed.compile import compile_streamed_blocks, uncompile_blocks
+
+    editor = Editor.load("tiny")
+    blocks = editor.pipe.transformer.transformer_blocks
+    torch._dynamo.reset()
+    if streamed:
+        BlockStreamer(blocks, torch.device("cpu"), resident=1, storage="fp8", compute_dtype=torch.float32)
+        compile_streamed_blocks(blocks, backend="eager")
+    else:
+        editor.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    editor._batch_cfg_pays = True  # what the cost model says for the stream plan on a GPU
+    try:
+        editor.warm_up(256)
+        traced = counters["stats"]["unique_graphs"]
+        photo = Image.new("RGB", (256, 256), (30, 60, 90))
+        for prompt in ("replace the background with pure white and add a red price tag", "remove the watermark"):
+            for batch_cfg in (None, False):
+                size = {"width": 256, "height": 256}
+                editor.edit(EditRequest(images=[photo], prompt=prompt, steps=2, batch_cfg=batch_cfg, **size))
+        assert counters["stats"]["unique_graphs"] == traced
+    finally:
+        uncompile_blocks(editor.pipe.transformer)
