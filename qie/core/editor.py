@@ -204,8 +204,8 @@ class Editor:
         Each batch size gets its own graph (dynamo specializes a dimension of size 1), which turns
         dynamic in the prompt length once it has seen two lengths: batch 1 sees the prompt and the
         negative prompt; where both CFG branches run as one batch-2 call (`batch_cfg`), that call
-        is traced at two prompt lengths too. Without the second, the first real edit recompiled
-        (on an H200's stream plan its first two steps took 4.4 s each).
+        is traced at two prompt lengths too. Without the second, the first real edit with another
+        prompt length recompiled that graph.
         """
         self._warming_up = True
         try:
