@@ -202,16 +202,15 @@ class Editor:
         """Run the edits that trace every graph a compiled transformer needs, so no real edit compiles.
 
         Each batch size gets its own graph (dynamo specializes a dimension of size 1), which turns
-        dynamic in the prompt length once it has seen two lengths: batch 1 sees the prompt and the
-        negative prompt; where both CFG branches run as one batch-2 call (`batch_cfg`), that call
-        is traced at two prompt lengths too. Without the second, the first real edit with another
-        prompt length recompiled that graph.
+        dynamic in the prompt length once it has seen two lengths. So every call the default mode
+        makes is traced at two prompt lengths: the batch-2 call of batched CFG, and the batch-1 call
+        of fast mode (no CFG, no negative prompt). Without that, the first real edit with another
+        prompt length recompiled the graph.
         """
         self._warming_up = True
         try:
             self.edit(warm_up_request(size))  # both CFG branches in one call where that pays
-            if self._batch_cfg_pays:
-                self.edit(replace(warm_up_request(size), prompt=WARM_UP_PROMPT_LONG))
+            self.edit(replace(warm_up_request(size), prompt=WARM_UP_PROMPT_LONG))  # the same calls, a 2nd length
             self.edit(replace(warm_up_request(size), batch_cfg=False))  # batch 1, both prompt lengths
         finally:
             self._warming_up = False

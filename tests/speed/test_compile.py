@@ -65,10 +65,11 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
     assert inductor_options(editor.pipe.vae.decoder) == {}
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-def test_after_the_warm_up_no_edit_compiles_again(streamed):
-    """With both CFG branches batched (as the stream plan does on a GPU), the warm-up traces the batch-2
-    graph at two prompt lengths; before, the first real edit with another prompt recompiled it."""
+@pytest.mark.parametrize("setup", ["batched", "streamed-batched", "fast"])
+def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
+    """Batched CFG (the stream plan's default on a GPU) and fast mode make calls of one prompt length
+    each; the warm-up traces them at two, so later prompts reuse the graphs. Before, the first real
+    edit with another prompt length recompiled."""
     import torch
     from PIL import Image
     from torch._dynamo.utils import counters
@@ -77,16 +78,20 @@ def test_after_the_warm_up_no_edit_compiles_again(streamed):
     from qie.core.request import EditRequest
     from qie.memory.streaming import BlockStreamer
     from qie.speed.compile import compile_streamed_blocks, uncompile_blocks
+    from qie.speed.fast_mode import random_lightning_lora
 
     editor = Editor.load("tiny")
+    if setup == "fast":
+        lora = random_lightning_lora(editor.pipe.transformer, tmp_path / "lightning.safetensors", dtype=torch.float32)
+        editor = Editor.load("tiny", fast_lora=str(lora))
     blocks = editor.pipe.transformer.transformer_blocks
     torch._dynamo.reset()
-    if streamed:
+    if setup == "streamed-batched":
         BlockStreamer(blocks, torch.device("cpu"), resident=1, storage="fp8", compute_dtype=torch.float32)
         compile_streamed_blocks(blocks, backend="eager")
     else:
         editor.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
-    editor._batch_cfg_pays = True  # what the cost model says for the stream plan on a GPU
+    editor._batch_cfg_pays = setup != "fast"  # what the cost model says for the stream plan on a GPU
     try:
         editor.warm_up(256)
         traced = counters["stats"]["unique_graphs"]
