@@ -207,11 +207,12 @@ class BlockStreamer:
         # Resident blocks: one device buffer each. Streamed blocks: one pinned host buffer each, cut
         # from 1 GiB pinned blocks (`PinnedArena`: pinning each alone would round it up to 0.5 GiB).
         self.arena = PinnedArena() if cuda else None
-        streamed = set(self.streamed)
-        self.buffers = [layout.pack(self.arena if i in streamed else None) for i, layout in enumerate(self.layouts)]
-        for i in self.resident_ids:
-            self.buffers[i] = self.buffers[i].to(device)
-        for layout in self.layouts:
+        # One block at a time: packed, placed, its plain weights freed, so the host never holds the
+        # packed copy of the whole stack beside the plain one (13 GiB at a 10 GiB budget).
+        self.buffers: list[torch.Tensor] = []
+        for i, layout in enumerate(self.layouts):
+            buf = layout.pack(None if i in self.resident_ids else self.arena)
+            self.buffers.append(buf.to(device) if i in self.resident_ids else buf)
             layout.to_fp8_compute()
             layout.release(device)
         largest = max((self.layouts[i].nbytes for i in self.streamed), default=0)

@@ -80,3 +80,22 @@ def test_resident_blocks_are_spread_over_the_stack():
     streamer = BlockStreamer(stack, torch.device("cpu"), resident=2, storage="bf16", compute_dtype=torch.float32)
     assert streamer.streamed == [1, 2, 4, 5]
     assert streamer.upcoming[3] == [4, 5] and streamer.upcoming[5] == [1, 2]  # wraps to the next pass
+
+
+def test_each_block_is_released_before_the_next_is_packed(monkeypatch):
+    """The host holds one block's packed copy beside the plain weights at a time, not the whole stack's."""
+    from qie.memory import streaming
+
+    stack = blocks()
+    seen: list[int] = []
+    pack = streaming.BlockLayout.pack
+
+    def checked_pack(layout, arena=None):
+        earlier = [b for b in stack[: len(seen)]]
+        assert all(p.numel() == 0 for b in earlier for p in b.parameters() if p.dim() == 2), "not released"
+        seen.append(len(seen))
+        return pack(layout, arena)
+
+    monkeypatch.setattr(streaming.BlockLayout, "pack", checked_pack)
+    BlockStreamer(stack, torch.device("cpu"), resident=1, storage="fp8")
+    assert len(seen) == len(stack)
