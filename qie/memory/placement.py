@@ -66,6 +66,8 @@ def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
     from diffusers.hooks import apply_group_offloading
 
     te = pipe.text_encoder
+    if getattr(te, "qie_streamed_to", None) == device:  # already streaming there (an OOM step-down re-applies plans)
+        return
     if fp8 and not stores_fp8(te):
         from qie.memory.quantize import store_text_encoder_fp8
 
@@ -88,6 +90,7 @@ def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
             record_stream=on_cuda,
         )
     lm.embed_tokens = embed
+    te.qie_streamed_to = device
     if te.lm_head.weight is embed.weight:  # tied: one tensor, keep it on the GPU
         embed.to(device)
         return

@@ -88,3 +88,16 @@ def test_an_encoder_already_in_fp8_is_not_counted_at_half_again():
     stored = replace(FULL_SIZE, text_encoder=FULL_SIZE.text_encoder_fp8, text_encoder_in_fp8=True)
     assert stored.text_encoder_fp8 == stored.text_encoder
     assert FULL_SIZE.text_encoder_fp8 < FULL_SIZE.text_encoder
+
+
+def test_streaming_the_text_encoder_twice_changes_nothing_the_second_time():
+    """An OOM step-down applies the next plan to the same pipeline: hooks and pinned copies must not double."""
+    from qie.core.models import load_pipeline
+    from qie.memory.placement import stream_text_encoder
+
+    pipe = load_pipeline("tiny", device=torch.device("cpu"), dtype=torch.float32)
+    cpu = torch.device("cpu")
+    stream_text_encoder(pipe, cpu)
+    hooks = len(pipe.text_encoder.lm_head._forward_pre_hooks)
+    stream_text_encoder(pipe, cpu)
+    assert hooks == 1 and len(pipe.text_encoder.lm_head._forward_pre_hooks) == hooks
