@@ -87,3 +87,25 @@ def test_an_unknown_compile_mode_stops_the_bench(tmp_path):
     args = build_parser().parse_args(["bench", "--compile-modes", "default,turbo", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--compile-modes: unknown mode 'turbo'"):
         run(args)
+
+
+def test_fast_mode_under_a_budget_runs_on_the_stream_plan(tmp_path, monkeypatch):
+    """The budgets section's fast-mode rows (CUDA only in the bench) on the tiny model, the GPU calls stubbed."""
+    import torch
+
+    from benchmarks.bench import Bench
+    from benchmarks.bench_fast import run_fast_under_budget
+    from qie.cli.main import build_parser
+
+    monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", 64 * 64)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: argparse.Namespace(total_memory=80 * 2**30))
+    argv = ["bench", "--scale", "tiny", "--device", "cpu", "--out", str(tmp_path), "--tag", "b", "--budgets", "10"]
+    args = build_parser().parse_args(argv)
+    args.sizes, args.budgets = [64], [10.0]
+    bench = Bench(args)
+    run_fast_under_budget(bench, 10.0, size=64)
+    rows = {r.name: r for r in bench.rows}
+    eight, four = rows["fast mode 8 steps @ 10 GiB (stream)"], rows["fast mode 4 steps @ 10 GiB (stream)"]
+    assert eight.plan == "stream" and eight.size == 64 and eight.e2e_s["fast_8"] > 0 and four.e2e_s["fast_4"] > 0
