@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,23 @@ def photo():
     from PIL import Image
 
     return Image.open(EXAMPLES / "coffee-cup.jpg").convert("RGB")
+
+
+@contextlib.contextmanager
+def transformer_batch_sizes(editor):
+    """Record the batch size of every transformer call `editor` makes inside the `with` block."""
+    seen: list[int] = []
+    original = editor.pipe.transformer.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["hidden_states"].shape[0])
+        return original(*args, **kwargs)
+
+    editor.pipe.transformer.forward = spy
+    try:
+        yield seen
+    finally:
+        del editor.pipe.transformer.forward
 
 
 def small_request(image, **kw):

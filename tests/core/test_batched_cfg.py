@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import small_request
+from conftest import small_request, transformer_batch_sizes
 from oracle import assert_matches_reference
 
 from qie import InvalidRequestError
@@ -15,16 +15,8 @@ from qie.core.stages import PromptEmbeds, stack_prompts
 @pytest.fixture()
 def batch_sizes(tiny_editor):
     """The batch size of every transformer call made while the test runs."""
-    seen = []
-    original = tiny_editor.pipe.transformer.forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["hidden_states"].shape[0])
-        return original(*args, **kwargs)
-
-    tiny_editor.pipe.transformer.forward = spy
-    yield seen
-    del tiny_editor.pipe.transformer.forward
+    with transformer_batch_sizes(tiny_editor) as seen:
+        yield seen
 
 
 def test_batched_cfg_is_one_call_per_step_within_its_tolerance(tiny_editor, photo, batch_sizes):

@@ -3,31 +3,16 @@
 import threading
 
 import pytest
-from conftest import small_request
+from conftest import small_request, transformer_batch_sizes
 from oracle import assert_matches_reference
 from PIL import Image
 
 from qie import CancelledError, InvalidRequestError
 
 
-def spy_batch_sizes(editor, seen):
-    """Record the batch size of every transformer call (undo with `del editor.pipe.transformer.forward`)."""
-    original = editor.pipe.transformer.forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["hidden_states"].shape[0])
-        return original(*args, **kwargs)
-
-    editor.pipe.transformer.forward = spy
-
-
 def batch_of(editor, requests, **kw):
-    seen = []
-    spy_batch_sizes(editor, seen)
-    try:
+    with transformer_batch_sizes(editor) as seen:
         return editor.edit_batch(requests, **kw), seen
-    finally:
-        del editor.pipe.transformer.forward
 
 
 def two_requests(photo, **kw):

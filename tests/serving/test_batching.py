@@ -2,7 +2,7 @@
 
 import logging
 
-from conftest import small_request
+from conftest import small_request, transformer_batch_sizes
 
 from qie import InvalidRequestError
 from qie.serving.batching import run_grouped
@@ -13,18 +13,8 @@ def test_run_grouped_batches_with_speed_options(tiny_editor, photo):
     options = {"steps": 4, "step_cache": "fbcache", "step_cache_threshold": 1.0, "early_exit_threshold": 1.0}
     requests = [small_request(photo, seed=s, early_exit_patience=1, **options) for s in (1, 2)]
     requests.append(small_request(photo, seed=3, steps=2))  # another key: its own group
-    seen = []
-    original = tiny_editor.pipe.transformer.forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["hidden_states"].shape[0])
-        return original(*args, **kwargs)
-
-    tiny_editor.pipe.transformer.forward = spy
-    try:
+    with transformer_batch_sizes(tiny_editor) as seen:
         results = run_grouped(tiny_editor, requests, max_batch=4)
-    finally:
-        del tiny_editor.pipe.transformer.forward
     assert 2 in seen and [r.seed for r in results] == [1, 2, 3]
     for result in results[:2]:
         assert result.notes[0] == "batch of 2"
