@@ -120,6 +120,13 @@ class Bench:
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
 
+    def cap_memory(self, budget_gib: float) -> None:
+        """Emulate a GPU of `budget_gib`: free what is cached, then cap this process's share of the device."""
+        gc.collect()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total))
+
     def resident_gib(self) -> float | None:
         return torch.cuda.memory_allocated() / 2**30 if self.device.type == "cuda" else None
 
@@ -332,16 +339,13 @@ class Bench:
         from benchmarks.profiling import host_peak_gib, reset_host_peak
         from qie.memory.plans import choose_plan, measure_sizes, resident_blocks
 
-        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
         reset_host_peak()
         pipe = self.fresh_pipe()
         plan = choose_plan(pipe, self.device, "auto", budget_gib=budget)
         blocks = resident_blocks(measure_sizes(pipe, device=self.device), budget) if plan.name == "stream" else None
         editor = self.editor(pipe, plan.name, budget_gib=budget)
         editor.enable_compile()  # the stream plan too: block forwards compiled, weights rebound per call
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        self.cap_memory(budget)
         row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
         self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False))
         placement = getattr(pipe, "qie_placement", None)
@@ -416,10 +420,7 @@ class Bench:
         pipe = self.lora_pipe()
         editor = self.editor(pipe, "stream", budget_gib=budget)
         compiled = editor.enable_compile()  # as the budgets section runs the stream plan
-        gc.collect()
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        self.cap_memory(budget)
         name = f"qie stream @ {budget:g} GiB{' + compile' if compiled else ''} + fused user LoRA"
         self.measure(name, "stream", 1024, lambda s, n, c: probe_qie(editor, s, n, c))
 

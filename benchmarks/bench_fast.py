@@ -21,7 +21,6 @@ come from one more edit with a synchronized timestamp per step.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import statistics
 import tempfile
 import time
@@ -94,13 +93,9 @@ def run_fast_under_budget(bench: Any, budget: float, size: int = 1024) -> None:
     end to end at `size`² with the GPU memory capped at the budget (the budgets section calls it for <= 10 GiB)."""
     bench.check_time(f"fast mode @ {budget:g} GiB")
     torch.cuda.set_per_process_memory_fraction(1.0)  # the pipeline is built on the GPU before the plan moves it
-    gc.collect()
-    torch.cuda.empty_cache()
     plan = "stream"  # what the planner picks at 10 GiB and below (checked by tests/memory/test_plans.py)
     editor, compiled = fastest_editor(bench, lora_steps=8, plan=plan, budget_gib=budget)
-    total = torch.cuda.get_device_properties(bench.device).total_memory / 2**30
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+    bench.cap_memory(budget)
     try:
         for steps in (8, 4):
             editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
