@@ -52,6 +52,15 @@ def stores_fp8(module: torch.nn.Module) -> bool:
     return any(p.dtype == torch.float8_e4m3fn for p in module.parameters())
 
 
+def _store_fp8(text_encoder: torch.nn.Module) -> None:
+    """Store the text encoder's weights in fp8 (`store_text_encoder_fp8`) unless they already are."""
+    if stores_fp8(text_encoder):
+        return
+    from qie.memory.quantize import store_text_encoder_fp8
+
+    store_text_encoder_fp8(text_encoder, next(p.dtype for p in text_encoder.parameters() if p.is_floating_point()))
+
+
 def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
     """Stream `pipe.text_encoder` to `device` layer by layer for each call; with `fp8`, store it in fp8 first.
 
@@ -68,10 +77,8 @@ def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
     te = pipe.text_encoder
     if getattr(te, "qie_streamed_to", None) == device:  # already streaming there (an OOM step-down re-applies plans)
         return
-    if fp8 and not stores_fp8(te):
-        from qie.memory.quantize import store_text_encoder_fp8
-
-        store_text_encoder_fp8(te, next(p.dtype for p in te.parameters() if p.is_floating_point()))
+    if fp8:
+        _store_fp8(te)
     on_cuda = device.type == "cuda"
     if on_cuda:  # weights copied straight into 1 GiB pinned blocks (`qie.memory.pinned`: no rounding up)
         te.qie_pinned = PinnedArena()
@@ -104,10 +111,8 @@ def place_text_encoder(pipe, device: torch.device, where: str) -> None:
     if where.startswith("stream"):
         stream_text_encoder(pipe, device, fp8=where == "stream-fp8")
         return
-    if where == "resident-fp8" and not stores_fp8(te):
-        from qie.memory.quantize import store_text_encoder_fp8
-
-        store_text_encoder_fp8(te, next(p.dtype for p in te.parameters() if p.is_floating_point()))
+    if where == "resident-fp8":
+        _store_fp8(te)
     te.to(device)
 
 
