@@ -22,7 +22,7 @@ from benchmarks.probes import Probe
 from qie.memory.placement import set_vae_tiling
 
 # Label -> VAE tile side in pixels (`qie.memory.placement.set_vae_tiling`); None: untiled.
-VAE_TILES: dict[str, int | None] = {
+VAE_CHOICES: dict[str, int | None] = {
     "untiled": None,
     "tiles 256/192 (diffusers default)": 256,
     "tiles 512/448": 512,
@@ -42,7 +42,7 @@ def run_placement(bench: Any) -> None:
         if te == "fp8":
             store_text_encoder_fp8(pipe.text_encoder, pipe.dtype)  # before the plan streams it
         editor = bench.editor(pipe, "fp8-te-stream")
-        choices = VAE_TILES if te == "bf16" else {"untiled": None}
+        choices = VAE_CHOICES if te == "bf16" else {"untiled": None}
         for label, tiles in choices.items():
             bench.check_time(f"placement, VAE {label}")
             set_vae_tiling(pipe.vae, tiles)

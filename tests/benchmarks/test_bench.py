@@ -114,7 +114,7 @@ def test_fast_mode_under_a_budget_runs_on_the_stream_plan(tmp_path, monkeypatch)
 def test_placement_section_rows(tmp_path, monkeypatch):
     """The placement section (fp8-te-stream on a GPU) on the tiny model's stream plan, which runs on a CPU."""
     from benchmarks.bench import Bench
-    from benchmarks.placement import VAE_TILES, run_placement
+    from benchmarks.placement import VAE_CHOICES, run_placement
     from qie.cli.main import build_parser
 
     monkeypatch.setattr("qie.core.grouping.VAE_IMAGE_SIZE", 64 * 64)
@@ -125,7 +125,7 @@ def test_placement_section_rows(tmp_path, monkeypatch):
     editor = bench.editor
     monkeypatch.setattr(bench, "editor", lambda pipe, plan, **kw: editor(pipe, "stream", budget_gib=10, **kw))
     run_placement(bench)
-    assert len(bench.rows) == len(VAE_TILES) + 1  # every VAE choice with the bf16 encoder, then the fp8 encoder
+    assert len(bench.rows) == len(VAE_CHOICES) + 1  # every VAE choice with the bf16 encoder, then the fp8 encoder
     first, *others = bench.rows
     assert first.psnr_vs_ref is None and all(r.psnr_vs_ref is not None for r in others)
     assert all(r.e2e_s["text_encode"] > 0 and r.e2e_s["decode"] > 0 for r in bench.rows)
