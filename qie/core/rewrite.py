@@ -2,10 +2,12 @@
 instruction into a precise one, looking at the input images.
 
 The text encoder is a full vision-language chat model (LM head included); the edit pipeline only
-reads its hidden states. Here it generates, greedily and with a bound on new tokens, under a
-system prompt that asks for one explicit instruction: what to change, where, and what to keep.
-Memory plans need nothing special: streamed layers and the per-call embedding and LM head
-(`qie.memory.placement.onload_per_call`) come to the GPU for each generated token's forward.
+reads its hidden states (it runs the base model, `qie.core.stages.hidden_state_model`, and never
+the LM head). Here it generates, greedily and with a bound on new tokens, under a system prompt
+that asks for one explicit instruction: what to change, where, and what to keep. Memory plans
+need nothing special: on streamed plans the layers and the LM head
+(`qie.memory.placement.onload_per_call`) come to the GPU for each generated token's forward, and
+the token embedding looks the ids up on the host (`qie.memory.placement.lookup_on_host`).
 
 Example:
     >>> editor.rewrite_prompt(["shoe.jpg"], "white background")                  # doctest: +SKIP

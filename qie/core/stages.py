@@ -76,6 +76,9 @@ def encode_prompt(
 ) -> PromptEmbeds:
     """Run the Qwen2.5-VL text encoder on the templated prompt and the (small) input images.
 
+    Only the last hidden states are read, so the base model runs without the LM head
+    (`hidden_state_model`); the result is bit-identical to the full model's.
+
     With transformers 5.x the processor returns `mm_token_type_ids`, which Qwen2.5-VL needs to
     build its 3-D M-RoPE positions for image tokens; stock diffusers (<= 0.42) does not pass it
     and the encoder silently falls back to sequential positions (diffusers issue #14194). qie
@@ -96,12 +99,13 @@ def encode_prompt(
         raise InvalidRequestError(
             "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
         )
+    encoder = hidden_state_model(pipe.text_encoder)
     extra = {}
-    if _accepts(pipe.text_encoder, "logits_to_keep"):
+    if _accepts(encoder, "logits_to_keep"):  # the full model (see `hidden_state_model`)
         extra["logits_to_keep"] = 1  # only hidden states are used; skip the 152k-vocab logits
-    if forward_mm_token_type_ids and "mm_token_type_ids" in inputs and _accepts(pipe.text_encoder, "mm_token_type_ids"):
+    if forward_mm_token_type_ids and "mm_token_type_ids" in inputs and _accepts(encoder, "mm_token_type_ids"):
         extra["mm_token_type_ids"] = inputs["mm_token_type_ids"]
-    out = pipe.text_encoder(
+    out = encoder(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
         pixel_values=inputs.get("pixel_values"),
@@ -113,6 +117,33 @@ def encode_prompt(
     embeds = hidden.unsqueeze(0).to(dtype=pipe.text_encoder.dtype, device=device)
     # A single unpadded prompt: the pipeline turns an all-ones mask into None.
     return PromptEmbeds(embeds=embeds, mask=None)
+
+
+def hidden_state_model(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The module `encode_prompt` runs: the text encoder's base model, which returns the hidden states
+    without the LM head, so an edit never runs (nor, when streamed, copies in) the 1 GiB head.
+
+    `Qwen2_5_VLForConditionalGeneration.forward` calls its `.model` (`Qwen2_5_VLModel`) with the
+    same inputs and then applies the head, so the hidden states are the same tensors bit for bit.
+    The full model is returned instead when there is no `.model`, and when hooks sit on the full
+    model's own forward that an edit must pass through: accelerate's offload hook (the
+    model-offload plan's `enable_model_cpu_offload` moves the encoder to the GPU in it), a diffusers
+    hook, or forward (pre-)hooks such as an armed `qie.core.faults` fault.
+
+    Example:
+        >>> type(hidden_state_model(pipe.text_encoder)).__name__  # doctest: +SKIP
+        'Qwen2_5_VLModel'
+    """
+    base = getattr(text_encoder, "model", None)
+    if not isinstance(base, torch.nn.Module):  # not a Qwen2.5-VL-style wrapper: run it whole
+        return text_encoder
+    hooked = (
+        hasattr(text_encoder, "_hf_hook")
+        or hasattr(text_encoder, "_diffusers_hook")
+        or text_encoder._forward_pre_hooks
+        or text_encoder._forward_hooks
+    )
+    return text_encoder if hooked else base
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:

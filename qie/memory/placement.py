@@ -4,7 +4,8 @@ The memory plans (`qie.memory.plans`) decide; this module carries a decision out
 
 - `stream_text_encoder`: the text encoder's layers stay in pinned host memory and cross PCIe for
   each call, optionally stored in fp8 (half the bytes; 0.30 s against 0.44 s per 1024² edit on an
-  H200, `benchmarks/bench-h200-placement.json`).
+  H200, `benchmarks/bench-h200-placement.json`). The token embedding never crosses: ids are looked
+  up on the host (`lookup_on_host`) and only the rows cross.
 - `set_vae_tiling`: the VAE untiled, or diffusers' tiling with square tiles of a given side. Tiles
   of 256 px (diffusers' default) cost 0.57 s of condition encode and 0.76 s of decode per 1024²
   edit on an H200; 576 px tiles 0.08 + 0.11 s; untiled 0.06 + 0.08 s and ~2.4 GiB more memory.
@@ -69,8 +70,10 @@ def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
     runs once or twice per edit, so streaming all of it costs little. It is applied to the two
     layer stacks separately (recursing from the top registers its prefetch tracker twice). The
     token embedding is looked up outside the language model's forward, where no group hook
-    fires, so it and the LM head (`encode_prompt` asks for one token's logits) get their own
-    hooks: each comes to the GPU for its call and leaves after it (1 GiB each for the 7B encoder).
+    fires: it stays on the host and looks ids up there (`lookup_on_host`), so only the prompt's
+    rows cross, not the 1 GiB table. The LM head (1 GiB for the 7B encoder) comes to the GPU for
+    each of its calls and leaves after it (`onload_per_call`): edits never call it
+    (`qie.core.stages.hidden_state_model`), the prompt rewriter's `generate` does.
     """
     from diffusers.hooks import apply_group_offloading
 
@@ -101,8 +104,44 @@ def stream_text_encoder(pipe, device: torch.device, fp8: bool = False) -> None:
     if te.lm_head.weight is embed.weight:  # tied: one tensor, keep it on the GPU
         embed.to(device)
         return
-    onload_per_call(embed, device)
+    lookup_on_host(embed, device)
     onload_per_call(te.lm_head, device)
+
+
+def lookup_on_host(embed: torch.nn.Embedding, device: torch.device) -> None:
+    """Look `embed`'s ids up where its table lives (the host, for a streamed encoder) and copy only
+    the looked-up rows to `device`: a few hundred rows per prompt instead of the whole table.
+
+    Replaces `embed.forward` with `torch.nn.functional.embedding` on the module's own weight and
+    settings (`padding_idx`, `max_norm`, ...), so the rows are those `nn.Embedding` would return.
+    On CUDA the rows are staged in pinned memory and copied without blocking. A table that was
+    later moved to a device (e.g. by the model-offload plan) is looked up there.
+
+    Example:
+        >>> emb = torch.nn.Embedding(10, 4, padding_idx=0)
+        >>> lookup_on_host(emb, torch.device("cpu"))
+        >>> emb(torch.tensor([[0, 3]])).shape
+        torch.Size([1, 2, 4])
+    """
+    pin = device.type == "cuda"
+    embed.to("cpu")
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        weight = embed.weight
+        rows = torch.nn.functional.embedding(
+            ids.to(weight.device),
+            weight,
+            embed.padding_idx,
+            embed.max_norm,
+            embed.norm_type,
+            embed.scale_grad_by_freq,
+            embed.sparse,
+        )
+        if pin and rows.device.type == "cpu":
+            rows = rows.pin_memory()
+        return rows.to(device, non_blocking=pin)
+
+    embed.forward = forward
 
 
 def place_text_encoder(pipe, device: torch.device, where: str) -> None:
@@ -119,8 +158,8 @@ def place_text_encoder(pipe, device: torch.device, where: str) -> None:
 def onload_per_call(module: torch.nn.Module, device: torch.device) -> None:
     """Keep `module`'s weights in (pinned) host memory and copy them to `device` only for its calls.
 
-    For large modules called once per edit (the text encoder's token embedding and LM head):
-    the copy costs tens of milliseconds, the memory is free the rest of the time.
+    For large modules called rarely (the streamed text encoder's LM head, called by the prompt
+    rewriter's `generate`): the copy costs tens of milliseconds, the memory is free the rest of the time.
     """
     pin = device.type == "cuda"
     params = list(module.parameters())

@@ -62,7 +62,7 @@ class Sizes:
     transformer_rest: float  # embeddings, norms, projections outside the blocks
     text_encoder: float
     text_encoder_layer: float  # the largest streamed text-encoder layer
-    text_encoder_embed: float  # token embedding; the LM head has the same size (each on the GPU for its call)
+    text_encoder_embed: float  # token embedding; the LM head has the same size (streamed: on the GPU for its call)
     vae: float
     tokens: int = TOKENS_1024
     upcast: bool = True  # streamed fp8 rows are upcast into a bf16 workspace (GPUs without fp8 units)
@@ -90,7 +90,11 @@ class Sizes:
         return (self.text_encoder - 2 * self.text_encoder_embed) / 2 + 2 * self.text_encoder_embed
 
     def text_encoder_stream(self) -> float:
-        """Text-encoder memory while it streams: two layers or the embedding / LM head in flight, activations."""
+        """Text-encoder memory while it streams: two layers or the LM head in flight, activations."""
+        # `text_encoder_embed` stands for the LM head (the same size): an edit brings neither it nor
+        # the embedding to the GPU (the embedding is looked up on the host, `encode_prompt` skips the
+        # head), but the prompt rewriter's `generate` copies the head in for each token, under the
+        # same plan, so it stays counted.
         return max(2 * self.text_encoder_layer, self.text_encoder_embed) + TEXT_ENCODER_ACT_GIB
 
 

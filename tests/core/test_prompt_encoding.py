@@ -76,3 +76,56 @@ def test_overlong_prompt_is_refused_in_tokens(setup):
     pipe, images = setup
     with pytest.raises(InvalidRequestError, match="at most 1024 tokens"), torch.inference_mode():
         stages.encode_prompt(pipe, "水" * 1500, images, device=torch.device("cpu"))
+
+
+@pytest.fixture()
+def lm_head_calls(tiny_editor):
+    """How often the tiny editor's LM head runs (a forward hook, removed afterwards)."""
+    calls = []
+    handle = tiny_editor.pipe.text_encoder.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def test_encoding_skips_the_lm_head_and_rewriting_uses_it(setup, tiny_editor, photo, lm_head_calls):
+    """Edits read hidden states only: the base model runs, the LM head (1 GiB, streamed per call) does not."""
+    pipe, images = setup
+    with torch.inference_mode():
+        stages.encode_prompt(pipe, PROMPT, images, device=CPU)
+    assert lm_head_calls == []
+    tiny_editor.rewrite_prompt([photo], "white background", max_new_tokens=2)
+    assert lm_head_calls  # generation needs the logits
+
+
+def test_hooks_on_the_text_encoder_still_run_during_encoding(setup):
+    """accelerate's offload hook (model-offload plan) and forward pre-hooks (`qie.core.faults`) sit on the
+    full model's forward: with either, `encode_prompt` runs the full model, with the same result."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    pipe, images = setup
+    te = pipe.text_encoder
+    with torch.inference_mode():
+        plain = stages.encode_prompt(pipe, PROMPT, images, device=CPU).embeds
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append("accelerate")
+            return args, kwargs
+
+    add_hook_to_module(te, Counting())
+    try:
+        with torch.inference_mode():
+            offloaded = stages.encode_prompt(pipe, PROMPT, images, device=CPU).embeds
+    finally:
+        remove_hook_from_module(te)
+    handle = te.register_forward_pre_hook(lambda *_: calls.append("pre-hook"))
+    try:
+        with torch.inference_mode():
+            hooked = stages.encode_prompt(pipe, PROMPT, images, device=CPU).embeds
+    finally:
+        handle.remove()
+    assert calls == ["accelerate", "pre-hook"]
+    assert stages.hidden_state_model(te) is te.model  # hooks gone: the base model again
+    torch.testing.assert_close(offloaded, plain, rtol=0, atol=0)
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)

@@ -101,3 +101,64 @@ def test_streaming_the_text_encoder_twice_changes_nothing_the_second_time():
     hooks = len(pipe.text_encoder.lm_head._forward_pre_hooks)
     stream_text_encoder(pipe, cpu)
     assert hooks == 1 and len(pipe.text_encoder.lm_head._forward_pre_hooks) == hooks
+
+
+@pytest.mark.parametrize("options", [{"padding_idx": 3}, {"padding_idx": -1}, {"max_norm": 1.0}, {}])
+def test_host_lookup_returns_what_nn_embedding_does(options):
+    """Same rows and gradients (none into the padding row) as `nn.Embedding`; the table stays on the
+    host and only the rows go to the device (here "meta", which a CPU test can tell apart)."""
+    import copy
+
+    from qie.memory.placement import lookup_on_host
+
+    torch.manual_seed(0)
+    plain = torch.nn.Embedding(10, 4, **options)
+    host = copy.deepcopy(plain)
+    lookup_on_host(host, torch.device("cpu"))
+    ids = torch.randint(0, 10, (2, 7))
+    ids[0, :3] = plain.padding_idx if plain.padding_idx is not None else 0
+    expected, got = plain(ids), host(ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    expected.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(host.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(host.weight, plain.weight, rtol=0, atol=0)  # max_norm renormalizes both alike
+
+    lookup_on_host(host, torch.device("meta"))
+    rows = host(ids)
+    assert rows.device.type == "meta" and rows.shape == (2, 7, 4)
+    assert host.weight.device.type == "cpu"
+
+
+def test_streamed_text_encoder_encodes_bit_exact_without_copying_a_vocab_table(monkeypatch):
+    """The streamed encoder's prompt embeddings equal the resident ones, and no vocab-sized tensor
+    (the token embedding or the LM head: 1 GiB each on the real model) is copied during the encode."""
+    from PIL import Image
+
+    from qie.core import stages
+    from qie.core.models import load_pipeline
+    from qie.memory.placement import stream_text_encoder
+
+    cpu = torch.device("cpu")
+    pipe = load_pipeline("tiny", device=cpu, dtype=torch.float32)
+    images = stages.prompt_images(pipe, [Image.new("RGB", (320, 240), (200, 50, 20))])
+    with torch.inference_mode():
+        resident = stages.encode_prompt(pipe, "make the sky deep blue", images, device=cpu).embeds
+    stream_text_encoder(pipe, cpu)
+    embed = pipe.text_encoder.get_input_embeddings()
+    table = tuple(embed.weight.shape)
+    copied = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if tuple(self.shape) == table:
+            copied.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    with torch.inference_mode():
+        streamed = stages.encode_prompt(pipe, "make the sky deep blue", images, device=cpu).embeds
+    monkeypatch.undo()
+    torch.testing.assert_close(streamed, resident, rtol=0, atol=0)
+    assert copied == []
+    assert embed.weight.device.type == "cpu"
