@@ -206,12 +206,21 @@ class Editor:
         makes is traced at two prompt lengths: the batch-2 call of batched CFG, and the batch-1 call
         of fast mode (no CFG, no negative prompt). Without that, the first real edit with another
         prompt length recompiled the graph.
+
+        The image's token count works the same way: a graph traced at one output size compiles
+        again (dynamic in that length) at the first edit of another size, which on an H200 costs
+        as long as the first compile (~150 s for `resident-fp8`), so the warm-up ends with both
+        calls at a second, smaller size (`second_warm_up_size`). After it, any bucket reuses them
+        (`tests/speed/test_compile.py::test_after_the_warm_up_no_edit_compiles_again`).
         """
         self._warming_up = True
         try:
             self.edit(warm_up_request(size))  # both CFG branches in one call where that pays
             self.edit(replace(warm_up_request(size), prompt=WARM_UP_PROMPT_LONG))  # the same calls, a 2nd length
             self.edit(replace(warm_up_request(size), batch_cfg=False))  # batch 1, both prompt lengths
+            second = second_warm_up_size(size)
+            self.edit(warm_up_request(second))  # each graph at a second image length
+            self.edit(replace(warm_up_request(second), batch_cfg=False))
         finally:
             self._warming_up = False
 
@@ -604,6 +613,16 @@ def bucketed(request: EditRequest) -> EditRequest:
 
 # A second prompt length for the warm-up (any length other than "warm up"'s).
 WARM_UP_PROMPT_LONG = "warm up the compiled transformer blocks at a second, longer prompt length"
+
+
+def second_warm_up_size(size: int) -> int:
+    """The warm-up's second output side: half of `size`, a multiple of 64 (512 for 1024).
+
+    Example:
+        >>> second_warm_up_size(1024), second_warm_up_size(256)
+        (512, 128)
+    """
+    return max(64, size // 2 // 64 * 64)
 
 
 def warm_up_request(size: int) -> EditRequest:

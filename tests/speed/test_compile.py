@@ -68,8 +68,8 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
 @pytest.mark.parametrize("setup", ["batched", "streamed-batched", "fast"])
 def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
     """Batched CFG (the stream plan's default on a GPU) and fast mode make calls of one prompt length
-    each; the warm-up traces them at two, so later prompts reuse the graphs. Before, the first real
-    edit with another prompt length recompiled."""
+    each; the warm-up traces them at two, so later prompts reuse the graphs; and at two output sizes,
+    so other sizes do too. Before, the first real edit with another prompt length or size recompiled."""
     import torch
     from PIL import Image
     from torch._dynamo.utils import counters
@@ -96,9 +96,10 @@ def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
         editor.warm_up(256)
         traced = counters["stats"]["unique_graphs"]
         photo = Image.new("RGB", (256, 256), (30, 60, 90))
-        for prompt in ("replace the background with pure white and add a red price tag", "remove the watermark"):
+        prompts = ("replace the background with pure white and add a red price tag", "remove the watermark")
+        for prompt, (width, height) in zip(prompts * 2, [(256, 256), (256, 256), (192, 256), (256, 128)], strict=True):
             for batch_cfg in (None, False):
-                size = {"width": 256, "height": 256}
+                size = {"width": width, "height": height}
                 editor.edit(EditRequest(images=[photo], prompt=prompt, steps=2, batch_cfg=batch_cfg, **size))
         assert counters["stats"]["unique_graphs"] == traced
     finally:
