@@ -222,9 +222,9 @@ def _runner(editor):
 def run_encoders(bench: Any) -> None:
     """VAE decoder compile (plain, channels-last) and fp8 text-encoder storage, on the plain resident plan.
 
-    The variants are applied in turn to one pipeline (each stays applied): plain, VAE compiled,
-    VAE compiled channels-last, then the text encoder in fp8. Each row's PSNR is against the plain
-    pipeline's image (same weights and seed); the VAE variants need CUDA.
+    Each VAE variant gets a fresh pipeline (same seed and weights): plain, VAE compiled, VAE
+    compiled channels-last; the text encoder in fp8 is then applied to the last one. Each row's
+    PSNR is against the plain pipeline's image (same weights and seed); the VAE variants need CUDA.
     """
     from qie.memory.quantize import store_text_encoder_fp8
     from qie.speed.compile import compile_vae_decoder
@@ -236,6 +236,11 @@ def run_encoders(bench: Any) -> None:
     variants = [("on", "VAE decoder compiled"), ("channels-last", "VAE decoder compiled, channels-last")]
     for mode, label in variants if bench.device.type == "cuda" else []:
         bench.check_time(label)
+        # A fresh pipeline (same seed, same weights) per variant: a compiled decoder asserts the weight
+        # layout it was traced with, so channels-last applied over the plain compile fails.
+        del editor, pipe
+        pipe = bench.fresh_pipe()
+        editor = bench.editor(pipe, "resident")
         compile_vae_decoder(pipe.vae, mode)
         encoder_row(bench, editor, f"encoders: {label}", size, plain)
     bench.check_time("text encoder fp8")

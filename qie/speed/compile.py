@@ -124,7 +124,9 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
 
     The decoder runs once per edit over one latent frame; its 3-D convolutions are most of the
     decode time, and channels-last (`torch.channels_last_3d`) can give cuDNN faster kernels for them.
-    Compilation happens on the first decode at each size. Returns True when compiled.
+    Compilation happens on the first decode at each size. Returns True when compiled. Call it once
+    per VAE, at load: a compiled decoder asserts the weight layout it was traced with, so changing
+    the mode afterwards fails at the next decode.
     """
     if mode not in VAE_COMPILE_MODES:
         raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
