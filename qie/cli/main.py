@@ -134,12 +134,20 @@ def _add_edit_parser(sub, engine: LoadOptions) -> argparse.ArgumentParser:
     return edit
 
 
+# The bench's sections (`benchmarks/bench.py` and `benchmarks/bench_fast.py`: outside the installed
+# package, so named here; `tests/cli/test_bench_sections.py` checks the two agree).
+BENCH_SECTIONS = (
+    "stock", "resident", "fp8", "budgets", "fast-budget", "fast", "quality", "compile", "encoders",
+    "options", "batching", "lora", "placement",
+)  # fmt: skip
+
+
 def _add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="GPU benchmark against stock diffusers (full-size random weights)")
     bench.add_argument(
         "--sections",
         default="stock,resident,fp8,budgets",
-        help="comma list of stock,resident,fp8,budgets,fast,quality,compile,encoders,options,batching,lora,placement",
+        help=f"comma list of {','.join(BENCH_SECTIONS)}",
     )
     bench.add_argument(
         "--compile-mode", choices=COMPILE_MODES, default="default", help="fast and quality sections' compile mode"
