@@ -81,10 +81,39 @@ def materialize(build, device: torch.device, dtype: torch.dtype, seed: int) -> n
     return model.eval()
 
 
+def scaled_configs(
+    text_layers: int | None = None, vision_depth: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Qwen2.5-VL-7B's text and vision configs, full width, with fewer layers where given.
+
+    A shallower vision tower keeps the published full-attention blocks that still exist (its last
+    block when none does).
+    """
+    text = dict(QWEN25_VL_7B_TEXT)
+    vision = dict(QWEN25_VL_7B_VISION)
+    if text_layers is not None:
+        text["num_hidden_layers"] = text_layers
+    if vision_depth is not None:
+        full = [i for i in vision["fullatt_block_indexes"] if i < vision_depth] or [vision_depth - 1]
+        vision.update(depth=vision_depth, fullatt_block_indexes=full)
+    return text, vision
+
+
 def build_random_pipeline(
-    device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, variant: str = "2509"
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    variant: str = "2509",
+    *,
+    transformer_layers: int | None = None,
+    text_layers: int | None = None,
+    vision_depth: int | None = None,
 ):
-    """A full-size `QwenImageEditPlusPipeline` of `variant` ("2509"/"2511") with random weights on `device`."""
+    """A full-size `QwenImageEditPlusPipeline` of `variant` ("2509"/"2511") with random weights on `device`.
+
+    `transformer_layers`, `text_layers` and `vision_depth` scale it down in depth only (every layer
+    keeps the real width and shapes), e.g. for host-RAM measurements on a small machine.
+    """
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -102,14 +131,17 @@ def build_random_pipeline(
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     processor = TinyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
-    te_config = text_encoder_config(tokenizer, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION)
+    te_config = text_encoder_config(tokenizer, *scaled_configs(text_layers, vision_depth))
+    layers = {} if transformer_layers is None else {"num_layers": transformer_layers}
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=materialize(AutoencoderKLQwenImage, device, dtype, seed + 1),
         text_encoder=materialize(lambda: Qwen2_5_VLForConditionalGeneration(te_config), device, dtype, seed + 2),
         tokenizer=tokenizer,
         processor=processor,
-        transformer=materialize(lambda: QwenImageTransformer2DModel(zero_cond_t=zero_cond_t), device, dtype, seed + 3),
+        transformer=materialize(
+            lambda: QwenImageTransformer2DModel(zero_cond_t=zero_cond_t, **layers), device, dtype, seed + 3
+        ),
     )
     log.info("built the full-size random %s pipeline on %s in %.1fs", variant, device, time.perf_counter() - start)
     return pipe
