@@ -111,12 +111,13 @@ def output_dir() -> Path:
     return folder
 
 
-def save_result(image: Any, metadata: dict[str, Any], seed: int) -> str:
-    """Write the result PNG; a full disk becomes a clear `ResourceError` and leaves no partial file."""
+def save_result(image: Any, metadata: dict[str, Any], seed: int, prefix: str = "qie") -> str:
+    """Write the result PNG (or, with another `prefix`, an image the page shows beside it) under a
+    name of its own; a full disk becomes a clear `ResourceError` and leaves no partial file."""
     from qie.core.images import save_png
 
     folder = output_dir()
-    path = folder / f"qie-{seed}-{uuid.uuid4().hex[:8]}.png"
+    path = folder / f"{prefix}-{seed}-{uuid.uuid4().hex[:8]}.png"
     try:
         return str(save_png(image, path, metadata))
     except OSError as exc:
@@ -147,8 +148,12 @@ def run_edits(
     outputs = []
     for request, result in zip(requests, results, strict=True):
         png = save_result(result.image, png_metadata(editor, request, result), result.seed)
-        before = before_image(request, result.image.size)
-        outputs.append({"before": before, "after": result.image, "png": png, "stats": stats_line(result)})
+        # The before/after view gets files of its own, never PIL images: Gradio writes a PIL output to a
+        # file named by its content, in place, so two requests showing the same image (the same example
+        # photo, a cached result) rewrote that file while a client downloaded it, and the download
+        # came back empty. Files are copied into Gradio's cache atomically, under their own names.
+        before = save_result(before_image(request, result.image.size), {}, result.seed, prefix="qie-before")
+        outputs.append({"before": before, "after": png, "png": png, "stats": stats_line(result)})
     return outputs
 
 
