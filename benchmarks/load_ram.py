@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.profiling import proc_status
+
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("load", "lora_fused", "read_all", "stream_pack")
@@ -84,19 +86,8 @@ def write_lora(folder: str | Path, path: str | Path) -> Path:
 # ---------------------------------------------------------------- inside one case's process
 
 
-def proc_status() -> dict[str, float]:
-    """RssAnon, RssFile and VmRSS of this process, GiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in STATUS_KEYS:
-                out[key] = int(value.split()[0]) * 1024 / GIB
-    return out
-
-
 class Sampler:
-    """Peaks of `proc_status()`, sampled every `interval` seconds on a thread."""
+    """Peaks of `proc_status(STATUS_KEYS)`, sampled every `interval` seconds on a thread."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
@@ -105,7 +96,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        for key, value in proc_status().items():
+        for key, value in proc_status(STATUS_KEYS).items():
             self.peak[key] = max(self.peak[key], value)
 
     def _run(self) -> None:
@@ -170,13 +161,13 @@ def run_case(case: str, folder: str, lora: str | None = None) -> dict[str, Any]:
     if case not in CASES:
         raise ValueError(f"case={case!r}: one of {CASES}")
     cpu = torch.device("cpu")
-    base = proc_status()
+    base = proc_status(STATUS_KEYS)
     note = ""
     with Sampler() as sampler:
         start = time.perf_counter()
         pipe = load_pipeline(folder, device=cpu, dtype=torch.bfloat16)
         load_s = time.perf_counter() - start
-        after_load = proc_status()
+        after_load = proc_status(STATUS_KEYS)
         weights = {name: backing(getattr(pipe, name), weight_mappings()) for name in COMPONENTS}
         start = time.perf_counter()
         if case == "lora_fused":
@@ -200,7 +191,7 @@ def run_case(case: str, folder: str, lora: str | None = None) -> dict[str, Any]:
         step_s = time.perf_counter() - start
         gc.collect()
         time.sleep(0.1)  # one more sample after the work
-    after = proc_status()
+    after = proc_status(STATUS_KEYS)
     maps = weight_mappings()
     return {
         "case": case,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -256,13 +256,27 @@ def reset_host_peak() -> bool:
         return False
 
 
+def proc_status(keys: Sequence[str]) -> dict[str, float]:
+    """The memory fields `keys` of this process's `/proc/self/status` (e.g. "VmHWM", "RssAnon") in GiB.
+
+    Raises OSError where there is no such file (not Linux).
+
+    Example:
+        >>> sorted(proc_status(("RssAnon", "RssFile")))  # doctest: +SKIP
+        ['RssAnon', 'RssFile']
+    """
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0]) * 1024 / 2**30
+    return out
+
+
 def host_peak_gib() -> float | None:
     """The process's resident host-memory high-water mark (`VmHWM`) in GiB, since start or `reset_host_peak`."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 2**30
+        return proc_status(("VmHWM",)).get("VmHWM")
     except OSError:
-        pass
-    return None
+        return None
