@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -46,6 +47,7 @@ CASES = ("load", "lora_fused", "read_all", "stream_pack")
 COMPONENTS = ("transformer", "text_encoder", "vae")
 STATUS_KEYS = ("RssAnon", "RssFile", "VmRSS")
 LORA_FILE = "lightning-random.safetensors"
+SAMPLE_S = 0.02  # seconds between two reads of /proc/self/status
 
 
 # ---------------------------------------------------------------- the model
@@ -89,7 +91,7 @@ def write_lora(folder: str | Path, path: str | Path) -> Path:
 class Sampler:
     """Peaks of `proc_status(STATUS_KEYS)`, sampled every `interval` seconds on a thread."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = SAMPLE_S) -> None:
         self.interval = interval
         self.peak = dict.fromkeys(STATUS_KEYS, 0.0)
         self._stop = threading.Event()
@@ -168,7 +170,8 @@ def run_case(case: str, folder: str, lora: str | None = None) -> dict[str, Any]:
         pipe = load_pipeline(folder, device=cpu, dtype=torch.bfloat16)
         load_s = time.perf_counter() - start
         after_load = proc_status(STATUS_KEYS)
-        weights = {name: backing(getattr(pipe, name), weight_mappings()) for name in COMPONENTS}
+        loaded_maps = weight_mappings()
+        weights = {name: backing(getattr(pipe, name), loaded_maps) for name in COMPONENTS}
         start = time.perf_counter()
         if case == "lora_fused":
             from qie.core.speed_setup import setup_speed
@@ -252,7 +255,7 @@ def meta(folder: str | Path, rows: list[dict]) -> dict[str, Any]:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "host_ram_gib": host_ram_gib(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -261,7 +264,7 @@ def meta(folder: str | Path, rows: list[dict]) -> dict[str, Any]:
         "safetensors": safetensors.__version__,
         "layers": model_layers(folder),
         "weights_gib": {name: w["gib"] for name, w in loaded["weights_after_load"].items()},
-        "sampling_ms": 20,
+        "sampling_ms": round(SAMPLE_S * 1000),
         "dtype": "bfloat16",
     }
 
