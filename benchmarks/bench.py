@@ -329,7 +329,7 @@ class Bench:
     def run_budget(self, budget: float) -> None:
         from qie.speed import fa3
 
-        attention = "fa3-fwd" if fa3.install(self.device) else "native"  # as `Editor.load` chooses it
+        attention = fa3.NAME if fa3.install(self.device) else "native"  # as `Editor.load` chooses it
         try:
             self.run_budget_with(budget, attention)
         finally:

@@ -37,6 +37,11 @@ from qie.core.tolerances import difference
 AUTO = {"condition_area": None}  # what a user gets: the output's area under 0.6 MP
 
 
+def request_options(bench: Any) -> dict[str, Any]:
+    """The fast and quality sections' request options: the automatic condition area, `--attention-quant`."""
+    return {**AUTO, "attention_quant": getattr(bench.args, "attention_quant", None) or "off"}
+
+
 def compile_mode(bench: Any) -> str:
     return getattr(bench.args, "compile_mode", None) or "default"
 
@@ -99,7 +104,7 @@ def run_fast_under_budget(bench: Any, budget: float, size: int = 1024) -> None:
     try:
         for steps in (8, 4):
             editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
-            probe = time_e2e(editor, size, steps, False, **AUTO)
+            probe = time_e2e(editor, size, steps, False, **request_options(bench))
             if probe.steps_run != steps:
                 raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
             label = f"fast mode {steps} steps @ {budget:g} GiB ({plan}{', compiled' if compiled else ''})"
@@ -113,7 +118,9 @@ def run_fast_under_budget(bench: Any, budget: float, size: int = 1024) -> None:
 
 def plan_label(bench: Any, compiled: bool, attention: str) -> str:
     compiled_part = f" + compile ({compile_mode(bench)})" if compiled else ""
-    return f"{bench.fast_plan()}{compiled_part}, {attention} attention"
+    quant = request_options(bench)["attention_quant"]
+    quant_part = f" ({quant})" if quant != "off" else ""
+    return f"{bench.fast_plan()}{compiled_part}, {attention}{quant_part} attention"
 
 
 def run_fast(bench: Any) -> None:
@@ -129,7 +136,7 @@ def run_fast(bench: Any) -> None:
         editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
         for size in bench.args.sizes:
             bench.check_time(f"fast {steps} @ {size}")
-            probe = time_e2e(editor, size, steps, False, **AUTO)
+            probe = time_e2e(editor, size, steps, False, **request_options(bench))
             if probe.steps_run != steps:
                 raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
             row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
@@ -143,8 +150,12 @@ def run_fast(bench: Any) -> None:
             bench.add(row)
             if steps == 4 and size == bench.args.sizes[0]:
                 size0 = bench.args.sizes[0]
-                bench.profile(row, editor.pipe.transformer, lambda s=size0: probe_qie(editor, s, 4, False, **AUTO))
-                row.profile["host_syncs"] = host_syncs(editor, size, steps, **AUTO)
+                bench.profile(
+                    row,
+                    editor.pipe.transformer,
+                    lambda s=size0: probe_qie(editor, s, 4, False, **request_options(bench)),
+                )
+                row.profile["host_syncs"] = host_syncs(editor, size, steps, **request_options(bench))
                 bench.save()
 
 
@@ -171,7 +182,7 @@ def run_quality(bench: Any) -> None:
     editor, compiled = fastest_editor(bench, fixes=False)
     size = bench.args.sizes[0]
     steps = getattr(bench.args, "quality_steps", 40)
-    probe = time_e2e(editor, size, steps, True, repeats=1, **AUTO)
+    probe = time_e2e(editor, size, steps, True, repeats=1, **request_options(bench))
     row = stage_row(
         f"quality {steps} steps CFG + {plan_label(bench, compiled, editor.speed.attention_backend)}",
         size,
@@ -188,7 +199,7 @@ def run_quality(bench: Any) -> None:
         diff = difference(ref_probe.image, bench.reference[size])
         row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
     bench.add(row)
-    bench.profile(row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **AUTO))
+    bench.profile(row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **request_options(bench)))
 
 
 def run_compile_modes(bench: Any) -> None:

@@ -21,7 +21,7 @@ from qie.core.models import prefer_expandable_segments
 from qie.core.registry import DEFAULT_MODEL, VARIANTS
 from qie.errors import InvalidRequestError, QieError
 from qie.settings import Settings
-from qie.speed.options import COMPILE_MODES
+from qie.speed.options import ATTENTION_QUANT_MODES, COMPILE_MODES, STEP_CACHE_MODES
 from qie.versions import __version__
 
 log = logging.getLogger("qie")
@@ -158,6 +158,12 @@ def _add_bench_parser(sub) -> None:
         help=f"compile section: comma list of {', '.join(COMPILE_MODES)}",
     )
     bench.add_argument("--attention", default="auto", help="fast and quality sections' attention backend")
+    bench.add_argument(
+        "--attention-quant",
+        choices=ATTENTION_QUANT_MODES,
+        default="off",
+        help="fast and quality sections' request attention_quant (fp8: FA3's fp8 forward on Hopper)",
+    )
     bench.add_argument("--quality-steps", type=int, default=40, help="quality section: CFG steps of its edit")
     bench.add_argument("--sizes", default="1024,768", help="square output sizes, comma list")
     bench.add_argument("--budgets", default="24,16,10,8,6", help="emulated VRAM budgets in GiB, comma list")
@@ -239,10 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_speed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speed options", "per edit (the load-time ones are under engine)")
     group.add_argument("--mode", choices=["quality", "fast"], help="fast: the Lightning LoRA's steps, CFG off")
-    group.add_argument("--attention-quant", choices=["off", "int8", "fp8"], default="off", help="SageAttention")
     group.add_argument(
-        "--step-cache", choices=["off", "fbcache", "taylorseer"], default="off", help="reuse work between steps"
+        "--attention-quant",
+        choices=ATTENTION_QUANT_MODES,
+        default="off",
+        help="quantized attention: fp8 runs FA3's fp8 forward on Hopper with fa3-fwd, else SageAttention",
     )
+    group.add_argument("--step-cache", choices=STEP_CACHE_MODES, default="off", help="reuse work between steps")
     group.add_argument("--step-cache-threshold", type=float, default=0.05, help="fbcache: residual change to reuse")
     group.add_argument("--step-cache-interval", type=int, default=3, help="taylorseer: full pass every N calls")
     group.add_argument("--early-exit-threshold", type=float, help="stop when x0 changes less than this (relative)")

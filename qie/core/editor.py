@@ -44,6 +44,7 @@ from qie.errors import (
     SafetyError,
 )
 from qie.memory.plans import PLANS, Plan, batch_cfg_pays, choose_plan, next_plan
+from qie.speed.fa3 import NAME as FA3
 from qie.speed.fa3 import installed as installed_fa3
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
@@ -416,7 +417,7 @@ class Editor:
         batched = request.batch_cfg
         if batched is None:
             if self._batch_cfg_pays is None:
-                fa3 = self.speed.attention_backend == "fa3-fwd" or installed_fa3()
+                fa3 = self.speed.attention_backend == FA3 or installed_fa3()
                 self._batch_cfg_pays = batch_cfg_pays(self.pipe, self.device, self.plan.name, fa3=fa3)
             batched = self._batch_cfg_pays
         return self.batched_cfg if batched else None

@@ -70,7 +70,7 @@ def setup_speed(
     attention.apply_backend(pipe.transformer, choice)
     setup = SpeedSetup(attention_backend=choice.name, facts=facts)
     if attention_backend in (None, "auto") and choice.name in fa3.REPLACES and fa3.install(device):
-        setup.attention_backend = "fa3-fwd"
+        setup.attention_backend = fa3.NAME
     if fast_lora:
         try:
             spec = lightning or variant_spec(pipeline_variant(pipe)).lightning

@@ -73,6 +73,12 @@ TOLERANCES: dict[str, Tolerance] = {
     "attention-quant": Tolerance(
         16, 40.0, "int8 Q·K and fp8/fp16 P·V attention (SageAttention); where unavailable, bf16 attention: exact"
     ),
+    "attention-fa3-fp8": Tolerance(
+        16,
+        40.0,
+        "FA3's fp8 forward: Q, K and V cast to fp8 with one scale per sample and head (tiny, reference kernel: "
+        "see tests/speed/test_fa3.py)",
+    ),
     "batching": Tolerance(
         3, 50.0, "a batch pads prompts to one length with a mask; only float rounding of batched kernels changes"
     ),

@@ -89,13 +89,26 @@ def scaled_linear(
     out_dtype = out_dtype or x.dtype
     lead, k = x.shape[:-1], x.shape[-1]
     xq, xs = quantize_rows(x.reshape(-1, k))
-    if x.is_cuda:
+    return scaled_mm_rows(xq, xs, values, scales, bias, out_dtype).reshape(*lead, values.shape[0])
+
+
+def scaled_mm_rows(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`(xq * xs) @ (values * scales).T + bias` for fp8 rows on both sides: `xq` (M × K) with `xs` (M × 1),
+    `values` (N × K) with `scales` (N × 1). One `torch._scaled_mm` on CUDA, float32 emulation elsewhere."""
+    if xq.is_cuda:
         y = torch._scaled_mm(xq, values.t(), scale_a=xs, scale_b=scales.t(), out_dtype=out_dtype, use_fast_accum=True)
     else:
         y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
     if bias is not None:
         y = y + bias.to(out_dtype)
-    return y.reshape(*lead, values.shape[0])
+    return y
 
 
 class Fp8RowLinear(nn.Linear):

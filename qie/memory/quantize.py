@@ -22,8 +22,12 @@ def has_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def quantize_transformer(transformer: torch.nn.Module, device: torch.device) -> str:
-    """Quantize the Linear layers of `transformer`'s blocks in place; returns "fp8" or "int8"."""
+def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fuse_mlp: bool = True) -> str:
+    """Quantize the Linear layers of `transformer`'s blocks in place; returns "fp8" or "int8".
+
+    With fp8, `fuse_mlp` also fuses each block MLP's GELU with the fp8 quantization of its output
+    (`qie.memory.fp8_mlp`: one pass instead of a looped reduction).
+    """
     try:
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
@@ -42,6 +46,10 @@ def quantize_transformer(transformer: torch.nn.Module, device: torch.device) -> 
 
     if has_fp8(device):
         quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
+        if fuse_mlp:
+            from qie.memory.fp8_mlp import fuse_mlp_quantization
+
+            fuse_mlp_quantization(transformer)
         return "fp8"
     log.warning("GPU has no fp8 units (compute capability < 8.9): using int8 weight-only quantization instead")
     quantize_(transformer, Int8WeightOnlyConfig(), filter_fn=in_blocks)

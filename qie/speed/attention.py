@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qie.errors import InvalidRequestError
+from qie.speed import fa3
 from qie.speed.options import ATTENTION_QUANT_MODES
 
 log = logging.getLogger(__name__)
@@ -195,11 +196,17 @@ def quantized_attention(
 ) -> Iterator[str | None]:
     """Run the body with quantized attention for `mode`, then restore `default`.
 
+    "fp8" under FA3 (`default` "fa3-fwd") runs FA3's fp8 forward; otherwise SageAttention.
+
     Yields a note for the result: what ran, or why the request fell back to `default` (also
     logged at WARNING). With mode "off" nothing changes and the note is None.
     """
     if mode == "off":
         yield None
+        return
+    if mode == "fp8" and default == fa3.NAME and fa3.installed():
+        with fa3.fp8_attention():
+            yield "attention_quant=fp8: FlashAttention-3 fp8 forward (per-head scales)"
         return
     backend, reason = quantized_backend(facts, mode)
     if backend is None:
@@ -209,5 +216,5 @@ def quantized_attention(
     transformer.set_attention_backend(backend)
     try:
         yield f"attention_quant={mode}: SageAttention backend {backend}"
-    finally:
-        transformer.set_attention_backend(default)
+    finally:  # under FA3 the transformer's own backend is diffusers' native one
+        transformer.set_attention_backend(NATIVE if default == fa3.NAME else default)

@@ -12,6 +12,12 @@ compiles into the block graph and needs no host synchronization.
 cannot serve (no CUDA tensors, another dtype, dropout, a context-parallel config) go to diffusers'
 own dispatcher. `fa3-fwd` is an optional dependency: without it, or off Hopper, nothing changes.
 
+Inside `fp8_attention()` (a request's `attention_quant="fp8"`) the same call runs FA3's fp8
+forward: Q, K and V are cast to fp8 (e4m3) with one scale per sample and head (each head's
+largest magnitude maps to 448), which FA3 takes as descale factors; the output stays bf16.
+Tolerance: `qie.core.tolerances` ("attention-fa3-fp8"). Compiled blocks trace the fp8 variant
+as a second graph on its first use.
+
 Example:
     >>> install(torch.device("cpu"))  # no Hopper GPU here: nothing is installed
     False
@@ -19,14 +25,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 log = logging.getLogger(__name__)
 
+NAME = "fa3-fwd"  # the attention backend name an editor reports when FA3 serves its attention
 QWEN_MODULE = "diffusers.models.transformers.transformer_qwenimage"
 REPLACES = ("None", "native", "_native_cudnn")  # backends FA3 stands in for; others (SageAttention) stay
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -42,7 +50,39 @@ def fa3_kernel() -> Kernel | None:
     def kernel(q, k, v, used):
         return torch.ops.fa3_fwd._flash_attn_forward(q, k, v, seqused_k=used)[0]
 
+    kernel.hopper_only = True
     return kernel
+
+
+def fa3_fp8_kernel() -> Kernel | None:
+    """FA3's fp8 forward as `kernel(q, k, v, seqused_k)`: bf16 in, per-head fp8 scaling, bf16 out."""
+    if fa3_kernel() is None:
+        return None
+
+    def kernel(q, k, v, used):
+        (q8, qs), (k8, ks), (v8, vs) = quantize_heads(q), quantize_heads(k), quantize_heads(v)
+        out = torch.ops.fa3_fwd._flash_attn_forward(
+            q8, k8, v8, seqused_k=used, q_descale=qs, k_descale=ks, v_descale=vs
+        )
+        return out[0].to(q.dtype)
+
+    kernel.hopper_only = True
+    return kernel
+
+
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` (B x S x H x D) as fp8 values and one fp32 scale per sample and head (B x H): x ≈ values * scale."""
+    from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE
+
+    scale = (x.abs().amax(dim=(1, 3)).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    values = (x.float() / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return values, scale
+
+
+def reference_fp8_kernel(q, k, v, used):
+    """What the fp8 kernel computes, in float32 SDPA on the dequantized fp8 inputs."""
+    q, k, v = ((vals.float() * sc[:, None, :, None]) for vals, sc in map(quantize_heads, (q, k, v)))
+    return reference_kernel(q, k, v, used)
 
 
 def reference_kernel(q, k, v, used):
@@ -83,7 +123,7 @@ def joint_attention(
         and str(getattr(kwargs.get("backend"), "value", kwargs.get("backend"))) in REPLACES
         and (attn_mask is None or attn_mask.dtype == torch.bool)
     )
-    if not usable and kernel is not reference_kernel:
+    if not usable and getattr(kernel, "hopper_only", False):  # reference kernels serve every call
         return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
     if attn_mask is None:
         return kernel(query, key, value, None)
@@ -96,17 +136,39 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and fa3_kernel() is not None
 
 
-def install(device: torch.device, kernel: Kernel | None = None) -> bool:
-    """Route the Qwen-Image transformer's joint attention through FA3 (or `kernel`); False if unavailable."""
-    kernel = kernel or (fa3_kernel() if available(device) else None)
+class _Fp8:
+    """Whether `fp8_attention` is on (read by the installed dispatcher on every call)."""
+
+    on: bool = False
+
+
+@contextlib.contextmanager
+def fp8_attention() -> Iterator[None]:
+    """Run the body's FA3 attention in fp8 (`fa3_fp8_kernel`); outside it, bf16 again."""
+    before, _Fp8.on = _Fp8.on, True
+    try:
+        yield
+    finally:
+        _Fp8.on = before
+
+
+def install(device: torch.device, kernel: Kernel | None = None, fp8_kernel: Kernel | None = None) -> bool:
+    """Route the Qwen-Image transformer's joint attention through FA3 (or `kernel`); False if unavailable.
+
+    `fp8_kernel` (default: FA3's fp8 forward) serves the calls made inside `fp8_attention()`.
+    """
+    if kernel is None and available(device):
+        kernel, fp8_kernel = fa3_kernel(), fp8_kernel or fa3_fp8_kernel()
     if kernel is None:
         return False
     module = importlib.import_module(QWEN_MODULE)
     original = getattr(module, "_qie_dispatch", module.dispatch_attention_fn)
     module._qie_dispatch = original
+    quantized = fp8_kernel or kernel
 
     def dispatch(query, key, value, **kwargs):
-        return joint_attention(query, key, value, kernel=kernel, fallback=original, **kwargs)
+        chosen = quantized if _Fp8.on else kernel
+        return joint_attention(query, key, value, kernel=chosen, fallback=original, **kwargs)
 
     module.dispatch_attention_fn = dispatch
     log.info("joint attention: FlashAttention-3 forward (fa3-fwd), masks as kept-key counts")

@@ -46,7 +46,11 @@ def test_calls_the_kernel_cannot_serve_go_to_the_fallback():
         seen.append(kwargs)
         return "fallback"
 
-    result = fa3.joint_attention(q, k, v, mask, kernel=lambda *a: "fa3", fallback=fallback, backend=None)
+    def kernel(*args):
+        return "fa3"
+
+    kernel.hopper_only = True  # as FA3's own kernels are marked
+    result = fa3.joint_attention(q, k, v, mask, kernel=kernel, fallback=fallback, backend=None)
     assert result == "fallback" and seen[0]["attn_mask"] is mask  # float32 on the CPU
     assert fa3.REPLACES == ("None", "native", "_native_cudnn")  # a per-request SageAttention backend stays
 
@@ -74,3 +78,61 @@ def test_fa3_on_hopper_matches_masked_sdpa():
     got = fa3.joint_attention(q, k, v, mask, kernel=fa3.fa3_kernel(), fallback=None)
     ref = masked_sdpa(q.float(), k.float(), v.float(), mask)
     assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_quantize_heads_maps_each_heads_largest_value_to_the_fp8_maximum():
+    x = torch.randn(2, 30, 3, 16) * torch.tensor([1.0, 10.0, 1000.0])[None, None, :, None]
+    values, scale = fa3.quantize_heads(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (2, 3)
+    assert torch.allclose(values.float().abs().amax(dim=(1, 3)), torch.full((2, 3), 448.0))
+    back = values.float() * scale[:, None, :, None]
+    assert ((back - x).abs() <= x.abs() * 2**-4 + scale[:, None, :, None] * 2**-9).all()  # e4m3: 3 mantissa bits
+
+
+def test_fp8_attention_runs_only_inside_its_context_and_restores_bf16(tiny_editor, photo):
+    from qie.speed.attention import quantized_attention
+
+    calls = []
+
+    def spy(name, kernel):
+        def run(*args):
+            calls.append(name)
+            return kernel(*args)
+
+        return run
+
+    request = small_request(photo, seed=3, steps=2)
+    plain = tiny_editor.edit(request).image
+    assert fa3.install(
+        torch.device("cpu"),
+        kernel=spy("bf16", fa3.reference_kernel),
+        fp8_kernel=spy("fp8", fa3.reference_fp8_kernel),
+    )
+    backend = tiny_editor.speed.attention_backend
+    tiny_editor.speed.attention_backend = fa3.NAME
+    try:
+        quantized = tiny_editor.edit(dataclasses.replace(request, attention_quant="fp8"))
+        assert set(calls) == {"fp8"} and any("FlashAttention-3 fp8" in n for n in quantized.notes)
+        calls.clear()
+        again = tiny_editor.edit(request).image
+        assert set(calls) == {"bf16"}
+        facts = tiny_editor.speed.facts
+        with quantized_attention(tiny_editor.pipe.transformer, "fp8", "native", facts) as note:
+            assert "unavailable" in note  # not under FA3: SageAttention's path, not installed here
+    finally:
+        tiny_editor.speed.attention_backend = backend
+        fa3.uninstall()
+    assert_matches_reference("default-no-fixes", again, plain)  # the bf16 reference kernel: same image
+    assert_matches_reference("attention-fa3-fp8", quantized.image, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fa3_fp8_on_hopper_matches_masked_sdpa():
+    dev = torch.device("cuda")
+    if not fa3.available(dev):
+        pytest.skip("needs a Hopper GPU and the fa3-fwd package")
+    q, k, v, mask = random_case(b=2, s=1000, h=4, d=128, device="cuda", dtype=torch.bfloat16)
+    got = fa3.joint_attention(q, k, v, mask, kernel=fa3.fa3_fp8_kernel(), fallback=None)
+    ref = masked_sdpa(q.float(), k.float(), v.float(), mask)
+    assert got.dtype == torch.bfloat16 and ((got.float() - ref).norm() / ref.norm()).item() < 5e-2

@@ -1,0 +1,284 @@
+"""Same-run A/B of the fast path's levers at the model's real shapes (a CUDA GPU; minutes, not the whole model).
+
+    python -m benchmarks.fast_levers --out DIR --tag h200-x [--sections blocks,kernels,attention,text]
+
+Sections (each on random weights of the real widths):
+  blocks     a transformer of `--layers` full-size blocks, torchao fp8 rowwise + regional compile,
+             one forward at 1024² (8192 image tokens, `--text-tokens` text tokens) per variant:
+             plain fp8, + fused MLP quantization (`qie.memory.fp8_mlp`), + FA3 fp8 attention.
+             Each variant's seconds per block and the 60-block estimate, and its error against bf16.
+  kernels    `gelu_quantize_rows` (one Triton pass) against Inductor's compiled GELU + `quantize_rows`
+             at (8422 x 12288): milliseconds, and how many fp8 values differ.
+  attention  FA3 bf16 against FA3 fp8 (per-head scaling compiled into the call) at (1, 8422, 24, 128):
+             milliseconds and error against float32 SDPA.
+  text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
+             language model, GPU busy time; eager, then with the language-model layers compiled.
+
+Writes `fast-levers-<tag>.json` in `--out`; every time is a median of CUDA-event timings after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("benchmarks.fast_levers")
+
+IMAGE_TOKENS = 8192  # 1024² output + 1024² condition, 16 px per token
+BLOCKS = 60
+
+
+def cuda_ms(fn: Callable[[], Any], repeats: int = 10, warm: int = 3) -> float:
+    """Median milliseconds of `fn()` by CUDA events, after `warm` calls."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def transformer_inputs(model, text_tokens: int, device: torch.device) -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    cfg = model.config
+    return {
+        "hidden_states": torch.randn(1, IMAGE_TOKENS, cfg.in_channels, device=device, generator=gen).bfloat16(),
+        "encoder_hidden_states": torch.randn(
+            1, text_tokens, cfg.joint_attention_dim, device=device, generator=gen
+        ).bfloat16(),
+        "encoder_hidden_states_mask": None,
+        "timestep": torch.tensor([0.5], device=device, dtype=torch.bfloat16),
+        "img_shapes": [[(1, 64, 64), (1, 64, 64)]],
+        "return_dict": False,
+    }
+
+
+def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Forward seconds of a `--layers`-block transformer per variant, and the error against bf16."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks.random_model import materialize
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import fa3
+    from qie.speed.compile import compile_blocks
+
+    def build():
+        return materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
+
+    plain = build()
+    inputs = transformer_inputs(plain, args.text_tokens, device)
+    with torch.inference_mode():
+        reference = plain(**inputs)[0]
+    del plain
+    fa3_ok = fa3.install(device)
+    variants = [("fp8 rowwise", False, False), ("+ fused MLP quantization", True, False)]
+    if fa3_ok:
+        variants.append(("+ FA3 fp8 attention", True, True))
+    out: dict[str, Any] = {"layers": args.layers, "text_tokens": args.text_tokens, "fa3": fa3_ok, "variants": {}}
+    for name, fuse, fp8_attention in variants:
+        torch.compiler.reset()
+        model = build()
+        quantize_transformer(model, device, fuse_mlp=fuse)
+        compile_blocks(model)
+        context = fa3.fp8_attention if fp8_attention else contextlib.nullcontext
+        with torch.inference_mode(), context():
+            start = time.perf_counter()
+            result = model(**inputs)[0]
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+            ms = cuda_ms(lambda m=model: m(**inputs))
+        row = {
+            "forward_ms": ms,
+            "first_call_s": compile_s,
+            "rel_error_vs_bf16": rel_error(result, reference),
+        }
+        out["variants"][name] = row
+        log.info(
+            "blocks %s: %.2f ms (%d blocks), first call %.1f s, rel err %.4f",
+            name,
+            ms,
+            args.layers,
+            compile_s,
+            row["rel_error_vs_bf16"],
+        )
+        del model
+    base = out["variants"]["fp8 rowwise"]["forward_ms"]
+    for row in out["variants"].values():
+        row["saved_per_60_blocks_ms"] = (base - row["forward_ms"]) * BLOCKS / args.layers
+    fa3.uninstall()
+    return out
+
+
+def run_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The fused GELU + fp8 row quantization against Inductor's kernel for the same arithmetic."""
+    from qie.memory.fp8_mlp import gelu_quantize_reference, gelu_quantize_rows
+
+    h = torch.randn(IMAGE_TOKENS + args.text_tokens, 12288, device=device, dtype=torch.bfloat16) * 2
+    compiled = torch.compile(gelu_quantize_reference)
+    with torch.inference_mode():
+        fused_v, fused_s = gelu_quantize_rows(h)
+        ref_v, ref_s = compiled(h)
+        eager_v, eager_s = gelu_quantize_reference(h)
+        fused_ms = cuda_ms(lambda: gelu_quantize_rows(h), repeats=50)
+        inductor_ms = cuda_ms(lambda: compiled(h), repeats=50)
+    traffic = h.numel() * 3 / 1e9  # bf16 in, fp8 out (GB)
+    return {
+        "shape": list(h.shape),
+        "fused_ms": fused_ms,
+        "inductor_ms": inductor_ms,
+        "traffic_gb": traffic,
+        "fused_gb_s": traffic / fused_ms * 1e3,
+        "values_differing_vs_eager": int((fused_v.float() != eager_v.float()).sum()),
+        "values_differing_inductor_vs_eager": int((ref_v.float() != eager_v.float()).sum()),
+        "max_scale_rel_diff": ((fused_s - eager_s).abs() / eager_s).max().item(),
+        "dequantized_rel_error_vs_eager": rel_error(fused_v.float() * fused_s, eager_v.float() * eager_s),
+    }
+
+
+def run_attention(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """FA3 bf16 vs fp8 at the real shape; the fp8 call includes its quantization, compiled."""
+    from qie.speed import fa3
+
+    if not fa3.available(device):
+        return {"skipped": "needs a Hopper GPU and fa3-fwd"}
+    tokens = IMAGE_TOKENS + args.text_tokens
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, 24, 128, device=device, generator=gen).bfloat16() for _ in range(3))
+    bf16, fp8 = fa3.fa3_kernel(), torch.compile(fa3.fa3_fp8_kernel())
+    with torch.inference_mode():
+        ref = fa3.reference_kernel(q.float(), k.float(), v.float(), None)
+        out_bf16, out_fp8 = bf16(q, k, v, None), fp8(q, k, v, None)
+        return {
+            "tokens": tokens,
+            "bf16_ms": cuda_ms(lambda: bf16(q, k, v, None), repeats=30),
+            "fp8_ms_with_quantization": cuda_ms(lambda: fp8(q, k, v, None), repeats=30),
+            "bf16_rel_error": rel_error(out_bf16, ref),
+            "fp8_rel_error": rel_error(out_fp8, ref),
+            "fp8_max_abs_error": (out_fp8.float() - ref).abs().max().item(),
+        }
+
+
+def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where the text-encode stage's time goes, eager and with the language model's layers compiled."""
+    from benchmarks.probes import PROMPT, test_image
+    from benchmarks.random_model import build_random_pipeline
+    from qie.core import stages
+
+    pipe = build_random_pipeline(device, transformer_layers=1)
+    pipe.transformer.to("cpu")
+    images = stages.prompt_images(pipe, [test_image(1024)])
+    visual = pipe.text_encoder.model.visual
+    text = pipe.prompt_template_encode.format(stages.IMAGE_PROMPT.format(1) + PROMPT)  # as encode_prompt builds it
+    marks: dict[str, float] = {}
+
+    def pre(*_):
+        torch.cuda.synchronize()
+        marks["v0"] = time.perf_counter()
+
+    def post(*_):
+        torch.cuda.synchronize()
+        marks["v1"] = time.perf_counter()
+
+    def measure(label: str) -> dict[str, Any]:
+        with torch.inference_mode():
+            for _ in range(3):
+                stages.encode_prompt(pipe, PROMPT, images, device=device)
+            torch.cuda.synchronize()
+            rows = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                pipe.processor(text=[text], images=images, padding=True, return_tensors="pt")
+                t1 = time.perf_counter()
+                handles = [visual.register_forward_pre_hook(pre), visual.register_forward_hook(post)]
+                stages.encode_prompt(pipe, PROMPT, images, device=device)
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                for h in handles:
+                    h.remove()
+                rows.append({"processor_s": t1 - t0, "total_s": t2 - t1, "vision_s": marks["v1"] - marks["v0"]})
+            plain = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                stages.encode_prompt(pipe, PROMPT, images, device=device)
+                torch.cuda.synchronize()
+                plain.append(time.perf_counter() - t0)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                stages.encode_prompt(pipe, PROMPT, images, device=device)
+                torch.cuda.synchronize()
+        busy = sum(e.device_time_total for e in prof.key_averages()) / 1e6
+        kernels = sum(e.count for e in prof.key_averages() if e.device_time_total > 0)
+        summary = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        summary["encode_s"] = statistics.median(plain)
+        summary["gpu_busy_s"] = busy
+        summary["gpu_ops"] = kernels
+        log.info("text %s: %s", label, summary)
+        return summary
+
+    out: dict[str, Any] = {"eager": measure("eager")}
+    try:
+        start = time.perf_counter()
+        for layer in pipe.text_encoder.model.language_model.layers:
+            layer.compile(dynamic=True)
+        out["lm_compiled"] = measure("language model compiled")
+        out["lm_compiled"]["compile_s"] = time.perf_counter() - start
+    except Exception as exc:  # a measurement, not a feature: record why it could not run
+        out["lm_compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return out
+
+
+SECTIONS = {"kernels": run_kernels, "attention": run_attention, "blocks": run_blocks, "text": run_text}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fast_levers", description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--layers", type=int, default=4, help="blocks section: full-size blocks (default: 4)")
+    parser.add_argument("--text-tokens", type=int, default=230)
+    parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[levers] %(message)s")
+    device = torch.device("cuda")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    from qie.versions import installed
+
+    meta = {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, "versions": installed()}
+    meta["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    payload: dict[str, Any] = {"meta": meta, "sections": {}}
+    path = Path(args.out) / f"fast-levers-{args.tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.sections.split(","):
+        start = time.perf_counter()
+        try:
+            payload["sections"][name] = SECTIONS[name](args, device)
+        except Exception as exc:
+            log.exception("section %s failed", name)
+            payload["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        payload["sections"][name]["section_s"] = time.perf_counter() - start
+        path.write_text(json.dumps(payload, indent=1, default=str))
+        torch.cuda.empty_cache()
+    print(json.dumps(payload["sections"], indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
