@@ -102,13 +102,13 @@ def scaled_mm_rows(
 ) -> torch.Tensor:
     """`(xq * xs) @ (values * scales).T + bias` for fp8 rows on both sides: `xq` (M × K) with `xs` (M × 1),
     `values` (N × K) with `scales` (N × 1). One `torch._scaled_mm` on CUDA, float32 emulation elsewhere."""
-    if xq.is_cuda:
-        y = torch._scaled_mm(xq, values.t(), scale_a=xs, scale_b=scales.t(), out_dtype=out_dtype, use_fast_accum=True)
-    else:
-        y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
-    if bias is not None:
-        y = y + bias.to(out_dtype)
-    return y
+    bias = None if bias is None else bias.to(out_dtype)
+    if xq.is_cuda:  # the bias is added in the GEMM's epilogue
+        return torch._scaled_mm(
+            xq, values.t(), scale_a=xs, scale_b=scales.t(), bias=bias, out_dtype=out_dtype, use_fast_accum=True
+        )
+    y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
+    return y if bias is None else y + bias
 
 
 class Fp8RowLinear(nn.Linear):

@@ -48,6 +48,9 @@ def _triton_kernel():
     except ImportError:
         return None
 
+    # One row per program, held in registers; the warp count that keeps the most rows in flight
+    # depends on the width and the GPU, so it is measured once per width.
+    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)], key=["n_cols"])
     @triton.jit
     def kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, fp8_max, min_scale, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -71,10 +74,7 @@ def _launch(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty((rows, cols), dtype=FP8, device=h.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
     block = triton.next_power_of_2(cols)
-    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    kernel[(rows,)](
-        h, values, scales, cols, h.stride(0), values.stride(0), FP8_MAX, MIN_SCALE, BLOCK=block, num_warps=warps
-    )
+    kernel[(rows,)](h, values, scales, cols, h.stride(0), values.stride(0), FP8_MAX, MIN_SCALE, BLOCK=block)
     return values, scales
 
 
