@@ -5,7 +5,8 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             (resident-fp8 + regional compile with ``--compile-mode``): 8 and 4 steps end to end at
             every ``--sizes`` (the condition area left to auto: the output's area under 0.6 MP); at the
             first size, the forward's time by kernel category next to each category's floor, and the
-            host syncs of one edit (CUDA's sync debug mode)
+            host syncs of one edit (CUDA's sync debug mode). With ``--attention-quant``, the first
+            size's rows again with that request option (e.g. FA3's fp8 attention)
   quality   a 40-step CFG edit on the fastest plan, measured end to end (not derived), with the
             forward's kernel-category profile
   compile   the regional compile's modes (``--compile-modes``): warm-up seconds, first-edit
@@ -116,9 +117,9 @@ def run_fast_under_budget(bench: Any, budget: float, size: int = 1024) -> None:
         del editor
 
 
-def plan_label(bench: Any, compiled: bool, attention: str) -> str:
+def plan_label(bench: Any, compiled: bool, attention: str, quant: str | None = None) -> str:
     compiled_part = f" + compile ({compile_mode(bench)})" if compiled else ""
-    quant = request_options(bench)["attention_quant"]
+    quant = quant or request_options(bench)["attention_quant"]
     quant_part = f" ({quant})" if quant != "off" else ""
     return f"{bench.fast_plan()}{compiled_part}, {attention}{quant_part} attention"
 
@@ -128,35 +129,38 @@ def run_fast(bench: Any) -> None:
 
     The 4- and 8-step LoRAs have the same shapes, so once fused they cost the same per step: one
     build serves both step counts (the loaded LoRA is told it is the 4-step one for those rows).
+    With `--attention-quant`, a second pass repeats the rows of the first size with that request option.
     """
     bench.check_time("fast")
     editor, compiled = fastest_editor(bench, lora_steps=8)
-    label = plan_label(bench, compiled, editor.speed.attention_backend)
-    for steps in (8, 4):
-        editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
-        for size in bench.args.sizes:
-            bench.check_time(f"fast {steps} @ {size}")
-            probe = time_e2e(editor, size, steps, False, **request_options(bench))
-            if probe.steps_run != steps:
-                raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
-            row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
-            row.e2e_s = {f"fast_{steps}": probe.e2e_s}
-            if not any(r.name.startswith("fast mode") for r in bench.rows):  # the section's first edit compiles
-                row.e2e_s["first_edit"] = probe.first_e2e_s
-            row.notes += [n for n in probe.notes if n.startswith("condition_area")]
-            stock = bench.stock.get(size)
-            if stock and stock.e2e_8_nocfg_s:
-                row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
-            bench.add(row)
-            if steps == 4 and size == bench.args.sizes[0]:
-                size0 = bench.args.sizes[0]
-                bench.profile(
-                    row,
-                    editor.pipe.transformer,
-                    lambda s=size0: probe_qie(editor, s, 4, False, **request_options(bench)),
-                )
-                row.profile["host_syncs"] = host_syncs(editor, size, steps, **request_options(bench))
-                bench.save()
+    quant = request_options(bench)["attention_quant"]
+    passes = [("off", bench.args.sizes)] + ([(quant, bench.args.sizes[:1])] if quant != "off" else [])
+    for mode, sizes in passes:
+        options = {**AUTO, "attention_quant": mode}
+        label = plan_label(bench, compiled, editor.speed.attention_backend, mode)
+        first = True  # the pass's first edit compiles (its attention variant is a graph of its own)
+        for steps in (8, 4):
+            editor.speed.fast = dataclasses.replace(editor.speed.fast, steps=steps)
+            for size in sizes:
+                bench.check_time(f"fast {steps} @ {size} ({mode})")
+                probe = time_e2e(editor, size, steps, False, **options)
+                if probe.steps_run != steps:
+                    raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
+                row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
+                row.e2e_s = {f"fast_{steps}": probe.e2e_s}
+                if first:
+                    row.e2e_s["first_edit"], first = probe.first_e2e_s, False
+                row.notes += [n for n in probe.notes if n.startswith(("condition_area", "attention_quant"))]
+                stock = bench.stock.get(size)
+                if stock and stock.e2e_8_nocfg_s:
+                    row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
+                bench.add(row)
+                if steps == 4 and size == sizes[0]:
+                    bench.profile(
+                        row, editor.pipe.transformer, lambda s=size, o=options: probe_qie(editor, s, 4, False, **o)
+                    )
+                    row.profile["host_syncs"] = host_syncs(editor, size, steps, **options)
+                    bench.save()
 
 
 def stage_row(name: str, size: int, plan: str, probe: Probe, *, cfg: bool = False, **fields: Any) -> Row:

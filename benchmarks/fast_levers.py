@@ -54,6 +54,18 @@ def cuda_ms(fn: Callable[[], Any], repeats: int = 10, warm: int = 3) -> float:
     return statistics.median(times)
 
 
+def kernel_table(fn: Callable[[], Any], repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per call of each GPU kernel `fn` launches (profiled over `repeats` calls), largest first."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key[:90], e.device_time_total / 1e3 / repeats) for e in prof.key_averages() if e.device_time_total > 0]
+    return dict(sorted(rows, key=lambda r: -r[1])[:12])
+
+
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -178,6 +190,7 @@ def run_mlp(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         with torch.inference_mode():
             results[name] = mlp(x)
             out[f"{name}_ms"] = cuda_ms(lambda m=mlp: m(x), repeats=30)
+            out[f"{name}_kernels_ms"] = kernel_table(lambda m=mlp: m(x))
     out["saved_per_forward_ms"] = (out["unfused_ms"] - out["fused_ms"]) * BLOCKS
     out["fused_rel_error_vs_unfused"] = rel_error(results["fused"], results["unfused"])
     return out
