@@ -3,10 +3,10 @@
     python -m benchmarks.fast_levers --out DIR --tag h200-x [--sections blocks,kernels,attention,text]
 
 Sections (each on random weights of the real widths):
-  blocks     a transformer of `--layers` full-size blocks, torchao fp8 rowwise + regional compile,
-             one forward at 1024² (8192 image tokens, `--text-tokens` text tokens) per variant:
-             plain fp8, + fused MLP quantization (`qie.memory.fp8_mlp`), + FA3 fp8 attention.
-             Each variant's seconds per block and the 60-block estimate, and its error against bf16.
+  blocks     a transformer of `--layers` full-size blocks, torchao fp8 rowwise + fused MLP quantization
+             (`qie.memory.fp8_mlp`) + regional compile, one forward at 1024² (8192 image tokens,
+             `--text-tokens` text tokens) with FA3 bf16 attention, then with the fp8 toggle on the same
+             compiled blocks: seconds, the 60-block estimate, error against bf16 weights, kernel table.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
   kernels    `gelu_quantize_rows` (one Triton pass) against Inductor's compiled GELU + `quantize_rows`
              at (8422 x 12288): milliseconds, and how many fp8 values differ.
@@ -86,7 +86,9 @@ def transformer_inputs(model, text_tokens: int, device: torch.device) -> dict[st
 
 
 def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Forward seconds of a `--layers`-block transformer per variant, and the error against bf16."""
+    """A `--layers`-block transformer, torchao fp8 + fused MLP quantization + regional compile: its forward
+    with FA3's bf16 attention, then with `fa3.fp8_attention()` toggled on the same compiled blocks (as a
+    request's `attention_quant="fp8"` does); seconds, the toggle's first call, error against bf16 weights."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks.random_model import materialize
@@ -97,47 +99,37 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     def build():
         return materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
 
-    plain = build()
-    inputs = transformer_inputs(plain, args.text_tokens, device)
+    model = build()
+    inputs = transformer_inputs(model, args.text_tokens, device)
     with torch.inference_mode():
-        reference = plain(**inputs)[0]
-    del plain
-    fa3_ok = fa3.install(device)
-    variants = [("fp8 rowwise", False, False), ("+ fused MLP quantization", True, False)]
-    if fa3_ok:
-        variants.append(("+ FA3 fp8 attention", True, True))
-    out: dict[str, Any] = {"layers": args.layers, "text_tokens": args.text_tokens, "fa3": fa3_ok, "variants": {}}
-    for name, fuse, fp8_attention in variants:
-        torch.compiler.reset()
-        model = build()
-        quantize_transformer(model, device, fuse_mlp=fuse)
-        compile_blocks(model)
-        context = fa3.fp8_attention if fp8_attention else contextlib.nullcontext
-        with torch.inference_mode(), context():
-            start = time.perf_counter()
-            result = model(**inputs)[0]
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - start
-            ms = cuda_ms(lambda m=model: m(**inputs))
-        row = {
-            "forward_ms": ms,
-            "first_call_s": compile_s,
-            "rel_error_vs_bf16": rel_error(result, reference),
-        }
-        out["variants"][name] = row
-        log.info(
-            "blocks %s: %.2f ms (%d blocks), first call %.1f s, rel err %.4f",
-            name,
-            ms,
-            args.layers,
-            compile_s,
-            row["rel_error_vs_bf16"],
-        )
-        del model
-    base = out["variants"]["fp8 rowwise"]["forward_ms"]
-    for row in out["variants"].values():
-        row["saved_per_60_blocks_ms"] = (base - row["forward_ms"]) * BLOCKS / args.layers
-    fa3.uninstall()
+        reference = model(**inputs)[0]
+    if not fa3.install(device):
+        return {"skipped": "needs a Hopper GPU and fa3-fwd"}
+    quantize_transformer(model, device, fuse_mlp=True)
+    compile_blocks(model)
+    out: dict[str, Any] = {"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}}
+    results = {}
+    try:
+        for name, context in (("bf16 attention", contextlib.nullcontext), ("fp8 attention", fa3.fp8_attention)):
+            with torch.inference_mode(), context():
+                start = time.perf_counter()
+                results[name] = model(**inputs)[0]
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                ms = cuda_ms(lambda: model(**inputs))
+                kernels = kernel_table(lambda: model(**inputs), repeats=3)
+            out["variants"][name] = {
+                "forward_ms": ms,
+                "first_call_s": first,
+                "rel_error_vs_bf16_weights": rel_error(results[name], reference),
+                "kernels_ms": kernels,
+            }
+            log.info("blocks %s: %.2f ms (%d blocks), first call %.1f s", name, ms, args.layers, first)
+    finally:
+        fa3.uninstall()
+    bf16, fp8 = out["variants"]["bf16 attention"], out["variants"]["fp8 attention"]
+    out["fp8_saved_per_60_blocks_ms"] = (bf16["forward_ms"] - fp8["forward_ms"]) * BLOCKS / args.layers
+    out["fp8_changed_the_output"] = not torch.equal(results["bf16 attention"], results["fp8 attention"])
     return out
 
 

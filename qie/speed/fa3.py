@@ -136,20 +136,24 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and fa3_kernel() is not None
 
 
-class _Fp8:
-    """Whether `fp8_attention` is on (read by the installed dispatcher on every call)."""
-
-    on: bool = False
-
-
 @contextlib.contextmanager
 def fp8_attention() -> Iterator[None]:
-    """Run the body's FA3 attention in fp8 (`fa3_fp8_kernel`); outside it, bf16 again."""
-    before, _Fp8.on = _Fp8.on, True
+    """Run the body's FA3 attention in fp8 (`fa3_fp8_kernel`); outside it, bf16 again. No-op when not installed.
+
+    It swaps the transformer module's `dispatch_attention_fn` for the fp8 dispatcher: compiled
+    blocks guard on that global, so the first fp8 call traces the fp8 graph and later calls pick
+    the graph of the dispatcher in place (a flag read inside the graph is not reliably guarded).
+    """
+    module = importlib.import_module(QWEN_MODULE)
+    fp8 = getattr(module, "_qie_dispatch_fp8", None)
+    if fp8 is None:
+        yield
+        return
+    before, module.dispatch_attention_fn = module.dispatch_attention_fn, fp8
     try:
         yield
     finally:
-        _Fp8.on = before
+        module.dispatch_attention_fn = before
 
 
 def install(device: torch.device, kernel: Kernel | None = None, fp8_kernel: Kernel | None = None) -> bool:
@@ -167,10 +171,13 @@ def install(device: torch.device, kernel: Kernel | None = None, fp8_kernel: Kern
     quantized = fp8_kernel or kernel
 
     def dispatch(query, key, value, **kwargs):
-        chosen = quantized if _Fp8.on else kernel
-        return joint_attention(query, key, value, kernel=chosen, fallback=original, **kwargs)
+        return joint_attention(query, key, value, kernel=kernel, fallback=original, **kwargs)
+
+    def dispatch_fp8(query, key, value, **kwargs):
+        return joint_attention(query, key, value, kernel=quantized, fallback=original, **kwargs)
 
     module.dispatch_attention_fn = dispatch
+    module._qie_dispatch_fp8 = dispatch_fp8
     log.info("joint attention: FlashAttention-3 forward (fa3-fwd), masks as kept-key counts")
     return True
 
@@ -185,4 +192,4 @@ def uninstall() -> None:
     module = importlib.import_module(QWEN_MODULE)
     if hasattr(module, "_qie_dispatch"):
         module.dispatch_attention_fn = module._qie_dispatch
-        del module._qie_dispatch
+        del module._qie_dispatch, module._qie_dispatch_fp8

@@ -137,3 +137,29 @@ def test_fa3_fp8_on_hopper_matches_masked_sdpa():
     ref = masked_sdpa(q.float(), k.float(), v.float(), mask)
     # fp8 Q, K, V: ~5% relative error on random inputs (an H200: 5.3e-2 at 8422 tokens; bf16 FA3: 2.3e-3)
     assert got.dtype == torch.bfloat16 and ((got.float() - ref).norm() / ref.norm()).item() < 8e-2
+
+
+def test_fp8_attention_switches_the_graph_of_compiled_blocks_and_back(photo):
+    """The toggle must reach blocks compiled before it: the first fp8 call traces its own graph."""
+    import numpy as np
+
+    from qie import Editor
+    from qie.speed.compile import uncompile_blocks
+
+    def negated(q, k, v, used):  # a kernel whose output shows that it ran
+        return -fa3.reference_kernel(q, k, v, used)
+
+    editor = Editor.load("tiny")  # its own transformer: compiling the shared one would leak
+    torch._dynamo.reset()
+    assert fa3.install(torch.device("cpu"), kernel=fa3.reference_kernel, fp8_kernel=negated)
+    editor.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    request = small_request(photo, seed=2, steps=2)
+    try:
+        plain = np.asarray(editor.edit(request).image)
+        with fa3.fp8_attention():
+            switched = np.asarray(editor.edit(request).image)
+        again = np.asarray(editor.edit(request).image)
+    finally:
+        uncompile_blocks(editor.pipe.transformer)
+        fa3.uninstall()
+    assert (plain != switched).any() and (plain == again).all()
