@@ -64,6 +64,7 @@ KERNELS = {
         "triton_red_fused__to_copy_abs_amax_clamp_div_mul_reciprocal_0",
         "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::"
         "float8_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(float)#1}, std::array<char*, 2ul> >",
+        "qie_gelu_quantize_rows",  # qie.memory.fp8_mlp's Triton kernel
     ],
     "copies": [
         "Memcpy DtoD (Device -> Device)",
