@@ -54,8 +54,9 @@ def predicted_step(pipe, device: torch.device, plan: str) -> dict[str, Any]:
     from dataclasses import asdict as fields
 
     from qie.memory.cost import predict_pipe
+    from qie.speed.fa3 import installed
 
-    p, gpu = predict_pipe(pipe, device, plan)
+    p, gpu = predict_pipe(pipe, device, plan, fa3=installed())
     return {**fields(p), "cfg_step_s": p.cfg_step_s, "bound": p.bound, "pcie_gbps": gpu.pcie_gbps}
 
 

@@ -407,6 +407,11 @@ class Editor:
             cached_calls=run.cache.cached if run.cache is not None else 0,
         )
 
+    @property
+    def uses_fa3(self) -> bool:
+        """Whether FlashAttention-3 serves the transformer's joint attention (`qie.speed.fa3`)."""
+        return self.speed.attention_backend == FA3 or installed_fa3()
+
     def _predictor(self, request: EditRequest, run, predict: stages.Predictor | None) -> stages.Predictor | None:
         """`predict` (CFG-parallel's) if set, else batched CFG where asked or (`batch_cfg=None`) predicted to pay.
 
@@ -417,8 +422,7 @@ class Editor:
         batched = request.batch_cfg
         if batched is None:
             if self._batch_cfg_pays is None:
-                fa3 = self.speed.attention_backend == FA3 or installed_fa3()
-                self._batch_cfg_pays = batch_cfg_pays(self.pipe, self.device, self.plan.name, fa3=fa3)
+                self._batch_cfg_pays = batch_cfg_pays(self.pipe, self.device, self.plan.name, fa3=self.uses_fa3)
             batched = self._batch_cfg_pays
         return self.batched_cfg if batched else None
 
@@ -685,7 +689,7 @@ def log_prediction(editor: Editor, request: EditRequest, result: EditResult) -> 
         return
     tokens = 2 * (request.width // 16) * (request.height // 16)
     try:
-        p, gpu = predict_pipe(editor.pipe, editor.device, editor.plan.name, tokens=tokens)
+        p, gpu = predict_pipe(editor.pipe, editor.device, editor.plan.name, tokens=tokens, fa3=editor.uses_fa3)
     except Exception as exc:  # a log line must never fail an edit
         log.debug("no prediction: %s", exc)
         return

@@ -154,13 +154,10 @@ def detect_gpu(device, pcie_gbps: float | None = None) -> Gpu:
     return replace(gpu, label=gpu.label + ("; PCIe measured at load" if pcie_gbps is not None else ""))
 
 
-def predict_pipe(pipe, device, plan: str, tokens: int = TOKENS_1024, fa3: bool | None = None) -> tuple[Prediction, Gpu]:
+def predict_pipe(pipe, device, plan: str, tokens: int = TOKENS_1024, fa3: bool = False) -> tuple[Prediction, Gpu]:
     """The prediction for `pipe` as placed by `plan` on `device`: the stream plan from the bytes its
     streamer holds in host memory and the PCIe rate it measured at load, other plans as resident.
-    `fa3`: attention through FlashAttention-3 (default: whether it is installed)."""
-    from qie.speed.fa3 import installed
-
-    fa3 = installed() if fa3 is None else fa3
+    `fa3`: attention through FlashAttention-3 (`qie.speed.fa3.installed()` says whether it is)."""
     streamer = getattr(getattr(pipe.transformer, "transformer_blocks", None), "qie_streamer", None)
     if streamer is not None:
         gpu = detect_gpu(device, streamer.pcie_gbps)
