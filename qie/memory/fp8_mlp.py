@@ -41,7 +41,7 @@ def gelu_quantize_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 @functools.cache
 def _triton_kernel():
-    """The Triton kernel, or None when Triton is not installed."""
+    """(the `triton` module, the kernel), or None when Triton is not installed."""
     try:
         import triton
         import triton.language as tl
