@@ -154,10 +154,7 @@ FEATURES: dict[str, Feature] = {
             "attention_quant",
             field="attention_quant",
             label="Attention / KV quantization",
-            info=(
-                "int8 / fp8 attention: slightly different pixels; pays only on GPUs without fast bf16 "
-                "attention (not faster on an H200); with compile on, its first edit compiles again"
-            ),
+            info="int8 / fp8 attention: slightly different pixels; pays on GPUs without fast bf16 attention",
             default="off",
             choices=(("off", "off"), ("int8", "int8"), ("fp8", "fp8")),
         ),

@@ -254,7 +254,8 @@ def test_on_a_phone_the_result_is_in_view_after_tapping_edit(browser, demo_url):
     page.locator("#result img").nth(1).wait_for(state="visible", timeout=30_000)
     time.sleep(1.0)  # the smooth scroll
     box = page.locator("#result").bounding_box()
-    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] / 2 < 844, box  # at least half in view
+    # at least half in view; the scroll can stop a fraction of a pixel past the top (-0.14 px seen)
+    assert box is not None and box["y"] > -1 and box["y"] + box["height"] / 2 < 844, box
     shot = Path(os.environ.get("QIE_SCREENSHOT_PHONE") or "/tmp/qie-screenshot-phone.png")
     page.screenshot(path=str(shot))
     page.close()
