@@ -147,6 +147,8 @@ def fp8_attention() -> Iterator[None]:
     It swaps the transformer module's `dispatch_attention_fn` for the fp8 dispatcher: compiled
     blocks guard on that global, so the first fp8 call traces the fp8 graph and later calls pick
     the graph of the dispatcher in place (a flag read inside the graph is not reliably guarded).
+    Like `install`, it is process-wide: qie runs one editor per process (per GPU), whose lock
+    keeps one request at a time inside it.
     """
     module = importlib.import_module(QWEN_MODULE)
     fp8 = getattr(module, "_qie_dispatch_fp8", None)
