@@ -41,9 +41,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Each row's largest magnitude maps to fp8's largest finite value (448).
     """
     xf = x.float()
-    scales = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    values = (xf / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return values, scales
+    scales = fp8_scale(xf.abs().amax(dim=-1, keepdim=True))
+    return to_fp8(xf, scales), scales
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale that maps largest magnitudes `amax` to fp8's largest finite value (448)."""
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x / scale` (`scale` broadcast against `x`) cast to fp8 (e4m3), saturating at ±448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def fp8_available(device: torch.device) -> bool:

@@ -72,15 +72,14 @@ def fa3_fp8_kernel() -> Kernel | None:
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` (B x S x H x D) as fp8 values and one fp32 scale per sample and head (B x H): x ≈ values * scale."""
-    from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE
+    from qie.memory.fp8_matmul import fp8_scale, to_fp8
 
     # Per token and head first (a row reduction Inductor can fuse into the kernel that makes `x`), then
     # over the tokens of the small (B x S x H) result. One reduction over dims (1, 3) compiled into
     # slow column reductions: 0.32 ms per two blocks on an H200, more than FA3's fp8 forward saved
     # (benchmarks/fast-levers-h200-m.json); this two-stage form is not yet measured on a GPU.
-    scale = (x.abs().amax(dim=3).amax(dim=1).float() / FP8_MAX).clamp(min=MIN_SCALE)
-    values = (x.float() / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return values, scale
+    scale = fp8_scale(x.abs().amax(dim=3).amax(dim=1))
+    return to_fp8(x, scale[:, None, :, None]), scale
 
 
 def reference_fp8_kernel(q, k, v, used):
@@ -174,16 +173,15 @@ def install(device: torch.device, kernel: Kernel | None = None, fp8_kernel: Kern
     module = importlib.import_module(QWEN_MODULE)
     original = getattr(module, "_qie_dispatch", module.dispatch_attention_fn)
     module._qie_dispatch = original
-    quantized = fp8_kernel or kernel
 
-    def dispatch(query, key, value, **kwargs):
-        return joint_attention(query, key, value, kernel=kernel, fallback=original, **kwargs)
+    def dispatcher(chosen: Kernel):
+        def dispatch(query, key, value, **kwargs):
+            return joint_attention(query, key, value, kernel=chosen, fallback=original, **kwargs)
 
-    def dispatch_fp8(query, key, value, **kwargs):
-        return joint_attention(query, key, value, kernel=quantized, fallback=original, **kwargs)
+        return dispatch
 
-    module.dispatch_attention_fn = dispatch
-    module._qie_dispatch_fp8 = dispatch_fp8
+    module.dispatch_attention_fn = dispatcher(kernel)
+    module._qie_dispatch_fp8 = dispatcher(fp8_kernel or kernel)
     log.info("joint attention: FlashAttention-3 forward (fa3-fwd), masks as kept-key counts")
     return True
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class MaskedVisionAttention(nn.Module):
     proj: nn.Linear
     num_heads: int
     scaling: float
-    rotary = staticmethod(lambda q, k, cos, sin: (q, k))  # the modeling module's own, set per class
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the modeling module's own, set by `_masked_class`
 
     def forward(
         self,
