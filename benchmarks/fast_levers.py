@@ -70,27 +70,13 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def transformer_inputs(model, text_tokens: int, device: torch.device) -> dict[str, Any]:
-    gen = torch.Generator(device=device).manual_seed(0)
-    cfg = model.config
-    return {
-        "hidden_states": torch.randn(1, IMAGE_TOKENS, cfg.in_channels, device=device, generator=gen).bfloat16(),
-        "encoder_hidden_states": torch.randn(
-            1, text_tokens, cfg.joint_attention_dim, device=device, generator=gen
-        ).bfloat16(),
-        "encoder_hidden_states_mask": None,
-        "timestep": torch.tensor([0.5], device=device, dtype=torch.bfloat16),
-        "img_shapes": [[(1, 64, 64), (1, 64, 64)]],
-        "return_dict": False,
-    }
-
-
 def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """A `--layers`-block transformer, torchao fp8 + fused MLP quantization + regional compile: its forward
     with FA3's bf16 attention, then with `fa3.fp8_attention()` toggled on the same compiled blocks (as a
     request's `attention_quant="fp8"` does); seconds, the toggle's first call, error against bf16 weights."""
     from diffusers import QwenImageTransformer2DModel
 
+    from benchmarks import stream_gain
     from benchmarks.random_model import materialize
     from qie.memory.quantize import quantize_transformer
     from qie.speed import fa3
@@ -100,7 +86,7 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         return materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
 
     model = build()
-    inputs = transformer_inputs(model, args.text_tokens, device)
+    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
     with torch.inference_mode():
         reference = model(**inputs)[0]
     if not fa3.install(device):

@@ -37,15 +37,16 @@ def build_transformer(device: torch.device, seed: int = 3):
     return materialize(QwenImageTransformer2DModel, device, torch.bfloat16, seed)
 
 
-def inputs(device: torch.device, batch2: bool) -> dict[str, Any]:
-    """Transformer kwargs at 1024² (4096 output + 4096 condition tokens); batch 2 = cond + padded uncond."""
+def inputs(device: torch.device, batch2: bool, text_tokens: int = TEXT) -> dict[str, Any]:
+    """Transformer kwargs at 1024² (4096 output + 4096 condition tokens, `text_tokens` prompt tokens);
+    batch 2 = cond + padded uncond."""
     g = torch.Generator(device=device).manual_seed(0)
     b = 2 if batch2 else 1
     hidden = torch.randn(b, 8192, 64, device=device, dtype=torch.bfloat16, generator=g)
-    text = torch.randn(b, TEXT, 3584, device=device, dtype=torch.bfloat16, generator=g)
+    text = torch.randn(b, text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=g)
     mask = None
     if batch2:
-        mask = torch.ones(2, TEXT, dtype=torch.long, device=device)
+        mask = torch.ones(2, text_tokens, dtype=torch.long, device=device)
         mask[1, NEG:] = 0
     return {
         "hidden_states": hidden,
