@@ -5,8 +5,9 @@
 Sections (each on random weights of the real widths):
   blocks     a transformer of `--layers` full-size blocks, torchao fp8 rowwise + fused MLP quantization
              (`qie.memory.fp8_mlp`) + regional compile, one forward at 1024² (8192 image tokens,
-             `--text-tokens` text tokens) with FA3 bf16 attention, then with the fp8 toggle on the same
-             compiled blocks: seconds, the 60-block estimate, error against bf16 weights, kernel table.
+             `--text-tokens` text tokens) with FA3 bf16 attention and diffusers' complex RoPE, with
+             real-arithmetic RoPE (`qie.speed.rope`), then with the fp8 attention toggle, all on the same
+             compiled blocks: seconds, the 60-block estimates, error against bf16 weights, kernel tables.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
   kernels    `gelu_quantize_rows` (one Triton pass) against Inductor's compiled GELU + `quantize_rows`
              at (8422 x 12288): milliseconds, and how many fp8 values differ.
@@ -54,7 +55,7 @@ def cuda_ms(fn: Callable[[], Any], repeats: int = 10, warm: int = 3) -> float:
     return statistics.median(times)
 
 
-def kernel_table(fn: Callable[[], Any], repeats: int = 5) -> dict[str, float]:
+def kernel_table(fn: Callable[[], Any], repeats: int = 5, top: int = 12) -> dict[str, float]:
     """Milliseconds per call of each GPU kernel `fn` launches (profiled over `repeats` calls), largest first."""
     fn()
     torch.cuda.synchronize()
@@ -63,7 +64,7 @@ def kernel_table(fn: Callable[[], Any], repeats: int = 5) -> dict[str, float]:
             fn()
         torch.cuda.synchronize()
     rows = [(e.key[:90], e.device_time_total / 1e3 / repeats) for e in prof.key_averages() if e.device_time_total > 0]
-    return dict(sorted(rows, key=lambda r: -r[1])[:12])
+    return dict(sorted(rows, key=lambda r: -r[1])[:top])
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -71,21 +72,20 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """A `--layers`-block transformer, torchao fp8 + fused MLP quantization + regional compile: its forward
-    with FA3's bf16 attention, then with `fa3.fp8_attention()` toggled on the same compiled blocks (as a
-    request's `attention_quant="fp8"` does); seconds, the toggle's first call, error against bf16 weights."""
+    """A `--layers`-block transformer, torchao fp8 + fused MLP quantization + regional compile, one forward per
+    variant on the same compiled blocks: diffusers' complex RoPE (the rotary module's hook removed, so the
+    blocks trace a graph with complex inputs), real-arithmetic RoPE (`qie.speed.rope`, what `compile_blocks`
+    installs), and real RoPE with `fa3.fp8_attention()` toggled on (as a request's `attention_quant="fp8"`
+    does); seconds, each variant's first call (its compile), error against bf16 weights, kernel table."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks import stream_gain
     from benchmarks.random_model import materialize
     from qie.memory.quantize import quantize_transformer
-    from qie.speed import fa3
+    from qie.speed import fa3, rope
     from qie.speed.compile import compile_blocks
 
-    def build():
-        return materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
-
-    model = build()
+    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
     inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
     with torch.inference_mode():
         reference = model(**inputs)[0]
@@ -93,17 +93,27 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         return {"skipped": "needs a Hopper GPU and fa3-fwd"}
     quantize_transformer(model, device, fuse_mlp=True)
     compile_blocks(model)
+
+    @contextlib.contextmanager
+    def complex_rope():
+        rope.uninstall(model)
+        try:
+            yield
+        finally:
+            rope.install(model)
+
+    variants = {"complex rope": complex_rope, "real rope": contextlib.nullcontext, "fp8 attention": fa3.fp8_attention}
     out: dict[str, Any] = {"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}}
     results = {}
     try:
-        for name, context in (("bf16 attention", contextlib.nullcontext), ("fp8 attention", fa3.fp8_attention)):
+        for name, context in variants.items():
             with torch.inference_mode(), context():
                 start = time.perf_counter()
                 results[name] = model(**inputs)[0]
                 torch.cuda.synchronize()
                 first = time.perf_counter() - start
                 ms = cuda_ms(lambda: model(**inputs))
-                kernels = kernel_table(lambda: model(**inputs), repeats=3)
+                kernels = kernel_table(lambda: model(**inputs), repeats=3, top=30)
             out["variants"][name] = {
                 "forward_ms": ms,
                 "first_call_s": first,
@@ -113,9 +123,12 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
             log.info("blocks %s: %.2f ms (%d blocks), first call %.1f s", name, ms, args.layers, first)
     finally:
         fa3.uninstall()
-    bf16, fp8 = out["variants"]["bf16 attention"], out["variants"]["fp8 attention"]
-    out["fp8_saved_per_60_blocks_ms"] = (bf16["forward_ms"] - fp8["forward_ms"]) * BLOCKS / args.layers
-    out["fp8_changed_the_output"] = not torch.equal(results["bf16 attention"], results["fp8 attention"])
+    ms = {name: v["forward_ms"] for name, v in out["variants"].items()}
+    scale = BLOCKS / args.layers
+    out["real_rope_saved_per_60_blocks_ms"] = (ms["complex rope"] - ms["real rope"]) * scale
+    out["fp8_saved_per_60_blocks_ms"] = (ms["real rope"] - ms["fp8 attention"]) * scale
+    out["real_rope_rel_change"] = rel_error(results["real rope"], results["complex rope"])
+    out["fp8_changed_the_output"] = not torch.equal(results["real rope"], results["fp8 attention"])
     return out
 
 
