@@ -11,6 +11,8 @@ Sections (each on random weights of the real widths):
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
   kernels    `gelu_quantize_rows` (one Triton pass) against Inductor's compiled GELU + `quantize_rows`
              at (8422 x 12288): milliseconds, and how many fp8 values differ.
+  rope       one block's attention prologue (q/k norms, RoPE, text+image concatenation), compiled, with
+             diffusers' complex RoPE against `qie.speed.rope`'s real arithmetic: milliseconds, kernels.
   attention  FA3 bf16 against FA3 fp8 (per-head scaling compiled into the call) at (1, 8422, 24, 128):
              milliseconds and error against float32 SDPA.
   text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
@@ -107,6 +109,7 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     results = {}
     try:
         for name, context in variants.items():
+            torch._dynamo.reset()  # each variant traced afresh with static shapes (a recompile would go dynamic)
             with torch.inference_mode(), context():
                 start = time.perf_counter()
                 results[name] = model(**inputs)[0]
@@ -129,6 +132,50 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     out["fp8_saved_per_60_blocks_ms"] = (ms["real rope"] - ms["fp8 attention"]) * scale
     out["real_rope_rel_change"] = rel_error(results["real rope"], results["complex rope"])
     out["fp8_changed_the_output"] = not torch.equal(results["real rope"], results["fp8 attention"])
+    return out
+
+
+def run_rope(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The attention prologue of one block at the real shapes, compiled: the q/k RMSNorms, RoPE and the
+    text+image concatenation of both streams, with diffusers' complex RoPE against `qie.speed.rope`'s
+    real arithmetic; milliseconds, kernel tables, largest difference."""
+    from diffusers.models.transformers import transformer_qwenimage as qwen
+
+    from qie.speed import rope
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shapes = {"img": IMAGE_TOKENS, "txt": args.text_tokens}
+    q = {s: torch.randn(1, n, 24, 128, device=device, generator=gen).bfloat16() for s, n in shapes.items()}
+    k = {s: torch.randn(1, n, 24, 128, device=device, generator=gen).bfloat16() for s, n in shapes.items()}
+    angles = {s: torch.rand(n, 64, device=device, generator=gen) * 100 for s, n in shapes.items()}
+    freqs = {s: torch.polar(torch.ones_like(a), a) for s, a in angles.items()}
+    norms = {name: torch.nn.RMSNorm(128, eps=1e-6).to(device, torch.bfloat16) for name in ("q", "k", "aq", "ak")}
+
+    def prologue(apply, f):
+        img_q = apply(norms["q"](q["img"]), f["img"])
+        img_k = apply(norms["k"](k["img"]), f["img"])
+        txt_q = apply(norms["aq"](q["txt"]), f["txt"])
+        txt_k = apply(norms["ak"](k["txt"]), f["txt"])
+        return torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1)
+
+    variants = {
+        "complex rope": (lambda x, f: qwen.apply_rotary_emb_qwen(x, f, use_real=False), freqs),
+        "real rope": (rope.rotate, {s: torch.view_as_real(f) for s, f in freqs.items()}),
+    }
+    out: dict[str, Any] = {"tokens": IMAGE_TOKENS + args.text_tokens, "heads": 24, "head_dim": 128}
+    results = {}
+    for name, (apply, f) in variants.items():
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a=apply, ff=f: prologue(a, ff), fullgraph=True)
+        with torch.inference_mode():
+            results[name] = fn()
+            out[f"{name}_ms"] = cuda_ms(fn, repeats=30)
+            out[f"{name}_kernels_ms"] = kernel_table(fn)
+    out["saved_per_forward_ms"] = (out["complex rope_ms"] - out["real rope_ms"]) * BLOCKS
+    out["max_abs_difference"] = max(
+        (a.float() - b.float()).abs().max().item()
+        for a, b in zip(results["complex rope"], results["real rope"], strict=True)
+    )
     return out
 
 
@@ -288,7 +335,14 @@ def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
-SECTIONS = {"kernels": run_kernels, "mlp": run_mlp, "attention": run_attention, "blocks": run_blocks, "text": run_text}
+SECTIONS = {
+    "kernels": run_kernels,
+    "mlp": run_mlp,
+    "attention": run_attention,
+    "rope": run_rope,
+    "blocks": run_blocks,
+    "text": run_text,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
