@@ -12,7 +12,8 @@ Sections (each on random weights of the real widths):
   kernels    `gelu_quantize_rows` (one Triton pass) against Inductor's compiled GELU + `quantize_rows`
              at (8422 x 12288): milliseconds, and how many fp8 values differ.
   rope       one block's attention prologue (q/k norms, RoPE, text+image concatenation), compiled, with
-             diffusers' complex RoPE against `qie.speed.rope`'s real arithmetic: milliseconds, kernels.
+             diffusers' complex RoPE, `qie.speed.rope`'s real arithmetic, and `qie.speed.qk_prologue`'s
+             one kernel per stream: milliseconds, kernels, difference to the complex form.
   attention  FA3 bf16 against FA3 fp8 (per-head scaling compiled into the call) at (1, 8422, 24, 128):
              milliseconds and error against float32 SDPA.
   text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
@@ -137,11 +138,13 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 
 def run_rope(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The attention prologue of one block at the real shapes, compiled: the q/k RMSNorms, RoPE and the
-    text+image concatenation of both streams, with diffusers' complex RoPE against `qie.speed.rope`'s
-    real arithmetic; milliseconds, kernel tables, largest difference."""
+    text+image concatenation of both streams, with diffusers' complex RoPE, `qie.speed.rope`'s real
+    arithmetic (Inductor fuses it) and `qie.speed.qk_prologue`'s one kernel per stream; milliseconds,
+    kernel tables, largest difference to the complex form."""
+    from diffusers.models.normalization import RMSNorm
     from diffusers.models.transformers import transformer_qwenimage as qwen
 
-    from qie.speed import rope
+    from qie.speed import qk_prologue, rope
 
     gen = torch.Generator(device=device).manual_seed(0)
     shapes = {"img": IMAGE_TOKENS, "txt": args.text_tokens}
@@ -149,33 +152,43 @@ def run_rope(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     k = {s: torch.randn(1, n, 24, 128, device=device, generator=gen).bfloat16() for s, n in shapes.items()}
     angles = {s: torch.rand(n, 64, device=device, generator=gen) * 100 for s, n in shapes.items()}
     freqs = {s: torch.polar(torch.ones_like(a), a) for s, a in angles.items()}
-    norms = {name: torch.nn.RMSNorm(128, eps=1e-6).to(device, torch.bfloat16) for name in ("q", "k", "aq", "ak")}
+    real = {s: torch.view_as_real(f) for s, f in freqs.items()}
+    norms = {name: RMSNorm(128, eps=1e-6).to(device, torch.bfloat16) for name in ("q", "k", "aq", "ak")}
 
-    def prologue(apply, f):
+    def unfused(apply, f):
         img_q = apply(norms["q"](q["img"]), f["img"])
         img_k = apply(norms["k"](k["img"]), f["img"])
         txt_q = apply(norms["aq"](q["txt"]), f["txt"])
         txt_k = apply(norms["ak"](k["txt"]), f["txt"])
         return torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1)
 
+    def fused():
+        join = qk_prologue.norm_rope_join
+        return (
+            join(q["txt"], q["img"], norms["aq"], norms["q"], real["txt"], real["img"]),
+            join(k["txt"], k["img"], norms["ak"], norms["k"], real["txt"], real["img"]),
+        )
+
     variants = {
-        "complex rope": (lambda x, f: qwen.apply_rotary_emb_qwen(x, f, use_real=False), freqs),
-        "real rope": (rope.rotate, {s: torch.view_as_real(f) for s, f in freqs.items()}),
+        "complex rope": lambda: unfused(lambda x, f: qwen.apply_rotary_emb_qwen(x, f, use_real=False), freqs),
+        "real rope": lambda: unfused(rope.rotate, real),
+        "fused kernel": fused,
     }
     out: dict[str, Any] = {"tokens": IMAGE_TOKENS + args.text_tokens, "heads": 24, "head_dim": 128}
     results = {}
-    for name, (apply, f) in variants.items():
+    for name, fn in variants.items():
         torch._dynamo.reset()
-        fn = torch.compile(lambda a=apply, ff=f: prologue(a, ff), fullgraph=True)
+        compiled = torch.compile(fn, fullgraph=True)
         with torch.inference_mode():
-            results[name] = fn()
-            out[f"{name}_ms"] = cuda_ms(fn, repeats=30)
-            out[f"{name}_kernels_ms"] = kernel_table(fn)
-    out["saved_per_forward_ms"] = (out["complex rope_ms"] - out["real rope_ms"]) * BLOCKS
-    out["max_abs_difference"] = max(
-        (a.float() - b.float()).abs().max().item()
-        for a, b in zip(results["complex rope"], results["real rope"], strict=True)
-    )
+            results[name] = compiled()
+            out[f"{name}_ms"] = cuda_ms(compiled, repeats=30)
+            out[f"{name}_kernels_ms"] = kernel_table(compiled)
+        out[f"{name}_max_abs_vs_complex"] = max(
+            (a.float() - b.float()).abs().max().item()
+            for a, b in zip(results["complex rope"], results[name], strict=True)
+        )
+    for name in ("real rope", "fused kernel"):
+        out[f"{name}_saved_per_forward_ms"] = (out["complex rope_ms"] - out[f"{name}_ms"]) * BLOCKS
     return out
 
 

@@ -62,7 +62,7 @@ _COPIES = (
 )
 _ELEMENTWISE = (
     r"elementwise|vectorized|layer_norm|rms_norm|layernorm|rmsnorm|rowwisemoments|reduce_kernel|softmax|gelu|silu"
-    r"|^triton_|^aten::(add|add_|mul|mul_|sub|div|div_|pow|rsqrt|mean|sum|exp|sin|cos|neg|tanh|where|addcmul|lerp"
+    r"|qk_norm_rope|^triton_|^aten::(add|add_|mul|mul_|sub|div|div_|pow|rsqrt|mean|sum|exp|sin|cos|neg|tanh|where|addcmul|lerp"
     r"|native_layer_norm|layer_norm|rms_norm|_fused_rms_norm|gelu|silu|sigmoid|fill_|clamp|view_as_complex|view_as_real)$"
 )
 PATTERNS = [

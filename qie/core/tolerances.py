@@ -50,6 +50,12 @@ TOLERANCES: dict[str, Tolerance] = {
         "RoPE as real float32 products instead of a complex multiplication (qie.speed.rope): the same "
         "arithmetic, equal outputs in eager on CPU; compiled, it is part of `compile`'s rounding",
     ),
+    "qk-prologue-fused": Tolerance(
+        8,
+        45.0,
+        "q/k RMSNorm + RoPE + text/image join in one kernel (qie.speed.qk_prologue): diffusers' roundings; off "
+        "CUDA the op is diffusers' arithmetic (equal), the Triton kernel sums each head's squares in another order",
+    ),
     "condition-area-output": Tolerance(
         32,
         35.0,

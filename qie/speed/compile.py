@@ -23,7 +23,7 @@ import torch
 
 from qie.errors import InvalidRequestError
 from qie.settings import read as read_setting
-from qie.speed import rope
+from qie.speed import qk_prologue, rope
 from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ def compile_blocks(
     Blocks placed by a `BlockStreamer` (the stream plan) get `compile_streamed_blocks`; their weights
     move between calls, so CUDA-graph modes fall back to "default" there (logged).
 
-    The rotary embedding switches to real arithmetic (`qie.speed.rope`), which Inductor fuses into
-    the q/k norms; complex multiplication would fall back to eager kernels inside every block.
+    The rotary embedding switches to real arithmetic (`qie.speed.rope`): complex multiplication
+    would fall back to eager kernels inside every block. With CUDA and Triton, the q/k norms, RoPE
+    and the text+image join then run as one kernel per stream (`qie.speed.qk_prologue`).
 
     Example:
         >>> compile_blocks(pipe.transformer, mode="max-autotune-no-cudagraphs")  # doctest: +SKIP
@@ -75,6 +76,8 @@ def compile_blocks(
     set_cache_dir(cache_dir)
     blocks = getattr(transformer, "transformer_blocks", None)
     rope.install(transformer)
+    if qk_prologue.available():
+        qk_prologue.install(transformer)
     try:
         if getattr(blocks, "qie_streamer", None) is not None:
             if mode in CUDA_GRAPH_MODES:
@@ -89,6 +92,7 @@ def compile_blocks(
             transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
     except Exception as exc:  # compile support varies with torch/diffusers builds
         log.warning("regional compile unavailable (%s: %s); running eager", type(exc).__name__, exc)
+        qk_prologue.uninstall(transformer)
         rope.uninstall(transformer)
         return False
     if mode in CUDA_GRAPH_MODES and getattr(transformer, "_qie_graph_step", None) is None:
@@ -160,7 +164,8 @@ def compile_streamed_blocks(blocks: torch.nn.ModuleList, backend: str = "inducto
 
 
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
-    """Undo `compile_blocks` (e.g. after a failed warm-up): blocks run eager again, with complex RoPE."""
+    """Undo `compile_blocks` (e.g. after a failed warm-up): blocks run eager again, diffusers' prologue too."""
+    qk_prologue.uninstall(transformer)
     rope.uninstall(transformer)
     for module in transformer.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:

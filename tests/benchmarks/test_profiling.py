@@ -59,6 +59,7 @@ KERNELS = {
         "aten::native_layer_norm",
         "aten::mul",
         "aten::gelu",
+        "qie_qk_norm_rope",  # qie.speed.qk_prologue's Triton kernel
     ],
     "quantize": [
         "triton_red_fused__to_copy_abs_amax_clamp_div_mul_reciprocal_0",

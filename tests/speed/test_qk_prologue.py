@@ -1,0 +1,152 @@
+"""The fused q/k prologue (RMSNorm, RoPE, text+image join): diffusers' arithmetic, one op, same attention."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from conftest import small_request
+from oracle import assert_matches_reference
+
+from qie.speed import qk_prologue, rope
+
+qwen = importlib.import_module(rope.QWEN_MODULE)
+
+
+def norms(dim: int = 16, dtype=torch.bfloat16):
+    from diffusers.models.normalization import RMSNorm
+
+    torch.manual_seed(3)
+    made = [RMSNorm(dim, eps=1e-6).to(dtype) for _ in range(2)]
+    for norm in made:
+        norm.weight.data.uniform_(0.5, 1.5)
+    return made
+
+
+def freqs(tokens: int, pairs: int) -> torch.Tensor:
+    angles = torch.rand(tokens, pairs) * 50
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+
+
+def test_the_op_is_diffusers_norm_rope_and_concatenation():
+    txt_norm, img_norm = norms()
+    txt, img = torch.randn(2, 5, 3, 16).bfloat16(), torch.randn(2, 12, 3, 16).bfloat16() * 4
+    txt_f, img_f = freqs(5, 8), freqs(12, 8)
+    want = torch.cat(
+        [
+            qwen.apply_rotary_emb_qwen(txt_norm(txt), torch.view_as_complex(txt_f), use_real=False),
+            qwen.apply_rotary_emb_qwen(img_norm(img), torch.view_as_complex(img_f), use_real=False),
+        ],
+        dim=1,
+    )
+    got = qk_prologue.norm_rope_join(txt, img, txt_norm, img_norm, txt_f, img_f)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.fixture()
+def transformer(tiny_editor):
+    """A copy of the tiny transformer (installing on the shared one would leak into other tests)."""
+    fresh = copy.deepcopy(tiny_editor.pipe.transformer)
+    yield fresh
+    qk_prologue.uninstall(fresh)
+    rope.uninstall(fresh)
+
+
+def attention_call(transformer, batch: int = 2, image_tokens: int = 16, text_tokens: int = 6):
+    attn = transformer.transformer_blocks[0].attn
+    dim = transformer.inner_dim
+    torch.manual_seed(1)
+    hidden, text = torch.randn(batch, image_tokens, dim), torch.randn(batch, text_tokens, dim)
+    mask = torch.ones(batch, text_tokens, dtype=torch.bool)
+    mask[-1, 4:] = False  # a padded prompt, as the negative branch of batched CFG
+    rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=text_tokens, device=torch.device("cpu"))
+    return attn, {"hidden_states": hidden, "encoder_hidden_states": text, "encoder_hidden_states_mask": mask}, rotary
+
+
+def test_the_fused_processor_equals_diffusers_with_and_without_a_prompt_mask(transformer):
+    attn, kwargs, rotary = attention_call(transformer)
+    with torch.no_grad():
+        want = attn(**kwargs, image_rotary_emb=rotary)
+        want_unmasked = attn(**{**kwargs, "encoder_hidden_states_mask": None}, image_rotary_emb=rotary)
+        assert qk_prologue.install(transformer) == len(transformer.transformer_blocks)
+        calls = []
+        op = qk_prologue._join_op
+        spy = lambda *a: calls.append(1) or op(*a)  # noqa: E731
+        real = tuple(torch.view_as_real(f) for f in rotary)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qk_prologue, "_join_op", spy)
+            got = attn(**kwargs, image_rotary_emb=real)
+            got_unmasked = attn(**{**kwargs, "encoder_hidden_states_mask": None}, image_rotary_emb=real)
+            assert len(calls) == 4  # queries and keys, two calls
+            fallback = attn(**kwargs, image_rotary_emb=rotary)  # complex frequencies: diffusers' own code
+            assert len(calls) == 4
+    for w, g, u, gu, f in zip(want, got, want_unmasked, got_unmasked, fallback, strict=True):
+        assert torch.equal(w, g) and torch.equal(u, gu) and torch.equal(w, f)
+
+
+def test_install_keeps_the_attention_backend_and_uninstall_restores(transformer):
+    original = transformer.transformer_blocks[0].attn.processor
+    original._attention_backend = "native"
+    assert qk_prologue.install(transformer) > 0 and qk_prologue.installed(transformer)
+    assert qk_prologue.install(transformer) == 0  # once only
+    fused = transformer.transformer_blocks[0].attn.processor
+    assert fused._attention_backend == "native" and fused is not original
+    qk_prologue.uninstall(transformer)
+    assert transformer.transformer_blocks[0].attn.processor is original and not qk_prologue.installed(transformer)
+
+
+def test_a_compiled_block_calls_the_op_and_matches_eager(transformer):
+    rope.install(transformer)
+    qk_prologue.install(transformer)
+    block = transformer.transformer_blocks[0]
+    dim = transformer.inner_dim
+    torch.manual_seed(2)
+    args = (torch.randn(1, 16, dim), torch.randn(1, 6, dim), None, torch.randn(1, dim))
+    rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=6, device=torch.device("cpu"))
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.no_grad():
+        want = block(*args, image_rotary_emb=rotary)
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(block, fullgraph=True), *args, image_rotary_emb=rotary)
+    torch._dynamo.reset()
+    assert "qk_norm_rope_join" in "\n".join(code)
+    for w, g in zip(want, got, strict=True):
+        assert torch.allclose(w, g, atol=1e-5, rtol=1e-4)
+
+
+def test_an_edit_with_the_fused_prologue_stays_within_its_tolerance(tiny_editor, photo):
+    request = small_request(photo, seed=6, steps=2)
+    plain = tiny_editor.edit(request).image
+    transformer = tiny_editor.pipe.transformer
+    rope.install(transformer)
+    assert qk_prologue.install(transformer) > 0
+    try:
+        fused = tiny_editor.edit(request).image
+    finally:
+        qk_prologue.uninstall(transformer)
+        rope.uninstall(transformer)
+    assert_matches_reference("qk-prologue-fused", fused, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not qk_prologue.available(), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_triton_kernel_matches_the_reference_at_the_real_width(batch):
+    from diffusers.models.normalization import RMSNorm
+
+    device = torch.device("cuda")
+    txt_norm, img_norm = (RMSNorm(128, eps=1e-6).to(device, torch.bfloat16) for _ in range(2))
+    for norm in (txt_norm, img_norm):
+        norm.weight.data.uniform_(0.5, 1.5)
+    txt = torch.randn(batch, 230, 24, 128, device=device).bfloat16()
+    img = torch.randn(batch, 1030, 24, 128, device=device).bfloat16() * 3
+    txt_f, img_f = freqs(230, 64).to(device), freqs(1030, 64).to(device)
+    got = qk_prologue.norm_rope_join(txt, img, txt_norm, img_norm, txt_f, img_f)
+    streams = ((txt, txt_norm, txt_f), (img, img_norm, img_f))
+    parts = [qk_prologue.reference(x, norm.weight, f, 1e-6) for x, norm, f in streams]
+    want = torch.cat(parts, dim=1)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    diff = (got.float() - want.float()).abs()
+    assert diff.max().item() <= 0.07  # a bf16 step at |x| ~ 4-8: the sum of squares in another order
+    assert (diff > 0).float().mean().item() < 0.05
