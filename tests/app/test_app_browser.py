@@ -348,9 +348,11 @@ def test_the_page_speaks_chinese_to_a_chinese_browser(browser, demo_url):
     page.goto(demo_url)
     page.locator("#edit-btn").wait_for(state="visible", timeout=60_000)
     wait_until(lambda: page.locator("#edit-btn").inner_text().strip() == "编辑", what="the Edit button in Chinese")
-    assert "编辑指令" in page.locator("#prompt").inner_text()
-    assert page.locator("#preset-white_background").inner_text().strip() == "白色背景"
-    assert page.get_by_text("中文示例").count() >= 1
+    # the labels switch language one by one after the page loads: wait for each, not only the first
+    wait_until(lambda: "编辑指令" in page.locator("#prompt").inner_text(), what="the instruction label in Chinese")
+    preset = page.locator("#preset-white_background")
+    wait_until(lambda: preset.inner_text().strip() == "白色背景", what="the preset's Chinese name")
+    wait_until(lambda: page.get_by_text("中文示例").count() >= 1, what="the Chinese examples")
     page.locator("#preset-white_background").click()  # presets start in the browser's language too
     prompt = page.locator("#prompt textarea")
     wait_until(lambda: "纯白色" in prompt.input_value(), what="the preset's Chinese instruction")
