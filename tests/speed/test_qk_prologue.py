@@ -150,3 +150,27 @@ def test_the_triton_kernel_matches_the_reference_at_the_real_width(batch):
     diff = (got.float() - want.float()).abs()
     assert diff.max().item() <= 0.07  # a bf16 step at |x| ~ 4-8: the sum of squares in another order
     assert (diff > 0).float().mean().item() < 0.05
+
+
+def test_streamed_blocks_run_the_fused_prologue_on_the_weights_bound_for_each_call(transformer, monkeypatch):
+    from qie.memory.streaming import BlockStreamer
+
+    transformer.to(torch.bfloat16)
+    rope.install(transformer)
+    block = transformer.transformer_blocks[0]
+    dim = transformer.inner_dim
+    torch.manual_seed(4)
+    args = (torch.randn(1, 16, dim).bfloat16(), torch.randn(1, 6, dim).bfloat16(), None, torch.randn(1, dim).bfloat16())
+    rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=6, device=torch.device("cpu"))
+    with torch.no_grad():
+        want = block(*args, image_rotary_emb=rotary)
+        assert qk_prologue.install(transformer) > 0
+        BlockStreamer(transformer.transformer_blocks, torch.device("cpu"), resident=0, compute_dtype=torch.bfloat16)
+        assert block.attn.norm_q.weight.numel() == 0  # released between calls: read only when bound
+        calls, op = [], qk_prologue._join_op
+        monkeypatch.setattr(qk_prologue, "_join_op", lambda *a: calls.append(1) or op(*a))
+        for _ in range(2):
+            got = block(*args, image_rotary_emb=rotary)
+            for w, g in zip(want, got, strict=True):
+                assert torch.equal(w, g)
+    assert len(calls) == 4
