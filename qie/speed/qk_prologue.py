@@ -176,26 +176,14 @@ def _processor_class():
             head_dim = attn.inner_dim // attn.heads
             img_freqs, txt_freqs = image_rotary_emb
 
-            def heads(t):
-                return t.unflatten(-1, (-1, head_dim))
+            def heads(txt_proj, img_proj):  # text then image, [B, S, H, D] each
+                txt, img = txt_proj(encoder_hidden_states), img_proj(hidden_states)
+                return txt.unflatten(-1, (-1, head_dim)), img.unflatten(-1, (-1, head_dim))
 
-            query = norm_rope_join(
-                heads(attn.add_q_proj(encoder_hidden_states)),
-                heads(attn.to_q(hidden_states)),
-                attn.norm_added_q,
-                attn.norm_q,
-                txt_freqs,
-                img_freqs,
-            )
-            key = norm_rope_join(
-                heads(attn.add_k_proj(encoder_hidden_states)),
-                heads(attn.to_k(hidden_states)),
-                attn.norm_added_k,
-                attn.norm_k,
-                txt_freqs,
-                img_freqs,
-            )
-            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), heads(attn.to_v(hidden_states))], dim=1)
+            freqs = (txt_freqs, img_freqs)
+            query = norm_rope_join(*heads(attn.add_q_proj, attn.to_q), attn.norm_added_q, attn.norm_q, *freqs)
+            key = norm_rope_join(*heads(attn.add_k_proj, attn.to_k), attn.norm_added_k, attn.norm_k, *freqs)
+            value = torch.cat(heads(attn.add_v_proj, attn.to_v), dim=1)
             joint = qwen.dispatch_attention_fn(
                 query,
                 key,
