@@ -144,8 +144,9 @@ def _fusable(attn, hidden_states, image_rotary_emb) -> bool:
     return True
 
 
-def _processor_class():
-    """`QwenFusedQKAttnProcessor`, built on the installed diffusers' processor."""
+@functools.cache
+def processor_class() -> type:
+    """`QwenFusedQKAttnProcessor`, built on the installed diffusers' processor (once)."""
     qwen = importlib.import_module(rope.QWEN_MODULE)
 
     class QwenFusedQKAttnProcessor(qwen.QwenDoubleStreamAttnProcessor2_0):
@@ -201,11 +202,6 @@ def _processor_class():
             return img_out, attn.to_add_out(joint[:, :seq_txt, :].contiguous())
 
     return QwenFusedQKAttnProcessor
-
-
-@functools.cache
-def processor_class() -> type:
-    return _processor_class()
 
 
 def available() -> bool:
