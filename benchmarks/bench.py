@@ -177,9 +177,10 @@ class Bench:
         p = row.profile
         print(
             f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s, "
-            f"host-to-device copies {p['h2d_s']:.3f}s",
+            f"host-to-device copies {p['h2d_s']:.3f}s, host self time {p['host_s']:.3f}s",
             flush=True,
         )
+        print("[bench]   host, largest: " + ", ".join(f"{k} {v:.4f}" for k, v in p["host_top_s"].items()), flush=True)
         floors = p.get("floors_s", {})
         print(
             "[bench]   by category (s, floor): "

@@ -4,7 +4,8 @@
 time of one forward, the summed duration of its GPU kernels, and the summed duration of its
 host-to-device copies. Compared, they name the bound: wall ≈ kernels means compute-bound;
 wall ≈ kernels + copies means the copies do not overlap with the compute; wall ≈ copies means
-PCIe-bound; wall well above both means the host (Python, launches, synchronization) is the limit.
+PCIe-bound; wall well above both means the host (Python, launches, synchronization) is the limit,
+and `host_top_s` lists where the host spent its time.
 
 Example:
     >>> summary = profile_forward(pipe.transformer, lambda: editor.edit(request))  # doctest: +SKIP
@@ -179,7 +180,8 @@ def profile_forward(
     module: torch.nn.Module, trigger: Callable[[], Any], repeats: int = 3, device_name: str | None = None
 ) -> dict[str, Any]:
     """Per forward of `module` (replaying its first call under `trigger`): wall, kernel and copy seconds,
-    seconds by kernel category with idle time, and (for the Qwen-Image transformer) each category's floor.
+    seconds by kernel category with idle time, the host's time by op, and (for the Qwen-Image transformer)
+    each category's floor.
 
     `device_name` picks the peak rates of the floors (`benchmarks.floors.peaks_for`; default: this GPU).
     """
@@ -204,6 +206,7 @@ def profile_forward(
     per = {k: (v / repeats if isinstance(v, float) else v) for k, v in split.items()}
     per["top_kernels_s"] = {k: round(v / repeats, 4) for k, v in split["top_kernels_s"].items()}
     summary = {"forward_s": wall, **per, **category_summary(averages, prof.events(), wall, repeats)}
+    summary.update(host_time(averages, repeats))
     floor = floors_for_call(module, args, kwargs, device_name)
     if floor:
         summary.update(floor)
@@ -211,6 +214,24 @@ def profile_forward(
             k: round(summary["categories_s"][k] - floor["floors_s"][k], 4) for k in summary["categories_s"]
         }
     return summary
+
+
+def host_time(averages: Any, repeats: int, top: int = 10) -> dict[str, Any]:
+    """Per forward: the host's self time in a profiler's `key_averages()` (ops, compiled regions, CUDA
+    runtime calls such as kernel launches), in total and for the `top` largest, in seconds.
+
+    Where a forward's wall time exceeds its kernels' (idle), this says what the host was doing.
+    """
+    rows = [
+        (e.key, e.self_cpu_time_total)
+        for e in averages
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0
+    ]
+    largest = sorted(rows, key=lambda r: -r[1])[:top]
+    return {
+        "host_s": round(sum(us for _, us in rows) / 1e6 / repeats, 5),
+        "host_top_s": {k[:80]: round(us / 1e6 / repeats, 5) for k, us in largest},
+    }
 
 
 def category_summary(averages: Any, events: Any, wall_s: float, repeats: int) -> dict[str, Any]:

@@ -12,6 +12,8 @@ def test_profile_replays_the_first_call_and_times_it():
     layer.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
     summary = profile_forward(layer, lambda: (layer(torch.randn(3, 16)), layer(torch.randn(5, 16))), repeats=2)
     assert summary["forward_s"] > 0 and summary["h2d_s"] == 0.0
+    assert summary["host_s"] > 0 and any("addmm" in name or "linear" in name for name in summary["host_top_s"])
+    assert summary["host_s"] >= max(summary["host_top_s"].values())
     assert calls[2:] == [torch.Size([3, 16])] * (1 + 2 + 2)  # warm-up, timed, profiled: the first call's input
 
 
