@@ -20,7 +20,9 @@ Sections (each on random weights of the real widths):
              GPU busy time; eager, with the vision windows as one masked call (`qie.speed.vision_attention`),
              and with the vision blocks compiled too.
 
-Writes `fast-levers-<tag>.json` in `--out`; every time is a median of CUDA-event timings after warm-up.
+Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
+timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
+finished variants included, and ends.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -106,7 +109,8 @@ def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
             rope.install(model)
 
     variants = {"complex rope": complex_rope, "real rope": contextlib.nullcontext, "fp8 attention": fa3.fp8_attention}
-    out: dict[str, Any] = {"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}}
+    out: dict[str, Any] = getattr(args, "partial", {})  # what main writes if the run is stopped midway
+    out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
     results = {}
     try:
         for name, context in variants.items():
@@ -358,6 +362,14 @@ SECTIONS = {
 }
 
 
+class Stopped(Exception):
+    """The process was asked to stop (SIGTERM, as `timeout` sends): write what was measured and end."""
+
+
+def _stop(signum, _frame):
+    raise Stopped(f"stopped by signal {signum} before the section finished")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fast_levers", description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default=",".join(SECTIONS))
@@ -366,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"--sections {','.join(unknown)}: unknown; use some of {','.join(SECTIONS)}")
     logging.basicConfig(level=logging.INFO, format="[levers] %(message)s")
     device = torch.device("cuda")
     if not torch.cuda.is_available():
@@ -377,16 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {"meta": meta, "sections": {}}
     path = Path(args.out) / f"fast-levers-{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.sections.split(","):
-        start = time.perf_counter()
-        try:
-            payload["sections"][name] = SECTIONS[name](args, device)
-        except Exception as exc:
-            log.exception("section %s failed", name)
-            payload["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-        payload["sections"][name]["section_s"] = time.perf_counter() - start
-        path.write_text(json.dumps(payload, indent=1, default=str))
-        torch.cuda.empty_cache()
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for name in sections:
+            start = time.perf_counter()
+            args.partial = {}  # a long section keeps what it measured here as it goes
+            stopped = False
+            try:
+                payload["sections"][name] = SECTIONS[name](args, device)
+            except Exception as exc:
+                stopped = isinstance(exc, Stopped)
+                log.exception("section %s failed", name)
+                payload["sections"][name] = {**args.partial, "error": f"{type(exc).__name__}: {exc}"[:1000]}
+            payload["sections"][name]["section_s"] = time.perf_counter() - start
+            path.write_text(json.dumps(payload, indent=1, default=str))
+            torch.cuda.empty_cache()
+            if stopped:
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(payload["sections"], indent=1, default=str))
     return 0
 
