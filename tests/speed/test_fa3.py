@@ -129,11 +129,14 @@ def test_fp8_attention_runs_only_inside_its_context_and_restores_bf16(tiny_edito
     assert_matches_reference("attention-fa3-fp8", quantized.image, plain)
 
 
-def test_fp8_attention_switches_the_graph_of_compiled_blocks_and_back(photo):
-    """The toggle must reach blocks compiled before it: the first fp8 call traces its own graph."""
+@pytest.mark.parametrize("fused_prologue", [False, True])
+def test_fp8_attention_switches_the_graph_of_compiled_blocks_and_back(photo, fused_prologue):
+    """The toggle must reach blocks compiled before it: the first fp8 call traces its own graph
+    (also through `qie.speed.qk_prologue`'s processor, which looks the dispatcher up at call time)."""
     import numpy as np
 
     from qie import Editor
+    from qie.speed import qk_prologue, rope
     from qie.speed.compile import uncompile_blocks
 
     def negated(q, k, v, used):  # a kernel whose output shows that it ran
@@ -142,6 +145,9 @@ def test_fp8_attention_switches_the_graph_of_compiled_blocks_and_back(photo):
     editor = Editor.load("tiny")  # its own transformer: compiling the shared one would leak
     torch._dynamo.reset()
     assert fa3.install(torch.device("cpu"), kernel=fa3.reference_kernel, fp8_kernel=negated)
+    if fused_prologue:
+        rope.install(editor.pipe.transformer)
+        assert qk_prologue.install(editor.pipe.transformer) > 0
     editor.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
     request = small_request(photo, seed=2, steps=2)
     try:
@@ -153,3 +159,4 @@ def test_fp8_attention_switches_the_graph_of_compiled_blocks_and_back(photo):
         uncompile_blocks(editor.pipe.transformer)
         fa3.uninstall()
     assert (plain != switched).any() and (plain == again).all()
+    assert not qk_prologue.installed(editor.pipe.transformer)  # uncompile_blocks gave diffusers' processor back
