@@ -115,14 +115,16 @@ def test_a_compiled_block_calls_the_op_and_matches_eager(transformer):
         assert torch.allclose(w, g, atol=1e-5, rtol=1e-4)
 
 
-def test_an_edit_with_the_fused_prologue_stays_within_its_tolerance(tiny_editor, photo):
-    request = small_request(photo, seed=6, steps=2)
-    plain = tiny_editor.edit(request).image
-    transformer = tiny_editor.pipe.transformer
+@pytest.mark.parametrize("variant", ["tiny_editor", "tiny_2511_editor"])
+def test_an_edit_with_the_fused_prologue_stays_within_its_tolerance(variant, photo, request):
+    editor = request.getfixturevalue(variant)  # 2509, and 2511 (zero_cond_t: the condition at timestep 0)
+    edit = small_request(photo, seed=6, steps=2)
+    plain = editor.edit(edit).image
+    transformer = editor.pipe.transformer
     rope.install(transformer)
     assert qk_prologue.install(transformer) > 0
     try:
-        fused = tiny_editor.edit(request).image
+        fused = editor.edit(edit).image
     finally:
         qk_prologue.uninstall(transformer)
         rope.uninstall(transformer)
