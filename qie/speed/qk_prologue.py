@@ -32,6 +32,7 @@ import logging
 import torch
 
 from qie.speed import rope
+from qie.speed.fa3 import QWEN_MODULE
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +131,27 @@ def norm_rope_join(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> torch.
 
 
 def _fusable(attn, hidden_states, image_rotary_emb) -> bool:
-    """Whether the fused prologue reproduces diffusers' for this call."""
+    """Whether the fused prologue reproduces diffusers' for this call: real frequency pairs and diffusers
+    RMSNorms with weights in the activations' dtype and no bias."""
+    from diffusers.models.normalization import RMSNorm
+
     if image_rotary_emb is None:
         return False
     if any(not isinstance(f, torch.Tensor) or f.is_complex() for f in image_rotary_emb):
         return False
-    for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k):
-        weight = getattr(norm, "weight", None)
-        if weight is None or weight.dtype != hidden_states.dtype or getattr(norm, "bias", None) is not None:
-            return False
-        if type(norm).__name__ != "RMSNorm":
-            return False
-    return True
+    return all(
+        isinstance(norm, RMSNorm)
+        and norm.weight is not None
+        and norm.weight.dtype == hidden_states.dtype
+        and getattr(norm, "bias", None) is None
+        for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
+    )
 
 
 @functools.cache
 def processor_class() -> type:
     """`QwenFusedQKAttnProcessor`, built on the installed diffusers' processor (once)."""
-    qwen = importlib.import_module(rope.QWEN_MODULE)
+    qwen = importlib.import_module(QWEN_MODULE)
 
     class QwenFusedQKAttnProcessor(qwen.QwenDoubleStreamAttnProcessor2_0):
         """diffusers' joint-attention processor with the q/k prologue as one op (see the module docstring)."""
@@ -161,15 +165,15 @@ def processor_class() -> type:
             attention_mask=None,
             image_rotary_emb=None,
         ):
-            if encoder_hidden_states is None or attention_mask is not None:
+            if (
+                encoder_hidden_states is None
+                or attention_mask is not None
+                or not _fusable(attn, hidden_states, image_rotary_emb)
+            ):  # diffusers' own code, its errors included
                 return super().__call__(
                     attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
                     image_rotary_emb,
                 )  # fmt: skip
-            if not _fusable(attn, hidden_states, image_rotary_emb):
-                return super().__call__(
-                    attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, None, image_rotary_emb
-                )
             if encoder_hidden_states_mask is not None:
                 image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
                 attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
@@ -210,7 +214,7 @@ def available() -> bool:
 
 
 def _attentions(transformer: torch.nn.Module):
-    qwen = importlib.import_module(rope.QWEN_MODULE)
+    qwen = importlib.import_module(QWEN_MODULE)
     for block in getattr(transformer, "transformer_blocks", []):
         attn = getattr(block, "attn", None)
         if attn is not None and isinstance(attn.processor, qwen.QwenDoubleStreamAttnProcessor2_0):

@@ -28,9 +28,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from qie.speed.fa3 import QWEN_MODULE
 
-QWEN_MODULE = "diffusers.models.transformers.transformer_qwenimage"
+log = logging.getLogger(__name__)
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
