@@ -133,9 +133,14 @@ class Bench:
 
     # -- measuring -----------------------------------------------------------------------------
 
-    def measure(self, name: str, plan: str, size: int, run, *, e2e_40: bool = False) -> Row:
-        """Warm up, then 8 steps without CFG and `--probe-steps` with CFG; compare with the reference."""
-        self.check_time(f"{name} @ {size}")
+    def measure(self, name: str, plan: str, size: int, run, *, e2e_40: bool = False, started: bool = False) -> Row:
+        """Warm up, then 8 steps without CFG and `--probe-steps` with CFG; compare with the reference.
+
+        `started`: the caller checked `--max-seconds` before work this row needs (a compile warm-up),
+        so the row is measured even past the limit rather than losing that work.
+        """
+        if not started:
+            self.check_time(f"{name} @ {size}")
         row = Row(name=name, size=size, plan=plan, resident_gib=self.resident_gib())
         run(size, 2, True)  # warm-up with CFG (both prompt lengths): kernels, autotuning, compilation
         nocfg = run(size, 8, False)

@@ -221,7 +221,8 @@ def run_compile_modes(bench: Any) -> None:
             raise RuntimeError(f"compile mode {mode}: compile or its warm-up failed (see the log)")
         warm_up = time.perf_counter() - start
         first = probe_qie(editor, size, bench.args.probe_steps, True, stamp_steps=False)
-        row = bench.measure(f"compile mode {mode} + {bench.fast_plan()}", bench.fast_plan(), size, _runner(editor))
+        name = f"compile mode {mode} + {bench.fast_plan()}"
+        row = bench.measure(name, bench.fast_plan(), size, _runner(editor), started=True)  # after minutes of warm-up
         row.e2e_s = {"compile_warm_up": warm_up, "first_edit": first.e2e_s}
         row.notes.append(f"inductor options {inductor_options(pipe.transformer.transformer_blocks[0])}")
         row.notes.append(f"first edit: {bench.args.probe_steps} CFG steps right after the warm-up")

@@ -9,8 +9,9 @@ Sections (each on random weights of the real widths):
              real-arithmetic RoPE (`qie.speed.rope`), then with the fp8 attention toggle, all on the same
              compiled blocks: seconds, the 60-block estimates, error against bf16 weights, kernel tables.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
-  kernels    `gelu_quantize_rows` (one Triton pass) against Inductor's compiled GELU + `quantize_rows`
-             at (8422 x 12288): milliseconds, and how many fp8 values differ.
+  kernels    `gelu_quantize_rows` (one Triton pass; also with IEEE divisions per element) against
+             Inductor's compiled GELU + `quantize_rows` at (8422 x 12288): milliseconds, and how many
+             fp8 values differ.
   rope       one block's attention prologue (q/k norms, RoPE, text+image concatenation), compiled, with
              diffusers' complex RoPE, `qie.speed.rope`'s real arithmetic, and `qie.speed.qk_prologue`'s
              one kernel per stream: milliseconds, kernels, difference to the complex form.
@@ -198,7 +199,7 @@ def run_rope(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 def run_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The fused GELU + fp8 row quantization against Inductor's kernel for the same arithmetic."""
-    from qie.memory.fp8_mlp import gelu_quantize_reference, gelu_quantize_rows
+    from qie.memory.fp8_mlp import _launch, gelu_quantize_reference, gelu_quantize_rows
 
     h = torch.randn(IMAGE_TOKENS + args.text_tokens, 12288, device=device, dtype=torch.bfloat16) * 2
     compiled = torch.compile(gelu_quantize_reference)
@@ -207,15 +208,19 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         ref_v, ref_s = compiled(h)
         eager_v, eager_s = gelu_quantize_reference(h)
         fused_ms = cuda_ms(lambda: gelu_quantize_rows(h), repeats=50)
+        ieee_ms = cuda_ms(lambda: _launch(h, ieee=True), repeats=50)  # IEEE divisions per element
+        ieee_v, _ = _launch(h, ieee=True)
         inductor_ms = cuda_ms(lambda: compiled(h), repeats=50)
     traffic = h.numel() * 3 / 1e9  # bf16 in, fp8 out (GB)
     return {
         "shape": list(h.shape),
         "fused_ms": fused_ms,
+        "ieee_division_ms": ieee_ms,
         "inductor_ms": inductor_ms,
         "traffic_gb": traffic,
         "fused_gb_s": traffic / fused_ms * 1e3,
         "values_differing_vs_eager": int((fused_v.float() != eager_v.float()).sum()),
+        "values_differing_ieee_vs_eager": int((ieee_v.float() != eager_v.float()).sum()),
         "values_differing_inductor_vs_eager": int((ref_v.float() != eager_v.float()).sum()),
         "max_scale_rel_diff": ((fused_s - eager_s).abs() / eager_s).max().item(),
         "dequantized_rel_error_vs_eager": rel_error(fused_v.float() * fused_s, eager_v.float() * eager_s),

@@ -129,3 +129,20 @@ def test_placement_section_rows(tmp_path, monkeypatch):
     first, *others = bench.rows
     assert first.psnr_vs_ref is None and all(r.psnr_vs_ref is not None for r in others)
     assert all(r.e2e_s["text_encode"] > 0 and r.e2e_s["decode"] > 0 for r in bench.rows)
+
+
+def test_a_measurement_whose_warm_up_ran_is_not_skipped_past_max_seconds(tmp_path):
+    """--max-seconds stops new work; a row whose compile warm-up already ran is still measured."""
+    from types import SimpleNamespace
+
+    from benchmarks.bench import Bench
+
+    args = argparse.Namespace(max_seconds=1, out=str(tmp_path), probe_steps=2, scale="tiny", model_variant="2509")
+    args.device, args.seed, args.tag = "cpu", 0, "t"
+    bench = Bench(args)
+    bench.t0 -= 10  # ten seconds into a one-second budget
+    probe = SimpleNamespace(step_s=0.5, e2e_s=2.0, peak_gib=None, stage_peaks_gib={}, timings={}, image=None)
+    with pytest.raises(TimeoutError, match="--max-seconds 1"):
+        bench.measure("new work", "resident", 64, lambda *_: probe)
+    row = bench.measure("after its warm-up", "resident", 64, lambda *_: probe, started=True)
+    assert row.step_s_cfg == 0.5 and row.e2e_40_cfg_s == 2.0 + 38 * 0.5

@@ -84,9 +84,9 @@ def test_the_triton_pass_matches_the_reference_at_the_real_width():
     h = torch.randn(1000, 12288, device="cuda", dtype=torch.bfloat16) * 2
     values, scales = gelu_quantize_rows(h)
     ref_values, ref_scales = gelu_quantize_reference(h)
-    assert torch.allclose(scales, ref_scales, rtol=1e-6, atol=0)
+    assert torch.allclose(scales, ref_scales, rtol=2**-7, atol=0)  # at most one bf16 step of the row maximum
     differ = (values.float() != ref_values.float()).float().mean().item()
-    assert differ < 1e-3  # tanh by another formula: a rare last-bit rounding of GELU
+    assert differ < 1e-3  # tanh by another formula, fast division: a rare last-bit rounding of GELU
     got, want = values.float() * scales, ref_values.float() * ref_scales
     assert ((got - want).norm() / want.norm()).item() < 1e-3
 
