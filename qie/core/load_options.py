@@ -194,7 +194,10 @@ class LoadOptions:
             "compile_mode": dict(
                 default=d.compile_mode,
                 choices=COMPILE_MODES,
-                help="torch.compile mode of --compile; reduce-overhead = CUDA graphs (default: %(default)s)",
+                help=(
+                    "torch.compile mode of --compile; reduce-overhead = CUDA graphs, slower so far on an H200 "
+                    "(docs/speed-options.md) (default: %(default)s)"
+                ),
             ),
             "attention": dict(default=d.attention, help="attention backend (default: %(default)s, the fastest)"),
             "fast_lora": dict(default=d.fast_lora, help="Lightning LoRA for fast mode: file, folder or hub id"),
