@@ -202,17 +202,15 @@ class Editor:
     def warm_up(self, size: int = 1024) -> None:
         """Run the edits that trace every graph a compiled transformer needs, so no real edit compiles.
 
-        Each batch size gets its own graph (dynamo specializes a dimension of size 1), which turns
-        dynamic in the prompt length once it has seen two lengths. So every call the default mode
-        makes is traced at two prompt lengths: the batch-2 call of batched CFG, and the batch-1 call
-        of fast mode (no CFG, no negative prompt). Without that, the first real edit with another
-        prompt length recompiled the graph.
-
-        The image's token count works the same way: a graph traced at one output size compiles
-        again (dynamic in that length) at the first edit of another size, which on an H200 costs
-        as long as the first compile (~150 s for `resident-fp8`), so the warm-up ends with both
-        calls at a second, smaller size (`second_warm_up_size`). After it, any bucket reuses them
-        (`tests/speed/test_compile.py::test_after_the_warm_up_no_edit_compiles_again`).
+        Each batch size gets its own graph (dynamo specializes a dimension of size 1): the batch-2
+        call of batched CFG and the batch-1 call of fast mode (no CFG, no negative prompt). The
+        blocks are traced dynamic in the image and text token counts from their first call
+        (`qie.speed.compile.mark_token_dims`), so those two graphs serve every prompt length and
+        output size (2509; 2511 builds a per-token index inside the transformer's forward, which
+        pins the image length at the first trace, so it gets its dynamic graphs at the second size).
+        The warm-up still runs both calls at two prompt lengths and two sizes
+        (`second_warm_up_size`): where nothing is left to compile they cost a few steps each, and
+        `tests/speed/test_compile.py::test_after_the_warm_up_no_edit_compiles_again` holds either way.
         """
         self._warming_up = True
         try:

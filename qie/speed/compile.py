@@ -3,8 +3,10 @@
 Only the repeated `QwenImageTransformerBlock` is compiled (diffusers' `compile_repeated_blocks`):
 one graph serves all 60 blocks, so compiling takes about a minute instead of many. Inductor's
 caches go to `cache_dir` (default `$QIE_CACHE/inductor`), so a restart reuses the compiled code.
-Every new sequence length can trigger a recompile, so with compile on, output sizes snap to a
-fixed set of buckets (`snap_to_bucket`).
+The blocks are traced dynamic in the image and text token counts from their first call
+(`mark_token_dims`), so other output sizes and prompt lengths reuse the graph; only the batch size
+(one or both CFG branches per call) gets a graph of its own. With compile on, output sizes still
+snap to a fixed set of buckets (`snap_to_bucket`), which bounds what CUDA-graph modes record.
 
 This replaces exporting the pipeline to ONNX/TensorRT: the pipeline's dynamic parts (the
 Qwen2.5-VL encoder with images, variable text length, 3-D RoPE tables) do not export as a whole,
@@ -78,6 +80,7 @@ def compile_blocks(
     rope.install(transformer)
     if qk_prologue.available():
         qk_prologue.install(transformer)
+    mark_token_dims(transformer)  # after rope.install: its hook makes the tensors the blocks receive
     try:
         if getattr(blocks, "qie_streamer", None) is not None:
             if mode in CUDA_GRAPH_MODES:
@@ -92,6 +95,7 @@ def compile_blocks(
             transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
     except Exception as exc:  # compile support varies with torch/diffusers builds
         log.warning("regional compile unavailable (%s: %s); running eager", type(exc).__name__, exc)
+        unmark_token_dims(transformer)
         qk_prologue.uninstall(transformer)
         rope.uninstall(transformer)
         return False
@@ -100,6 +104,61 @@ def compile_blocks(
             lambda *_: torch.compiler.cudagraph_mark_step_begin()
         )
     return True
+
+
+def mark_token_dims(transformer: torch.nn.Module) -> bool:
+    """Have the blocks traced dynamic in the image and text token counts from their first call.
+
+    Dynamo traces a graph static in every size it first sees, and only at a call with another size
+    traces it again, dynamic in that size: the first edit of another output size or prompt length
+    paid a second compile, and the warm-up traced five graphs. Forward hooks on the modules that
+    make the blocks' inputs (`img_in`, `txt_in`, the rotary `pos_embed`) mark their token
+    dimension with `torch._dynamo.maybe_mark_dynamic`, and the prompt mask goes in as the bool
+    tensor the transformer would make of it, marked too. Marks do not change any arithmetic.
+    False when `transformer` lacks those modules. Idempotent; `unmark_token_dims` removes them.
+
+    Example:
+        >>> mark_token_dims(pipe.transformer)  # doctest: +SKIP
+        True
+    """
+    modules = [getattr(transformer, name, None) for name in ("img_in", "txt_in", "pos_embed")]
+    if any(m is None for m in modules) or getattr(transformer, "_qie_token_dims", None):
+        return bool(getattr(transformer, "_qie_token_dims", None))
+    img_in, txt_in, pos_embed = modules
+    transformer._qie_token_dims = [
+        img_in.register_forward_hook(lambda _m, _a, out: _mark(out, 1)),
+        txt_in.register_forward_hook(lambda _m, _a, out: _mark(out, 1)),
+        pos_embed.register_forward_hook(lambda _m, _a, out: _mark_each(out, 0)),
+        transformer.register_forward_pre_hook(_bool_mask, with_kwargs=True),
+    ]
+    return True
+
+
+def unmark_token_dims(transformer: torch.nn.Module) -> None:
+    """Remove `mark_token_dims`'s hooks."""
+    for hook in getattr(transformer, "_qie_token_dims", None) or []:
+        hook.remove()
+    transformer._qie_token_dims = None
+
+
+def _mark(tensor, dim: int) -> None:
+    if isinstance(tensor, torch.Tensor) and tensor.dim() > dim:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _mark_each(tensors, dim: int) -> None:
+    for tensor in tensors if isinstance(tensors, (tuple, list)) else [tensors]:
+        _mark(tensor, dim)
+
+
+def _bool_mask(_module, args, kwargs):
+    """The prompt mask as bool (what the transformer converts it to), its token dimension marked."""
+    mask = kwargs.get("encoder_hidden_states_mask")
+    if not isinstance(mask, torch.Tensor):
+        return None
+    mask = mask if mask.dtype == torch.bool else mask.to(torch.bool)
+    _mark(mask, 1)
+    return args, {**kwargs, "encoder_hidden_states_mask": mask}
 
 
 def inductor_options(module: torch.nn.Module) -> dict | None:
@@ -165,6 +224,7 @@ def compile_streamed_blocks(blocks: torch.nn.ModuleList, backend: str = "inducto
 
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
     """Undo `compile_blocks` (e.g. after a failed warm-up): blocks run eager again, diffusers' prologue too."""
+    unmark_token_dims(transformer)
     qk_prologue.uninstall(transformer)
     rope.uninstall(transformer)
     for module in transformer.modules():

@@ -110,8 +110,9 @@ def test_edit_an_uploaded_example_with_a_preset(browser, page_url, tmp_path):
     assert "text_encode" in text and "decode" in text and "output 128x96" in text
     images = page.locator("#result img")
     wait_until(lambda: images.count() >= 2)
-    natural = images.nth(1).evaluate("img => [img.naturalWidth, img.naturalHeight]")
-    assert natural == [128, 96]
+    size = "img => [img.naturalWidth, img.naturalHeight]"
+    wait_until(lambda: images.nth(1).evaluate(size) != [0, 0])  # the element is there before its pixels
+    assert images.nth(1).evaluate(size) == [128, 96]
 
     shot = Path(os.environ.get("QIE_SCREENSHOT") or tmp_path / "screenshot.png")
     page.evaluate("window.scrollTo(0, 0)")

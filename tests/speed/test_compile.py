@@ -77,7 +77,7 @@ def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
     from qie.core.editor import Editor
     from qie.core.request import EditRequest
     from qie.memory.streaming import BlockStreamer
-    from qie.speed.compile import compile_streamed_blocks, uncompile_blocks
+    from qie.speed.compile import compile_streamed_blocks, mark_token_dims, uncompile_blocks
     from qie.speed.fast_mode import random_lightning_lora
 
     editor = Editor.load("tiny")
@@ -86,6 +86,7 @@ def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
         editor = Editor.load("tiny", fast_lora=str(lora))
     blocks = editor.pipe.transformer.transformer_blocks
     torch._dynamo.reset()
+    mark_token_dims(editor.pipe.transformer)  # as compile_blocks does
     if setup == "streamed-batched":
         BlockStreamer(blocks, torch.device("cpu"), resident=1, storage="fp8", compute_dtype=torch.float32)
         compile_streamed_blocks(blocks, backend="eager")
@@ -104,3 +105,52 @@ def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
         assert counters["stats"]["unique_graphs"] == traced
     finally:
         uncompile_blocks(editor.pipe.transformer)
+
+
+@pytest.mark.parametrize(("variant", "graphs"), [("tiny", 2), ("tiny-2511", 4)])
+def test_the_warm_up_traces_one_graph_per_batch_size(variant, graphs):
+    """Blocks traced dynamic in the token counts from the first call: batch 1 and batch 2 are the only
+    graphs (2509; 2511's per-token index pins the first trace's image length). Unmarked: 5 graphs."""
+    from torch._dynamo.utils import counters
+
+    from qie.speed.compile import mark_token_dims, uncompile_blocks
+
+    editor = Editor.load(variant)
+    transformer = editor.pipe.transformer
+    torch._dynamo.reset()
+    counters.clear()
+    assert mark_token_dims(transformer) and mark_token_dims(transformer)  # idempotent
+    assert len(transformer._qie_token_dims) == 4
+    transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    editor._batch_cfg_pays = True  # batched CFG (batch 2) and fast mode's batch-1 calls
+    try:
+        editor.warm_up(256)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        uncompile_blocks(transformer)
+    assert transformer._qie_token_dims is None
+
+
+def test_token_dim_marks_change_no_arithmetic(photo):
+    """The hooks only mark tensors (and hand the mask over as the bool the transformer makes of it)."""
+    from qie.core.request import EditRequest
+    from qie.speed.compile import mark_token_dims, unmark_token_dims
+
+    editor = Editor.load("tiny")
+    request = EditRequest(images=[photo], prompt="make the background white", steps=2, width=128, height=128)
+    editor._batch_cfg_pays = True  # the padded prompt mask reaches the transformer
+    plain = editor.edit(request).image
+    transformer = editor.pipe.transformer
+    mark_token_dims(transformer)
+    seen = []  # the mask as the transformer receives it, after the marking hook
+    spy = transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["encoder_hidden_states_mask"]), with_kwargs=True
+    )
+    try:
+        marked = editor.edit(request).image
+    finally:
+        spy.remove()
+        unmark_token_dims(transformer)
+    assert seen and all(m is not None and m.dtype == torch.bool for m in seen)
+    assert all(1 in getattr(m, "_dynamo_weak_dynamic_indices", ()) for m in seen)
+    assert list(plain.getdata()) == list(marked.getdata())
