@@ -212,14 +212,26 @@ class Editor:
         (`second_warm_up_size`): where nothing is left to compile they cost a few steps each, and
         `tests/speed/test_compile.py::test_after_the_warm_up_no_edit_compiles_again` holds either way.
         """
+        second = second_warm_up_size(size)
+        edits = [
+            (f"CFG edit at {size}²", warm_up_request(size)),  # both CFG branches in one call where that pays
+            (f"CFG edit at {size}², longer prompt", replace(warm_up_request(size), prompt=WARM_UP_PROMPT_LONG)),
+            (f"one-branch calls at {size}²", replace(warm_up_request(size), batch_cfg=False)),  # batch 1
+            (f"CFG edit at {second}²", warm_up_request(second)),  # each graph at a second image length
+            (f"one-branch calls at {second}²", replace(warm_up_request(second), batch_cfg=False)),
+        ]
+        start = time.perf_counter()
         self._warming_up = True
         try:
-            self.edit(warm_up_request(size))  # both CFG branches in one call where that pays
-            self.edit(replace(warm_up_request(size), prompt=WARM_UP_PROMPT_LONG))  # the same calls, a 2nd length
-            self.edit(replace(warm_up_request(size), batch_cfg=False))  # batch 1, both prompt lengths
-            second = second_warm_up_size(size)
-            self.edit(warm_up_request(second))  # each graph at a second image length
-            self.edit(replace(warm_up_request(second), batch_cfg=False))
+            for number, (label, request) in enumerate(edits, 1):
+                log.info(
+                    "compile warm-up %d/%d: %s (%.0fs so far; a first trace takes minutes without the disk cache)",
+                    number,
+                    len(edits),
+                    label,
+                    time.perf_counter() - start,
+                )
+                self.edit(request)
         finally:
             self._warming_up = False
 

@@ -108,7 +108,7 @@ def test_after_the_warm_up_no_edit_compiles_again(setup, tmp_path):
 
 
 @pytest.mark.parametrize(("variant", "graphs"), [("tiny", 2), ("tiny-2511", 4)])
-def test_the_warm_up_traces_one_graph_per_batch_size(variant, graphs):
+def test_the_warm_up_traces_one_graph_per_batch_size(variant, graphs, caplog):
     """Blocks traced dynamic in the token counts from the first call: batch 1 and batch 2 are the only
     graphs (2509; 2511's per-token index pins the first trace's image length). Unmarked: 5 graphs."""
     from torch._dynamo.utils import counters
@@ -124,11 +124,15 @@ def test_the_warm_up_traces_one_graph_per_batch_size(variant, graphs):
     transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
     editor._batch_cfg_pays = True  # batched CFG (batch 2) and fast mode's batch-1 calls
     try:
-        editor.warm_up(256)
+        with caplog.at_level("INFO", logger="qie.core.editor"):
+            editor.warm_up(256)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         uncompile_blocks(transformer)
     assert transformer._qie_token_dims is None
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compile warm-up")]
+    assert [p.split(":")[0] for p in progress] == [f"compile warm-up {i}/5" for i in range(1, 6)]
+    assert "at 256²" in progress[0] and "at 128²" in progress[-1]
 
 
 def test_token_dim_marks_change_no_arithmetic(photo):
