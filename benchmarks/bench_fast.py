@@ -13,6 +13,8 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             seconds, step times and peak memory of each
   encoders  around the transformer: the VAE decoder compiled (plain, channels-last) and the text
             encoder stored in fp8: their stage seconds, memory and PSNR against the plain pipeline
+  restart   a first edit in a new process, twice: with empty compile caches, then with the caches
+            the first process left on disk (the quality section at 2 CFG steps, in a child process)
 
 End-to-end times are medians of edits without per-step synchronization (the loop runs as in
 service), after a first edit (`e2e_s["first_edit"]`: it compiles what is compiled); step times
@@ -22,7 +24,11 @@ come from one more edit with a synchronized timestamp per step.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -297,10 +303,57 @@ def encoder_row(
     return probes[0]
 
 
+def run_restart(bench: Any) -> None:
+    """A first edit in a fresh process with empty compile caches, then in another with what the first left on disk.
+
+    Each process runs the quality section (2 CFG steps, the fastest plan) at the first size; the
+    caches (qie's, Inductor's, Triton's) live in a temporary folder that only these two processes use.
+    """
+    bench.check_time("restart")
+    size, args = bench.args.sizes[0], bench.args
+    with tempfile.TemporaryDirectory(prefix="qie-restart-") as tmp:
+        cache = Path(tmp) / "cache"
+        env = {
+            **os.environ,
+            "QIE_CACHE": str(cache),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+            "TRITON_CACHE_DIR": str(cache / "triton"),
+        }
+        command = [sys.executable, "-m", "qie", "bench", "--sections", "quality", "--quality-steps", "2"]
+        command += ["--sizes", str(size), "--scale", args.scale, "--model-variant", bench.variant]
+        command += ["--device", bench.device.type, "--seed", str(args.seed), "--out", tmp]
+        rows, walls = {}, {}
+        for label in ("cold", "warm"):
+            start = time.perf_counter()
+            done = subprocess.run([*command, "--tag", label], env=env, capture_output=True, text=True)
+            walls[label] = time.perf_counter() - start
+            report = Path(tmp) / f"bench-{label}.json"
+            if done.returncode != 0 or not report.exists():
+                raise RuntimeError(f"restart: the {label} process exited {done.returncode}: {done.stderr[-1500:]}")
+            rows[label] = json.loads(report.read_text())["rows"][0]
+    warm = rows["warm"]
+    row = Row(
+        name=f"restart: first edit (2 CFG steps) in a new process, cold caches then the first's ({warm['name']})",
+        size=size,
+        plan=warm["plan"],
+        step_s_cfg=warm["step_s_cfg"],
+        peak_gib=warm["peak_gib"],
+        e2e_s={
+            "first_edit_cold": rows["cold"]["e2e_s"]["first_edit"],
+            "first_edit_warm": warm["e2e_s"]["first_edit"],
+            "process_cold": walls["cold"],
+            "process_warm": walls["warm"],
+        },
+        notes=["process_*: the child's whole run (load, first edit, timed edit, profile)"],
+    )
+    bench.add(row)
+
+
 SECTIONS = {
     "fast": run_fast,
     "quality": run_quality,
     "compile": run_compile_modes,
     "encoders": run_encoders,
+    "restart": run_restart,
 }
 CUDA_ONLY = ("compile",)

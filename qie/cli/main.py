@@ -138,7 +138,7 @@ def _add_edit_parser(sub, engine: LoadOptions) -> argparse.ArgumentParser:
 # package, so named here; `tests/cli/test_bench_sections.py` checks the two agree).
 BENCH_SECTIONS = (
     "stock", "resident", "fp8", "budgets", "fast-budget", "fast", "quality", "compile", "encoders",
-    "options", "batching", "lora", "placement",
+    "restart", "options", "batching", "lora", "placement",
 )  # fmt: skip
 
 

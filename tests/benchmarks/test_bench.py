@@ -146,3 +146,21 @@ def test_a_measurement_whose_warm_up_ran_is_not_skipped_past_max_seconds(tmp_pat
         bench.measure("new work", "resident", 64, lambda *_: probe)
     row = bench.measure("after its warm-up", "resident", 64, lambda *_: probe, started=True)
     assert row.step_s_cfg == 0.5 and row.e2e_40_cfg_s == 2.0 + 38 * 0.5
+
+
+def test_the_restart_section_runs_two_processes_on_one_cache(tmp_path):
+    """Cold, then warm: two child processes, one shared cache folder, both first edits in one row."""
+    from benchmarks.bench import run
+    from qie.cli.main import build_parser
+
+    argv = ["bench", "--sections", "restart", "--sizes", "64", "--scale", "tiny", "--device", "cpu"]
+    args = build_parser().parse_args([*argv, "--out", str(tmp_path), "--tag", "r"])
+    assert run(args) == 0
+    data = json.loads((tmp_path / "bench-r.json").read_text())
+    assert data["errors"] == []
+    (row,) = data["rows"]
+    assert row["name"].startswith("restart: first edit (2 CFG steps)") and row["size"] == 64
+    e2e = row["e2e_s"]
+    assert e2e["first_edit_cold"] > 0 and e2e["first_edit_warm"] > 0
+    assert e2e["process_cold"] > e2e["first_edit_cold"] and e2e["process_warm"] > e2e["first_edit_warm"]
+    assert row["step_s_cfg"] > 0
