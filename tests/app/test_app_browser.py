@@ -206,6 +206,7 @@ def test_validation_is_a_toast_and_cancel_keeps_the_last_result(browser, demo_ur
     page.locator("#prompt textarea").fill("a long edit")
     page.locator("#advanced").get_by_text("Advanced").click()
     _set_number(page, "#steps", 100)
+    _set_number(page, "#max-side", 1024)  # slow steps: on a loaded machine 100 small ones ended before the cancel
     page.locator("#edit-btn").click()
     page.locator("#result").get_by_text("/100 steps", exact=False).first.wait_for(timeout=60_000)
     page.locator("#cancel-btn").click()
