@@ -206,9 +206,7 @@ class Editor:
         call of batched CFG and the batch-1 call of fast mode (no CFG, no negative prompt). The
         blocks are traced dynamic in the image and text token counts from their first call
         (`qie.speed.compile.mark_token_dims`), so those two graphs serve every prompt length and
-        output size (2509; 2511 builds a per-token index inside the transformer's forward, which
-        pins the image length at the first trace, so it gets its dynamic graphs at the second size).
-        The warm-up still runs both calls at two prompt lengths and two sizes
+        output size. The warm-up still runs both calls at two prompt lengths and two sizes
         (`second_warm_up_size`): where nothing is left to compile they cost a few steps each, and
         `tests/speed/test_compile.py::test_after_the_warm_up_no_edit_compiles_again` holds either way.
         """

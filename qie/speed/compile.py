@@ -114,7 +114,8 @@ def mark_token_dims(transformer: torch.nn.Module) -> bool:
     paid a second compile, and the warm-up traced five graphs. Forward hooks on the modules that
     make the blocks' inputs (`img_in`, `txt_in`, the rotary `pos_embed`) mark their token
     dimension with `torch._dynamo.maybe_mark_dynamic`, and the prompt mask goes in as the bool
-    tensor the transformer would make of it, marked too. Marks do not change any arithmetic.
+    tensor the transformer would make of it, marked too; 2511's per-token modulation index is
+    named in `torch.compiler.config.dynamic_sources`. Marks do not change any arithmetic.
     False when `transformer` lacks those modules. Idempotent; `unmark_token_dims` removes them.
 
     Example:
@@ -125,6 +126,8 @@ def mark_token_dims(transformer: torch.nn.Module) -> bool:
     if any(m is None for m in modules) or getattr(transformer, "_qie_token_dims", None):
         return bool(getattr(transformer, "_qie_token_dims", None))
     img_in, txt_in, pos_embed = modules
+    if getattr(getattr(transformer, "config", None), "zero_cond_t", False):
+        _dynamic_source(MODULATE_INDEX, add=True)
     transformer._qie_token_dims = [
         img_in.register_forward_hook(lambda _m, _a, out: _mark(out, 1)),
         txt_in.register_forward_hook(lambda _m, _a, out: _mark(out, 1)),
@@ -136,9 +139,26 @@ def mark_token_dims(transformer: torch.nn.Module) -> bool:
 
 def unmark_token_dims(transformer: torch.nn.Module) -> None:
     """Remove `mark_token_dims`'s hooks."""
+    zero_cond_t = getattr(getattr(transformer, "config", None), "zero_cond_t", False)
+    if getattr(transformer, "_qie_token_dims", None) and zero_cond_t:
+        _dynamic_source(MODULATE_INDEX, add=False)
     for hook in getattr(transformer, "_qie_token_dims", None) or []:
         hook.remove()
     transformer._qie_token_dims = None
+
+
+# 2511 (`zero_cond_t`) builds a per-token index inside the transformer's forward, where no hook
+# reaches it; Dynamo's `dynamic_sources` setting marks it by its name in the block's frame.
+MODULATE_INDEX = "L['modulate_index']"
+
+
+def _dynamic_source(source: str, add: bool) -> None:
+    """Add `source` to (or remove it from) `torch.compiler.config.dynamic_sources`, where this torch has it."""
+    config = torch.compiler.config
+    if not hasattr(config, "dynamic_sources"):
+        return
+    sources = [s for s in config.dynamic_sources.split(",") if s and s != source]
+    config.dynamic_sources = ",".join([*sources, source] if add else sources)
 
 
 def _mark(tensor, dim: int) -> None:
