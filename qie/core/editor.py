@@ -609,7 +609,7 @@ def run_stock(pipe: Any, request: EditRequest, **extra: Any) -> Image.Image:
 
 
 def bucketed(request: EditRequest) -> EditRequest:
-    """`request` at the nearest compiled size bucket (a new size would recompile the transformer)."""
+    """`request` at the nearest compiled size bucket (the compiled code meets a bounded set of shapes)."""
     from qie.core.geometry import snap_to_bucket
 
     size = snap_to_bucket(request.width, request.height)
