@@ -313,7 +313,7 @@ def run_restart(bench: Any) -> None:
     size, args = bench.args.sizes[0], bench.args
     with tempfile.TemporaryDirectory(prefix="qie-restart-") as tmp:
         cache = Path(tmp) / "cache"
-        env = {
+        env = {  # Inductor's and Triton's folders too: a variable already set in this environment wins over QIE_CACHE
             **os.environ,
             "QIE_CACHE": str(cache),
             "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),

@@ -63,7 +63,8 @@ def _triton_kernel():
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) * (x + 0.044715 x^3)
         # 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)); approximate division suffices (rounded to bf16 next)
-        g = tl.div_rn(x, 1.0 + tl.exp(-2.0 * inner)) if IEEE else tl.fdiv(x, 1.0 + tl.exp(-2.0 * inner))
+        denominator = 1.0 + tl.exp(-2.0 * inner)
+        g = tl.div_rn(x, denominator) if IEEE else tl.fdiv(x, denominator)
         g = g.to(x_ptr.dtype.element_ty).to(tl.float32)  # GELU's output dtype, as the unfused path
         scale = tl.maximum(tl.max(tl.abs(g), axis=0) / fp8_max, min_scale)
         q = g / scale if IEEE else g * (1.0 / scale)  # one division per row

@@ -122,9 +122,11 @@ def mark_token_dims(transformer: torch.nn.Module) -> bool:
         >>> mark_token_dims(pipe.transformer)  # doctest: +SKIP
         True
     """
+    if getattr(transformer, "_qie_token_dims", None):
+        return True
     modules = [getattr(transformer, name, None) for name in ("img_in", "txt_in", "pos_embed")]
-    if any(m is None for m in modules) or getattr(transformer, "_qie_token_dims", None):
-        return bool(getattr(transformer, "_qie_token_dims", None))
+    if any(m is None for m in modules):
+        return False
     img_in, txt_in, pos_embed = modules
     if getattr(getattr(transformer, "config", None), "zero_cond_t", False):
         _dynamic_source(MODULATE_INDEX, add=True)
