@@ -9,6 +9,9 @@ Sections (each on random weights of the real widths):
              real-arithmetic RoPE (`qie.speed.rope`), then with the fp8 attention toggle, all on the same
              compiled blocks: seconds, the 60-block estimates, error against bf16 weights, kernel tables.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
+  ops        the host cost of the two Triton kernels in compiled code: as Triton ops (launched by
+             Inductor's generated code) against opaque custom ops (a Python call per launch), 120 calls
+             each at a small shape: wall and GPU milliseconds, host microseconds saved per call.
   kernels    `gelu_quantize_rows` (one Triton pass; also with IEEE divisions per element) against
              Inductor's compiled GELU + `quantize_rows` at (8422 x 12288): milliseconds, and how many
              fp8 values differ.
@@ -279,6 +282,113 @@ def run_attention(args: argparse.Namespace, device: torch.device) -> dict[str, A
         }
 
 
+def wall_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
+    """Median milliseconds of `fn()` by the host clock, synchronized before and after (launch costs included)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_ops(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Host cost of the two Triton kernels inside compiled code: registered as Triton ops (Inductor launches
+    them from its generated code, as qie does now) against opaque custom ops (a call back into Python per
+    launch, as before). Each compiled function makes `CALLS` calls on disjoint slices of one tensor, at a
+    small shape where launches dominate: wall and kernel milliseconds, host microseconds per call."""
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.library import custom_op
+
+    from qie.memory import fp8_mlp
+    from qie.memory.fp8_matmul import FP8
+    from qie.speed import qk_prologue
+
+    if not qk_prologue.available():
+        return {"skipped": "needs Triton"}
+
+    @custom_op("qiebench::gelu_quantize_rows_opaque", mutates_args=())
+    def opaque_gelu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with set_wrap_triton_enabled(False):
+            return fp8_mlp._launch(h)
+
+    @opaque_gelu.register_fake
+    def _(h):
+        return h.new_empty(h.shape, dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
+
+    @custom_op("qiebench::qk_norm_rope_join_opaque", mutates_args=())
+    def opaque_join(
+        txt: torch.Tensor, img: torch.Tensor, tw: torch.Tensor, iw: torch.Tensor, tf: torch.Tensor, imf: torch.Tensor
+    ) -> torch.Tensor:
+        joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:])
+        with set_wrap_triton_enabled(False):  # the op's body before, launched from Python
+            qk_prologue._launch(txt.contiguous(), tw, tf.contiguous(), 1e-6, joint, 0)
+            qk_prologue._launch(img.contiguous(), iw, imf.contiguous(), 1e-6, joint, txt.shape[1])
+        return joint
+
+    @opaque_join.register_fake
+    def _(txt, img, tw, iw, tf, imf):
+        return txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:])
+
+    calls, rows, text, image = 120, 64, 16, 48
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(calls * rows, 12288, device=device, generator=gen).bfloat16()
+    txt = torch.randn(1, calls * text, 24, 128, device=device, generator=gen).bfloat16()
+    img = torch.randn(1, calls * image, 24, 128, device=device, generator=gen).bfloat16()
+    tw, iw = torch.ones(128, device=device, dtype=torch.bfloat16), torch.ones(128, device=device, dtype=torch.bfloat16)
+    tf, imf = torch.zeros(text, 64, 2, device=device), torch.zeros(image, 64, 2, device=device)
+    tf[..., 0] = imf[..., 0] = 1.0
+
+    def gelu_chain(op):
+        def chain(h):  # disjoint row slices: no two calls are the same (nothing to deduplicate)
+            return sum(op(h[i * rows : (i + 1) * rows])[1].sum() for i in range(calls))
+
+        return chain
+
+    def join_chain(op):
+        def chain(txt, img):
+            parts = (op(txt[:, i * text : (i + 1) * text], img[:, i * image : (i + 1) * image]) for i in range(calls))
+            return sum(p[0, 0, 0, 0].float() for p in parts)
+
+        return chain
+
+    def join(a, b):
+        return qk_prologue._join_op(a, b, tw, iw, tf, imf, 1e-6, 1e-6)
+
+    variants = {
+        "gelu as triton_op": (gelu_chain(fp8_mlp.gelu_quantize_rows), (h,)),
+        "gelu as opaque custom_op": (gelu_chain(opaque_gelu), (h,)),
+        "qk join as triton_op": (join_chain(join), (txt, img)),
+        "qk join as opaque custom_op": (join_chain(lambda a, b: opaque_join(a, b, tw, iw, tf, imf)), (txt, img)),
+    }
+    out: dict[str, Any] = {"calls": calls, "gelu_rows": rows, "join_tokens": [text, image], "variants": {}}
+    with torch.inference_mode():
+        for name, (fn, inputs) in variants.items():
+            torch.compiler.reset()
+            compiled = torch.compile(fn, fullgraph=True)
+            start = time.perf_counter()
+            compiled(*inputs)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            kernels = kernel_table(lambda c=compiled, i=inputs: c(*i), repeats=3, top=6)
+            out["variants"][name] = {
+                "wall_ms": wall_ms(lambda c=compiled, i=inputs: c(*i)),
+                "gpu_ms": cuda_ms(lambda c=compiled, i=inputs: c(*i)),
+                "compile_s": first,
+                "kernels_ms": kernels,
+            }
+            log.info("ops %s: %.2f ms wall for %d calls", name, out["variants"][name]["wall_ms"], calls)
+    v = out["variants"]
+    for op in ("gelu", "qk join"):
+        saved = v[f"{op} as opaque custom_op"]["wall_ms"] - v[f"{op} as triton_op"]["wall_ms"]
+        out[f"{op.replace(' ', '_')}_host_us_saved_per_call"] = saved / calls * 1e3
+    return out
+
+
 def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Where the text-encode stage's time goes, eager and with the language model's layers compiled."""
     from benchmarks.probes import PROMPT, test_image
@@ -359,6 +469,7 @@ def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 SECTIONS = {
     "kernels": run_kernels,
+    "ops": run_ops,
     "mlp": run_mlp,
     "attention": run_attention,
     "rope": run_rope,

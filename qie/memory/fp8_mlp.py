@@ -28,6 +28,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.library import triton_op, wrap_triton
 
 from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, Fp8RowLinear, quantize_rows, scaled_mm_rows
 
@@ -82,27 +83,28 @@ def _launch(h: torch.Tensor, ieee: bool = False) -> tuple[torch.Tensor, torch.Te
     values = torch.empty((rows, cols), dtype=FP8, device=h.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
     block = triton.next_power_of_2(cols)
-    kernel[(rows,)](h, values, scales, cols, h.stride(0), values.stride(0), FP8_MAX, MIN_SCALE, BLOCK=block, IEEE=ieee)
+    wrap_triton(kernel)[(rows,)](
+        h, values, scales, cols, h.stride(0), values.stride(0), FP8_MAX, MIN_SCALE, BLOCK=block, IEEE=ieee
+    )
     return values, scales
 
 
-@torch.library.custom_op(OP, mutates_args=())
+@triton_op(OP, mutates_args=())
 def _gelu_quantize_op(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # A Triton op, not an opaque custom op: compiled graphs launch the kernel from Inductor's own
+    # wrapper code instead of calling back into Python through the dispatcher for each of the 120
+    # MLPs of a forward. The body must stay traceable (torch ops and `wrap_triton` launches only).
     if h.is_cuda and h.stride(-1) == 1 and _triton_kernel() is not None:
         return _launch(h)
     values, scales = gelu_quantize_reference(h)
     return values.contiguous(), scales.contiguous()
 
 
-@_gelu_quantize_op.register_fake
-def _(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return h.new_empty(h.shape, dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
-
-
 def gelu_quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`gelu_tanh(h)` (rows × K) as fp8 values and one fp32 scale per row, in one pass on CUDA.
 
-    One custom op (`qie::gelu_quantize_rows`), so `torch.compile` calls the kernel as it is.
+    One Triton op (`qie::gelu_quantize_rows`): `torch.compile` launches the kernel as it is, from its
+    generated code.
     """
     return _gelu_quantize_op(h)
 

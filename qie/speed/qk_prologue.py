@@ -30,6 +30,7 @@ import importlib
 import logging
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 from qie.speed import rope
 from qie.speed.fa3 import QWEN_MODULE
@@ -91,13 +92,13 @@ def _launch(x, weight, freqs, eps, joint, offset) -> None:
     rows = batch * tokens * heads
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
     joint_rows = joint.shape[1] * heads
-    kernel[grid](
+    wrap_triton(kernel)[grid](
         x, weight, freqs, joint, rows, heads, tokens * heads, joint_rows, offset * heads, eps,
         D=dim, ROWS=ROWS_PER_PROGRAM, num_warps=4,
     )  # fmt: skip
 
 
-@torch.library.custom_op(OP, mutates_args=())
+@triton_op(OP, mutates_args=())
 def _join_op(
     txt: torch.Tensor,
     img: torch.Tensor,
@@ -108,6 +109,8 @@ def _join_op(
     txt_eps: float,
     img_eps: float,
 ) -> torch.Tensor:
+    # A Triton op: compiled graphs launch the two kernels from Inductor's generated code (no call
+    # back into Python per block); the body stays traceable (torch ops and `wrap_triton` launches).
     width = txt.shape[-1]
     if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:  # Triton tiles: powers of two
         joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:])
@@ -119,14 +122,9 @@ def _join_op(
     )
 
 
-@_join_op.register_fake
-def _(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps):
-    return txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:])
-
-
 def norm_rope_join(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> torch.Tensor:
     """`cat([rope(txt_norm(txt)), rope(img_norm(img))], dim=1)` for [B, S, H, D] tensors, one kernel per
-    stream on CUDA (custom op `qie::qk_norm_rope_join`, opaque to `torch.compile`)."""
+    stream on CUDA (Triton op `qie::qk_norm_rope_join`, launched from `torch.compile`'s generated code)."""
     return _join_op(txt, img, txt_norm.weight, img_norm.weight, txt_freqs, img_freqs, txt_norm.eps, img_norm.eps)
 
 

@@ -113,3 +113,20 @@ def test_torchao_fp8_mlps_are_fused_and_agree_with_the_unfused(tiny_editor):
         got = fused.transformer_blocks[0].img_mlp(x.bfloat16())
         want = plain.transformer_blocks[0].img_mlp(x.bfloat16())
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_code_launches_the_kernel_itself_at_any_row_count():
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(gelu_quantize_rows, dynamic=True, fullgraph=True)
+    for rows in (1000, 1237):  # one graph, dynamic in the rows
+        h = torch.randn(rows, 12288, device="cuda", dtype=torch.bfloat16) * 2
+        (values, scales), code = run_and_get_code(compiled, h)
+        eager_values, eager_scales = gelu_quantize_rows(h)
+        assert torch.equal(values.view(torch.uint8), eager_values.view(torch.uint8))
+        assert torch.equal(scales, eager_scales)
+    source = "\n".join(code)
+    assert "qie_gelu_quantize_rows" in source  # Inductor's wrapper launches the Triton kernel
+    assert "torch.ops.qie" not in source  # no call back into the op through the dispatcher

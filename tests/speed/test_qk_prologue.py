@@ -176,3 +176,23 @@ def test_streamed_blocks_run_the_fused_prologue_on_the_weights_bound_for_each_ca
             for w, g in zip(want, got, strict=True):
                 assert torch.equal(w, g)
     assert len(calls) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not qk_prologue.available(), reason="needs a CUDA GPU and Triton")
+def test_compiled_code_launches_the_kernels_itself_at_any_token_count():
+    from diffusers.models.normalization import RMSNorm
+    from torch._inductor.utils import run_and_get_code
+
+    device = torch.device("cuda")
+    txt_norm, img_norm = (RMSNorm(128, eps=1e-6).to(device, torch.bfloat16) for _ in range(2))
+    compiled = torch.compile(qk_prologue.norm_rope_join, dynamic=True, fullgraph=True)
+    for text, image in ((230, 1030), (117, 2048)):  # one graph, dynamic in both token counts
+        txt = torch.randn(1, text, 24, 128, device=device).bfloat16()
+        img = torch.randn(1, image, 24, 128, device=device).bfloat16()
+        txt_f, img_f = freqs(text, 64).to(device), freqs(image, 64).to(device)
+        got, code = run_and_get_code(compiled, txt, img, txt_norm, img_norm, txt_f, img_f)
+        want = qk_prologue.norm_rope_join(txt, img, txt_norm, img_norm, txt_f, img_f)
+        assert torch.equal(got, want)
+    source = "\n".join(code)
+    assert "qie_qk_norm_rope" in source and "torch.ops.qie" not in source
