@@ -51,12 +51,22 @@ def _triton_kernel():
     except ImportError:
         return None
 
+    # Float constants are constexprs: Inductor types float arguments as fp64, which the fp8 cast cannot take.
     # One row per program, held in registers; the warp count that keeps the most rows in flight
     # depends on the width and the GPU, so it is measured once per width.
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)], key=["n_cols"])
     @triton.jit
     def qie_gelu_quantize_rows(
-        x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, fp8_max, min_scale, BLOCK: tl.constexpr, IEEE: tl.constexpr
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        n_cols,
+        stride_x,
+        stride_q,
+        FP8_MAX_: tl.constexpr,
+        MIN_SCALE_: tl.constexpr,
+        BLOCK: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
@@ -67,9 +77,9 @@ def _triton_kernel():
         denominator = 1.0 + tl.exp(-2.0 * inner)
         g = tl.div_rn(x, denominator) if IEEE else tl.fdiv(x, denominator)
         g = g.to(x_ptr.dtype.element_ty).to(tl.float32)  # GELU's output dtype, as the unfused path
-        scale = tl.maximum(tl.max(tl.abs(g), axis=0) / fp8_max, min_scale)
+        scale = tl.maximum(tl.max(tl.abs(g), axis=0) / FP8_MAX_, MIN_SCALE_)
         q = g / scale if IEEE else g * (1.0 / scale)  # one division per row
-        q = tl.minimum(tl.maximum(q, -fp8_max), fp8_max)
+        q = tl.minimum(tl.maximum(q, -FP8_MAX_), FP8_MAX_)
         tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale)
 
@@ -84,7 +94,16 @@ def _launch(h: torch.Tensor, ieee: bool = False) -> tuple[torch.Tensor, torch.Te
     scales = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
     block = triton.next_power_of_2(cols)
     wrap_triton(kernel)[(rows,)](
-        h, values, scales, cols, h.stride(0), values.stride(0), FP8_MAX, MIN_SCALE, BLOCK=block, IEEE=ieee
+        h,
+        values,
+        scales,
+        cols,
+        h.stride(0),
+        values.stride(0),
+        FP8_MAX_=FP8_MAX,
+        MIN_SCALE_=MIN_SCALE,
+        BLOCK=block,
+        IEEE=ieee,
     )
     return values, scales
 

@@ -58,8 +58,8 @@ def _triton_kernel():
 
     @triton.jit
     def qie_qk_norm_rope(
-        x_ptr, w_ptr, f_ptr, out_ptr, rows, heads, stream_rows, joint_rows, offset_rows, eps,
-        D: tl.constexpr, ROWS: tl.constexpr,
+        x_ptr, w_ptr, f_ptr, out_ptr, rows, heads, stream_rows, joint_rows, offset_rows,
+        EPS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
     ):  # fmt: skip
         # Row r of x (flattened [B, S, H]) is token t = (r % stream_rows) // heads of sample r // stream_rows;
         # it lands in row offset_rows + r % stream_rows of that sample's [S_joint, H] block.
@@ -68,7 +68,7 @@ def _triton_kernel():
         d = tl.arange(0, D)
         x = tl.load(x_ptr + r[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
         xf = x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + EPS)  # a constexpr: Inductor passes floats as fp64
         w = tl.load(w_ptr + d)
         n = ((xf * inv[:, None]).to(w.dtype) * w[None, :]).to(tl.float32)
         within = r % stream_rows
@@ -93,8 +93,8 @@ def _launch(x, weight, freqs, eps, joint, offset) -> None:
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
     joint_rows = joint.shape[1] * heads
     wrap_triton(kernel)[grid](
-        x, weight, freqs, joint, rows, heads, tokens * heads, joint_rows, offset * heads, eps,
-        D=dim, ROWS=ROWS_PER_PROGRAM, num_warps=4,
+        x, weight, freqs, joint, rows, heads, tokens * heads, joint_rows, offset * heads,
+        EPS=eps, D=dim, ROWS=ROWS_PER_PROGRAM, num_warps=4,
     )  # fmt: skip
 
 
