@@ -16,7 +16,9 @@ Inside `fp8_attention()` (a request's `attention_quant="fp8"`) the same call run
 forward: Q, K and V are cast to fp8 (e4m3) with one scale per sample and head (each head's
 largest magnitude maps to 448), which FA3 takes as descale factors; the output stays bf16.
 Tolerance: `qie.core.tolerances` ("attention-fa3-fp8"). Compiled blocks trace the fp8 variant
-as a second graph on its first use.
+as a second graph on its first use. With the fused q/k prologue (`qie.speed.qk_prologue`) the
+queries and keys arrive in fp8 already, under a scale bounded by the norms' weights
+(`prequantized_attention`); only the values are scaled by their measured maximum.
 
 Example:
     >>> install(torch.device("cpu"))  # no Hopper GPU here: nothing is installed
@@ -38,6 +40,8 @@ NAME = "fa3-fwd"  # the attention backend name an editor reports when FA3 serves
 QWEN_MODULE = "diffusers.models.transformers.transformer_qwenimage"
 REPLACES = ("None", "native", "_native_cudnn")  # backends FA3 stands in for; others (SageAttention) stay
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (q8, k8, v8, seqused_k, q_scale, k_scale, v_scale) -> bf16: fp8 inputs with one scale per sample and head
+Fp8Forward = Callable[..., torch.Tensor]
 
 
 def fa3_kernel() -> Kernel | None:
@@ -54,20 +58,36 @@ def fa3_kernel() -> Kernel | None:
     return kernel
 
 
-def fa3_fp8_kernel() -> Kernel | None:
-    """FA3's fp8 forward as `kernel(q, k, v, seqused_k)`: bf16 in, per-head fp8 scaling, bf16 out."""
+def fa3_fp8_forward() -> Fp8Forward | None:
+    """FA3's fp8 forward on inputs already in fp8 (B x S x H x D) with their [B, H] scales; bf16 out."""
     if fa3_kernel() is None:
         return None
 
+    def forward(q8, k8, v8, used, q_scale, k_scale, v_scale):
+        out = torch.ops.fa3_fwd._flash_attn_forward(
+            q8, k8, v8, seqused_k=used, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale
+        )
+        return out[0].to(torch.bfloat16)
+
+    forward.hopper_only = True
+    return forward
+
+
+def quantizing(forward: Fp8Forward) -> Kernel:
+    """A bf16 `Kernel` that casts Q, K and V to fp8 (`quantize_heads`) and runs `forward` on them."""
+
     def kernel(q, k, v, used):
         (q8, qs), (k8, ks), (v8, vs) = quantize_heads(q), quantize_heads(k), quantize_heads(v)
-        out = torch.ops.fa3_fwd._flash_attn_forward(
-            q8, k8, v8, seqused_k=used, q_descale=qs, k_descale=ks, v_descale=vs
-        )
-        return out[0].to(q.dtype)
+        return forward(q8, k8, v8, used, qs, ks, vs).to(q.dtype)
 
-    kernel.hopper_only = True
+    kernel.hopper_only = getattr(forward, "hopper_only", False)
     return kernel
+
+
+def fa3_fp8_kernel() -> Kernel | None:
+    """FA3's fp8 forward as `kernel(q, k, v, seqused_k)`: bf16 in, per-head fp8 scaling, bf16 out."""
+    forward = fa3_fp8_forward()
+    return None if forward is None else quantizing(forward)
 
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +102,15 @@ def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_fp8(x, scale[:, None, :, None]), scale
 
 
+def reference_fp8_forward(q8, k8, v8, used, q_scale, k_scale, v_scale):
+    """What FA3's fp8 forward computes, in float32 SDPA on the dequantized inputs (the tests' kernel)."""
+    q, k, v = (x.float() * s[:, None, :, None] for x, s in ((q8, q_scale), (k8, k_scale), (v8, v_scale)))
+    return reference_kernel(q, k, v, used)
+
+
 def reference_fp8_kernel(q, k, v, used):
     """What the fp8 kernel computes, in float32 SDPA on the dequantized fp8 inputs."""
-    q, k, v = ((vals.float() * sc[:, None, :, None]) for vals, sc in map(quantize_heads, (q, k, v)))
-    return reference_kernel(q, k, v, used)
+    return quantizing(reference_fp8_forward)(q, k, v, used)
 
 
 def reference_kernel(q, k, v, used):
@@ -110,7 +135,13 @@ def kept_keys_first(
     keep = attn_mask.reshape(b, s).bool()
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
     index = order[:, :, None, None].expand_as(key)
-    return torch.gather(key, 1, index), torch.gather(value, 1, index), keep.sum(dim=1, dtype=torch.int32)
+
+    def gather(x):  # fp8 through its bytes: gather is not defined for every fp8 dtype and device
+        if x.dtype.itemsize == 1 and x.is_floating_point():
+            return torch.gather(x.view(torch.uint8), 1, index).view(x.dtype)
+        return torch.gather(x, 1, index)
+
+    return gather(key), gather(value), keep.sum(dim=1, dtype=torch.int32)
 
 
 def joint_attention(
@@ -122,8 +153,7 @@ def joint_attention(
         and query.dtype in (torch.bfloat16, torch.float16)
         and dropout_p == 0.0
         and not is_causal
-        and kwargs.get("parallel_config") is None
-        and str(getattr(kwargs.get("backend"), "value", kwargs.get("backend"))) in REPLACES
+        and serves(kwargs.get("backend"), kwargs.get("parallel_config"))
         and (attn_mask is None or attn_mask.dtype == torch.bool)
     )
     if not usable and getattr(kernel, "hopper_only", False):  # reference kernels serve every call
@@ -132,6 +162,34 @@ def joint_attention(
         return kernel(query, key, value, None)
     key, value, used = kept_keys_first(key, value, attn_mask)
     return kernel(query, key, value, used)
+
+
+def serves(backend, parallel_config) -> bool:
+    """Whether FA3 may stand in for a processor's attention `backend` (no context-parallel config)."""
+    return parallel_config is None and str(getattr(backend, "value", backend)) in REPLACES
+
+
+def fp8_forward_now(module) -> Fp8Forward | None:
+    """The fp8 forward that takes prequantized inputs while a request runs fp8 attention (inside
+    `fp8_attention()`), else None. `module`: diffusers' Qwen-Image transformer module, whose
+    dispatcher global compiled blocks guard on."""
+    fp8 = getattr(module, "_qie_dispatch_fp8", None)
+    if fp8 is None or module.dispatch_attention_fn is not fp8:
+        return None
+    return getattr(module, "_qie_fp8_forward", None)
+
+
+def prequantized_attention(q8, q_scale, k8, k_scale, value, attn_mask, forward: Fp8Forward) -> torch.Tensor:
+    """Attention of fp8 queries and keys (B x S x H x D, [B, H] scales) on bf16 `value`, through `forward`.
+
+    The value is cast to fp8 with one scale per sample and head (`quantize_heads`); a boolean key
+    mask becomes kept-key counts as in `joint_attention`. Returns bf16 (B x S x H x D).
+    """
+    v8, v_scale = quantize_heads(value)
+    used = None
+    if attn_mask is not None:
+        k8, v8, used = kept_keys_first(k8, v8, attn_mask)
+    return forward(q8, k8, v8, used, q_scale, k_scale, v_scale)
 
 
 def available(device: torch.device) -> bool:
@@ -161,13 +219,21 @@ def fp8_attention() -> Iterator[None]:
         module.dispatch_attention_fn = before
 
 
-def install(device: torch.device, kernel: Kernel | None = None, fp8_kernel: Kernel | None = None) -> bool:
+def install(
+    device: torch.device,
+    kernel: Kernel | None = None,
+    fp8_kernel: Kernel | None = None,
+    fp8_forward: Fp8Forward | None = None,
+) -> bool:
     """Route the Qwen-Image transformer's joint attention through FA3 (or `kernel`); False if unavailable.
 
-    `fp8_kernel` (default: FA3's fp8 forward) serves the calls made inside `fp8_attention()`.
+    `fp8_kernel` (default: FA3's fp8 forward) serves the calls made inside `fp8_attention()`;
+    `fp8_forward` (default: FA3's, with FA3) serves them when the fused q/k prologue
+    (`qie.speed.qk_prologue`) hands over queries and keys already in fp8.
     """
     if kernel is None and available(device):
         kernel, fp8_kernel = fa3_kernel(), fp8_kernel or fa3_fp8_kernel()
+        fp8_forward = fp8_forward or fa3_fp8_forward()
     if kernel is None:
         return False
     module = importlib.import_module(QWEN_MODULE)
@@ -182,6 +248,7 @@ def install(device: torch.device, kernel: Kernel | None = None, fp8_kernel: Kern
 
     module.dispatch_attention_fn = dispatcher(kernel)
     module._qie_dispatch_fp8 = dispatcher(fp8_kernel or kernel)
+    module._qie_fp8_forward = fp8_forward
     log.info("joint attention: FlashAttention-3 forward (fa3-fwd), masks as kept-key counts")
     return True
 
@@ -196,4 +263,4 @@ def uninstall() -> None:
     module = importlib.import_module(QWEN_MODULE)
     if hasattr(module, "_qie_dispatch"):
         module.dispatch_attention_fn = module._qie_dispatch
-        del module._qie_dispatch, module._qie_dispatch_fp8
+        del module._qie_dispatch, module._qie_dispatch_fp8, module._qie_fp8_forward

@@ -32,12 +32,15 @@ import logging
 import torch
 from torch.library import triton_op, wrap_triton
 
-from qie.speed import rope
+from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, to_fp8
+from qie.speed import fa3, rope
 from qie.speed.fa3 import QWEN_MODULE
 
 log = logging.getLogger(__name__)
 
 OP = "qie::qk_norm_rope_join"
+OP_FP8 = "qie::qk_norm_rope_join_fp8"
+BOUND_MARGIN = 1.02  # fp8_bound_scale's room for bf16 rounding
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,8 +61,8 @@ def _triton_kernel():
 
     @triton.jit
     def qie_qk_norm_rope(
-        x_ptr, w_ptr, f_ptr, out_ptr, rows, heads, stream_rows, joint_rows, offset_rows,
-        EPS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+        x_ptr, w_ptr, f_ptr, out_ptr, s_ptr, rows, heads, stream_rows, joint_rows, offset_rows,
+        EPS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr, FP8_MAX_: tl.constexpr,
     ):  # fmt: skip
         # Row r of x (flattened [B, S, H]) is token t = (r % stream_rows) // heads of sample r // stream_rows;
         # it lands in row offset_rows + r % stream_rows of that sample's [S_joint, H] block.
@@ -77,6 +80,9 @@ def _triton_kernel():
         re, im = tl.split(tl.reshape(n, (ROWS, D // 2, 2)))
         cos, sin = tl.split(tl.reshape(f, (ROWS, D // 2, 2)))
         out = tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), (ROWS, D))
+        if FP8:  # diffusers' bf16 values, then divided by the joint tensor's scale and cast (as `to_fp8`)
+            out = tl.div_rn(out.to(x.dtype).to(tl.float32), tl.load(s_ptr))
+            out = tl.minimum(tl.maximum(out, -FP8_MAX_), FP8_MAX_)
         dest = (r // stream_rows) * joint_rows + offset_rows + within
         tl.store(out_ptr + dest[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
@@ -86,15 +92,16 @@ def _triton_kernel():
 ROWS_PER_PROGRAM = 16  # 16 heads x 128 channels: 8 KB of bf16 per program
 
 
-def _launch(x, weight, freqs, eps, joint, offset) -> None:
+def _launch(x, weight, freqs, eps, joint, offset, scale=None) -> None:
+    """One stream into `joint` at token `offset`; with `scale` (a 1-element fp32 tensor) as fp8 values."""
     triton, kernel = _triton_kernel()
     batch, tokens, heads, dim = x.shape
     rows = batch * tokens * heads
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
     joint_rows = joint.shape[1] * heads
     wrap_triton(kernel)[grid](
-        x, weight, freqs, joint, rows, heads, tokens * heads, joint_rows, offset * heads,
-        EPS=eps, D=dim, ROWS=ROWS_PER_PROGRAM, num_warps=4,
+        x, weight, freqs, joint, weight if scale is None else scale, rows, heads, tokens * heads, joint_rows,
+        offset * heads, EPS=eps, D=dim, ROWS=ROWS_PER_PROGRAM, FP8=scale is not None, FP8_MAX_=FP8_MAX, num_warps=4,
     )  # fmt: skip
 
 
@@ -120,6 +127,48 @@ def _join_op(
     return torch.cat(
         [reference(txt, txt_weight, txt_freqs, txt_eps), reference(img, img_weight, img_freqs, img_eps)], dim=1
     )
+
+
+def fp8_bound_scale(txt_weight: torch.Tensor, img_weight: torch.Tensor) -> torch.Tensor:
+    """One fp32 scale (shape [1]) under which no normalized, rotated query or key can exceed fp8's 448.
+
+    An RMS-normalized head of width D has no element above sqrt(D) in magnitude; times the norm's
+    weight it stays under sqrt(D) * max|weight|, and RoPE rotates pairs without lengthening them
+    (2% margin for the bf16 roundings). The bound needs no pass over the activations, so the
+    prologue writes fp8 directly; fp8 keeps its 3 mantissa bits at any magnitude above 2^-6 of the
+    scale, so values ~sqrt(D) below the bound lose no precision against a measured maximum.
+    """
+    width = txt_weight.shape[-1]
+    largest = torch.maximum(txt_weight.detach().abs().amax(), img_weight.detach().abs().amax()).float()
+    return (largest * (width**0.5 * BOUND_MARGIN / FP8_MAX)).clamp(min=MIN_SCALE).reshape(1)
+
+
+@triton_op(OP_FP8, mutates_args=())
+def _join_fp8_op(
+    txt: torch.Tensor,
+    img: torch.Tensor,
+    txt_weight: torch.Tensor,
+    img_weight: torch.Tensor,
+    txt_freqs: torch.Tensor,
+    img_freqs: torch.Tensor,
+    txt_eps: float,
+    img_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = fp8_bound_scale(txt_weight, img_weight)
+    width = txt.shape[-1]
+    if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:
+        joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:], dtype=FP8)
+        _launch(txt.contiguous(), txt_weight, txt_freqs.contiguous(), txt_eps, joint, 0, scale)
+        _launch(img.contiguous(), img_weight, img_freqs.contiguous(), img_eps, joint, txt.shape[1], scale)
+    else:
+        joint = to_fp8(_join_op(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps), scale)
+    return joint, scale.expand(txt.shape[0], txt.shape[2]).contiguous()
+
+
+def norm_rope_join_fp8(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm_rope_join` as fp8 (e4m3) values and their scale per sample and head ([B, H] fp32, one value:
+    `fp8_bound_scale`), in the same kernels: FlashAttention-3's fp8 queries and keys, no extra pass."""
+    return _join_fp8_op(txt, img, txt_norm.weight, img_norm.weight, txt_freqs, img_freqs, txt_norm.eps, img_norm.eps)
 
 
 def norm_rope_join(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> torch.Tensor:
@@ -184,20 +233,32 @@ def processor_class() -> type:
                 return txt.unflatten(-1, (-1, head_dim)), img.unflatten(-1, (-1, head_dim))
 
             freqs = (txt_freqs, img_freqs)
-            query = norm_rope_join(*heads(attn.add_q_proj, attn.to_q), attn.norm_added_q, attn.norm_q, *freqs)
-            key = norm_rope_join(*heads(attn.add_k_proj, attn.to_k), attn.norm_added_k, attn.norm_k, *freqs)
+            q_streams, k_streams = heads(attn.add_q_proj, attn.to_q), heads(attn.add_k_proj, attn.to_k)
             value = torch.cat(heads(attn.add_v_proj, attn.to_v), dim=1)
-            joint = qwen.dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-            joint = joint.flatten(2, 3).to(query.dtype)
+            fp8_forward = fa3.fp8_forward_now(qwen)
+            if (
+                fp8_forward is not None
+                and (hidden_states.is_cuda or not getattr(fp8_forward, "hopper_only", False))
+                and fa3.serves(self._attention_backend, self._parallel_config)
+            ):
+                # fp8 attention: the prologue writes fp8 queries and keys itself (no extra pass)
+                query, q_scale = norm_rope_join_fp8(*q_streams, attn.norm_added_q, attn.norm_q, *freqs)
+                key, k_scale = norm_rope_join_fp8(*k_streams, attn.norm_added_k, attn.norm_k, *freqs)
+                joint = fa3.prequantized_attention(query, q_scale, key, k_scale, value, attention_mask, fp8_forward)
+            else:
+                query = norm_rope_join(*q_streams, attn.norm_added_q, attn.norm_q, *freqs)
+                key = norm_rope_join(*k_streams, attn.norm_added_k, attn.norm_k, *freqs)
+                joint = qwen.dispatch_attention_fn(
+                    query,
+                    key,
+                    value,
+                    attn_mask=attention_mask,
+                    dropout_p=0.0,
+                    is_causal=False,
+                    backend=self._attention_backend,
+                    parallel_config=self._parallel_config,
+                )
+            joint = joint.flatten(2, 3).to(hidden_states.dtype)
             img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
             if len(attn.to_out) > 1:
                 img_out = attn.to_out[1](img_out)  # dropout

@@ -71,14 +71,18 @@ def test_installed_attention_keeps_batched_cfg_within_its_tolerance(tiny_editor,
 # Relative error bounds on random inputs: bf16 FA3 2.3e-3, fp8 5.3e-2 (an H200, 8422 tokens).
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("precision,bound", [("bf16", 1e-2), ("fp8", 8e-2)])
+@pytest.mark.parametrize("precision,bound", [("bf16", 1e-2), ("fp8", 8e-2), ("fp8 prequantized", 8e-2)])
 def test_fa3_on_hopper_matches_masked_sdpa(precision, bound):
     dev = torch.device("cuda")
     if not fa3.available(dev):
         pytest.skip("needs a Hopper GPU and the fa3-fwd package")
     q, k, v, mask = random_case(b=2, s=1000, h=4, d=128, device="cuda", dtype=torch.bfloat16)
-    kernel = fa3.fa3_kernel() if precision == "bf16" else fa3.fa3_fp8_kernel()
-    got = fa3.joint_attention(q, k, v, mask, kernel=kernel, fallback=None)
+    if precision == "fp8 prequantized":  # queries and keys in fp8 already (the fused prologue's output)
+        (q8, qs), (k8, ks) = fa3.quantize_heads(q), fa3.quantize_heads(k)
+        got = fa3.prequantized_attention(q8, qs, k8, ks, v, mask, fa3.fa3_fp8_forward())
+    else:
+        kernel = fa3.fa3_kernel() if precision == "bf16" else fa3.fa3_fp8_kernel()
+        got = fa3.joint_attention(q, k, v, mask, kernel=kernel, fallback=None)
     ref = masked_sdpa(q.float(), k.float(), v.float(), mask)
     assert got.dtype == torch.bfloat16 and ((got.float() - ref).norm() / ref.norm()).item() < bound
 

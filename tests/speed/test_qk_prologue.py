@@ -84,6 +84,63 @@ def test_the_fused_processor_equals_diffusers_with_and_without_a_prompt_mask(tra
         assert torch.equal(w, g) and torch.equal(u, gu) and torch.equal(w, f)
 
 
+def test_the_fp8_op_is_the_bf16_op_cast_under_the_weight_bound():
+    from qie.memory.fp8_matmul import to_fp8
+
+    txt_norm, img_norm = norms()
+    img_norm.weight.data[5] = 3.0  # the largest weight sets the bound
+    txt, img = torch.randn(2, 5, 3, 16).bfloat16() * 1000, torch.randn(2, 12, 3, 16).bfloat16() * 1e-3
+    txt_f, img_f = freqs(5, 8), freqs(12, 8)
+    values, scales = qk_prologue.norm_rope_join_fp8(txt, img, txt_norm, img_norm, txt_f, img_f)
+    bf16 = qk_prologue.norm_rope_join(txt, img, txt_norm, img_norm, txt_f, img_f)
+    bound = 16**0.5 * 3.0 * qk_prologue.BOUND_MARGIN / 448
+    assert values.dtype == torch.float8_e4m3fn and scales.shape == (2, 3)
+    assert torch.allclose(scales, torch.full((2, 3), bound))
+    assert torch.equal(values.view(torch.uint8), to_fp8(bf16, scales[:1, :1, None, None]).view(torch.uint8))
+    assert values.float().abs().max() < 448  # normalized values cannot reach the bound: nothing saturates
+    # fp8 keeps its relative precision at these magnitudes (e4m3: 3 mantissa bits, half a step of error)
+    back = values.float() * bound
+    assert ((back - bf16.float()).abs() <= bf16.float().abs() * 2**-4 + bound * 2**-9).all()
+
+
+def test_fp8_attention_takes_the_prologues_fp8_queries_and_keys(transformer):
+    from qie.speed import fa3
+
+    attn, kwargs, rotary = attention_call(transformer)  # batch 2, one prompt padded: kept keys reordered
+    real = tuple(torch.view_as_real(f) for f in rotary)
+    ran = []
+
+    def spy(name, kernel):
+        return lambda *a: ran.append(name) or kernel(*a)
+
+    with torch.no_grad():
+        want = attn(**kwargs, image_rotary_emb=rotary)
+        qk_prologue.install(transformer)
+        assert fa3.install(
+            torch.device("cpu"),
+            kernel=fa3.reference_kernel,
+            fp8_kernel=spy("bf16 in", fa3.reference_fp8_kernel),
+            fp8_forward=spy("fp8 in", fa3.reference_fp8_forward),
+        )
+        try:
+            bf16 = attn(**kwargs, image_rotary_emb=real)
+            assert ran == []
+            with fa3.fp8_attention():
+                fused = attn(**kwargs, image_rotary_emb=real)
+            assert ran == ["fp8 in"]  # the prologue's fp8 output went straight to the fp8 forward
+            qk_prologue.uninstall(transformer)
+            with fa3.fp8_attention():
+                unfused = attn(**kwargs, image_rotary_emb=rotary)  # diffusers' processor: quantizes all three
+            assert ran == ["fp8 in", "bf16 in"]
+        finally:
+            fa3.uninstall()
+    for w, b, f, u in zip(want, bf16, fused, unfused, strict=True):
+        assert torch.allclose(w, b, atol=1e-5, rtol=1e-4)
+        assert not torch.equal(f, w)  # fp8 changed the numbers ...
+        for got in (f, u):  # ... by fp8's rounding, whichever way the queries and keys were scaled
+            assert ((got - w).norm() / w.norm()).item() < 0.08
+
+
 def test_install_keeps_the_attention_backend_and_uninstall_restores(transformer):
     original = transformer.transformer_blocks[0].attn.processor
     original._attention_backend = "native"
@@ -95,7 +152,7 @@ def test_install_keeps_the_attention_backend_and_uninstall_restores(transformer)
     assert transformer.transformer_blocks[0].attn.processor is original and not qk_prologue.installed(transformer)
 
 
-def test_a_compiled_block_calls_the_op_and_matches_eager(transformer):
+def test_a_compiled_block_calls_the_op_and_matches_eager(transformer, monkeypatch):
     rope.install(transformer)
     qk_prologue.install(transformer)
     block = transformer.transformer_blocks[0]
@@ -103,14 +160,15 @@ def test_a_compiled_block_calls_the_op_and_matches_eager(transformer):
     torch.manual_seed(2)
     args = (torch.randn(1, 16, dim), torch.randn(1, 6, dim), None, torch.randn(1, dim))
     rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=6, device=torch.device("cpu"))
-    from torch._inductor.utils import run_and_get_code
-
+    calls, op = [], qk_prologue._join_op
+    monkeypatch.setattr(qk_prologue, "_join_op", lambda *a: calls.append(1) or op(*a))
     with torch.no_grad():
         want = block(*args, image_rotary_emb=rotary)
+        assert len(calls) == 2  # queries and keys
         torch._dynamo.reset()
-        got, code = run_and_get_code(torch.compile(block, fullgraph=True), *args, image_rotary_emb=rotary)
+        got = torch.compile(block, fullgraph=True)(*args, image_rotary_emb=rotary)
     torch._dynamo.reset()
-    assert "qk_norm_rope_join" in "\n".join(code)
+    assert len(calls) == 4  # traced into the graph (on CPU Inductor compiles the op's PyTorch body)
     for w, g in zip(want, got, strict=True):
         assert torch.allclose(w, g, atol=1e-5, rtol=1e-4)
 
@@ -152,6 +210,11 @@ def test_the_triton_kernel_matches_the_reference_at_the_real_width(batch):
     diff = (got.float() - want.float()).abs()
     assert diff.max().item() <= 0.07  # a bf16 step at |x| ~ 4-8: the sum of squares in another order
     assert (diff > 0).float().mean().item() < 0.05
+    values, scales = qk_prologue.norm_rope_join_fp8(txt, img, txt_norm, img_norm, txt_f, img_f)
+    from qie.memory.fp8_matmul import to_fp8
+
+    want8 = to_fp8(got, scales[:1, :1, None, None])  # the same kernel's bf16 values, cast as `to_fp8` does
+    assert scales.shape == (batch, 24) and torch.equal(values.view(torch.uint8), want8.view(torch.uint8))
 
 
 def test_streamed_blocks_run_the_fused_prologue_on_the_weights_bound_for_each_call(transformer, monkeypatch):
