@@ -205,7 +205,8 @@ def run_quality(bench: Any) -> None:
         notes=["without step caching"],
     )
     if size in bench.reference:  # same weights and seed as the stock reference (probe_steps CFG steps)
-        ref_probe = probe_qie(editor, size, bench.args.probe_steps, True, condition_area="model")
+        quant = request_options(bench)["attention_quant"]  # the reference's condition area, the row's attention
+        ref_probe = probe_qie(editor, size, bench.args.probe_steps, True, condition_area="model", attention_quant=quant)
         diff = difference(ref_probe.image, bench.reference[size])
         row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
     bench.add(row)
