@@ -214,7 +214,11 @@ def test_the_triton_kernel_matches_the_reference_at_the_real_width(batch):
     from qie.memory.fp8_matmul import to_fp8
 
     want8 = to_fp8(got, scales[:1, :1, None, None])  # the same kernel's bf16 values, cast as `to_fp8` does
-    assert scales.shape == (batch, 24) and torch.equal(values.view(torch.uint8), want8.view(torch.uint8))
+    assert scales.shape == (batch, 24) and torch.isfinite(values.float()).all()
+    differ = values.float() != want8.float()
+    assert differ.float().mean().item() < 1e-3, differ.float().mean().item()  # last-bit ties, at most
+    steps = (values.float() - want8.float()).abs() / want8.float().abs().clamp(min=2**-6)
+    assert steps.max().item() <= 2**-3  # one e4m3 step where they differ
 
 
 def test_streamed_blocks_run_the_fused_prologue_on_the_weights_bound_for_each_call(transformer, monkeypatch):
