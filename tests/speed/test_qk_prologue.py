@@ -217,8 +217,10 @@ def test_the_triton_kernel_matches_the_reference_at_the_real_width(batch):
     assert scales.shape == (batch, 24) and torch.isfinite(values.float()).all()
     differ = values.float() != want8.float()
     assert differ.float().mean().item() < 1e-3, differ.float().mean().item()  # last-bit ties, at most
-    steps = (values.float() - want8.float()).abs() / want8.float().abs().clamp(min=2**-6)
-    assert steps.max().item() <= 2**-3  # one e4m3 step where they differ
+    # where RoPE's two products cancel, the two compilations' roundings (FMA or not) may differ by a
+    # bf16 step of the operands, a few fp8 steps of the small result: bounded in fp8 units (typical ~40)
+    gap = (values.float() - want8.float()).abs() - want8.float().abs() * 2**-3
+    assert gap.max().item() <= 0.5, gap.max().item()
 
 
 def test_streamed_blocks_run_the_fused_prologue_on_the_weights_bound_for_each_call(transformer, monkeypatch):
