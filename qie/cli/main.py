@@ -249,7 +249,8 @@ def _add_speed_args(parser: argparse.ArgumentParser) -> None:
         "--attention-quant",
         choices=ATTENTION_QUANT_MODES,
         default="off",
-        help="quantized attention: fp8 runs FA3's fp8 forward on Hopper with fa3-fwd, else SageAttention",
+        help="quantized attention: fp8 runs FA3's fp8 forward on Hopper with fa3-fwd (~8%% faster steps, pixels "
+        "move more), else SageAttention",
     )
     group.add_argument("--step-cache", choices=STEP_CACHE_MODES, default="off", help="reuse work between steps")
     group.add_argument("--step-cache-threshold", type=float, default=0.05, help="fbcache: residual change to reuse")
