@@ -4,11 +4,13 @@ Each block's MLP is `fc2(gelu_tanh(fc1(x)))` with a 12288-wide hidden layer. Wit
 hidden activations are quantized per row before `fc2` (one fp32 scale per token, as torchao's
 float8 rowwise does). Left to `torch.compile`, GELU, the row maximum and the fp8 cast became one
 looped reduction kernel that read the 12288-wide rows twice and recomputed GELU: 20.5 ms of a
-0.217 s forward on an H200, against ~3.8 ms of memory traffic. `gelu_quantize_rows` does it in
-one pass, one row per Triton program held in registers, with fast (approximate) division per
-element and one exact division per row (8422 × 12288 rows on an H200: 0.200 ms, 0.546 ms with IEEE
-divisions in the same run, 0.23-0.26 ms for the first version; ~0.07 ms of memory traffic), and
-`Fp8GeluFeedForward` feeds its fp8 rows and scales straight to `fc2`'s fp8 GEMM.
+0.217 s forward on an H200, against ~3.8 ms of memory traffic. `gelu_quantize_rows` reads each
+row from memory once (`qie.memory.gelu_kernels`): one row per Triton program, in chunks, a pass for
+the row's maximum and a pass that recomputes GELU from L2 and stores fp8, with fast (approximate)
+division per element and one exact division per row. The previous kernel held a whole row in
+registers (8422 × 12288 rows on an H200: 0.200 ms, a third of the memory bandwidth; 0.546 ms with
+IEEE divisions); `python -m benchmarks.fast_levers --sections kernels` times them side by side.
+`Fp8GeluFeedForward` feeds the fp8 rows and scales straight to `fc2`'s fp8 GEMM.
 
 The arithmetic is the unfused path's: GELU (tanh form) rounded to the activation dtype, then
 `qie.memory.fp8_matmul.quantize_rows`. Off CUDA, or without Triton, the op runs exactly that in
@@ -42,69 +44,34 @@ def gelu_quantize_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return quantize_rows(nn.functional.gelu(h, approximate="tanh"))
 
 
+VARIANTS = ("chunked", "row", "row-ieee")  # `_launch`'s kernels; the first is the op's
+
+
 @functools.cache
 def _triton_kernel():
-    """(the `triton` module, the kernel), or None when Triton is not installed."""
+    """(the `triton` module, {"chunked": kernel, "row": kernel}), or None when Triton is not installed."""
     try:
         import triton
-        import triton.language as tl
+
+        from qie.memory import gelu_kernels
     except ImportError:
         return None
-
-    # Float constants are constexprs: Inductor types float arguments as fp64, which the fp8 cast cannot take.
-    # One row per program, held in registers; the warp count that keeps the most rows in flight
-    # depends on the width and the GPU, so it is measured once per width.
-    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)], key=["n_cols"])
-    @triton.jit
-    def qie_gelu_quantize_rows(
-        x_ptr,
-        q_ptr,
-        s_ptr,
-        n_cols,
-        stride_x,
-        stride_q,
-        FP8_MAX_: tl.constexpr,
-        MIN_SCALE_: tl.constexpr,
-        BLOCK: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n_cols
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) * (x + 0.044715 x^3)
-        # 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)); approximate division suffices (rounded to bf16 next)
-        denominator = 1.0 + tl.exp(-2.0 * inner)
-        g = tl.div_rn(x, denominator) if IEEE else tl.fdiv(x, denominator)
-        g = g.to(x_ptr.dtype.element_ty).to(tl.float32)  # GELU's output dtype, as the unfused path
-        scale = tl.maximum(tl.max(tl.abs(g), axis=0) / FP8_MAX_, MIN_SCALE_)
-        q = g / scale if IEEE else g * (1.0 / scale)  # one division per row
-        q = tl.minimum(tl.maximum(q, -FP8_MAX_), FP8_MAX_)
-        tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row, scale)
-
-    return triton, qie_gelu_quantize_rows  # the kernel's name in profiles (the bench's "quantize" category)
+    return triton, {"chunked": gelu_kernels.qie_gelu_quantize_rows_chunked, "row": gelu_kernels.qie_gelu_quantize_rows}
 
 
-def _launch(h: torch.Tensor, ieee: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton pass on CUDA rows `h`; `ieee`: IEEE divisions per element (the first version, for benchmarks)."""
-    triton, kernel = _triton_kernel()
+def _launch(h: torch.Tensor, variant: str = VARIANTS[0]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton pass on CUDA rows `h` with one of `VARIANTS` ("row-ieee": IEEE divisions per element,
+    the first version; "row" and "row-ieee" are kept for benchmarks)."""
+    triton, kernels = _triton_kernel()
     rows, cols = h.shape
     values = torch.empty((rows, cols), dtype=FP8, device=h.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
-    block = triton.next_power_of_2(cols)
-    wrap_triton(kernel)[(rows,)](
-        h,
-        values,
-        scales,
-        cols,
-        h.stride(0),
-        values.stride(0),
-        FP8_MAX_=FP8_MAX,
-        MIN_SCALE_=MIN_SCALE,
-        BLOCK=block,
-        IEEE=ieee,
-    )
+    args = (h, values, scales, cols, h.stride(0), values.stride(0))
+    if variant == "chunked":
+        wrap_triton(kernels["chunked"])[(rows,)](*args, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE)
+    else:
+        block, ieee = triton.next_power_of_2(cols), variant == "row-ieee"
+        wrap_triton(kernels["row"])[(rows,)](*args, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK=block, IEEE=ieee)
     return values, scales
 
 
