@@ -4,13 +4,11 @@ Each block's MLP is `fc2(gelu_tanh(fc1(x)))` with a 12288-wide hidden layer. Wit
 hidden activations are quantized per row before `fc2` (one fp32 scale per token, as torchao's
 float8 rowwise does). Left to `torch.compile`, GELU, the row maximum and the fp8 cast became one
 looped reduction kernel that read the 12288-wide rows twice and recomputed GELU: 20.5 ms of a
-0.217 s forward on an H200, against ~3.8 ms of memory traffic. `gelu_quantize_rows` reads each
-row from memory once (`qie.memory.gelu_kernels`): one row per Triton program, in chunks, a pass for
-the row's maximum and a pass that recomputes GELU from L2 and stores fp8, with fast (approximate)
-division per element and one exact division per row. The previous kernel held a whole row in
-registers (8422 × 12288 rows on an H200: 0.200 ms, a third of the memory bandwidth; 0.546 ms with
-IEEE divisions); `python -m benchmarks.fast_levers --sections kernels` times them side by side.
-`Fp8GeluFeedForward` feeds the fp8 rows and scales straight to `fc2`'s fp8 GEMM.
+0.217 s forward on an H200, against ~3.8 ms of memory traffic. `gelu_quantize_rows` does it in
+one pass (`qie.memory.gelu_kernels`), one row per Triton program held in registers, with fast
+(approximate) division per element and one exact division per row (8422 × 12288 rows on an H200:
+0.200 ms, 0.546 ms with IEEE divisions in the same run; ~0.07 ms of memory traffic), and
+`Fp8GeluFeedForward` feeds its fp8 rows and scales straight to `fc2`'s fp8 GEMM.
 
 The arithmetic is the unfused path's: GELU (tanh form) rounded to the activation dtype, then
 `qie.memory.fp8_matmul.quantize_rows`. Off CUDA, or without Triton, the op runs exactly that in
@@ -44,34 +42,29 @@ def gelu_quantize_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return quantize_rows(nn.functional.gelu(h, approximate="tanh"))
 
 
-VARIANTS = ("chunked", "row", "row-ieee")  # `_launch`'s kernels; the first is the op's
-
-
 @functools.cache
 def _triton_kernel():
-    """(the `triton` module, {"chunked": kernel, "row": kernel}), or None when Triton is not installed."""
+    """(the `triton` module, the kernel), or None when Triton is not installed."""
     try:
         import triton
 
         from qie.memory import gelu_kernels
     except ImportError:
         return None
-    return triton, {"chunked": gelu_kernels.qie_gelu_quantize_rows_chunked, "row": gelu_kernels.qie_gelu_quantize_rows}
+    return triton, gelu_kernels.qie_gelu_quantize_rows
 
 
-def _launch(h: torch.Tensor, variant: str = VARIANTS[0]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton pass on CUDA rows `h` with one of `VARIANTS` ("row-ieee": IEEE divisions per element,
-    the first version; "row" and "row-ieee" are kept for benchmarks)."""
-    triton, kernels = _triton_kernel()
+def _launch(h: torch.Tensor, ieee: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton pass on CUDA rows `h`; `ieee`: IEEE divisions per element (the first version, for benchmarks)."""
+    triton, kernel = _triton_kernel()
     rows, cols = h.shape
     values = torch.empty((rows, cols), dtype=FP8, device=h.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
-    args = (h, values, scales, cols, h.stride(0), values.stride(0))
-    if variant == "chunked":
-        wrap_triton(kernels["chunked"])[(rows,)](*args, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE)
-    else:
-        block, ieee = triton.next_power_of_2(cols), variant == "row-ieee"
-        wrap_triton(kernels["row"])[(rows,)](*args, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK=block, IEEE=ieee)
+    block = triton.next_power_of_2(cols)
+    wrap_triton(kernel)[(rows,)](
+        h, values, scales, cols, h.stride(0), values.stride(0),
+        FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK=block, IEEE=ieee,
+    )  # fmt: skip
     return values, scales
 
 

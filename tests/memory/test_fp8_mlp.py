@@ -130,16 +130,3 @@ def test_compiled_code_launches_the_kernel_itself_at_any_row_count():
     source = "\n".join(code)
     assert "qie_gelu_quantize_rows" in source  # Inductor's wrapper launches the Triton kernel
     assert "torch.ops.qie" not in source  # no call back into the op through the dispatcher
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("cols", [12288, 3000])  # the model's width; one whose last chunk is partial
-def test_the_chunked_kernel_writes_what_the_whole_row_kernel_writes(cols):
-    from qie.memory.fp8_mlp import _launch
-
-    h = torch.randn(777, cols, device="cuda", dtype=torch.bfloat16) * 3
-    h[5] = 0  # an all-zero row: the minimum scale
-    chunked, row = _launch(h, "chunked"), _launch(h, "row")
-    assert torch.equal(chunked[0].view(torch.uint8), row[0].view(torch.uint8))
-    assert torch.equal(chunked[1], row[1])
