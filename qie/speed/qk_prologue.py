@@ -105,6 +105,21 @@ def _launch(x, weight, freqs, eps, joint, offset, scale=None) -> None:
     )  # fmt: skip
 
 
+def _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps, scale=None) -> torch.Tensor:
+    """Both ops' body: the joint tensor, bf16 or (with `scale`) fp8; Triton on CUDA, else the reference."""
+    width = txt.shape[-1]
+    if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:  # Triton tiles: powers of two
+        dtype = txt.dtype if scale is None else FP8
+        joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:], dtype=dtype)
+        _launch(txt.contiguous(), txt_weight, txt_freqs.contiguous(), txt_eps, joint, 0, scale)
+        _launch(img.contiguous(), img_weight, img_freqs.contiguous(), img_eps, joint, txt.shape[1], scale)
+        return joint
+    joint = torch.cat(
+        [reference(txt, txt_weight, txt_freqs, txt_eps), reference(img, img_weight, img_freqs, img_eps)], dim=1
+    )
+    return joint if scale is None else to_fp8(joint, scale)
+
+
 @triton_op(OP, mutates_args=())
 def _join_op(
     txt: torch.Tensor,
@@ -118,15 +133,7 @@ def _join_op(
 ) -> torch.Tensor:
     # A Triton op: compiled graphs launch the two kernels from Inductor's generated code (no call
     # back into Python per block); the body stays traceable (torch ops and `wrap_triton` launches).
-    width = txt.shape[-1]
-    if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:  # Triton tiles: powers of two
-        joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:])
-        _launch(txt.contiguous(), txt_weight, txt_freqs.contiguous(), txt_eps, joint, 0)
-        _launch(img.contiguous(), img_weight, img_freqs.contiguous(), img_eps, joint, txt.shape[1])
-        return joint
-    return torch.cat(
-        [reference(txt, txt_weight, txt_freqs, txt_eps), reference(img, img_weight, img_freqs, img_eps)], dim=1
-    )
+    return _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps)
 
 
 def fp8_bound_scale(txt_weight: torch.Tensor, img_weight: torch.Tensor) -> torch.Tensor:
@@ -155,13 +162,7 @@ def _join_fp8_op(
     img_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scale = fp8_bound_scale(txt_weight, img_weight)
-    width = txt.shape[-1]
-    if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:
-        joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:], dtype=FP8)
-        _launch(txt.contiguous(), txt_weight, txt_freqs.contiguous(), txt_eps, joint, 0, scale)
-        _launch(img.contiguous(), img_weight, img_freqs.contiguous(), img_eps, joint, txt.shape[1], scale)
-    else:
-        joint = to_fp8(_join_op(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps), scale)
+    joint = _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps, scale)
     return joint, scale.expand(txt.shape[0], txt.shape[2]).contiguous()
 
 
