@@ -14,6 +14,11 @@ pairs (`qie.speed.rope.install`) and RMSNorms with weights in the activation dty
 goes to diffusers' own code. `install` sets it on every block, keeping each processor's attention
 backend; `qie.speed.compile.compile_blocks` does so on CUDA with Triton.
 
+Under fp8 attention (a request's `attention_quant="fp8"` with FlashAttention-3) the same kernels
+write the queries and keys as fp8 under `fp8_bound_scale` (`norm_rope_join_fp8`) and the processor
+hands them to FA3's fp8 forward (`qie.speed.fa3.prequantized_attention`): no pass to measure them.
+Both ops are `torch.library.triton_op`s, so compiled graphs launch the kernels themselves.
+
 The arithmetic is diffusers': variance in float32, normalized values rounded to the weight's dtype
 and multiplied by the weight (rounded), then rotated in float32 and rounded (`reference`, the op's
 code off CUDA and the tests' oracle). Tolerance ``qk-prologue-fused``.
