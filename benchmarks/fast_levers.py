@@ -302,7 +302,7 @@ def wall_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
 def run_ops(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Host cost of the two Triton kernels inside compiled code: registered as Triton ops (Inductor launches
     them from its generated code, as qie does now) against opaque custom ops (a call back into Python per
-    launch, as before). Each compiled function makes `CALLS` calls on disjoint slices of one tensor, at a
+    launch, as before). Each compiled function makes 120 calls on disjoint slices of one tensor, at a
     small shape where launches dominate: wall and kernel milliseconds, host microseconds per call."""
     from torch._library.triton import set_wrap_triton_enabled
     from torch.library import custom_op
@@ -327,11 +327,8 @@ def run_ops(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     def opaque_join(
         txt: torch.Tensor, img: torch.Tensor, tw: torch.Tensor, iw: torch.Tensor, tf: torch.Tensor, imf: torch.Tensor
     ) -> torch.Tensor:
-        joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:])
-        with set_wrap_triton_enabled(False):  # the op's body before, launched from Python
-            qk_prologue._launch(txt.contiguous(), tw, tf.contiguous(), 1e-6, joint, 0)
-            qk_prologue._launch(img.contiguous(), iw, imf.contiguous(), 1e-6, joint, txt.shape[1])
-        return joint
+        with set_wrap_triton_enabled(False):  # the op's body, launched from Python
+            return qk_prologue._joined(txt, img, tw, iw, tf, imf, 1e-6, 1e-6)
 
     @opaque_join.register_fake
     def _(txt, img, tw, iw, tf, imf):

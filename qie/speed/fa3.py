@@ -169,14 +169,18 @@ def serves(backend, parallel_config) -> bool:
     return parallel_config is None and str(getattr(backend, "value", backend)) in REPLACES
 
 
-def fp8_forward_now(module) -> Fp8Forward | None:
-    """The fp8 forward that takes prequantized inputs while a request runs fp8 attention (inside
-    `fp8_attention()`), else None. `module`: diffusers' Qwen-Image transformer module, whose
-    dispatcher global compiled blocks guard on."""
+def fp8_forward_now(module, hidden_states: torch.Tensor, backend, parallel_config) -> Fp8Forward | None:
+    """The fp8 forward that takes prequantized inputs, when it serves this call: a request runs fp8
+    attention (inside `fp8_attention()`), FA3 may stand in for `backend` (`serves`) and, for FA3's
+    own kernel, the activations are on CUDA. Else None. `module`: diffusers' Qwen-Image transformer
+    module, whose dispatcher global compiled blocks guard on."""
     fp8 = getattr(module, "_qie_dispatch_fp8", None)
-    if fp8 is None or module.dispatch_attention_fn is not fp8:
+    if fp8 is None or module.dispatch_attention_fn is not fp8 or not serves(backend, parallel_config):
         return None
-    return getattr(module, "_qie_fp8_forward", None)
+    forward = getattr(module, "_qie_fp8_forward", None)
+    if forward is None or (getattr(forward, "hopper_only", False) and not hidden_states.is_cuda):
+        return None
+    return forward
 
 
 def prequantized_attention(q8, q_scale, k8, k_scale, value, attn_mask, forward: Fp8Forward) -> torch.Tensor:

@@ -44,7 +44,6 @@ from qie.speed.fa3 import QWEN_MODULE
 log = logging.getLogger(__name__)
 
 OP = "qie::qk_norm_rope_join"
-OP_FP8 = "qie::qk_norm_rope_join_fp8"
 BOUND_MARGIN = 1.02  # fp8_bound_scale's room for bf16 rounding
 
 
@@ -111,7 +110,7 @@ def _launch(x, weight, freqs, eps, joint, offset, scale=None) -> None:
 
 
 def _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps, scale=None) -> torch.Tensor:
-    """Both ops' body: the joint tensor, bf16 or (with `scale`) fp8; Triton on CUDA, else the reference."""
+    """The op's body: the joint tensor, bf16 or (with `scale`) fp8; Triton on CUDA, else the reference."""
     width = txt.shape[-1]
     if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:  # Triton tiles: powers of two
         dtype = txt.dtype if scale is None else FP8
@@ -135,10 +134,11 @@ def _join_op(
     img_freqs: torch.Tensor,
     txt_eps: float,
     img_eps: float,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # A Triton op: compiled graphs launch the two kernels from Inductor's generated code (no call
     # back into Python per block); the body stays traceable (torch ops and `wrap_triton` launches).
-    return _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps)
+    return _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps, scale)
 
 
 def fp8_bound_scale(txt_weight: torch.Tensor, img_weight: torch.Tensor) -> torch.Tensor:
@@ -155,26 +155,13 @@ def fp8_bound_scale(txt_weight: torch.Tensor, img_weight: torch.Tensor) -> torch
     return (largest * (width**0.5 * BOUND_MARGIN / FP8_MAX)).clamp(min=MIN_SCALE).reshape(1)
 
 
-@triton_op(OP_FP8, mutates_args=())
-def _join_fp8_op(
-    txt: torch.Tensor,
-    img: torch.Tensor,
-    txt_weight: torch.Tensor,
-    img_weight: torch.Tensor,
-    txt_freqs: torch.Tensor,
-    img_freqs: torch.Tensor,
-    txt_eps: float,
-    img_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = fp8_bound_scale(txt_weight, img_weight)
-    joint = _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img_eps, scale)
-    return joint, scale.expand(txt.shape[0], txt.shape[2]).contiguous()
-
-
 def norm_rope_join_fp8(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> tuple[torch.Tensor, torch.Tensor]:
     """`norm_rope_join` as fp8 (e4m3) values and their scale per sample and head ([B, H] fp32, one value:
     `fp8_bound_scale`), in the same kernels: FlashAttention-3's fp8 queries and keys, no extra pass."""
-    return _join_fp8_op(txt, img, txt_norm.weight, img_norm.weight, txt_freqs, img_freqs, txt_norm.eps, img_norm.eps)
+    weights = (txt_norm.weight, img_norm.weight)
+    scale = fp8_bound_scale(*weights)
+    joint = _join_op(txt, img, *weights, txt_freqs, img_freqs, txt_norm.eps, img_norm.eps, scale)
+    return joint, scale.expand(txt.shape[0], txt.shape[2]).contiguous()
 
 
 def norm_rope_join(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> torch.Tensor:
@@ -241,12 +228,8 @@ def processor_class() -> type:
             freqs = (txt_freqs, img_freqs)
             q_streams, k_streams = heads(attn.add_q_proj, attn.to_q), heads(attn.add_k_proj, attn.to_k)
             value = torch.cat(heads(attn.add_v_proj, attn.to_v), dim=1)
-            fp8_forward = fa3.fp8_forward_now(qwen)
-            if (
-                fp8_forward is not None
-                and (hidden_states.is_cuda or not getattr(fp8_forward, "hopper_only", False))
-                and fa3.serves(self._attention_backend, self._parallel_config)
-            ):
+            fp8_forward = fa3.fp8_forward_now(qwen, hidden_states, self._attention_backend, self._parallel_config)
+            if fp8_forward is not None:
                 # fp8 attention: the prologue writes fp8 queries and keys itself (no extra pass)
                 query, q_scale = norm_rope_join_fp8(*q_streams, attn.norm_added_q, attn.norm_q, *freqs)
                 key, k_scale = norm_rope_join_fp8(*k_streams, attn.norm_added_k, attn.norm_k, *freqs)
