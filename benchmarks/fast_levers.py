@@ -23,6 +23,9 @@ Sections (each on random weights of the real widths):
   text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
              GPU busy time; eager, with the vision windows as one masked call (`qie.speed.vision_attention`),
              and with the vision blocks compiled too.
+  vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
+             convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
+             the 2-D decoder compiled.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -470,6 +473,61 @@ def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The full-size VAE's decode and encode of one frame: diffusers' causal 3-D convolutions against
+    `qie.speed.vae_frames`' 2-D convolutions, then with the decoder compiled."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from benchmarks.random_model import materialize
+    from qie.speed import vae_frames
+
+    vae = materialize(AutoencoderKLQwenImage, device, torch.bfloat16, seed=1)
+    out: dict[str, Any] = args.partial
+    for size in (1024, 768):
+        gen = torch.Generator(device=device).manual_seed(size)
+        latents = torch.randn(
+            1, vae.config.z_dim, 1, size // 8, size // 8, device=device, dtype=torch.bfloat16, generator=gen
+        )
+        pixels = torch.rand(1, 3, 1, size, size, device=device, generator=gen).to(torch.bfloat16) * 2 - 1
+
+        def decode(latents=latents):
+            return vae.decode(latents, return_dict=False)[0]
+
+        def encode(pixels=pixels):
+            return vae.encode(pixels).latent_dist.mode()
+
+        row: dict[str, Any] = {}
+        with torch.inference_mode():
+            want_image, want_latents = decode(), encode()
+            row["decode_ms_3d"], row["encode_ms_3d"] = cuda_ms(decode, 5, 2), cuda_ms(encode, 5, 2)
+            if size == 1024:
+                row["decode_kernels_3d"] = kernel_table(decode, repeats=2, top=8)
+            vae_frames.install(vae)
+            try:
+                got_image, got_latents = decode(), encode()
+                row["decode_ms_2d"], row["encode_ms_2d"] = cuda_ms(decode, 5, 2), cuda_ms(encode, 5, 2)
+                if size == 1024:
+                    row["decode_kernels_2d"] = kernel_table(decode, repeats=2, top=8)
+            finally:
+                vae_frames.uninstall(vae)
+        row["decode_rel_error"] = rel_error(got_image, want_image)
+        row["decode_max_abs"] = (got_image.float() - want_image.float()).abs().max().item()
+        row["encode_rel_error"] = rel_error(got_latents, want_latents)
+        log.info("vae %d: %s", size, {k: v for k, v in row.items() if "kernels" not in k})
+        out[str(size)] = row
+    vae_frames.install(vae)
+    start = time.perf_counter()
+    vae.decoder.compile()
+    latents = torch.randn(1, vae.config.z_dim, 1, 128, 128, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        vae.decode(latents, return_dict=False)
+        torch.cuda.synchronize()
+        out["compiled_2d_first_decode_s"] = time.perf_counter() - start
+        out["compiled_2d_decode_ms_1024"] = cuda_ms(lambda: vae.decode(latents, return_dict=False), 5, 2)
+    log.info("vae compiled: %s", {k: v for k, v in out.items() if k.startswith("compiled")})
+    return out
+
+
 SECTIONS = {
     "kernels": run_kernels,
     "ops": run_ops,
@@ -478,6 +536,7 @@ SECTIONS = {
     "rope": run_rope,
     "blocks": run_blocks,
     "text": run_text,
+    "vae": run_vae,
 }
 
 

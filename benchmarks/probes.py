@@ -36,6 +36,7 @@ class Row:
     e2e_40_cfg_measured: bool = False
     text_encode_s: float | None = None
     condition_encode_s: float | None = None
+    encode_s: float | None = None  # both encoders at once (two CUDA streams); then the two above are None
     decode_s: float | None = None
     resident_gib: float | None = None
     peak_gib: float | None = None
