@@ -152,9 +152,9 @@ class Editor:
         chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
         chosen.apply(pipe, dev, opts.vram_budget_gib)
         if opts.vae_compile != "off":
-            from qie.speed.compile import compile_vae_decoder
+            from qie.speed.compile import compile_vae_decoder, vae_compile_mode
 
-            compile_vae_decoder(pipe.vae, opts.vae_compile)
+            compile_vae_decoder(pipe.vae, vae_compile_mode(opts.vae_compile, compile=opts.compile, device=dev))
         took = time.perf_counter() - start
         log.info("loaded %s (%s) on %s (%s, plan %s) in %.1fs", resolved.name, spec.variant, dev, dt, chosen.name, took)
         editor = cls(
@@ -184,7 +184,7 @@ class Editor:
 
         `compile_stats` then holds the mode and the warm-up seconds; the first edit after it adds its own time.
         """
-        from qie.speed.compile import check_mode, compile_blocks, uncompile_blocks
+        from qie.speed.compile import check_mode, compile_blocks, uncompile_blocks, uncompile_vae_decoder
 
         check_mode(mode)
         if self.device.type != "cuda" or self.plan.name == "model-offload":
@@ -198,6 +198,7 @@ class Editor:
         except Exception as exc:  # an unsupported op shows up only when the graph is traced
             log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
             uncompile_blocks(self.pipe.transformer)
+            uncompile_vae_decoder(self.pipe.vae)
             return False
         self.compiled = True
         self.compile_stats = {"mode": mode, "warm_up_s": time.perf_counter() - start}

@@ -210,17 +210,34 @@ def inductor_options(module: torch.nn.Module) -> dict | None:
     return dict(config) if isinstance(config, dict) else None
 
 
+def vae_compile_mode(mode: str, *, compile: bool, device: torch.device) -> str:
+    """The VAE decoder's compile choice at load: "auto" is "on" where the transformer is compiled on CUDA.
+
+    On an H200 at 1024² the compiled decoder (with `qie.speed.vae_frames`' 2-D convolutions) took
+    15.7 ms against 41.6 ms eager; its first decode compiles for ~18 s (`fast-levers-h200-y.json`).
+
+    Example:
+        >>> vae_compile_mode("auto", compile=True, device=torch.device("cpu"))
+        'off'
+    """
+    if mode != "auto":
+        return mode
+    return "on" if compile and device.type == "cuda" else "off"
+
+
 def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
 
-    The decoder runs once per edit over one latent frame; its 3-D convolutions are most of the
-    decode time, and channels-last (`torch.channels_last_3d`) can give cuDNN faster kernels for them.
-    Compilation happens on the first decode at each size. Returns True when compiled. Call it once
-    per VAE, at load: a compiled decoder asserts the weight layout it was traced with, so changing
-    the mode afterwards fails at the next decode.
+    The decoder runs once per edit over one latent frame (its convolutions as 2-D convolutions on
+    CUDA, `qie.speed.vae_frames`); compiled, its norms and activations fuse around them, and
+    channels-last (`torch.channels_last_3d`) can give cuDNN faster kernels. Compilation happens on
+    the first decode at each size. Returns True when compiled. Call it once per VAE, at load: a
+    compiled decoder asserts the weight layout it was traced with, so changing the mode afterwards
+    fails at the next decode. `uncompile_vae_decoder` undoes it.
     """
-    if mode not in VAE_COMPILE_MODES:
-        raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
+    if mode not in VAE_COMPILE_MODES or mode == "auto":
+        choices = ", ".join(m for m in VAE_COMPILE_MODES if m != "auto")
+        raise InvalidRequestError("vae_compile", mode, f"use one of {choices} (auto is decided at load)")
     if mode == "off":
         return False
     set_cache_dir()
@@ -230,6 +247,11 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
     vae.decoder.compile()
     return True
+
+
+def uncompile_vae_decoder(vae: torch.nn.Module) -> None:
+    """Undo `compile_vae_decoder`'s compile (the layout stays): the decoder runs eager again."""
+    vae.decoder._compiled_call_impl = None
 
 
 def compile_streamed_blocks(blocks: torch.nn.ModuleList, backend: str = "inductor", mode: str | None = None) -> None:

@@ -45,7 +45,7 @@ def test_side_work_sees_earlier_work_and_later_work_sees_it():
         x = torch.zeros(4096, 4096, device=device)
         x += 1  # earlier work on the current stream
         big = torch.randn(4096, 4096, device=device)
-        first, second = side_stream.side_by_side(device, lambda: (big @ big).sum(), lambda: x * 2)
+        first, second = side_stream.side_by_side(device, lambda b=big: (b @ b).sum(), lambda x=x: x * 2)
         total = second.sum()  # later work on the current stream reads the side stream's result
         assert total.item() == 2 * 4096 * 4096
         assert torch.isfinite(first)
