@@ -149,10 +149,9 @@ class Bench:
         row.peak_gib = max(p for p in (nocfg.peak_gib, cfg.peak_gib, 0.0) if p is not None) or None
         row.stage_peaks_gib = cfg.stage_peaks_gib
         t = cfg.timings
-        row.text_encode_s, row.condition_encode_s, row.encode_s, row.decode_s = (
+        row.text_encode_s, row.condition_encode_s, row.decode_s = (
             t.get("text_encode"),
             t.get("condition_encode"),
-            t.get("encode"),
             t.get("decode"),
         )
         if e2e_40:

@@ -5,10 +5,8 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             (resident-fp8 + regional compile with ``--compile-mode``): 8 and 4 steps end to end at
             every ``--sizes`` (the condition area left to auto: the output's area under 0.6 MP); at the
             first size, the forward's time by kernel category next to each category's floor, and the
-            host syncs of one edit (CUDA's sync debug mode); each row's edit again with the two encoders
-            one after the other instead of at once (``e2e_s["fast_N_encoders_in_turn"]``). With
-            ``--attention-quant``, the first size's rows again with that request option (e.g. FA3's fp8
-            attention)
+            host syncs of one edit (CUDA's sync debug mode). With ``--attention-quant``, the first
+            size's rows again with that request option (e.g. FA3's fp8 attention)
   quality   a 40-step CFG edit on the fastest plan, measured end to end (not derived), with the
             forward's kernel-category profile
   compile   the regional compile's modes (``--compile-modes``): warm-up seconds, first-edit
@@ -158,23 +156,14 @@ def run_fast(bench: Any) -> None:
                     raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
                 row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
                 row.e2e_s = {f"fast_{steps}": probe.e2e_s}
-                if first:
+                if first:  # and where its time went: compiles happen in denoise (blocks) and decode (VAE)
                     row.e2e_s["first_edit"], first = probe.first_e2e_s, False
+                    row.e2e_s.update({f"first_edit_{k}": v for k, v in probe.first_timings.items()})
                 row.notes += [n for n in probe.notes if n.startswith(("condition_area", "attention_quant"))]
                 stock = bench.stock.get(size)
                 if stock and stock.e2e_8_nocfg_s:
                     row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
                 bench.add(row)
-                if mode == "off" and editor.overlaps_encoders:  # same-run A/B: the encoders one after the other
-                    editor.overlap_encoders = False
-                    try:
-                        sequential = time_e2e(editor, size, steps, False, **options)
-                    finally:
-                        editor.overlap_encoders = True
-                    row.e2e_s[f"fast_{steps}_encoders_in_turn"] = sequential.e2e_s
-                    row.e2e_s["text_encode"] = sequential.timings.get("text_encode")
-                    row.e2e_s["condition_encode"] = sequential.timings.get("condition_encode")
-                    bench.save()
                 if steps == 4 and size == sizes[0]:
                     bench.profile(
                         row, editor.pipe.transformer, lambda s=size, o=options: probe_qie(editor, s, 4, False, **o)
@@ -195,7 +184,6 @@ def stage_row(name: str, size: int, plan: str, probe: Probe, *, cfg: bool = Fals
         stage_peaks_gib=probe.stage_peaks_gib,
         text_encode_s=probe.timings.get("text_encode"),
         condition_encode_s=probe.timings.get("condition_encode"),
-        encode_s=probe.timings.get("encode"),
         decode_s=probe.timings.get("decode"),
         **fields,
     )
@@ -303,9 +291,7 @@ def encoder_row(
     probe_qie(editor, size, 2, False)  # warm-up: compiles what is compiled
     probes = [probe_qie(editor, size, 2, False, stamp_steps=False) for _ in range(3)]
     row = stage_row(name, size, plan, probes[0])
-    for stage in ("text_encode", "condition_encode", "encode", "decode"):
-        if stage not in probes[0].timings:  # "encode" when both encoders run at once, else the two
-            continue
+    for stage in ("text_encode", "condition_encode", "decode"):
         seconds = statistics.median(p.timings[stage] for p in probes)
         setattr(row, f"{stage}_s", seconds)
         row.e2e_s[stage] = seconds

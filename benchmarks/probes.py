@@ -36,7 +36,6 @@ class Row:
     e2e_40_cfg_measured: bool = False
     text_encode_s: float | None = None
     condition_encode_s: float | None = None
-    encode_s: float | None = None  # both encoders at once (two CUDA streams); then the two above are None
     decode_s: float | None = None
     resident_gib: float | None = None
     peak_gib: float | None = None
@@ -61,6 +60,7 @@ class Probe:
     steps_run: int | None = None
     notes: tuple[str, ...] = ()
     first_e2e_s: float | None = None  # `bench_fast.time_e2e`: the warm-up edit (compiles what is compiled)
+    first_timings: dict[str, float] = field(default_factory=dict)  # that edit's stage seconds
 
 
 def test_image(size: int) -> Image.Image:
@@ -155,4 +155,6 @@ def time_e2e(editor, size: int, steps: int, cfg: bool, repeats: int = 3, **optio
     runs = [probe_qie(editor, size, steps, cfg, stamp_steps=False, **options) for _ in range(repeats)]
     stamped = probe_qie(editor, size, steps, cfg, **options)
     median = sorted(runs, key=lambda p: p.e2e_s)[len(runs) // 2]
-    return dataclasses.replace(median, step_s=stamped.step_s, first_e2e_s=first.e2e_s)
+    return dataclasses.replace(
+        median, step_s=stamped.step_s, first_e2e_s=first.e2e_s, first_timings=dict(first.timings)
+    )

@@ -46,14 +46,10 @@ from qie.errors import (
 from qie.memory.plans import PLANS, Plan, batch_cfg_pays, choose_plan, next_plan
 from qie.speed.fa3 import NAME as FA3
 from qie.speed.fa3 import installed as installed_fa3
-from qie.speed.side_stream import side_by_side
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
 
 log = logging.getLogger(__name__)
-
-# Plans that keep the text encoder and the VAE on the GPU: their encoders run at once (`Editor.encode`).
-OVERLAP_PLANS = ("resident", "resident-fp8")
 
 # Per-load switches for qie's deliberate differences from stock diffusers.
 DEFAULT_FIXES = {"mm_token_type_ids": True}
@@ -96,7 +92,6 @@ class Editor:
         self._batch_cfg_pays: bool | None = None  # the cost model's verdict for this plan, once asked
         self._prediction_logged = False  # predicted vs measured step time, logged after the first edit
         self._warming_up = False
-        self.overlap_encoders = True  # see `overlaps_encoders`
         pipe.set_progress_bar_config(disable=True)
         self.safety = safety
         self.fault = fault
@@ -452,36 +447,20 @@ class Editor:
         self.cache.bind(pipe)
         notes: list[str] = []
         ids = {"model": self.model, "revision": self.revision}
-        area = condition_area(request)
-        if request.condition_area is None:
-            notes.append(f"condition_area=auto: {request.condition_area_used}")
-
-        def text():
-            return cache.encode_prompts(
+        with timer("text_encode"):
+            prompt, negative, hit = cache.encode_prompts(
                 self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
             )
-
-        def condition():  # in the dtype `encode_prompt` gives the prompt embeddings
-            dtype = pipe.text_encoder.dtype
-            return cache.encode_condition(self.cache, pipe, request, **ids, area=area, device=device, dtype=dtype)
-
-        if self.overlaps_encoders:
-            with timer("encode"):  # both at once: the condition on a side stream (qie.speed.side_stream)
-                (prompt, negative, text_hit), (cond, cond_hit) = side_by_side(device, text, condition)
-        else:
-            with timer("text_encode"):
-                prompt, negative, text_hit = text()
-            with timer("condition_encode"):
-                cond, cond_hit = condition()
-        notes += ["prompt cache hit"] if text_hit else []
-        notes += ["condition cache hit"] if cond_hit else []
-        return stages.Encoded(prompt, negative, cond), notes
-
-    @property
-    def overlaps_encoders(self) -> bool:
-        """Whether `encode` runs the text and VAE encoders at once on two CUDA streams: on CUDA, with
-        both encoders resident (the `resident` plans), unless `overlap_encoders` is set False."""
-        return self.overlap_encoders and self.device.type == "cuda" and self.plan.name in OVERLAP_PLANS
+            notes += ["prompt cache hit"] if hit else []
+        with timer("condition_encode"):
+            area = condition_area(request)
+            if request.condition_area is None:
+                notes.append(f"condition_area=auto: {request.condition_area_used}")
+            condition, hit = cache.encode_condition(
+                self.cache, pipe, request, **ids, area=area, device=device, dtype=prompt.embeds.dtype
+            )
+            notes += ["condition cache hit"] if hit else []
+        return stages.Encoded(prompt, negative, condition), notes
 
     def rewrite_prompt(
         self,

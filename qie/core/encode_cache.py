@@ -31,7 +31,6 @@ from PIL import Image
 
 from qie.core import stages
 from qie.core.images import image_digest
-from qie.speed.side_stream import tensors_in
 
 T = TypeVar("T")
 
@@ -128,7 +127,13 @@ class EditCache:
 
 def tensor_bytes(value: Any) -> int:
     """Bytes held by the tensors in `value` (a tensor, a dataclass of tensors or a sequence of them)."""
-    return sum(t.numel() * t.element_size() for t in tensors_in(value))
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(tensor_bytes(getattr(value, name)) for name in value.__dataclass_fields__)
+    return 0
 
 
 def cached(cache: LRUCache, key: Hashable, make: Callable[[], T]) -> tuple[T, bool]:
