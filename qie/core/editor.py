@@ -147,9 +147,9 @@ class Editor:
         chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
         chosen.apply(pipe, dev, opts.vram_budget_gib)
         if opts.vae_compile != "off":
-            from qie.speed.compile import compile_vae_decoder, vae_compile_mode
+            from qie.speed.compile import compile_vae_decoder
 
-            compile_vae_decoder(pipe.vae, vae_compile_mode(opts.vae_compile, compile=opts.compile, device=dev))
+            compile_vae_decoder(pipe.vae, opts.vae_compile)
         took = time.perf_counter() - start
         log.info("loaded %s (%s) on %s (%s, plan %s) in %.1fs", resolved.name, spec.variant, dev, dt, chosen.name, took)
         editor = cls(

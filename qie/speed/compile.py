@@ -210,21 +210,6 @@ def inductor_options(module: torch.nn.Module) -> dict | None:
     return dict(config) if isinstance(config, dict) else None
 
 
-def vae_compile_mode(mode: str, *, compile: bool, device: torch.device) -> str:
-    """The VAE decoder's compile choice at load: "auto" is "on" where the transformer is compiled on CUDA.
-
-    On an H200 at 1024² the compiled decoder (with `qie.speed.vae_frames`' 2-D convolutions) took
-    15.7 ms against 41.6 ms eager; its first decode compiles for ~18 s (`fast-levers-h200-y.json`).
-
-    Example:
-        >>> vae_compile_mode("auto", compile=True, device=torch.device("cpu"))
-        'off'
-    """
-    if mode != "auto":
-        return mode
-    return "on" if compile and device.type == "cuda" else "off"
-
-
 def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
 
@@ -234,10 +219,13 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     the first decode at each size. Returns True when compiled. Call it once per VAE, at load: a
     compiled decoder asserts the weight layout it was traced with, so changing the mode afterwards
     fails at the next decode. `uncompile_vae_decoder` undoes it.
+
+    Off by default: on an H200 the compiled decoder decoded 1024² in 15.7 ms against 41.6 ms eager
+    (`fast-levers-h200-y.json`), but with it on, the benchmark's first fast edit took 376 s and
+    then more than 480 s against 85-141 s before (runs h200-z, h200-aa; the cause is not isolated).
     """
-    if mode not in VAE_COMPILE_MODES or mode == "auto":
-        choices = ", ".join(m for m in VAE_COMPILE_MODES if m != "auto")
-        raise InvalidRequestError("vae_compile", mode, f"use one of {choices} (auto is decided at load)")
+    if mode not in VAE_COMPILE_MODES:
+        raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
     if mode == "off":
         return False
     set_cache_dir()

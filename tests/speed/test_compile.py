@@ -11,7 +11,6 @@ from qie.speed.compile import (
     inductor_options,
     uncompile_blocks,
     uncompile_vae_decoder,
-    vae_compile_mode,
 )
 from qie.speed.options import COMPILE_MODES
 
@@ -60,21 +59,8 @@ def test_vae_decoder_compile_and_channels_last(tiny_editor):
     assert inductor_options(vae.encoder) is None
     with pytest.raises(InvalidRequestError, match="^vae_compile='yes'"):
         compile_vae_decoder(vae, "yes")
-    with pytest.raises(InvalidRequestError, match="^vae_compile='auto'.*decided at load"):
-        compile_vae_decoder(vae, "auto")
     uncompile_vae_decoder(vae)
     assert inductor_options(vae.decoder) is None
-
-
-def test_the_vae_decoder_compiles_by_default_where_the_transformer_does():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert vae_compile_mode("auto", compile=True, device=cuda) == "on"
-    assert vae_compile_mode("auto", compile=False, device=cuda) == "off"
-    assert vae_compile_mode("auto", compile=True, device=cpu) == "off"  # compile needs CUDA
-    assert vae_compile_mode("channels-last", compile=False, device=cpu) == "channels-last"
-    assert LoadOptions().vae_compile == "auto"
-    editor = Editor.load("tiny")  # CPU: nothing compiled
-    assert inductor_options(editor.pipe.vae.decoder) is None
 
 
 def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
