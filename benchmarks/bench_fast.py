@@ -76,13 +76,13 @@ def fastest_editor(
     plan: str | None = None,
     budget_gib: float | None = None,
 ):
-    """A fresh pipeline on the fastest plan (or `plan` within `budget_gib`), compiled, with a random
-    Lightning LoRA fused when `lora_steps`.
+    """A fresh pipeline on the fastest plan (or `plan` within `budget_gib`), compiled (the VAE decoder
+    too with `--vae-compile`), with a random Lightning LoRA fused when `lora_steps`.
 
     `fixes=False` turns qie's prompt fix off, for images comparable with the stock reference.
     """
     from qie.core.speed_setup import setup_speed
-    from qie.speed.compile import compile_blocks
+    from qie.speed.compile import compile_blocks, compile_vae_decoder
     from qie.speed.fast_mode import random_lightning_lora
 
     pipe = bench.fresh_pipe()
@@ -97,6 +97,9 @@ def fastest_editor(
     editor = bench.editor(pipe, plan or bench.fast_plan(), budget_gib=budget_gib, fixes=fixes)
     editor.speed = speed
     compiled = bench.device.type == "cuda" and compile_blocks(pipe.transformer, mode=compile_mode(bench))
+    vae_mode = getattr(bench.args, "vae_compile", None) or "off"
+    if compiled and vae_mode != "off":  # as `Editor.load` does with `vae_compile`
+        compile_vae_decoder(pipe.vae, vae_mode)
     return editor, compiled
 
 

@@ -21,7 +21,7 @@ from qie.core.models import prefer_expandable_segments
 from qie.core.registry import DEFAULT_MODEL, VARIANTS
 from qie.errors import InvalidRequestError, QieError
 from qie.settings import Settings
-from qie.speed.options import ATTENTION_QUANT_MODES, COMPILE_MODES, STEP_CACHE_MODES
+from qie.speed.options import ATTENTION_QUANT_MODES, COMPILE_MODES, STEP_CACHE_MODES, VAE_COMPILE_MODES
 from qie.versions import __version__
 
 log = logging.getLogger("qie")
@@ -158,6 +158,13 @@ def _add_bench_parser(sub) -> None:
         help=f"compile section: comma list of {', '.join(COMPILE_MODES)}",
     )
     bench.add_argument("--attention", default="auto", help="fast and quality sections' attention backend")
+    bench.add_argument(
+        "--vae-compile",
+        choices=VAE_COMPILE_MODES,
+        default="off",
+        help="fast and quality sections: compile the VAE decoder too (the first edit's stage seconds say where "
+        "its time went)",
+    )
     bench.add_argument(
         "--attention-quant",
         choices=ATTENTION_QUANT_MODES,
