@@ -93,12 +93,13 @@ def encode_prompt(
         images=list(images) or None,
         padding=True,
         return_tensors="pt",
-    ).to(device)
-    n_tokens = int(inputs["attention_mask"].sum())
+    )
+    n_tokens = int(inputs["attention_mask"].sum())  # counted on the host, before anything reaches the GPU
     if n_tokens > MAX_PROMPT_TOKENS:
         raise InvalidRequestError(
             "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
         )
+    inputs = inputs.to(device)
     encoder = hidden_state_model(pipe.text_encoder)
     extra = {}
     if _accepts(encoder, "logits_to_keep"):  # the full model (see `hidden_state_model`)
@@ -167,7 +168,7 @@ def encode_condition(
     latents, shapes = [], []
     for img in images:
         w, h = calculate_dimensions(area, img.width / img.height)
-        pixels = pipe.image_processor.preprocess(img, h, w).unsqueeze(2).to(device=device, dtype=dtype)
+        pixels = to_pixels(pipe.image_processor, img, h, w, device=device, dtype=dtype)
         if tile is None:
             lat = pipe._encode_vae_image(image=pixels, generator=None)  # argmax: no randomness
         else:
@@ -176,6 +177,35 @@ def encode_condition(
         latents.append(pipe._pack_latents(lat, 1, pipe.latent_channels, lh, lw))
         shapes.append((1, h // factor // 2, w // factor // 2))
     return Condition(latents=torch.cat(latents, dim=1), shapes=shapes)
+
+
+def to_pixels(
+    processor, image: Image.Image, height: int, width: int, *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """`image` as the VAE's input, (1, 3, 1, H, W) in [-1, 1] on `device` in `dtype`: equal bit for bit to
+    diffusers' `processor.preprocess(image, height, width)` moved there.
+
+    The resize stays diffusers' (PIL, on the host); the 8-bit pixels then go to the device, a quarter
+    of the float image's bytes, and the division by 255 and the scaling to [-1, 1] run there, each
+    rounded as numpy and diffusers round them (a tensor divisor: CUDA divides a CPU scalar by
+    multiplying with its reciprocal). A processor configured otherwise, or a non-RGB image, goes to
+    diffusers.
+
+    Example:
+        >>> from diffusers.image_processor import VaeImageProcessor
+        >>> white = Image.new("RGB", (32, 32), "white")
+        >>> to_pixels(VaeImageProcessor(), white, 32, 32, device=torch.device("cpu"), dtype=torch.float32).shape
+        torch.Size([1, 3, 1, 32, 32])
+    """
+    cfg = processor.config
+    converts = cfg.do_binarize or cfg.do_convert_rgb or cfg.do_convert_grayscale
+    plain = cfg.do_resize and cfg.do_normalize and not converts
+    if not plain or image.mode != "RGB":
+        return processor.preprocess(image, height, width).unsqueeze(2).to(device=device, dtype=dtype)
+    height, width = processor.get_default_height_width(image, height, width)
+    pixels = torch.from_numpy(np.array(processor.resize(image, height, width))).to(device)
+    unit = pixels.permute(2, 0, 1)[None].float() / torch.tensor(255.0, device=device)
+    return (2.0 * unit - 1.0).unsqueeze(2).to(dtype)
 
 
 def prepare_noise(
@@ -412,7 +442,27 @@ def decode(pipe, latents: torch.Tensor, width: int, height: int, tile: Tiling | 
         log.warning("VAE decode overflowed in fp16; switching the VAE to fp32")
         vae.to(torch.float32)
         image = _vae_decode(vae, unpacked, tile)
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+    return to_pil(pipe.image_processor, image)
+
+
+def to_pil(processor, image: torch.Tensor) -> Image.Image:
+    """The first image of a decoded batch (B, 3, H, W in [-1, 1]) as a PIL image, equal bit for bit to
+    diffusers' `processor.postprocess(image, output_type="pil")[0]`.
+
+    diffusers copies the whole float image to the host and scales, rounds and casts it there; here
+    those steps run on the tensor's device (the same float32 operations, each rounded the same way)
+    and only the 8-bit pixels are copied. A processor that does not normalize goes to diffusers.
+
+    Example:
+        >>> from diffusers.image_processor import VaeImageProcessor
+        >>> to_pil(VaeImageProcessor(), torch.zeros(1, 3, 2, 2)).getpixel((0, 0))
+        (128, 128, 128)
+    """
+    if not processor.config.do_normalize or image.shape[1] != 3:
+        return processor.postprocess(image, output_type="pil")[0]
+    unit = processor.denormalize(image[:1])  # in the image's dtype, as diffusers does it
+    pixels = (unit.float() * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels[0].permute(1, 2, 0).contiguous().cpu().numpy())
 
 
 def _vae_decode(vae, latents: torch.Tensor, tile: Tiling | None = None) -> torch.Tensor:

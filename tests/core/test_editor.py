@@ -4,7 +4,9 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import small_request
+from PIL import Image
 
 from qie import BusyError, CancelledError
 
@@ -82,3 +84,64 @@ def _two(first, second):
         max_side=128,
         condition_area="output",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoded_pixels_reach_pil_exactly_as_diffusers_makes_them(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from qie.core.stages import to_pil
+
+    processor = VaeImageProcessor(vae_scale_factor=16)
+    torch.manual_seed(0)
+    image = (torch.randn(2, 3, 48, 32) * 0.7).to(dtype)
+    image[0, 0, 0, :5] = torch.tensor([-1.5, 1.5, 1 / 255, -1 + 1 / 255, 0.5])  # clamped, and halfway cases
+    got = to_pil(processor, image)
+    want = processor.postprocess(image, output_type="pil")[0]
+    assert got.size == want.size == (32, 48) and got.mode == want.mode == "RGB"
+    assert list(got.getdata()) == list(want.getdata())
+
+
+def _processor_cases():
+    rng = np.random.default_rng(7)
+    noisy = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    return [(noisy, 96, 64), (noisy, 90 // 16 * 16, 70 // 16 * 16), (noisy.resize((64, 48)), 48, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_pixels_reach_the_vae_exactly_as_diffusers_makes_them(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from qie.core.stages import to_pixels
+
+    processor = VaeImageProcessor(vae_scale_factor=16)
+    cpu = torch.device("cpu")
+    for image, height, width in _processor_cases():
+        got = to_pixels(processor, image, height, width, device=cpu, dtype=dtype)
+        want = processor.preprocess(image, height, width).unsqueeze(2).to(dtype=dtype)
+        assert got.shape == want.shape == (1, 3, 1, height, width)
+        assert torch.equal(got, want)
+    gray = Image.new("L", (32, 32), 80)  # not RGB: diffusers' own path
+    assert torch.equal(
+        to_pixels(processor, gray, 32, 32, device=cpu, dtype=dtype),
+        processor.preprocess(gray, 32, 32).unsqueeze(2).to(dtype=dtype),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_pixels_both_ways_equal_diffusers():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from qie.core.stages import to_pil, to_pixels
+
+    processor = VaeImageProcessor(vae_scale_factor=16)
+    cuda = torch.device("cuda")
+    for image, height, width in _processor_cases():
+        got = to_pixels(processor, image, height, width, device=cuda, dtype=torch.bfloat16)
+        want = processor.preprocess(image, height, width).unsqueeze(2).to(device=cuda, dtype=torch.bfloat16)
+        assert torch.equal(got, want)
+        decoded = got[:, :, 0] * 1.37 - 0.2  # out of range in places: clamped
+        assert list(to_pil(processor, decoded).getdata()) == list(
+            processor.postprocess(decoded, output_type="pil")[0].getdata()
+        )
