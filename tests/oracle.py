@@ -12,3 +12,15 @@ def assert_matches_reference(option: str, candidate, reference) -> Difference:
     diff = difference(candidate, reference)
     assert diff.within(tol), f"{option}: {diff} is outside {tol}"
     return diff
+
+
+def assert_installed_option_within(option: str, editor, request, module, install, uninstall) -> Difference:
+    """Edit `request` with `editor`, then again with `install(module)` in effect (it must change
+    something), and assert the second image is within `option`'s tolerance of the first."""
+    plain = editor.edit(request).image
+    assert install(module), f"{option}: install changed nothing"
+    try:
+        changed = editor.edit(request).image
+    finally:
+        uninstall(module)
+    return assert_matches_reference(option, changed, plain)

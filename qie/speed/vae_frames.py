@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qie.speed.mixins import mix_in, mix_out
+
 log = logging.getLogger(__name__)
 
 
@@ -76,11 +78,7 @@ def eligible(module: nn.Module) -> bool:
 
 def install(vae: nn.Module) -> int:
     """Make each eligible causal convolution of `vae` run lone frames as 2-D convolutions; how many changed."""
-    changed = 0
-    for module in vae.modules():
-        if eligible(module):
-            module.__class__ = _single_frame_class(type(module))
-            changed += 1
+    changed = mix_in(vae, eligible, _single_frame_class)
     if changed:
         log.info("VAE: %d causal 3-D convolutions run single frames as 2-D convolutions", changed)
     return changed
@@ -88,6 +86,4 @@ def install(vae: nn.Module) -> int:
 
 def uninstall(vae: nn.Module) -> None:
     """Give the convolutions diffusers' own forward back."""
-    for module in vae.modules():
-        if isinstance(module, SingleFrameConv):
-            module.__class__ = type(module).__mro__[2]
+    mix_out(vae, SingleFrameConv)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qie.speed.mixins import mix_in, mix_out
+
 log = logging.getLogger(__name__)
 
 
@@ -104,11 +106,7 @@ def _eligible(module: nn.Module) -> bool:
 
 def install(text_encoder: nn.Module) -> int:
     """Give every vision attention module of `text_encoder` the one-call masked forward; how many changed."""
-    changed = 0
-    for module in text_encoder.modules():
-        if _eligible(module):
-            module.__class__ = _masked_class(type(module))
-            changed += 1
+    changed = mix_in(text_encoder, _eligible, _masked_class)
     if changed:
         log.info("vision tower: windowed attention as one masked SDPA call in %d blocks", changed)
     return changed
@@ -116,6 +114,4 @@ def install(text_encoder: nn.Module) -> int:
 
 def uninstall(text_encoder: nn.Module) -> None:
     """Give the vision attention modules their own forward back."""
-    for module in text_encoder.modules():
-        if isinstance(module, MaskedVisionAttention):
-            module.__class__ = type(module).__mro__[2]
+    mix_out(text_encoder, MaskedVisionAttention)

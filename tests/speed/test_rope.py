@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 from conftest import small_request
-from oracle import assert_matches_reference
+from oracle import assert_installed_option_within
 from torch._inductor.utils import run_and_get_code
 
 from qie.speed import rope
@@ -99,10 +99,5 @@ def test_compile_blocks_installs_it_and_uncompile_removes_it(transformer, tmp_pa
 
 def test_an_edit_with_real_rope_equals_the_complex_one(tiny_editor, photo):
     request = small_request(photo, seed=5, steps=2)
-    plain = tiny_editor.edit(request).image
-    assert rope.install(tiny_editor.pipe.transformer)
-    try:
-        real = tiny_editor.edit(request).image
-    finally:
-        rope.uninstall(tiny_editor.pipe.transformer)
-    assert_matches_reference("rope-real", real, plain)
+    transformer = tiny_editor.pipe.transformer
+    assert_installed_option_within("rope-real", tiny_editor, request, transformer, rope.install, rope.uninstall)

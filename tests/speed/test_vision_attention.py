@@ -4,7 +4,7 @@ import copy
 
 import torch
 from conftest import small_request
-from oracle import assert_matches_reference
+from oracle import assert_installed_option_within
 
 from qie.core import stages
 from qie.speed import vision_attention
@@ -47,10 +47,6 @@ def test_masked_tower_equals_the_per_window_tower_in_one_call_per_block(tiny_edi
 
 def test_an_edit_with_the_masked_tower_stays_within_its_tolerance(tiny_editor, photo):
     request = small_request(photo, seed=4, steps=2)
-    plain = tiny_editor.edit(request).image
-    assert vision_attention.install(tiny_editor.pipe.text_encoder) > 0
-    try:
-        masked = tiny_editor.edit(request).image
-    finally:
-        vision_attention.uninstall(tiny_editor.pipe.text_encoder)
-    assert_matches_reference("vision-attention-masked", masked, plain)
+    encoder = tiny_editor.pipe.text_encoder
+    install, uninstall = vision_attention.install, vision_attention.uninstall
+    assert_installed_option_within("vision-attention-masked", tiny_editor, request, encoder, install, uninstall)

@@ -1,0 +1,25 @@
+"""Mixing a class into some of a model's modules, and taking it out: same modules, another forward."""
+
+import torch
+
+from qie.speed.mixins import mix_in, mix_out
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def doubled(base: type) -> type:
+    return type(f"Doubled{base.__name__}", (Doubled, base), {})
+
+
+def test_only_eligible_modules_change_and_taking_the_mixin_out_restores_them():
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Identity())
+    x = torch.tensor([-1.0, 3.0])
+    assert mix_in(model, lambda m: isinstance(m, torch.nn.Identity), doubled) == 2
+    assert [type(m).__name__ for m in model] == ["DoubledIdentity", "ReLU", "DoubledIdentity"]
+    assert model(x).tolist() == [0.0, 12.0]
+    mix_out(model, Doubled)
+    assert [type(m) for m in model] == [torch.nn.Identity, torch.nn.ReLU, torch.nn.Identity]
+    assert model(x).tolist() == [0.0, 3.0]
