@@ -102,6 +102,10 @@ def test_decoded_pixels_reach_pil_exactly_as_diffusers_makes_them(dtype):
     assert list(got.getdata()) == list(want.getdata())
 
 
+def _layout(tensor: torch.Tensor) -> list[int]:
+    return [stride for stride, size in zip(tensor.stride(), tensor.shape, strict=True) if size > 1]
+
+
 def _processor_cases():
     rng = np.random.default_rng(7)
     noisy = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
@@ -121,6 +125,7 @@ def test_input_pixels_reach_the_vae_exactly_as_diffusers_makes_them(dtype):
         want = processor.preprocess(image, height, width).unsqueeze(2).to(dtype=dtype)
         assert got.shape == want.shape == (1, 3, 1, height, width)
         assert torch.equal(got, want)
+        assert _layout(got) == _layout(want)  # the same memory layout: the VAE's kernels see the same input
     gray = Image.new("L", (32, 32), 80)  # not RGB: diffusers' own path
     assert torch.equal(
         to_pixels(processor, gray, 32, 32, device=cpu, dtype=dtype),
@@ -140,7 +145,7 @@ def test_on_cuda_the_pixels_both_ways_equal_diffusers():
     for image, height, width in _processor_cases():
         got = to_pixels(processor, image, height, width, device=cuda, dtype=torch.bfloat16)
         want = processor.preprocess(image, height, width).unsqueeze(2).to(device=cuda, dtype=torch.bfloat16)
-        assert torch.equal(got, want)
+        assert torch.equal(got, want) and _layout(got) == _layout(want)
         decoded = got[:, :, 0] * 1.37 - 0.2  # out of range in places: clamped
         assert list(to_pil(processor, decoded).getdata()) == list(
             processor.postprocess(decoded, output_type="pil")[0].getdata()
