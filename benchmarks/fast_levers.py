@@ -26,6 +26,8 @@ Sections (each on random weights of the real widths):
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.
+  vae-compile the compiled decoder's first decode alone and after a `--layers`-block fp8 transformer was
+             compiled in the same process: where a first edit's decode compile time goes.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -528,6 +530,53 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where a compiled VAE decoder's first decode spends its time, in the contexts an edit has: alone (as
+    `compile_vae_decoder` sets it up, with the single-frame convolutions), after a `--layers`-block fp8
+    transformer compiled with `compile_blocks` in the same process, and under `torch.inference_mode` with
+    the transformer's hooks installed. Seconds of each first decode (it compiles) and the steady decode."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from benchmarks import stream_gain
+    from benchmarks.random_model import materialize
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import fa3, vae_frames
+    from qie.speed.compile import compile_blocks, compile_vae_decoder
+
+    out: dict[str, Any] = args.partial
+    latents = torch.randn(1, 16, 1, 128, 128, device=device, dtype=torch.bfloat16)
+
+    def first_decode(label: str) -> None:
+        vae = materialize(AutoencoderKLQwenImage, device, torch.bfloat16, seed=1)
+        vae_frames.install(vae)
+        compile_vae_decoder(vae, "on")  # no Dynamo reset: the transformer's graphs stay, as in an edit
+        with torch.inference_mode():
+            start = time.perf_counter()
+            vae.decode(latents, return_dict=False)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            steady = cuda_ms(lambda: vae.decode(latents, return_dict=False), 3, 1)
+        out[label] = {"first_decode_s": first, "decode_ms": steady}
+        log.info("vae compile %s: first decode %.1f s, then %.1f ms", label, first, steady)
+
+    first_decode("alone")
+    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
+    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
+    fa3.install(device)
+    try:
+        quantize_transformer(model, device, fuse_mlp=True)
+        compile_blocks(model)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(**inputs)
+            torch.cuda.synchronize()
+        out["transformer_first_call_s"] = time.perf_counter() - start
+        first_decode("after the transformer's compile")
+    finally:
+        fa3.uninstall()
+    return out
+
+
 SECTIONS = {
     "kernels": run_kernels,
     "ops": run_ops,
@@ -537,6 +586,7 @@ SECTIONS = {
     "blocks": run_blocks,
     "text": run_text,
     "vae": run_vae,
+    "vae-compile": run_vae_compile,
 }
 
 
