@@ -17,13 +17,22 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
+log = logging.getLogger(__name__)
 
-def mix_in(root: torch.nn.Module, eligible: Callable[[torch.nn.Module], bool], mixed: Callable[[type], type]) -> int:
-    """Give each module of `root` that is `eligible` the class `mixed(its class)`; how many changed.
+
+def mix_in(
+    root: torch.nn.Module,
+    eligible: Callable[[torch.nn.Module], bool],
+    mixed: Callable[[type], type],
+    message: str = "%d modules changed",
+) -> int:
+    """Give each module of `root` that is `eligible` the class `mixed(its class)`; how many changed,
+    logged (when any) at INFO as `message % count`.
 
     `mixed(base)` must return a class whose bases are (the mixin, `base`), as `mix_out` expects.
     """
@@ -32,6 +41,8 @@ def mix_in(root: torch.nn.Module, eligible: Callable[[torch.nn.Module], bool], m
         if eligible(module):
             module.__class__ = mixed(type(module))
             changed += 1
+    if changed:
+        log.info(message, changed)
     return changed
 
 

@@ -21,15 +21,12 @@ Example:
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qie.speed.mixins import mix_in, mix_out
-
-log = logging.getLogger(__name__)
 
 
 class SingleFrameConv(nn.Conv3d):
@@ -78,10 +75,8 @@ def eligible(module: nn.Module) -> bool:
 
 def install(vae: nn.Module) -> int:
     """Make each eligible causal convolution of `vae` run lone frames as 2-D convolutions; how many changed."""
-    changed = mix_in(vae, eligible, _single_frame_class)
-    if changed:
-        log.info("VAE: %d causal 3-D convolutions run single frames as 2-D convolutions", changed)
-    return changed
+    message = "VAE: %d causal 3-D convolutions run single frames as 2-D convolutions"
+    return mix_in(vae, eligible, _single_frame_class, message)
 
 
 def uninstall(vae: nn.Module) -> None:

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from qie.speed.mixins import mix_in, mix_out
-
-log = logging.getLogger(__name__)
 
 
 def window_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
@@ -106,10 +103,8 @@ def _eligible(module: nn.Module) -> bool:
 
 def install(text_encoder: nn.Module) -> int:
     """Give every vision attention module of `text_encoder` the one-call masked forward; how many changed."""
-    changed = mix_in(text_encoder, _eligible, _masked_class)
-    if changed:
-        log.info("vision tower: windowed attention as one masked SDPA call in %d blocks", changed)
-    return changed
+    message = "vision tower: windowed attention as one masked SDPA call in %d blocks"
+    return mix_in(text_encoder, _eligible, _masked_class, message)
 
 
 def uninstall(text_encoder: nn.Module) -> None:
