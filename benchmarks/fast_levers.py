@@ -23,6 +23,8 @@ Sections (each on random weights of the real widths):
   text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
              GPU busy time; eager, with the vision windows as one masked call (`qie.speed.vision_attention`),
              and with the vision blocks compiled too.
+  text-stage the text-encode stage as an edit runs it (`Editor.encode`): its seconds, its parts' seconds,
+             GPU busy time, and a cProfile of one call.
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.
@@ -475,6 +477,88 @@ def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The text-encode stage as an edit runs it (`encode_cache.encode_prompts`, caches off, fast mode: no negative
+    prompt) on the full-size random Qwen2.5-VL with qie's speed setup: its seconds, the seconds of its
+    parts (image digests, the ~384² resize, the processor, the encoder call), GPU busy time and kernel
+    count, and a cProfile of one call (host functions by own and cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from benchmarks.probes import make_request
+    from benchmarks.random_model import build_random_pipeline
+    from qie.core import encode_cache, stages
+    from qie.core.editor import Editor
+    from qie.core.encode_cache import EditCache, digests_of
+    from qie.core.speed_setup import setup_speed
+    from qie.memory.plans import PLANS
+
+    pipe = build_random_pipeline(device, transformer_layers=1)
+    setup_speed(pipe, device, torch.bfloat16)
+    plan = PLANS["resident"]
+    plan.apply(pipe, device, None)
+    editor = Editor(pipe, model="random-full", device=device, dtype=torch.bfloat16, plan=plan)
+    editor.cache = EditCache(max_entries=0)
+    request = make_request(1024, 4, False)
+    images = request.images
+
+    def stage() -> None:  # what `Editor.encode` times as "text_encode"
+        with torch.inference_mode():
+            encode_cache.encode_prompts(
+                editor.cache,
+                pipe,
+                request,
+                model=editor.model,
+                revision=None,
+                fixes=editor.fixes,
+                device=device,
+                uses_cfg=False,
+            )
+        torch.cuda.synchronize()
+
+    def wall(fn: Callable[[], Any], repeats: int = 7) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    small = stages.prompt_images(pipe, images)
+    text = pipe.prompt_template_encode.format(stages.IMAGE_PROMPT.format(1) + request.prompt)
+
+    def encoder_call() -> None:
+        with torch.inference_mode():
+            stages.encode_prompt(pipe, request.prompt, small, device=device)
+
+    out: dict[str, Any] = {
+        "stage_s": wall(stage),
+        "digests_s": wall(lambda: digests_of(images)),
+        "prompt_images_s": wall(lambda: stages.prompt_images(pipe, images)),
+        "processor_s": wall(lambda: pipe.processor(text=[text], images=small, padding=True, return_tensors="pt")),
+        "encode_prompt_s": wall(encoder_call),
+    }
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        stage()
+    averages = prof.key_averages()
+    out["gpu_busy_s"] = sum(e.device_time_total for e in averages) / 1e6
+    out["gpu_kernels"] = sum(e.count for e in averages if e.device_time_total > 0)
+    profile = cProfile.Profile()
+    profile.enable()
+    stage()
+    profile.disable()
+    for key in ("tottime", "cumulative"):
+        text_out = io.StringIO()
+        pstats.Stats(profile, stream=text_out).sort_stats(key).print_stats(30)
+        out[f"cprofile_{key}"] = text_out.getvalue()[-6000:]
+    log.info("text stage: %s", {k: v for k, v in out.items() if not k.startswith("cprofile")})
+    return out
+
+
 def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The full-size VAE's decode and encode of one frame: diffusers' causal 3-D convolutions against
     `qie.speed.vae_frames`' 2-D convolutions, then with the decoder compiled."""
@@ -585,6 +669,7 @@ SECTIONS = {
     "rope": run_rope,
     "blocks": run_blocks,
     "text": run_text,
+    "text-stage": run_text_stage,
     "vae": run_vae,
     "vae-compile": run_vae_compile,
 }
