@@ -161,6 +161,7 @@ def run_fast(bench: Any) -> None:
                     row.e2e_s["first_edit"], first = probe.first_e2e_s, False
                     row.e2e_s.update({f"first_edit_{k}": v for k, v in probe.first_timings.items()})
                 row.notes += [n for n in probe.notes if n.startswith(("condition_area", "attention_quant"))]
+                row.notes.append(gc_note(probe))
                 stock = bench.stock.get(size)
                 if stock and stock.e2e_8_nocfg_s:
                     row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
@@ -171,6 +172,12 @@ def run_fast(bench: Any) -> None:
                     )
                     row.profile["host_syncs"] = host_syncs(editor, size, steps, **options)
                     bench.save()
+
+
+def gc_note(probe: Probe) -> str:
+    """The garbage collector's pauses in the median edit: seconds and collections per generation."""
+    counts = ", ".join(f"gen{g} {n}" for g, n in sorted(probe.gc_collections.items()))
+    return f"gc pauses per edit: {probe.gc_s:.3f}s ({counts})"
 
 
 def stage_row(name: str, size: int, plan: str, probe: Probe, *, cfg: bool = False, **fields: Any) -> Row:

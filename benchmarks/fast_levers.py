@@ -23,8 +23,10 @@ Sections (each on random weights of the real widths):
   text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
              GPU busy time; eager, with the vision windows as one masked call (`qie.speed.vision_attention`),
              and with the vision blocks compiled too.
-  text-stage the text-encode stage as an edit runs it (`Editor.encode`): its seconds, its parts' seconds,
-             GPU busy time, and a cProfile of one call.
+  text-stage the text-encode stage as an edit runs it (`encode_prompts`): its seconds, its parts' seconds,
+             GPU busy time, a cProfile of one call; again after a `--layers`-block fp8 transformer was
+             compiled in the process, and then with the process's objects frozen (`gc.freeze`), with
+             the garbage collector's pauses per call.
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.
@@ -483,16 +485,24 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     parts (image digests, the ~384² resize, the processor, the encoder call), GPU busy time and kernel
     count, and a cProfile of one call (host functions by own and cumulative time)."""
     import cProfile
+    import gc
     import io
     import pstats
 
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks import stream_gain
     from benchmarks.probes import make_request
-    from benchmarks.random_model import build_random_pipeline
+    from benchmarks.profiling import GcPauses
+    from benchmarks.random_model import build_random_pipeline, materialize
     from qie.core import encode_cache, stages
     from qie.core.editor import Editor
     from qie.core.encode_cache import EditCache, digests_of
     from qie.core.speed_setup import setup_speed
     from qie.memory.plans import PLANS
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import fa3
+    from qie.speed.compile import compile_blocks
 
     pipe = build_random_pipeline(device, transformer_layers=1)
     setup_speed(pipe, device, torch.bfloat16)
@@ -535,13 +545,23 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
         with torch.inference_mode():
             stages.encode_prompt(pipe, request.prompt, small, device=device)
 
-    out: dict[str, Any] = {
-        "stage_s": wall(stage),
-        "digests_s": wall(lambda: digests_of(images)),
-        "prompt_images_s": wall(lambda: stages.prompt_images(pipe, images)),
-        "processor_s": wall(lambda: pipe.processor(text=[text], images=small, padding=True, return_tensors="pt")),
-        "encode_prompt_s": wall(encoder_call),
-    }
+    def stage_in_context(label: str) -> dict[str, Any]:
+        """The stage's median seconds, and the collector's pauses per call, in this process as it is now."""
+        with GcPauses() as pauses:
+            seconds = wall(stage)
+        row = {"stage_s": seconds, "gc_s_per_call": pauses.seconds / 8, "python_objects": len(gc.get_objects())}
+        row.update({f"gc_gen{g}_per_call": n / 8 for g, n in pauses.collections.items()})
+        log.info("text stage %s: %s", label, row)
+        return row
+
+    out: dict[str, Any] = args.partial
+    out["fresh"] = stage_in_context("fresh")
+    out.update(
+        digests_s=wall(lambda: digests_of(images)),
+        prompt_images_s=wall(lambda: stages.prompt_images(pipe, images)),
+        processor_s=wall(lambda: pipe.processor(text=[text], images=small, padding=True, return_tensors="pt")),
+        encode_prompt_s=wall(encoder_call),
+    )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         stage()
     averages = prof.key_averages()
@@ -555,7 +575,23 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
         text_out = io.StringIO()
         pstats.Stats(profile, stream=text_out).sort_stats(key).print_stats(30)
         out[f"cprofile_{key}"] = text_out.getvalue()[-6000:]
-    log.info("text stage: %s", {k: v for k, v in out.items() if not k.startswith("cprofile")})
+    # As in an edit after the transformer's compile: the process holds what compiling made.
+    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
+    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
+    fa3.install(device)
+    try:
+        quantize_transformer(model, device, fuse_mlp=True)
+        compile_blocks(model)
+        with torch.inference_mode():
+            model(**inputs)
+            torch.cuda.synchronize()
+        out["after_compile"] = stage_in_context("after the transformer's compile")
+        gc.collect()
+        gc.freeze()
+        out["after_compile_frozen"] = stage_in_context("after the compile, objects frozen (gc.freeze)")
+        gc.unfreeze()
+    finally:
+        fa3.uninstall()
     return out
 
 

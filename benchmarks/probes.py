@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from benchmarks.profiling import cuda_sync
+from benchmarks.profiling import GcPauses, cuda_sync
 from qie.core.editor import run_stock
 
 PROMPT = "Replace the background with pure white and add a red price tag that says 'Sale $19.9' bottom right"
@@ -61,6 +61,8 @@ class Probe:
     notes: tuple[str, ...] = ()
     first_e2e_s: float | None = None  # `bench_fast.time_e2e`: the warm-up edit (compiles what is compiled)
     first_timings: dict[str, float] = field(default_factory=dict)  # that edit's stage seconds
+    gc_s: float = 0.0  # Python's garbage-collector pauses during the edit (`GcPauses`)
+    gc_collections: dict[int, int] = field(default_factory=dict)  # their count per generation
 
 
 def test_image(size: int) -> Image.Image:
@@ -114,8 +116,9 @@ def probe_qie(editor, size: int, steps: int, cfg: bool, *, stamp_steps: bool = T
     request = make_request(size, steps, cfg, **options)
     cuda_sync()
     start = time.perf_counter()
-    result = editor.edit(request, on_step=on_step if stamp_steps else None)
-    cuda_sync()
+    with GcPauses() as pauses:
+        result = editor.edit(request, on_step=on_step if stamp_steps else None)
+        cuda_sync()
     return Probe(
         step_s=_median_step(stamps),
         e2e_s=time.perf_counter() - start,
@@ -125,6 +128,8 @@ def probe_qie(editor, size: int, steps: int, cfg: bool, *, stamp_steps: bool = T
         stage_peaks_gib=dict(result.stage_peaks_gib),
         steps_run=result.steps_run,
         notes=tuple(result.notes),
+        gc_s=pauses.seconds,
+        gc_collections=dict(pauses.collections),
     )
 
 

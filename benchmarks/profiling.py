@@ -301,3 +301,44 @@ def host_peak_gib() -> float | None:
         return proc_status(("VmHWM",)).get("VmHWM")
     except OSError:
         return None
+
+
+class GcPauses:
+    """Python's garbage-collector pauses while in the `with` body: seconds and collections per generation.
+
+    A process that compiled a model holds millions of objects, so a full collection can take a
+    large part of a stage that allocates many small Python objects (a text encoder's forward).
+
+    Example:
+        >>> with GcPauses() as pauses:
+        ...     _ = [[i] for i in range(100_000)]
+        >>> pauses.collections[0] > 0
+        True
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = {0: 0, 1: 0, 2: 0}
+        self._start: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+            self._start = None
+
+    def __enter__(self) -> GcPauses:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, Any]:
+        return {"gc_s": self.seconds, "gc_collections": dict(self.collections)}
