@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from benchmarks import profiling  # noqa: F401  (tears CUPTI down after each profile)
+
 log = logging.getLogger("benchmarks.fast_levers")
 
 IMAGE_TOKENS = 8192  # 1024² output + 1024² condition, 16 px per token
