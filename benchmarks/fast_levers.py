@@ -23,8 +23,9 @@ Sections (each on random weights of the real widths):
   text       the text-encode stage on the full-size random Qwen2.5-VL: processor (CPU), vision tower,
              GPU busy time; eager, with the vision windows as one masked call (`qie.speed.vision_attention`),
              and with the vision blocks compiled too.
-  text-stage the text-encode stage as an edit runs it (`encode_prompts`): its seconds, its parts' seconds,
-             GPU busy time, a cProfile of one call; again after a `--layers`-block fp8 transformer was
+  text-stage the text-encode stage as an edit runs it (`encode_prompts`): its seconds (also without the
+             language model's CUDA graphs, and their error), its parts' seconds, GPU busy time, a
+             cProfile of one call; again after a `--layers`-block fp8 transformer was
              compiled in the process, and then with the process's objects frozen (`gc.freeze`), with
              the garbage collector's pauses per call.
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
@@ -503,7 +504,7 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     from qie.core.speed_setup import setup_speed
     from qie.memory.plans import PLANS
     from qie.memory.quantize import quantize_transformer
-    from qie.speed import fa3
+    from qie.speed import fa3, text_graphs
     from qie.speed.compile import compile_blocks
 
     pipe = build_random_pipeline(device, transformer_layers=1)
@@ -557,7 +558,15 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
         return row
 
     out: dict[str, Any] = args.partial
-    out["fresh"] = stage_in_context("fresh")
+    out["fresh"] = stage_in_context("fresh")  # with the language model's CUDA graphs, as `setup_speed` installs
+    with torch.inference_mode():
+        graphed = stages.encode_prompt(pipe, request.prompt, small, device=device).embeds
+    text_graphs.uninstall(pipe.text_encoder)
+    out["without_text_graphs"] = stage_in_context("without the language model's CUDA graphs")
+    with torch.inference_mode():
+        eager = stages.encode_prompt(pipe, request.prompt, small, device=device).embeds
+    out["text_graphs_rel_error"] = rel_error(graphed, eager)
+    text_graphs.install(pipe.text_encoder)
     out.update(
         digests_s=wall(lambda: digests_of(images)),
         prompt_images_s=wall(lambda: stages.prompt_images(pipe, images)),

@@ -1,12 +1,12 @@
 """The speed options of one editor (chosen at load) and of one request (applied around its denoise).
 
 At load, `setup_speed` picks the attention backend (`qie.speed.attention`), on CUDA gives the text
-encoder's vision tower its one-call windowed attention (`qie.speed.vision_attention`) and the VAE its
-single-frame convolutions (`qie.speed.vae_frames`), and loads the
-fast-mode LoRA (`qie.speed.fast_mode`) when asked. Per request, `request_speed` applies fast mode, quantized
-attention and step caching for the duration of the edit and undoes them afterwards (try/finally),
-and hands the denoise loop its early-exit observer (`qie.speed.early_exit`). Everything it changes or
-cannot do is said in the result's notes.
+encoder's vision tower its one-call windowed attention (`qie.speed.vision_attention`), its language
+model CUDA-graph replays (`qie.speed.text_graphs`) and the VAE its single-frame convolutions
+(`qie.speed.vae_frames`), and loads the fast-mode LoRA (`qie.speed.fast_mode`) when asked. Per request,
+`request_speed` applies fast mode, quantized attention and step caching for the duration of the edit and
+undoes them afterwards (try/finally), and hands the denoise loop its early-exit observer
+(`qie.speed.early_exit`). Everything it changes or cannot do is said in the result's notes.
 
 Example:
     >>> setup = setup_speed(pipe, device, dtype)                       # doctest: +SKIP
@@ -26,7 +26,7 @@ import torch
 from qie.core.registry import pipeline_variant, variant_spec
 from qie.core.request import EditRequest
 from qie.errors import InvalidRequestError, ModelLoadError
-from qie.speed import attention, early_exit, fa3, vae_frames, vision_attention
+from qie.speed import attention, early_exit, fa3, text_graphs, vae_frames, vision_attention
 from qie.speed.fast_mode import FastMode, load_fast_mode
 from qie.speed.options import LightningSpec
 
@@ -73,6 +73,7 @@ def setup_speed(
     setup = SpeedSetup(attention_backend=choice.name, facts=facts)
     if device.type == "cuda" and getattr(pipe, "text_encoder", None) is not None:
         vision_attention.install(pipe.text_encoder)  # no host syncs in the vision tower
+        text_graphs.install(pipe.text_encoder)  # the language model's layers as one CUDA graph replay
     if device.type == "cuda" and getattr(pipe, "vae", None) is not None:
         vae_frames.install(pipe.vae)  # an image is one frame: 2-D convolutions, no zero frames
     if attention_backend in (None, "auto") and choice.name in fa3.REPLACES and fa3.install(device):

@@ -99,22 +99,28 @@ def encode_prompt(
         raise InvalidRequestError(
             "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
         )
+    # One prompt has no padding: without a mask the attention is the same causal attention, and neither
+    # transformers nor the slicing below reads the mask back from the GPU.
+    every_token = n_tokens == inputs["attention_mask"].numel()
     inputs = inputs.to(device)
     encoder = hidden_state_model(pipe.text_encoder)
+    full_model = _accepts(encoder, "logits_to_keep")  # the full model (see `hidden_state_model`)
     extra = {}
-    if _accepts(encoder, "logits_to_keep"):  # the full model (see `hidden_state_model`)
+    if full_model:
         extra["logits_to_keep"] = 1  # only hidden states are used; skip the 152k-vocab logits
+        extra["output_hidden_states"] = True  # its output has no `last_hidden_state`
     if forward_mm_token_type_ids and "mm_token_type_ids" in inputs and _accepts(encoder, "mm_token_type_ids"):
         extra["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     out = encoder(
         input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
+        attention_mask=None if every_token else inputs["attention_mask"],
         pixel_values=inputs.get("pixel_values"),
         image_grid_thw=inputs.get("image_grid_thw"),
-        output_hidden_states=True,
         **extra,
     )
-    hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()][drop:]
+    # The last layer's output after the final norm: diffusers' `hidden_states[-1]` is the same tensor.
+    last = (out.hidden_states[-1] if full_model else out.last_hidden_state)[0]
+    hidden = (last if every_token else last[inputs["attention_mask"][0].bool()])[drop:]
     embeds = hidden.unsqueeze(0).to(dtype=pipe.text_encoder.dtype, device=device)
     # A single unpadded prompt: the pipeline turns an all-ones mask into None.
     return PromptEmbeds(embeds=embeds, mask=None)
