@@ -25,9 +25,8 @@ Sections (each on random weights of the real widths):
              and with the vision blocks compiled too.
   text-stage the text-encode stage as an edit runs it (`encode_prompts`): its seconds (also without the
              language model's CUDA graphs, and their error), its parts' seconds, GPU busy time, a
-             cProfile of one call; again after a `--layers`-block fp8 transformer was
-             compiled in the process, and then with the process's objects frozen (`gc.freeze`), with
-             the garbage collector's pauses per call.
+             cProfile of one call, with the garbage collector's pauses per call (h200-ad also
+             measured it after a compile and with `gc.freeze`: no gain).
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.
@@ -492,20 +491,15 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     import io
     import pstats
 
-    from diffusers import QwenImageTransformer2DModel
-
-    from benchmarks import stream_gain
     from benchmarks.probes import make_request
     from benchmarks.profiling import GcPauses
-    from benchmarks.random_model import build_random_pipeline, materialize
+    from benchmarks.random_model import build_random_pipeline
     from qie.core import encode_cache, stages
     from qie.core.editor import Editor
     from qie.core.encode_cache import EditCache, digests_of
     from qie.core.speed_setup import setup_speed
     from qie.memory.plans import PLANS
-    from qie.memory.quantize import quantize_transformer
-    from qie.speed import fa3, text_graphs
-    from qie.speed.compile import compile_blocks
+    from qie.speed import text_graphs
 
     pipe = build_random_pipeline(device, transformer_layers=1)
     setup_speed(pipe, device, torch.bfloat16)
@@ -586,23 +580,6 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
         text_out = io.StringIO()
         pstats.Stats(profile, stream=text_out).sort_stats(key).print_stats(30)
         out[f"cprofile_{key}"] = text_out.getvalue()[-6000:]
-    # As in an edit after the transformer's compile: the process holds what compiling made.
-    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
-    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
-    fa3.install(device)
-    try:
-        quantize_transformer(model, device, fuse_mlp=True)
-        compile_blocks(model)
-        with torch.inference_mode():
-            model(**inputs)
-            torch.cuda.synchronize()
-        out["after_compile"] = stage_in_context("after the transformer's compile")
-        gc.collect()
-        gc.freeze()
-        out["after_compile_frozen"] = stage_in_context("after the compile, objects frozen (gc.freeze)")
-        gc.unfreeze()
-    finally:
-        fa3.uninstall()
     return out
 
 
