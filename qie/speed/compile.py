@@ -210,6 +210,10 @@ def inductor_options(module: torch.nn.Module) -> dict | None:
     return dict(config) if isinstance(config, dict) else None
 
 
+# The decoder's compile keeps Inductor's default tuning whatever the process set (see `compile_vae_decoder`).
+VAE_COMPILE_OPTIONS = {"coordinate_descent_tuning": False, "coordinate_descent_check_all_directions": False}
+
+
 def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
 
@@ -220,9 +224,12 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     compiled decoder asserts the weight layout it was traced with, so changing the mode afterwards
     fails at the next decode. `uncompile_vae_decoder` undoes it.
 
-    Off by default: on an H200 the compiled decoder decoded 1024² in 15.7 ms against 41.6 ms eager
-    (`fast-levers-h200-y.json`), but with it on, the benchmark's first fast edit took 376 s and
-    then more than 480 s against 85-141 s before (runs h200-z, h200-aa; the cause is not isolated).
+    Off by default: on an H200 the compiled decoder decoded 1024² in 15.5 ms against ~42 ms eager and
+    compiled in 17.8 s on its own (`fast-levers-h200-ac.json`), but in the benchmark's fast edit, after
+    the fp8 transformer, its first decode took 195 s (`bench-h200-ah.json`). torchao's fp8 quantization
+    turns Inductor's coordinate-descent tuning on for the whole process (`quantize_`'s
+    `set_inductor_config`), which autotunes every kernel of the decoder; its compile now turns that off
+    for itself (`VAE_COMPILE_OPTIONS`), not yet measured in an edit.
     """
     if mode not in VAE_COMPILE_MODES:
         raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
@@ -233,7 +240,7 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
         for module in vae.decoder.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    vae.decoder.compile()
+    vae.decoder.compile(options=VAE_COMPILE_OPTIONS)
     return True
 
 
