@@ -1,10 +1,10 @@
 """The text encoder's language model replayed as a CUDA graph, one per padded prompt length.
 
-Qwen2.5-VL-7B's 28 language-model layers launch ~1,000 kernels for a prompt of a few hundred
-tokens and ~10 ms of GPU work; launching them takes the host longer than the GPU takes to run them.
+Qwen2.5-VL-7B's 28 language-model layers launch hundreds of small kernels for a prompt of a few
+hundred tokens; launching them takes the host longer than the GPU takes to run them.
 `install` gives the language model a forward that pads the prompt at its end to a multiple of
 `BUCKET` tokens, copies it into fixed buffers and replays a CUDA graph of the layers recorded for
-that length (recorded at its first use, a fraction of a second). Attention is causal, so a prompt
+that length (recorded at its first use). Attention is causal, so a prompt
 token never sees the padding: its hidden state is the unpadded one up to the rounding of matrix
 products of another height (tolerance "text-graphs").
 
