@@ -448,6 +448,7 @@ class Editor:
         notes: list[str] = []
         ids = {"model": self.model, "revision": self.revision}
         with timer("text_encode"):
+            ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
             prompt, negative, hit = cache.encode_prompts(
                 self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
             )

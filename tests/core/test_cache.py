@@ -1,5 +1,6 @@
 """The prompt / condition cache (qie/core/encode_cache.py)."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -103,3 +104,17 @@ def test_lru_is_thread_safe():
     stats = cache.stats()
     assert stats["hits"] + stats["misses"] == 4 * 2000
     assert stats["entries"] == len(cache) <= 50 and stats["bytes"] == 7 * stats["entries"] <= 400
+
+
+def test_an_edit_hashes_each_input_image_once(fresh_editor, photo, monkeypatch):
+    """Both stages' cache keys use the images' digests; hashing a 1024² image costs ~10 ms, so once per edit."""
+    from qie.core import encode_cache
+
+    hashed = []
+    real = encode_cache.image_digest
+    monkeypatch.setattr(encode_cache, "image_digest", lambda image: hashed.append(image.size) or real(image))
+    second = photo.resize((64, 48))
+    request = small_request(photo, seed=2, true_cfg_scale=2.0, negative_prompt="blur")
+    result = fresh_editor.edit(dataclasses.replace(request, images=[photo, second]))
+    assert sorted(hashed) == sorted([photo.size, second.size])
+    assert result.notes == ()  # nothing cached yet: both stages encoded
