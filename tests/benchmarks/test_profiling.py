@@ -166,3 +166,29 @@ def test_profile_of_the_tiny_transformer_splits_by_category_with_floors(tiny_edi
     assert summary["counts"]["image_tokens"] == 128 and summary["counts"]["text_tokens"] == 20
     assert summary["peaks"] == "H100" and summary["floors_s"]["gemm"] > 0
     assert set(summary["over_floor_s"]) == set(seconds)
+
+
+def test_gc_pauses_are_counted_while_inside_and_not_after():
+    import gc
+
+    from benchmarks.profiling import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect(1)
+        gc.collect(2)
+    assert pauses.collections[1] == 1 and pauses.collections[2] == 1 and pauses.seconds > 0
+    gc.collect()
+    assert pauses.collections[2] == 1 and pauses._callback not in gc.callbacks
+    assert pauses.summary()["gc_collections"] == pauses.collections
+
+
+def test_profiles_tear_cupti_down_so_later_launches_are_not_slowed(monkeypatch):
+    """Kineto leaves CUPTI attached after a profile unless told otherwise (pytorch/pytorch#144455)."""
+    import importlib
+    import os
+
+    import benchmarks.profiling
+
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    importlib.reload(benchmarks.profiling)
+    assert os.environ["TEARDOWN_CUPTI"] == "1"
