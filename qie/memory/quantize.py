@@ -22,6 +22,17 @@ def has_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# What torchao's `recommended_inductor_config_setter` sets (torchao 0.18), as options of the
+# quantized blocks' compile (`qie.speed.compile.compile_blocks`) instead of process-wide settings.
+QUANTIZED_INDUCTOR_OPTIONS = {
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "force_fuse_int_mm_with_mul": True,
+    "fx_graph_cache": True,
+    "triton.unique_kernel_names": True,
+}
+
+
 def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fuse_mlp: bool = True) -> str:
     """Quantize the Linear layers of `transformer`'s blocks in place; returns "fp8" or "int8".
 
@@ -44,15 +55,19 @@ def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fus
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
         return isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
 
+    # torchao would set its recommended Inductor options for the whole process (and every later
+    # compile, such as the VAE decoder's); qie gives them to the blocks' compile alone.
+    transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)
     if has_fp8(device):
-        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        quantize_(transformer, config, filter_fn=in_blocks)
         if fuse_mlp:
             from qie.memory.fp8_mlp import fuse_mlp_quantization
 
             fuse_mlp_quantization(transformer)
         return "fp8"
     log.warning("GPU has no fp8 units (compute capability < 8.9): using int8 weight-only quantization instead")
-    quantize_(transformer, Int8WeightOnlyConfig(), filter_fn=in_blocks)
+    quantize_(transformer, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=in_blocks)
     return "int8"
 
 

@@ -92,7 +92,7 @@ def compile_blocks(
                 mode = "default"
             compile_streamed_blocks(blocks, mode=mode)
         else:
-            transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+            transformer.compile_repeated_blocks(fullgraph=True, **compile_kwargs(transformer, mode))
     except Exception as exc:  # compile support varies with torch/diffusers builds
         log.warning("regional compile unavailable (%s: %s); running eager", type(exc).__name__, exc)
         unmark_token_dims(transformer)
@@ -104,6 +104,22 @@ def compile_blocks(
             lambda *_: torch.compiler.cudagraph_mark_step_begin()
         )
     return True
+
+
+def compile_kwargs(transformer: torch.nn.Module, mode: str) -> dict:
+    """`torch.compile`'s mode for the blocks, or, for blocks quantized by `quantize_transformer`, the
+    mode's options together with the Inductor options it recorded (`_qie_inductor_options`).
+
+    Example:
+        >>> compile_kwargs(torch.nn.Linear(2, 2), "reduce-overhead")
+        {'mode': 'reduce-overhead'}
+    """
+    extra = getattr(transformer, "_qie_inductor_options", None)
+    if not extra:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(mode), **extra}}  # torch.compile takes a mode or options
 
 
 def mark_token_dims(transformer: torch.nn.Module) -> bool:
@@ -210,10 +226,6 @@ def inductor_options(module: torch.nn.Module) -> dict | None:
     return dict(config) if isinstance(config, dict) else None
 
 
-# The decoder's compile keeps Inductor's default tuning whatever the process set (see `compile_vae_decoder`).
-VAE_COMPILE_OPTIONS = {"coordinate_descent_tuning": False, "coordinate_descent_check_all_directions": False}
-
-
 def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
 
@@ -226,10 +238,10 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
 
     Off by default: on an H200 the compiled decoder decoded 1024² in 15.5 ms against ~42 ms eager and
     compiled in 17.8 s on its own (`fast-levers-h200-ac.json`), but in the benchmark's fast edit, after
-    the fp8 transformer, its first decode took 195 s (`bench-h200-ah.json`). torchao's fp8 quantization
-    turns Inductor's coordinate-descent tuning on for the whole process (`quantize_`'s
-    `set_inductor_config`), which autotunes every kernel of the decoder; its compile now turns that off
-    for itself (`VAE_COMPILE_OPTIONS`), not yet measured in an edit.
+    the fp8 transformer, its first decode took 195 s (`bench-h200-ah.json`): torchao's fp8 quantization
+    had turned Inductor's coordinate-descent tuning on for the whole process, and every decoder kernel
+    was autotuned. `quantize_transformer` now gives those options to the blocks' compile alone
+    (`compile_kwargs`); not yet measured in an edit.
     """
     if mode not in VAE_COMPILE_MODES:
         raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
@@ -240,7 +252,7 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
         for module in vae.decoder.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    vae.decoder.compile(options=VAE_COMPILE_OPTIONS)
+    vae.decoder.compile()
     return True
 
 

@@ -6,7 +6,6 @@ import torch
 from qie import Editor, InvalidRequestError
 from qie.core.load_options import LoadOptions
 from qie.speed.compile import (
-    VAE_COMPILE_OPTIONS,
     compile_blocks,
     compile_vae_decoder,
     inductor_options,
@@ -40,6 +39,33 @@ def test_the_compile_mode_reaches_torch_compile(transformer, tmp_path, mode):
     assert getattr(transformer, "_qie_graph_step", None) is None
 
 
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_quantized_blocks_get_the_quantizer_inductor_options_in_their_own_compile(transformer, tmp_path, mode):
+    """torchao would set them process-wide; `quantize_transformer` records them for the blocks' compile only."""
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS
+
+    transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)  # as quantize_transformer does
+    before = torch._inductor.config.coordinate_descent_tuning
+    assert compile_blocks(transformer, cache_dir=tmp_path, mode=mode)
+    try:
+        expected = {**torch._inductor.list_mode_options(mode), **QUANTIZED_INDUCTOR_OPTIONS}
+        assert all(inductor_options(block) == expected for block in transformer.transformer_blocks)
+        assert torch._inductor.config.coordinate_descent_tuning == before  # nothing process-wide
+    finally:
+        uncompile_blocks(transformer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_quantizing_leaves_the_process_inductor_settings_alone(transformer):
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS, quantize_transformer
+
+    before = (torch._inductor.config.coordinate_descent_tuning, torch._inductor.config.force_fuse_int_mm_with_mul)
+    quantize_transformer(transformer.to("cuda", torch.bfloat16), torch.device("cuda"))
+    after = (torch._inductor.config.coordinate_descent_tuning, torch._inductor.config.force_fuse_int_mm_with_mul)
+    assert after == before and transformer._qie_inductor_options == QUANTIZED_INDUCTOR_OPTIONS
+
+
 def test_an_unknown_compile_mode_is_refused_by_name(transformer, tmp_path):
     with pytest.raises(InvalidRequestError, match="^compile_mode='turbo'"):
         compile_blocks(transformer, cache_dir=tmp_path, mode="turbo")
@@ -55,8 +81,7 @@ def test_vae_decoder_compile_and_channels_last(tiny_editor):
     convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
     assert not compile_vae_decoder(vae, "off") and inductor_options(vae.decoder) is None
     assert compile_vae_decoder(vae, "channels-last")
-    # its own tuning options: not the coordinate-descent tuning torchao's quantize_ sets process-wide
-    assert inductor_options(vae.decoder) == VAE_COMPILE_OPTIONS
+    assert inductor_options(vae.decoder) == {}
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
     assert inductor_options(vae.encoder) is None
     with pytest.raises(InvalidRequestError, match="^vae_compile='yes'"):
@@ -72,7 +97,7 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
     linears = {f"{n}.weight" for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     assert linears <= stored  # every Linear weight but the LM head's
     assert not any("embed" in n for n in stored)
-    assert inductor_options(editor.pipe.vae.decoder) == VAE_COMPILE_OPTIONS
+    assert inductor_options(editor.pipe.vae.decoder) == {}
 
 
 @pytest.mark.parametrize("setup", ["batched", "streamed-batched", "fast"])
