@@ -524,16 +524,9 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
             )
         torch.cuda.synchronize()
 
-    def wall(fn: Callable[[], Any], repeats: int = 7) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def wall(fn: Callable[[], Any]) -> float:
+        """Median seconds of 7 synchronized calls after one warm-up (`wall_ms`)."""
+        return wall_ms(fn, repeats=7, warm=1) / 1e3
 
     small = stages.prompt_images(pipe, images)
     text = pipe.prompt_template_encode.format(stages.IMAGE_PROMPT.format(1) + request.prompt)
