@@ -87,6 +87,7 @@ class TextGraphs:
         self.graphs: dict[tuple, _Graph] = {}
         self.weights: tuple[int, ...] = ()  # the weight addresses the graphs were recorded with
         self.pool: Any = None
+        self.disabled = False  # set when recording failed: every call runs the class's forward
 
     def forward(
         self,
@@ -101,7 +102,12 @@ class TextGraphs:
         if self.replayable(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs):
             from transformers.modeling_outputs import BaseModelOutputWithPast
 
-            return BaseModelOutputWithPast(last_hidden_state=self.replay(inputs_embeds, position_ids))
+            try:
+                return BaseModelOutputWithPast(last_hidden_state=self.replay(inputs_embeds, position_ids))
+            except Exception as exc:  # a build whose layers cannot be captured: eager from now on, said once
+                self.disabled = True
+                self.graphs.clear()
+                log.warning("text encoder: CUDA graphs off (%s: %s); running eager", type(exc).__name__, exc)
         return type(self.model).forward(
             self.model,
             input_ids=input_ids,
@@ -115,6 +121,8 @@ class TextGraphs:
 
     def replayable(self, input_ids, attention_mask, position_ids, past_key_values, embeds, use_cache, kwargs) -> bool:
         """Whether a graph can serve this call (see the module doc); otherwise the class's forward does."""
+        if self.disabled:
+            return False
         if input_ids is not None or embeds is None or attention_mask is not None or past_key_values is not None:
             return False
         if use_cache or any(value for key, value in kwargs.items() if key != "return_dict"):

@@ -77,6 +77,31 @@ def test_calls_a_graph_cannot_replay_run_transformers_forward(tiny_editor, langu
         text_graphs.uninstall(tiny_editor.pipe.text_encoder)
 
 
+def test_a_graph_that_cannot_be_recorded_turns_the_graphs_off_and_runs_eager(tiny_editor, language_model, caplog):
+    embeds, positions = _inputs(language_model, 20)
+    with torch.inference_mode():
+        want = language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+    text_graphs.install(tiny_editor.pipe.text_encoder)
+    graphs = text_graphs.graphs_of(tiny_editor.pipe.text_encoder)
+
+    def fail(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs.replayable = lambda *args: not graphs.disabled  # as on a GPU
+    graphs._record = fail
+    try:
+        with torch.inference_mode():
+            got = language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+            again = language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        assert torch.equal(got, want) and torch.equal(again, want) and graphs.disabled
+        assert [r.message for r in caplog.records].count(
+            "text encoder: CUDA graphs off (RuntimeError: operation not permitted when stream is capturing); "
+            "running eager"
+        ) == 1
+    finally:
+        text_graphs.uninstall(tiny_editor.pipe.text_encoder)
+
+
 def test_only_causal_sdpa_text_models_are_eligible(language_model):
     assert text_graphs._eligible(language_model)
     config = language_model.config
