@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from qie.core.images import image_digest  # pixels: the same picture in another file format matches
 from qie.errors import InvalidRequestError
 from qie.settings import read as read_setting
 from qie.versions import __version__
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DISK_BYTES = 2 * 2**30
 DEFAULT_TTL_S = 7 * 24 * 3600
-KEY_VERSION = "2"  # bump when the meaning of a key changes (2: no `options` mapping)
+KEY_VERSION = "3"  # bump when the meaning of a key changes (2: no `options` mapping; 3: `image_digest` of qie.core)
 CACHE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -117,13 +118,6 @@ class ResultCache(Protocol):
     def get(self, key: str) -> CachedEdit | None: ...
 
     def put(self, key: str, png: bytes, meta: dict[str, Any]) -> None: ...
-
-
-def image_digest(image: Any) -> str:
-    """SHA-256 of a normalized RGB image's size and pixels (the same picture in another file format matches)."""
-    h = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
 
 
 def cache_key(request: Any, *, model: str, revision: str | None) -> str:
