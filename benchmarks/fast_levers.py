@@ -30,8 +30,9 @@ Sections (each on random weights of the real widths):
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.
-  vae-compile the compiled decoder's first decode alone and after a `--layers`-block fp8 transformer was
-             compiled in the same process: where a first edit's decode compile time goes.
+  vae-compile the compiled decoder's first decode after a `--layers`-block fp8 transformer was quantized
+             and compiled in the same process (an edit's order), with an empty Inductor cache, and the
+             process's coordinate-descent setting after quantizing.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -44,6 +45,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import statistics
 import time
@@ -632,10 +634,13 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Where a compiled VAE decoder's first decode spends its time, in the contexts an edit has: alone (as
-    `compile_vae_decoder` sets it up, with the single-frame convolutions), after a `--layers`-block fp8
-    transformer compiled with `compile_blocks` in the same process, and under `torch.inference_mode` with
-    the transformer's hooks installed. Seconds of each first decode (it compiles) and the steady decode."""
+    """The compiled VAE decoder's first decode in an edit's order: after a `--layers`-block fp8 transformer was
+    quantized (`quantize_transformer`) and compiled (`compile_blocks`) in the same process, with an empty
+    Inductor cache (a fresh folder), so the decoder's compile is timed, not read back. Also the process's
+    coordinate-descent setting after quantizing (torchao would turn it on; h200-ah: that first decode took
+    195 s, 17.8 s alone in h200-ac) and the steady decode."""
+    import tempfile
+
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     from benchmarks import stream_gain
@@ -646,35 +651,37 @@ def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str,
 
     out: dict[str, Any] = args.partial
     latents = torch.randn(1, 16, 1, 128, 128, device=device, dtype=torch.bfloat16)
-
-    def first_decode(label: str) -> None:
-        vae = materialize(AutoencoderKLQwenImage, device, torch.bfloat16, seed=1)
-        vae_frames.install(vae)
-        compile_vae_decoder(vae, "on")  # no Dynamo reset: the transformer's graphs stay, as in an edit
-        with torch.inference_mode():
-            start = time.perf_counter()
-            vae.decode(latents, return_dict=False)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - start
-            steady = cuda_ms(lambda: vae.decode(latents, return_dict=False), 3, 1)
-        out[label] = {"first_decode_s": first, "decode_ms": steady}
-        log.info("vae compile %s: first decode %.1f s, then %.1f ms", label, first, steady)
-
-    first_decode("alone")
-    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
-    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
-    fa3.install(device)
-    try:
-        quantize_transformer(model, device, fuse_mlp=True)
-        compile_blocks(model)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model(**inputs)
-            torch.cuda.synchronize()
-        out["transformer_first_call_s"] = time.perf_counter() - start
-        first_decode("after the transformer's compile")
-    finally:
-        fa3.uninstall()
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read by Inductor at each compile
+        model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
+        inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
+        fa3.install(device)
+        try:
+            quantize_transformer(model, device, fuse_mlp=True)
+            out["coordinate_descent_tuning_after_quantize"] = torch._inductor.config.coordinate_descent_tuning
+            compile_blocks(model)
+            with torch.inference_mode():
+                start = time.perf_counter()
+                model(**inputs)
+                torch.cuda.synchronize()
+            out["transformer_first_call_s"] = time.perf_counter() - start
+            vae = materialize(AutoencoderKLQwenImage, device, torch.bfloat16, seed=1)
+            vae_frames.install(vae)
+            compile_vae_decoder(vae, "on")
+            with torch.inference_mode():
+                start = time.perf_counter()
+                vae.decode(latents, return_dict=False)
+                torch.cuda.synchronize()
+                out["first_decode_s"] = time.perf_counter() - start
+                out["decode_ms"] = cuda_ms(lambda: vae.decode(latents, return_dict=False), 3, 1)
+        finally:
+            fa3.uninstall()
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    log.info("vae compile after the transformer's: %s", out)
     return out
 
 
