@@ -99,11 +99,12 @@ class TextGraphs:
         use_cache: bool | None = None,
         **kwargs: Any,
     ):
-        if self.replayable(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs):
+        args = (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
+        if self.replayable(*args) and (weights := _gpu_weights(self.model)) is not None:
             from transformers.modeling_outputs import BaseModelOutputWithPast
 
             try:
-                return BaseModelOutputWithPast(last_hidden_state=self.replay(inputs_embeds, position_ids))
+                return BaseModelOutputWithPast(last_hidden_state=self.replay(inputs_embeds, position_ids, weights))
             except Exception as exc:  # a build whose layers cannot be captured: eager from now on, said once
                 self.disabled = True
                 self.graphs.clear()
@@ -120,7 +121,8 @@ class TextGraphs:
         )
 
     def replayable(self, input_ids, attention_mask, position_ids, past_key_values, embeds, use_cache, kwargs) -> bool:
-        """Whether a graph can serve this call (see the module doc); otherwise the class's forward does."""
+        """Whether a graph can serve a call with these arguments (see the module doc; the weights are checked
+        by `_gpu_weights`); otherwise the class's forward does."""
         if self.disabled:
             return False
         if input_ids is not None or embeds is None or attention_mask is not None or past_key_values is not None:
@@ -133,16 +135,14 @@ class TextGraphs:
             return False
         if position_ids is not None and position_ids.shape != (3, 1, embeds.shape[1]):
             return False  # 4 rows: packed sequences, whose mask the forward builds from the text positions
-        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-            return False
-        return _on_gpu_without_hooks(self.model)
+        return not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
 
-    def replay(self, embeds: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        """The last hidden state of `embeds` from the graph of its padded length (recorded if new)."""
+    def replay(self, embeds: torch.Tensor, position_ids: torch.Tensor | None, weights: tuple[int, ...]) -> torch.Tensor:
+        """The last hidden state of `embeds` from the graph of its padded length (recorded if new); `weights`
+        are the model's weight addresses now (`_gpu_weights`)."""
         length = embeds.shape[1]
         if position_ids is None:
             position_ids = default_positions(length, embeds.device)
-        weights = tuple(p.data_ptr() for p in self.model.parameters())
         if weights != self.weights:  # weights moved or replaced since the graphs were recorded
             self.graphs.clear()
             self.weights, self.pool = weights, None
@@ -173,15 +173,18 @@ class TextGraphs:
         return _Graph(graph, embeds, positions, out)
 
 
-def _on_gpu_without_hooks(model: nn.Module) -> bool:
-    """Whether every weight of `model` sits on a CUDA device with no offloading hook to move it."""
+def _gpu_weights(model: nn.Module) -> tuple[int, ...] | None:
+    """The addresses of `model`'s weights when every one sits on a CUDA device with no offloading hook to
+    move it (what a graph may read), else None. One walk over the modules per call."""
+    addresses = []
     for module in model.modules():
         if hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook"):
-            return False
+            return None
         for param in module.parameters(recurse=False):
             if not param.is_cuda:
-                return False
-    return True
+                return None
+            addresses.append(param.data_ptr())
+    return tuple(addresses)
 
 
 def _eligible(module: nn.Module) -> bool:

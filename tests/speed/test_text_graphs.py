@@ -77,7 +77,9 @@ def test_calls_a_graph_cannot_replay_run_transformers_forward(tiny_editor, langu
         text_graphs.uninstall(tiny_editor.pipe.text_encoder)
 
 
-def test_a_graph_that_cannot_be_recorded_turns_the_graphs_off_and_runs_eager(tiny_editor, language_model, caplog):
+def test_a_graph_that_cannot_be_recorded_turns_the_graphs_off_and_runs_eager(
+    tiny_editor, language_model, caplog, monkeypatch
+):
     embeds, positions = _inputs(language_model, 20)
     with torch.inference_mode():
         want = language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
@@ -88,6 +90,7 @@ def test_a_graph_that_cannot_be_recorded_turns_the_graphs_off_and_runs_eager(tin
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphs.replayable = lambda *args: not graphs.disabled  # as on a GPU
+    monkeypatch.setattr(text_graphs, "_gpu_weights", lambda model: (1,))  # weights "on the GPU"
     graphs._record = fail
     try:
         with torch.inference_mode():
