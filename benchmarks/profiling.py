@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -338,14 +339,10 @@ class GcPauses:
             self._start = None
 
     def __enter__(self) -> GcPauses:
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import gc
-
         gc.callbacks.remove(self._callback)
 
     def summary(self) -> dict[str, Any]:

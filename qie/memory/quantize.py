@@ -57,10 +57,10 @@ def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fus
 
     # torchao would set its recommended Inductor options for the whole process (and every later
     # compile, such as the VAE decoder's); qie gives them to the blocks' compile alone.
-    transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)
     if has_fp8(device):
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
         quantize_(transformer, config, filter_fn=in_blocks)
+        transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)
         if fuse_mlp:
             from qie.memory.fp8_mlp import fuse_mlp_quantization
 
@@ -68,6 +68,7 @@ def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fus
         return "fp8"
     log.warning("GPU has no fp8 units (compute capability < 8.9): using int8 weight-only quantization instead")
     quantize_(transformer, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=in_blocks)
+    transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)
     return "int8"
 
 
