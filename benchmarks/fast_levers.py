@@ -33,6 +33,9 @@ Sections (each on random weights of the real widths):
   vae-compile the compiled decoder's first decode after a `--layers`-block fp8 transformer was quantized
              and compiled in the same process (an edit's order), with an empty Inductor cache, and the
              process's coordinate-descent setting after quantizing.
+  coordinate-descent the fp8 blocks' compile with Inductor's coordinate-descent tuning on (torchao's
+             recommendation) and off (what qie compiles with): first call (compile) from an empty
+             Inductor cache, forward per 60 blocks, the outputs' difference.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -685,6 +688,69 @@ def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str,
     return out
 
 
+def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Inductor's coordinate-descent tuning for the fp8 blocks' compile, on and off: a `--layers`-block fp8
+    transformer quantized (`quantize_transformer`) and compiled (`compile_blocks`) afresh per variant, each
+    with an empty Inductor cache; its first call (the compile), its forward scaled to 60 blocks, and the
+    outputs' difference. "on" is torchao's recommendation (`TORCHAO_INDUCTOR_OPTIONS`), "off" what qie
+    compiles with (`QUANTIZED_INDUCTOR_OPTIONS`, the same without coordinate descent)."""
+    import tempfile
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks import stream_gain
+    from benchmarks.random_model import materialize
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS, TORCHAO_INDUCTOR_OPTIONS, quantize_transformer
+    from qie.speed import fa3
+    from qie.speed.compile import compile_blocks, uncompile_blocks
+
+    variants = {"on": dict(TORCHAO_INDUCTOR_OPTIONS), "off": dict(QUANTIZED_INDUCTOR_OPTIONS)}
+    build = lambda: QwenImageTransformer2DModel(num_layers=args.layers)  # noqa: E731
+    out: dict[str, Any] = args.partial
+    out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
+    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
+    results = {}
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    fa3.install(device)
+    try:
+        for name, options in variants.items():
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # each variant compiles from nothing
+                torch._dynamo.reset()
+                model = materialize(build, device, torch.bfloat16, 3)
+                quantize_transformer(model, device, fuse_mlp=True)
+                model._qie_inductor_options = options
+                compile_blocks(model)
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    results[name] = model(**inputs)[0]
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    ms = cuda_ms(lambda m=model: m(**inputs))
+                out["variants"][name] = {
+                    "options": options,
+                    "first_call_s": first,
+                    "forward_ms": ms,
+                    "forward_ms_per_60_blocks": ms * BLOCKS / args.layers,
+                }
+                log.info("coordinate descent %s: first call %.1f s, %.2f ms (%d blocks)", name, first, ms, args.layers)
+                uncompile_blocks(model)
+                del model
+                torch.cuda.empty_cache()
+    finally:
+        fa3.uninstall()
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    if len(results) == 2:
+        out["rel_change_off_vs_on"] = rel_error(results["off"], results["on"])
+        on, no = out["variants"]["on"], out["variants"]["off"]
+        out["forward_saved_per_60_blocks_ms"] = no["forward_ms_per_60_blocks"] - on["forward_ms_per_60_blocks"]
+        out["compile_cost_s"] = on["first_call_s"] - no["first_call_s"]
+    return out
+
+
 SECTIONS = {
     "kernels": run_kernels,
     "ops": run_ops,
@@ -696,6 +762,7 @@ SECTIONS = {
     "text-stage": run_text_stage,
     "vae": run_vae,
     "vae-compile": run_vae_compile,
+    "coordinate-descent": run_coordinate_descent,
 }
 
 
