@@ -97,9 +97,9 @@ def fastest_editor(
     editor = bench.editor(pipe, plan or bench.fast_plan(), budget_gib=budget_gib, fixes=fixes)
     editor.speed = speed
     compiled = bench.device.type == "cuda" and compile_blocks(pipe.transformer, mode=compile_mode(bench))
-    vae_mode = getattr(bench.args, "vae_compile", None) or "off"
-    if compiled and vae_mode != "off":  # as `Editor.load` does with `vae_compile`
-        compile_vae_decoder(pipe.vae, vae_mode)
+    vae_mode = getattr(bench.args, "vae_compile", None) or "auto"
+    if compiled:  # as `Editor.load` does with `vae_compile` ("auto": with the transformer)
+        compile_vae_decoder(pipe.vae, "on" if vae_mode == "auto" else vae_mode)
     return editor, compiled
 
 

@@ -161,9 +161,9 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument(
         "--vae-compile",
         choices=VAE_COMPILE_MODES,
-        default="off",
-        help="fast and quality sections: compile the VAE decoder too (the first edit's stage seconds say where "
-        "its time went)",
+        default="auto",
+        help="fast and quality sections: compile the VAE decoder too (auto: as with --compile, on; the first "
+        "edit's stage seconds say where its time went)",
     )
     bench.add_argument(
         "--attention-quant",

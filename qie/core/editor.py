@@ -146,7 +146,7 @@ class Editor:
         )
         chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
         chosen.apply(pipe, dev, opts.vram_budget_gib)
-        if opts.vae_compile != "off":
+        if opts.vae_compile not in ("off", "auto"):  # "auto": with the transformer, in `enable_compile`
             from qie.speed.compile import compile_vae_decoder
 
             compile_vae_decoder(pipe.vae, opts.vae_compile)
@@ -166,7 +166,7 @@ class Editor:
         editor.speed = speed
         editor.loras = fused
         if opts.compile:
-            editor.enable_compile(mode=opts.compile_mode)
+            editor.enable_compile(mode=opts.compile_mode, vae_compile="on" if opts.vae_compile == "auto" else "off")
         return editor
 
     @property
@@ -174,19 +174,30 @@ class Editor:
         """The model and the LoRAs fused into it (full sources and scales): what a cached result must match."""
         return " + ".join([self.model, *(f"{lora.source}:{lora.scale:g}" for lora in self.loras)])
 
-    def enable_compile(self, warm_up_size: int = 1024, mode: str = "default") -> bool:
+    def enable_compile(self, warm_up_size: int = 1024, mode: str = "default", vae_compile: str = "off") -> bool:
         """Compile the transformer block (regional, `torch.compile` `mode`) and warm it up; False and eager on failure.
 
-        `compile_stats` then holds the mode and the warm-up seconds; the first edit after it adds its own time.
+        `vae_compile` ("on", "channels-last") compiles the VAE decoder too, before the warm-up, so its
+        compile is part of it. `compile_stats` then holds the mode and the warm-up seconds; the first
+        edit after it adds its own time.
         """
-        from qie.speed.compile import check_mode, compile_blocks, uncompile_blocks, uncompile_vae_decoder
+        from qie.speed.compile import (
+            check_mode,
+            check_vae_mode,
+            compile_blocks,
+            compile_vae_decoder,
+            uncompile_blocks,
+            uncompile_vae_decoder,
+        )
 
         check_mode(mode)
+        check_vae_mode(vae_compile)
         if self.device.type != "cuda" or self.plan.name == "model-offload":
             log.warning("compile skipped: it needs CUDA and a plan other than model-offload (plan %s)", self.plan.name)
             return False
         if not compile_blocks(self.pipe.transformer, mode=mode):
             return False
+        compile_vae_decoder(self.pipe.vae, vae_compile)
         start = time.perf_counter()
         try:
             self.warm_up(warm_up_size)

@@ -72,7 +72,7 @@ class LoadOptions:
     a fault drill (`component:error[:after[:times]]`) armed at load. `compile_mode` is the
     `torch.compile` mode of the regional compile (with `compile`); `text_encoder_fp8` stores the text
     encoder's weights in fp8 (upcast per layer); `vae_compile` compiles the VAE decoder ("on"), in
-    channels-last layout too ("channels-last").
+    channels-last layout too ("channels-last"), or ("auto") when the transformer is compiled.
     """
 
     model: str = REAL_MODEL_ID
@@ -88,7 +88,7 @@ class LoadOptions:
     fast_steps: int = 8
     fast_fuse: bool = True
     text_encoder_fp8: bool = False
-    vae_compile: str = "off"
+    vae_compile: str = "auto"
     loras: tuple[str, ...] = ()
     fixes: Mapping[str, bool] | None = None
     safety: SafetySettings | None = None
@@ -217,7 +217,8 @@ class LoadOptions:
             "vae_compile": dict(
                 default=d.vae_compile,
                 choices=VAE_COMPILE_MODES,
-                help="compile the VAE decoder; channels-last: in channels-last layout too (default: %(default)s)",
+                help="compile the VAE decoder; channels-last: in channels-last layout too; auto: when --compile "
+                "is on (default: %(default)s)",
             ),
             "loras": dict(
                 default=list(d.loras),

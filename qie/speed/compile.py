@@ -54,6 +54,15 @@ def check_mode(mode: str, name: str = "compile_mode") -> str:
     return mode
 
 
+def check_vae_mode(mode: str) -> str:
+    """`mode` if the VAE decoder's compile can take it (a `VAE_COMPILE_MODES` value but "auto", which
+    `Editor.load` resolves), else `InvalidRequestError` naming `vae_compile`."""
+    if mode not in VAE_COMPILE_MODES or mode == "auto":
+        choices = ", ".join(m for m in VAE_COMPILE_MODES if m != "auto")
+        raise InvalidRequestError("vae_compile", mode, f"use one of {choices}")
+    return mode
+
+
 def compile_blocks(
     transformer: torch.nn.Module, cache_dir: str | os.PathLike | None = None, mode: str = "default"
 ) -> bool:
@@ -228,6 +237,7 @@ def inductor_options(module: torch.nn.Module) -> dict | None:
 
 def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
+    ("auto" is decided by the caller: `Editor.load` compiles the decoder with the transformer.)
 
     The decoder runs once per edit over one latent frame (its convolutions as 2-D convolutions on
     CUDA, `qie.speed.vae_frames`); compiled, its norms and activations fuse around them, and
@@ -236,16 +246,12 @@ def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
     compiled decoder asserts the weight layout it was traced with, so changing the mode afterwards
     fails at the next decode. `uncompile_vae_decoder` undoes it.
 
-    Off by default: on an H200 the compiled decoder decoded 1024² in 15.5 ms against ~42 ms eager and
-    compiled in 17.8 s on its own (`fast-levers-h200-ac.json`), but in the benchmark's fast edit, after
-    the fp8 transformer, its first decode took 195 s (`bench-h200-ah.json`): torchao's fp8 quantization
-    had turned Inductor's coordinate-descent tuning on for the whole process, and every decoder kernel
-    was autotuned. `quantize_transformer` now gives those options to the blocks' compile alone
-    (`compile_kwargs`); not yet measured in an edit.
+    On an H200 the compiled decoder takes a 1024² edit's decode from 0.048 to 0.019 s and its first
+    decode compiles in 8-10 s from an empty cache (`bench-h200-an.json`, `bench-h200-ai.json`).
+    Before `quantize_transformer` kept torchao's Inductor options to the blocks' compile, that first
+    decode took 195 s (`bench-h200-ah.json`): coordinate-descent tuning was on for the whole process.
     """
-    if mode not in VAE_COMPILE_MODES:
-        raise InvalidRequestError("vae_compile", mode, f"use one of {', '.join(VAE_COMPILE_MODES)}")
-    if mode == "off":
+    if check_vae_mode(mode) == "off":
         return False
     set_cache_dir()
     if mode == "channels-last":  # conv weights only: the norms' 4-D gammas have no 3-D channels-last layout

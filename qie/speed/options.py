@@ -14,9 +14,10 @@ from qie.errors import InvalidRequestError
 
 ATTENTION_QUANT_MODES = ("off", "int8", "fp8")  # qie.speed.attention
 STEP_CACHE_MODES = ("off", "fbcache", "taylorseer")  # qie.speed.early_exit
-# `torch.compile` modes of the regional compile (qie.speed.compile), and the VAE decoder's compile choices.
+# `torch.compile` modes of the regional compile (qie.speed.compile), and the VAE decoder's compile choices
+# ("auto": compiled together with the transformer, `compile=True`; otherwise not).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-VAE_COMPILE_MODES = ("off", "on", "channels-last")
+VAE_COMPILE_MODES = ("auto", "off", "on", "channels-last")
 
 # The scheduler of the Lightning LoRAs' diffusers example (ModelTC/Qwen-Image-Lightning,
 # generate_with_diffusers.py), whole. base_shift = max_shift = log(3) makes the dynamic shift

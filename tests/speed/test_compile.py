@@ -90,6 +90,8 @@ def test_vae_decoder_compile_and_channels_last(tiny_editor):
     assert inductor_options(vae.encoder) is None
     with pytest.raises(InvalidRequestError, match="^vae_compile='yes'"):
         compile_vae_decoder(vae, "yes")
+    with pytest.raises(InvalidRequestError, match="^vae_compile='auto'"):  # Editor.load decides what auto means
+        compile_vae_decoder(vae, "auto")
     uncompile_vae_decoder(vae)
     assert inductor_options(vae.decoder) is None
 
@@ -102,6 +104,44 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
     assert linears <= stored  # every Linear weight but the LM head's
     assert not any("embed" in n for n in stored)
     assert inductor_options(editor.pipe.vae.decoder) == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "at_load", "with_compile"),
+    [({}, False, None), ({"compile": True}, False, "on"), ({"compile": True, "vae_compile": "off"}, False, "off")]
+    + [({"vae_compile": "on"}, True, None), ({"compile": True, "vae_compile": "channels-last"}, True, "off")],
+)
+def test_vae_compile_auto_follows_the_transformer_compile(monkeypatch, options, at_load, with_compile):
+    """ "auto" (the default) compiles the decoder in `enable_compile`, so only with `compile=True`;
+    "on" and "channels-last" compile it at load whatever `compile` says."""
+    calls = []
+    monkeypatch.setattr(Editor, "enable_compile", lambda self, **kwargs: calls.append(kwargs["vae_compile"]) or False)
+    editor = Editor.load(LoadOptions(model="tiny", **options))
+    assert (inductor_options(editor.pipe.vae.decoder) is not None) == at_load
+    assert calls == ([with_compile] if with_compile else [])
+
+
+def test_enable_compile_compiles_the_vae_decoder_before_its_warm_up_and_undoes_it_on_failure(monkeypatch):
+    import qie.speed.compile
+
+    editor = Editor.load("tiny")
+    monkeypatch.setattr(qie.speed.compile, "compile_blocks", lambda transformer, mode: True)
+    monkeypatch.setattr(editor, "device", torch.device("cuda"))  # enable_compile's gate; nothing runs on it here
+    seen = []
+    monkeypatch.setattr(editor, "warm_up", lambda size: seen.append(inductor_options(editor.pipe.vae.decoder)))
+    assert editor.enable_compile(vae_compile="on")
+    assert seen == [{}]  # compiled when the warm-up ran, so its compile is part of the warm-up
+    uncompile_vae_decoder(editor.pipe.vae)
+    with pytest.raises(InvalidRequestError, match="^vae_compile='auto'"):  # before anything compiles
+        editor.enable_compile(vae_compile="auto")
+    assert inductor_options(editor.pipe.vae.decoder) is None
+
+    def failing(size):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(editor, "warm_up", failing)
+    assert not editor.enable_compile(vae_compile="on")
+    assert inductor_options(editor.pipe.vae.decoder) is None
 
 
 @pytest.mark.parametrize("setup", ["batched", "streamed-batched", "fast"])
