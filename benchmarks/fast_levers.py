@@ -52,7 +52,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,24 @@ def kernel_table(fn: Callable[[], Any], repeats: int = 5, top: int = 12) -> dict
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@contextlib.contextmanager
+def empty_inductor_cache() -> Iterator[str]:
+    """Inductor's cache in a fresh, empty folder (`TORCHINDUCTOR_CACHE_DIR`, read at each compile) for
+    the block, so a compile inside it is timed, not read back; the previous setting back after."""
+    import tempfile
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield cache
+        finally:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -642,7 +660,6 @@ def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str,
     Inductor cache (a fresh folder), so the decoder's compile is timed, not read back. Also the process's
     coordinate-descent setting after quantizing (torchao would turn it on; h200-ah: that first decode took
     195 s, 17.8 s alone in h200-ac) and the steady decode."""
-    import tempfile
 
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
@@ -654,9 +671,7 @@ def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str,
 
     out: dict[str, Any] = args.partial
     latents = torch.randn(1, 16, 1, 128, 128, device=device, dtype=torch.bfloat16)
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read by Inductor at each compile
+    with empty_inductor_cache():
         model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
         inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
         fa3.install(device)
@@ -680,10 +695,6 @@ def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str,
                 out["decode_ms"] = cuda_ms(lambda: vae.decode(latents, return_dict=False), 3, 1)
         finally:
             fa3.uninstall()
-            if before is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
     log.info("vae compile after the transformer's: %s", out)
     return out
 
@@ -694,7 +705,6 @@ def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> di
     with an empty Inductor cache; its first call (the compile), its forward scaled to 60 blocks, and the
     outputs' difference. "on" is torchao's recommendation (`TORCHAO_INDUCTOR_OPTIONS`), "off" what qie
     compiles with (`QUANTIZED_INDUCTOR_OPTIONS`, the same without coordinate descent)."""
-    import tempfile
 
     from diffusers import QwenImageTransformer2DModel
 
@@ -710,12 +720,10 @@ def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> di
     out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
     inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
     results = {}
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     fa3.install(device)
     try:
         for name, options in variants.items():
-            with tempfile.TemporaryDirectory() as cache:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # each variant compiles from nothing
+            with empty_inductor_cache():  # each variant compiles from nothing
                 torch._dynamo.reset()
                 model = materialize(build, device, torch.bfloat16, 3)
                 quantize_transformer(model, device, fuse_mlp=True)
@@ -739,10 +747,6 @@ def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> di
                 torch.cuda.empty_cache()
     finally:
         fa3.uninstall()
-        if before is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
     if len(results) == 2:
         out["rel_change_off_vs_on"] = rel_error(results["off"], results["on"])
         on, no = out["variants"]["on"], out["variants"]["off"]

@@ -57,3 +57,18 @@ def test_stopped_midway_it_writes_what_the_section_measured_and_ends(tmp_path, m
     sections = json.loads((tmp_path / "fast-levers-t.json").read_text())["sections"]
     assert sections["long"]["variants"] == {"first": {"forward_ms": 1.5}}
     assert sections["long"]["error"].startswith("Stopped") and "next" not in sections
+
+
+@pytest.mark.parametrize("before", [None, "/somewhere/inductor"])
+def test_empty_inductor_cache_gives_a_fresh_folder_and_puts_the_setting_back(monkeypatch, before):
+    import os
+    from pathlib import Path
+
+    if before is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+    with pytest.raises(RuntimeError), fast_levers.empty_inductor_cache() as cache:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache and not any(Path(cache).iterdir())
+        raise RuntimeError("a section failed")
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and not Path(cache).exists()
