@@ -315,6 +315,20 @@ def encoder_row(
     return probes[0]
 
 
+def restart_command(bench: Any, size: int, out: str) -> list[str]:
+    """The restart section's child: the quality section at 2 CFG steps and `size`, with this run's model,
+    device, seed and speed flags (compile mode, attention, its quantization, the VAE decoder's compile)."""
+    args = bench.args
+    command = [sys.executable, "-m", "qie", "bench", "--sections", "quality", "--quality-steps", "2"]
+    command += ["--sizes", str(size), "--scale", args.scale, "--model-variant", bench.variant]
+    command += ["--device", bench.device.type, "--seed", str(args.seed), "--out", out]
+    for flag in ("compile_mode", "attention", "attention_quant", "vae_compile"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+    return command
+
+
 def run_restart(bench: Any) -> None:
     """A first edit in a fresh process with empty compile caches, then in another with what the first left on disk.
 
@@ -322,7 +336,7 @@ def run_restart(bench: Any) -> None:
     caches (qie's, Inductor's, Triton's) live in a temporary folder that only these two processes use.
     """
     bench.check_time("restart")
-    size, args = bench.args.sizes[0], bench.args
+    size = bench.args.sizes[0]
     with tempfile.TemporaryDirectory(prefix="qie-restart-") as tmp:
         cache = Path(tmp) / "cache"
         env = {  # Inductor's and Triton's folders too: a variable already set in this environment wins over QIE_CACHE
@@ -331,9 +345,7 @@ def run_restart(bench: Any) -> None:
             "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
             "TRITON_CACHE_DIR": str(cache / "triton"),
         }
-        command = [sys.executable, "-m", "qie", "bench", "--sections", "quality", "--quality-steps", "2"]
-        command += ["--sizes", str(size), "--scale", args.scale, "--model-variant", bench.variant]
-        command += ["--device", bench.device.type, "--seed", str(args.seed), "--out", tmp]
+        command = restart_command(bench, size, tmp)
         rows, walls = {}, {}
         for label in ("cold", "warm"):
             start = time.perf_counter()

@@ -164,3 +164,25 @@ def test_the_restart_section_runs_two_processes_on_one_cache(tmp_path):
     assert e2e["first_edit_cold"] > 0 and e2e["first_edit_warm"] > 0
     assert e2e["process_cold"] > e2e["first_edit_cold"] and e2e["process_warm"] > e2e["first_edit_warm"]
     assert row["step_s_cfg"] > 0
+
+
+def test_the_restart_child_runs_with_this_runs_speed_flags(tmp_path):
+    """A restart measured with other compile, attention or VAE options than the run's is not its restart."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.bench_fast import restart_command
+    from qie.cli.main import build_parser
+
+    argv = ["bench", "--sections", "restart", "--scale", "tiny", "--device", "cpu", "--compile-mode", "max-autotune"]
+    argv += ["--attention", "native", "--attention-quant", "fp8", "--vae-compile", "off"]
+    args = build_parser().parse_args(argv)
+    bench = SimpleNamespace(args=args, variant="2511", device=torch.device("cpu"))
+    command = restart_command(bench, 64, str(tmp_path))
+    assert command[1:4] == ["-m", "qie", "bench"]
+    flags = dict(zip(command[4::2], command[5::2], strict=True))
+    assert flags["--sections"] == "quality" and flags["--sizes"] == "64" and flags["--model-variant"] == "2511"
+    assert flags["--compile-mode"] == "max-autotune" and flags["--attention"] == "native"
+    assert flags["--attention-quant"] == "fp8" and flags["--vae-compile"] == "off" and flags["--out"] == str(tmp_path)
+    assert build_parser().parse_args(command[3:]).vae_compile == "off"  # the child's parser takes them all
