@@ -81,6 +81,7 @@ def fastest_editor(
 
     `fixes=False` turns qie's prompt fix off, for images comparable with the stock reference.
     """
+    from qie.core.load_options import auto_vae_compile
     from qie.core.speed_setup import setup_speed
     from qie.speed.compile import compile_blocks, compile_vae_decoder
     from qie.speed.fast_mode import random_lightning_lora
@@ -98,8 +99,9 @@ def fastest_editor(
     editor.speed = speed
     compiled = bench.device.type == "cuda" and compile_blocks(pipe.transformer, mode=compile_mode(bench))
     vae_mode = getattr(bench.args, "vae_compile", None) or "auto"
-    if compiled:  # as `Editor.load` does with `vae_compile` ("auto": with the transformer)
-        compile_vae_decoder(pipe.vae, "on" if vae_mode == "auto" else vae_mode)
+    if vae_mode == "auto":  # as `Editor.load` does: with the transformer, on the resident plans
+        vae_mode = auto_vae_compile(vae_mode, editor.plan.name) if compiled else "off"
+    compile_vae_decoder(pipe.vae, vae_mode)
     return editor, compiled
 
 

@@ -130,7 +130,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("QIE_COMPILE", "compile", _bool, "1: regional torch.compile + warm-up (CUDA)", False),
     Variable("QIE_COMPILE_MODE", "compile_mode", _text, "torch.compile mode of QIE_COMPILE (default default)"),
     Variable("QIE_TEXT_ENCODER_FP8", "text_encoder_fp8", _bool, "1: text encoder weights stored in fp8", False),
-    Variable("QIE_VAE_COMPILE", "vae_compile", _text, "VAE decoder: auto (with QIE_COMPILE), off, on, channels-last"),
+    Variable(
+        "QIE_VAE_COMPILE",
+        "vae_compile",
+        _text,
+        "VAE decoder: auto (with QIE_COMPILE, resident plans), off, on, channels-last",
+    ),
     Variable("QIE_ATTENTION", "attention", _text, "attention backend at load (default auto)"),
     Variable("QIE_FAST_LORA", "fast_lora", _text, "Lightning LoRA for fast mode: file, folder or hub id"),
     Variable("QIE_FAST_STEPS", "fast_steps", _number(int, 1, "8"), "which Lightning LoRA: 4 or 8 steps"),

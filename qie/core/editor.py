@@ -26,7 +26,7 @@ from qie.core import masking, stages
 from qie.core.faults import Fault, arm_spec
 from qie.core.grouping import check_batchable, condition_area
 from qie.core.images import ImageInput
-from qie.core.load_options import LoadOptions
+from qie.core.load_options import LoadOptions, auto_vae_compile
 from qie.core.loras import LoraSpec, fuse_loras, lora_notes
 from qie.core.models import check_hardware, load_pipeline, resolve_device, resolve_dtype
 from qie.core.registry import DEFAULT_MODEL, ModelSpec, pipeline_variant, resolve_model, spec_for_pipeline
@@ -166,7 +166,7 @@ class Editor:
         editor.speed = speed
         editor.loras = fused
         if opts.compile:
-            editor.enable_compile(mode=opts.compile_mode, vae_compile="on" if opts.vae_compile == "auto" else "off")
+            editor.enable_compile(mode=opts.compile_mode, vae_compile=auto_vae_compile(opts.vae_compile, chosen.name))
         return editor
 
     @property

@@ -36,6 +36,22 @@ PLAN_NAMES = ("auto", "resident", "resident-fp8", "fp8-te-stream", "stream", "mo
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 FAST_STEPS = tuple(sorted({n for spec in MODELS.values() if spec.lightning for n in spec.lightning.steps}))
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
+# The plans on which `vae_compile="auto"` compiles the VAE decoder with the transformer: there the VAE
+# runs untiled and no budget is in force, as measured (h200-ai, h200-an). Under the budget plans the
+# VAE may run in tiles and the compiled decoder's memory is not measured; `vae_compile="on"` asks anyway.
+AUTO_VAE_COMPILE_PLANS = ("resident", "resident-fp8")
+
+
+def auto_vae_compile(vae_compile: str, plan: str) -> str:
+    """The VAE decoder's compile that `Editor.enable_compile` adds for `vae_compile` on `plan`: "on" for
+    "auto" on `AUTO_VAE_COMPILE_PLANS`, else "off" (the other values compile at load, or never).
+
+    Example:
+        >>> [auto_vae_compile(mode, plan) for mode, plan in [("auto", "resident-fp8"), ("auto", "stream")]]
+        ['on', 'off']
+    """
+    return "on" if vae_compile == "auto" and plan in AUTO_VAE_COMPILE_PLANS else "off"
+
 
 # Command-line flag and argparse destination of each field that has a flag.
 FLAGS = {
@@ -72,7 +88,7 @@ class LoadOptions:
     a fault drill (`component:error[:after[:times]]`) armed at load. `compile_mode` is the
     `torch.compile` mode of the regional compile (with `compile`); `text_encoder_fp8` stores the text
     encoder's weights in fp8 (upcast per layer); `vae_compile` compiles the VAE decoder ("on"), in
-    channels-last layout too ("channels-last"), or ("auto") when the transformer is compiled.
+    channels-last layout too ("channels-last"), or ("auto") with the transformer on the resident plans.
     """
 
     model: str = REAL_MODEL_ID
@@ -217,8 +233,8 @@ class LoadOptions:
             "vae_compile": dict(
                 default=d.vae_compile,
                 choices=VAE_COMPILE_MODES,
-                help="compile the VAE decoder; channels-last: in channels-last layout too; auto: when --compile "
-                "is on (default: %(default)s)",
+                help="compile the VAE decoder; channels-last: in channels-last layout too; auto: with --compile "
+                "on the resident plans (default: %(default)s)",
             ),
             "loras": dict(
                 default=list(d.loras),

@@ -121,6 +121,17 @@ def test_vae_compile_auto_follows_the_transformer_compile(monkeypatch, options, 
     assert calls == ([with_compile] if with_compile else [])
 
 
+def test_vae_compile_auto_compiles_the_decoder_only_on_the_resident_plans():
+    """Measured there (untiled VAE, no budget); under a budget plan the VAE may be tiled, its memory not measured."""
+    from qie.core.load_options import PLAN_NAMES, auto_vae_compile
+    from qie.speed.options import VAE_COMPILE_MODES
+
+    chosen = {plan for plan in PLAN_NAMES if auto_vae_compile("auto", plan) == "on"}
+    assert chosen == {"resident", "resident-fp8"}
+    others = [mode for mode in VAE_COMPILE_MODES if mode != "auto"]  # at load, or never: nothing in enable_compile
+    assert all(auto_vae_compile(mode, plan) == "off" for mode in others for plan in PLAN_NAMES)
+
+
 def test_enable_compile_compiles_the_vae_decoder_before_its_warm_up_and_undoes_it_on_failure(monkeypatch):
     import qie.speed.compile
 
