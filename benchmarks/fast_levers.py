@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -719,7 +720,7 @@ def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> di
     one_way = {**TORCHAO_INDUCTOR_OPTIONS, "coordinate_descent_check_all_directions": False}
     variants = {"on": dict(TORCHAO_INDUCTOR_OPTIONS), "on, one direction": one_way}
     variants["off"] = dict(QUANTIZED_INDUCTOR_OPTIONS)
-    build = lambda: QwenImageTransformer2DModel(num_layers=args.layers)  # noqa: E731
+    build = functools.partial(QwenImageTransformer2DModel, num_layers=args.layers)
     out: dict[str, Any] = args.partial
     out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
     inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)

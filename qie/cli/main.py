@@ -162,8 +162,8 @@ def _add_bench_parser(sub) -> None:
         "--vae-compile",
         choices=VAE_COMPILE_MODES,
         default="auto",
-        help="fast and quality sections: compile the VAE decoder too (auto: as with --compile, on; the first "
-        "edit's stage seconds say where its time went)",
+        help="fast and quality sections: compile the VAE decoder too (auto: as --compile does, on the resident "
+        "plans; the first edit's stage seconds say where its time went)",
     )
     bench.add_argument(
         "--attention-quant",

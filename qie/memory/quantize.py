@@ -58,21 +58,21 @@ def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fus
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
         return isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
 
-    # torchao would set its recommended Inductor options for the whole process (and every later
-    # compile, such as the VAE decoder's); qie gives them to the blocks' compile alone.
-    if has_fp8(device):
+    fp8 = has_fp8(device)
+    if fp8:
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-        quantize_(transformer, config, filter_fn=in_blocks)
-        transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)
-        if fuse_mlp:
-            from qie.memory.fp8_mlp import fuse_mlp_quantization
-
-            fuse_mlp_quantization(transformer)
-        return "fp8"
-    log.warning("GPU has no fp8 units (compute capability < 8.9): using int8 weight-only quantization instead")
-    quantize_(transformer, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=in_blocks)
+    else:
+        log.warning("GPU has no fp8 units (compute capability < 8.9): using int8 weight-only quantization instead")
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=in_blocks)
+    # torchao would set its recommended Inductor options for the whole process (and every later
+    # compile, such as the VAE decoder's); the blocks' compile alone gets qie's (see above).
     transformer._qie_inductor_options = dict(QUANTIZED_INDUCTOR_OPTIONS)
-    return "int8"
+    if fp8 and fuse_mlp:
+        from qie.memory.fp8_mlp import fuse_mlp_quantization
+
+        fuse_mlp_quantization(transformer)
+    return "fp8" if fp8 else "int8"
 
 
 # Kept in the compute dtype: the token and patch embeddings (a lookup would upcast the whole table)
