@@ -8,11 +8,14 @@ Sections (each on random weights of the real widths):
              `--text-tokens` text tokens) with FA3 bf16 attention and diffusers' complex RoPE, with
              real-arithmetic RoPE (`qie.speed.rope`), then with the fp8 attention toggle, all on the same
              compiled blocks: seconds, the 60-block estimates, error against bf16 weights, kernel tables.
+  gelu-warps the GELU + fp8 row kernels (whole padded row, whole tiles) at 4 to 32 warps for the row
+             counts of the text stream and 512² to 1024² edits: milliseconds, best warp count per row count.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
   ops        the host cost of the two Triton kernels in compiled code: as Triton ops (launched by
              Inductor's generated code) against opaque custom ops (a Python call per launch), 120 calls
              each at a small shape: wall and GPU milliseconds, host microseconds saved per call.
-  kernels    `gelu_quantize_rows` (one Triton pass; also with IEEE divisions per element) against
+  kernels    `gelu_quantize_rows` (one Triton pass; also with IEEE divisions per element, and the kernel
+             holding a row as whole power-of-two tiles, `row_tiles`) against
              Inductor's compiled GELU + `quantize_rows` at (8422 x 12288): milliseconds, and how many
              fp8 values differ.
   rope       one block's attention prologue (q/k norms, RoPE, text+image concatenation), compiled, with
@@ -37,6 +40,9 @@ Sections (each on random weights of the real widths):
              recommendation), on checking one direction only, and off (what qie compiles with):
              first call (compile) from an empty Inductor cache, forward per 60 blocks, the outputs'
              difference.
+  inductor-options qie's Inductor options for the fp8 blocks against the same with `triton.multi_kernel`
+             (wider persistent reductions, benchmarked at the first call): first call, forward per 60
+             blocks, kernel tables by category.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -91,8 +97,12 @@ def kernel_table(fn: Callable[[], Any], repeats: int = 5, top: int = 12) -> dict
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key[:90], e.device_time_total / 1e3 / repeats) for e in prof.key_averages() if e.device_time_total > 0]
-    return dict(sorted(rows, key=lambda r: -r[1])[:top])
+    rows: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0:  # kernels whose names share their first 120 characters add up
+            name = event.key[:120]
+            rows[name] = rows.get(name, 0.0) + event.device_time_total / 1e3 / repeats
+    return dict(sorted(rows.items(), key=lambda r: -r[1])[:top])
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -252,11 +262,19 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         with set_wrap_triton_enabled(False):  # a plain launch, as inside the op (not the tracing wrapper's)
             ieee_ms = cuda_ms(lambda: _launch(h, ieee=True), repeats=50)  # IEEE divisions per element
             ieee_v, _ = _launch(h, ieee=True)
+            tiled_ms = cuda_ms(lambda: _launch(h, tiled=True), repeats=50)  # whole power-of-two tiles
+            tiled_v, tiled_s = _launch(h, tiled=True)
+            row_ms = cuda_ms(lambda: _launch(h, tiled=False), repeats=50)
+            row_v, row_s = _launch(h, tiled=False)
         inductor_ms = cuda_ms(lambda: compiled(h), repeats=50)
     traffic = h.numel() * 3 / 1e9  # bf16 in, fp8 out (GB)
     return {
         "shape": list(h.shape),
         "fused_ms": fused_ms,
+        "row_kernel_ms": row_ms,
+        "tiled_kernel_ms": tiled_ms,
+        "tiled_gb_s": traffic / tiled_ms * 1e3,
+        "tiled_equals_row_kernel": torch.equal(tiled_v.float(), row_v.float()) and torch.equal(tiled_s, row_s),
         "ieee_division_ms": ieee_ms,
         "inductor_ms": inductor_ms,
         "traffic_gb": traffic,
@@ -267,6 +285,41 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "max_scale_rel_diff": ((fused_s - eager_s).abs() / eager_s).max().item(),
         "dequantized_rel_error_vs_eager": rel_error(fused_v.float() * fused_s, eager_v.float() * eager_s),
     }
+
+
+def run_gelu_warps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The GELU + fp8 row kernels (whole row padded to a power of two; whole power-of-two tiles) at each
+    warp count, for the row counts of the text stream, 512², 768² and 1024² edits (12288 columns):
+    milliseconds per call, launched plainly (no autotuning), and the best warp count per row count."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from qie.memory.fp8_mlp import _launch
+
+    out: dict[str, Any] = {"cols": 12288, "ms": {}, "best": {}}
+    with torch.inference_mode(), set_wrap_triton_enabled(False):  # plain launches, as inside the op
+        for rows in (args.text_tokens, 2048, 4608, IMAGE_TOKENS):
+            h = torch.randn(rows, 12288, device=device, dtype=torch.bfloat16) * 2
+            for kernel in ("row", "tiled"):
+                times = {}
+                for warps in (4, 8, 16, 32):
+                    launch = functools.partial(_launch, h, tiled=kernel == "tiled", num_warps=warps)
+                    times[warps] = cuda_ms(launch, repeats=30)
+                out["ms"][f"{kernel} {rows}"] = times
+                best = min(times, key=times.get)
+                out["best"][f"{kernel} {rows}"] = {"num_warps": best, "ms": times[best]}
+                log.info("gelu %s kernel, %d rows: %s", kernel, rows, {w: round(t, 4) for w, t in times.items()})
+    # The op compiled with dynamic rows: does the first call's row count fix the kernel's configuration
+    # for every later size? (Inductor autotunes a user kernel's configurations once, at its first call.)
+    from qie.memory.fp8_mlp import gelu_quantize_rows
+
+    big = torch.randn(IMAGE_TOKENS, 12288, device=device, dtype=torch.bfloat16) * 2
+    for first in (args.text_tokens, IMAGE_TOKENS):
+        with empty_inductor_cache(), torch.inference_mode():
+            torch._dynamo.reset()
+            compiled = torch.compile(gelu_quantize_rows, dynamic=True, fullgraph=True)
+            compiled(torch.randn(first, 12288, device=device, dtype=torch.bfloat16))
+            out[f"compiled, first call {first} rows: ms at {IMAGE_TOKENS} rows"] = cuda_ms(lambda c=compiled: c(big))
+    return out
 
 
 def run_mlp(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -701,25 +754,22 @@ def run_vae_compile(args: argparse.Namespace, device: torch.device) -> dict[str,
     return out
 
 
-def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Inductor's coordinate-descent tuning for the fp8 blocks' compile, on and off: a `--layers`-block fp8
+def compile_variants(
+    args: argparse.Namespace, device: torch.device, variants: dict[str, dict[str, Any]], kernels: bool = False
+) -> dict[str, Any]:
+    """The fp8 blocks compiled once per set of Inductor options in `variants`: a `--layers`-block fp8
     transformer quantized (`quantize_transformer`) and compiled (`compile_blocks`) afresh per variant, each
-    with an empty Inductor cache; its first call (the compile), its forward scaled to 60 blocks, and the
-    outputs' difference. "on" is torchao's recommendation (`TORCHAO_INDUCTOR_OPTIONS`), "on, one direction"
-    the same tuning without `coordinate_descent_check_all_directions` (fewer candidates tried), "off" what
-    qie compiles with (`QUANTIZED_INDUCTOR_OPTIONS`, torchao's options without coordinate descent)."""
-
+    from an empty Inductor cache; its first call (the compile), its forward scaled to 60 blocks, the outputs'
+    change against the first variant and, with `kernels`, its kernel table (ms per forward of the blocks)."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks import stream_gain
+    from benchmarks.profiling import classify
     from benchmarks.random_model import materialize
-    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS, TORCHAO_INDUCTOR_OPTIONS, quantize_transformer
+    from qie.memory.quantize import quantize_transformer
     from qie.speed import fa3
     from qie.speed.compile import compile_blocks, uncompile_blocks
 
-    one_way = {**TORCHAO_INDUCTOR_OPTIONS, "coordinate_descent_check_all_directions": False}
-    variants = {"on": dict(TORCHAO_INDUCTOR_OPTIONS), "on, one direction": one_way}
-    variants["off"] = dict(QUANTIZED_INDUCTOR_OPTIONS)
     build = functools.partial(QwenImageTransformer2DModel, num_layers=args.layers)
     out: dict[str, Any] = args.partial
     out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
@@ -740,28 +790,69 @@ def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> di
                     torch.cuda.synchronize()
                     first = time.perf_counter() - start
                     ms = cuda_ms(lambda m=model: m(**inputs))
-                out["variants"][name] = {
+                    table = kernel_table(lambda m=model: m(**inputs), repeats=3, top=40) if kernels else {}
+                row: dict[str, Any] = {
                     "options": options,
                     "first_call_s": first,
                     "forward_ms": ms,
                     "forward_ms_per_60_blocks": ms * BLOCKS / args.layers,
+                    "rel_change_vs_first": rel_error(results[name], next(iter(results.values()))),
                 }
-                log.info("coordinate descent %s: first call %.1f s, %.2f ms (%d blocks)", name, first, ms, args.layers)
+                if table:
+                    row["kernels_ms"] = table
+                    categories: dict[str, float] = {}
+                    for kernel, kernel_ms in table.items():
+                        category = classify(kernel)
+                        categories[category] = categories.get(category, 0.0) + kernel_ms
+                    row["categories_ms"] = categories
+                out["variants"][name] = row
+                log.info("%s: first call %.1f s, %.2f ms (%d blocks)", name, first, ms, args.layers)
                 uncompile_blocks(model)
                 del model
                 torch.cuda.empty_cache()
     finally:
         fa3.uninstall()
-    if {"on", "off"} <= results.keys():
-        out["rel_change_off_vs_on"] = rel_error(results["off"], results["on"])
+    return out
+
+
+def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Inductor's coordinate-descent tuning for the fp8 blocks' compile, on and off (`compile_variants`).
+    "on" is torchao's recommendation (`TORCHAO_INDUCTOR_OPTIONS`), "on, one direction" the same tuning
+    without `coordinate_descent_check_all_directions` (fewer candidates tried), "off" what qie compiles
+    with (`QUANTIZED_INDUCTOR_OPTIONS`, torchao's options without coordinate descent)."""
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS, TORCHAO_INDUCTOR_OPTIONS
+
+    one_way = {**TORCHAO_INDUCTOR_OPTIONS, "coordinate_descent_check_all_directions": False}
+    variants = {"on": dict(TORCHAO_INDUCTOR_OPTIONS), "on, one direction": one_way}
+    variants["off"] = dict(QUANTIZED_INDUCTOR_OPTIONS)
+    out = compile_variants(args, device, variants)
+    if {"on", "off"} <= out["variants"].keys():
         on, no = out["variants"]["on"], out["variants"]["off"]
+        out["rel_change_off_vs_on"] = no["rel_change_vs_first"]
         out["forward_saved_per_60_blocks_ms"] = no["forward_ms_per_60_blocks"] - on["forward_ms_per_60_blocks"]
         out["compile_cost_s"] = on["first_call_s"] - no["first_call_s"]
     return out
 
 
+def run_inductor_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """qie's Inductor options for the fp8 blocks against the same with `triton.multi_kernel` (persistent
+    reductions up to 16x wider rows, each benchmarked against the looped form at the first call, so the
+    rows of the norm + modulate + fp8 quantization kernels can stay in registers), with kernel tables
+    (`compile_variants`)."""
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS
+
+    variants = {"qie": dict(QUANTIZED_INDUCTOR_OPTIONS)}
+    variants["multi-kernel"] = {**QUANTIZED_INDUCTOR_OPTIONS, "triton.multi_kernel": 1}
+    out = compile_variants(args, device, variants, kernels=True)
+    if len(out["variants"]) == 2:
+        base, multi = (out["variants"][name]["forward_ms_per_60_blocks"] for name in ("qie", "multi-kernel"))
+        out["multi_kernel_saved_per_60_blocks_ms"] = base - multi
+    return out
+
+
 SECTIONS = {
     "kernels": run_kernels,
+    "gelu-warps": run_gelu_warps,
     "ops": run_ops,
     "mlp": run_mlp,
     "attention": run_attention,
@@ -772,6 +863,7 @@ SECTIONS = {
     "vae": run_vae,
     "vae-compile": run_vae_compile,
     "coordinate-descent": run_coordinate_descent,
+    "inductor-options": run_inductor_options,
 }
 
 

@@ -130,3 +130,25 @@ def test_compiled_code_launches_the_kernel_itself_at_any_row_count():
     source = "\n".join(code)
     assert "qie_gelu_quantize_rows" in source  # Inductor's wrapper launches the Triton kernel
     assert "torch.ops.qie" not in source  # no call back into the op through the dispatcher
+
+
+def test_row_tiles_cover_a_row_exactly_with_power_of_two_tiles():
+    from qie.memory.fp8_mlp import row_tiles
+
+    assert row_tiles(12288) == (4096, 3)  # the MLP's hidden width
+    assert row_tiles(3072) == (1024, 3)
+    assert row_tiles(4096) == (4096, 1)
+    assert row_tiles(5120) is None  # five tiles of 1024: more than the kernel holds
+    assert row_tiles(3000) is None and row_tiles(96) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_tiled_kernel_writes_what_the_whole_row_kernel_writes():
+    from qie.memory.fp8_mlp import _launch
+
+    for cols in (12288, 3072, 8192, 256):
+        h = torch.randn(777, cols, device="cuda", dtype=torch.bfloat16) * 2
+        tiled, row = _launch(h, tiled=True), _launch(h, tiled=False)
+        assert torch.equal(tiled[0].view(torch.uint8), row[0].view(torch.uint8)), cols
+        assert torch.equal(tiled[1], row[1]), cols
