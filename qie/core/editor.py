@@ -44,7 +44,6 @@ from qie.errors import (
     SafetyError,
 )
 from qie.memory.plans import PLANS, Plan, batch_cfg_pays, choose_plan, next_plan
-from qie.speed import guards
 from qie.speed.fa3 import NAME as FA3
 from qie.speed.fa3 import installed as installed_fa3
 from qie.telemetry import StageTimer
@@ -308,30 +307,26 @@ class Editor:
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             raise BusyError(f"the editor stayed busy for {timeout:.0f}s; try again shortly")
         try:
-            with guards.running():  # while this edit runs, no other thread's loop skips Dynamo's guards
-                return self._edit_checked(requests, on_step=on_step, cancel=cancel)
+            if self.safety is not None:
+                for request in requests:
+                    self.safety.check_inputs(request.images)
+            control = stages.LoopControl(on_step=on_step, cancel=cancel, predict=self.predictor)
+            try:
+                results = self._edit_with_step_down(requests, control)
+            except CancelledError as exc:
+                if not getattr(cancel, "expired", False):  # a `qie.serving.jobs.Deadline` that ran out
+                    raise
+                raise EditTimeoutError(
+                    f"the edit ran past its limit of {cancel.seconds:.0f}s and was stopped ({exc}); "
+                    "lower steps or max_side, or try again when the server is less busy"
+                ) from None
+            if self.safety is not None:
+                for result in results:
+                    self.safety.check_output(result.image)
+            return results
         finally:
             self.pipe.maybe_free_model_hooks()
             self.lock.release()
-
-    def _edit_checked(self, requests: list[EditRequest], *, on_step, cancel) -> list[EditResult]:
-        if self.safety is not None:
-            for request in requests:
-                self.safety.check_inputs(request.images)
-        control = stages.LoopControl(on_step=on_step, cancel=cancel, predict=self.predictor)
-        try:
-            results = self._edit_with_step_down(requests, control)
-        except CancelledError as exc:
-            if not getattr(cancel, "expired", False):  # a `qie.serving.jobs.Deadline` that ran out
-                raise
-            raise EditTimeoutError(
-                f"the edit ran past its limit of {cancel.seconds:.0f}s and was stopped ({exc}); "
-                "lower steps or max_side, or try again when the server is less busy"
-            ) from None
-        if self.safety is not None:
-            for result in results:
-                self.safety.check_output(result.image)
-        return results
 
     # --- out of memory: free, step down to a smaller plan and retry, or report the numbers -------
 

@@ -29,7 +29,6 @@ from PIL import Image
 
 from qie.errors import CancelledError, InvalidRequestError
 from qie.memory.tiling import Tiling, tiled_decode, tiled_encode
-from qie.speed import guards
 from qie.speed.early_exit import StepObserver
 
 log = logging.getLogger(__name__)
@@ -339,28 +338,24 @@ def denoise(pipe, inputs: DenoiseInputs, control: LoopControl | None = None) -> 
     # Read once, before the loop: indexing the scheduler's (device) sigmas per step would sync the host.
     sigmas = pipe.scheduler.sigmas.tolist() if observer is not None else []
     n_out = latents.shape[1]
-    with guards.steady_loop(pipe.transformer) as steady:  # steps after the first: only guards that pick graphs
-        for i, t in enumerate(timesteps):
-            if control.cancel is not None and control.cancel.is_set():
-                raise CancelledError(f"cancelled after {i} of {len(timesteps)} steps")
-            model_input = torch.cat([latents, condition.latents], dim=1)
-            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            with steady(i):
-                pred = predict(
-                    pipe, model_input, timestep, inputs.prompt, inputs.negative, img_shapes, inputs.true_cfg_scale
-                )
-            pred = pred[:, :n_out]
-            # --- per-step observation / early stop (qie.speed.early_exit) ---
-            if observer is not None:
-                final = observer.after_step(i, latents, pred, sigmas[i])
-                if final is not None:
-                    if on_step is not None:
-                        on_step(len(timesteps), len(timesteps))
-                    return final
-            # ---
-            latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(i + 1, len(timesteps))
+    for i, t in enumerate(timesteps):
+        if control.cancel is not None and control.cancel.is_set():
+            raise CancelledError(f"cancelled after {i} of {len(timesteps)} steps")
+        model_input = torch.cat([latents, condition.latents], dim=1)
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        pred = predict(pipe, model_input, timestep, inputs.prompt, inputs.negative, img_shapes, inputs.true_cfg_scale)
+        pred = pred[:, :n_out]
+        # --- per-step observation / early stop (qie.speed.early_exit) ---
+        if observer is not None:
+            final = observer.after_step(i, latents, pred, sigmas[i])
+            if final is not None:
+                if on_step is not None:
+                    on_step(len(timesteps), len(timesteps))
+                return final
+        # ---
+        latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
     return latents if observer is None else observer.finish(latents)
 
 
