@@ -26,7 +26,14 @@ from qie.settings import read as read_setting
 
 
 class StageTimer:
-    """Times named stages; on CUDA it synchronizes so each time is the stage's own.
+    """Times named stages; on CUDA each stage lasts until both the host and the GPU are done with it.
+
+    Off CUDA a stage's time is the host's. On CUDA the timer does not wait for the GPU between
+    stages (a wait would drain its queue, and work the host does next, such as the text encoder's
+    image preparation while the VAE encodes, could no longer overlap it): each boundary is marked
+    by a CUDA event and a host clock reading, and lies at the later of the two
+    (`stage_boundary`); a stage lasts from its start boundary to its end boundary. Reading
+    `timings` waits for the last stage's event. Peak memory is the allocator's, per stage.
 
     Example:
         >>> timer = StageTimer(torch.device("cpu"))
@@ -38,36 +45,70 @@ class StageTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.timings: dict[str, float] = {}
         self.peaks_gib: dict[str, float] = {}  # per-stage peak allocated GPU memory (CUDA only)
         self._overall = 0.0
-        if device.type == "cuda":
+        self._gpu = device.type == "cuda"
+        self._spans: list[tuple[str, tuple[float, Any], tuple[float, Any]]] = []  # stage, start and end marks
+        self._origin: tuple[float, Any] = (time.perf_counter(), None)
+        if self._gpu:
             torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)  # the GPU clock's origin: one wait, at the start
+            self._origin = self._mark()
+
+    def _mark(self) -> tuple[float, Any]:
+        """(host clock, CUDA event recorded now on the current stream, or None off CUDA)."""
+        event = None
+        if self._gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return time.perf_counter(), event
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
+        start = self._mark()
         try:
             yield
         finally:
-            self._sync()
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-            if self.device.type == "cuda":
+            self._spans.append((stage, start, self._mark()))
+            if self._gpu:
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.peaks_gib[stage] = max(peak, self.peaks_gib.get(stage, 0.0))
                 self._overall = max(self._overall, peak)
                 torch.cuda.reset_peak_memory_stats(self.device)
 
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage (a stage entered twice adds up); on CUDA, waits for the last stage's GPU work."""
+        if self._gpu and self._spans:
+            self._spans[-1][2][1].synchronize()
+        out: dict[str, float] = {}
+        for stage, start, end in self._spans:
+            out[stage] = out.get(stage, 0.0) + self._at(end) - self._at(start)
+        return out
+
+    def _at(self, mark: tuple[float, Any]) -> float:
+        host, event = mark
+        if event is None:
+            return host
+        origin_host, origin_event = self._origin
+        return stage_boundary(host, origin_host + origin_event.elapsed_time(event) / 1e3)
+
     def peak_vram_gib(self) -> float | None:
         """Peak memory allocated by torch on the GPU since the timer started (None on CPU)."""
-        if self.device.type != "cuda":
+        if not self._gpu:
             return None
         return max(self._overall, torch.cuda.max_memory_allocated(self.device) / 2**30)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+def stage_boundary(host_s: float, gpu_s: float) -> float:
+    """When a stage boundary is passed: once the host has reached it and the GPU has run all work queued
+    before it (both on the host's clock; the GPU's time is its event's, from a common origin).
+
+    Example:
+        >>> stage_boundary(0.010, 0.035)  # the host moved on at 10 ms, the GPU finished at 35 ms
+        0.035
+    """
+    return max(host_s, gpu_s)
 
 
 # --- per-request records: one JSON log line each, a window of recent ones, health -------------

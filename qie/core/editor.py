@@ -449,7 +449,7 @@ class Editor:
     def encode(
         self, request: EditRequest, timer: StageTimer, uses_cfg: bool | None = None
     ) -> tuple[stages.Encoded, list[str]]:
-        """Text-encode (prompt, negative) and VAE-encode one request, through the prompt/condition
+        """VAE-encode and text-encode (prompt, negative) one request, through the condition/prompt
         cache; the caller holds the lock. Returns the encodings and notes on cache hits.
 
         `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG).
@@ -458,20 +458,23 @@ class Editor:
         self.cache.bind(pipe)
         notes: list[str] = []
         ids = {"model": self.model, "revision": self.revision}
-        with timer("text_encode"):
-            ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
-            prompt, negative, hit = cache.encode_prompts(
-                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
-            )
-            notes += ["prompt cache hit"] if hit else []
+        # The condition first: its VAE encode runs on the GPU while the host prepares the text encoder's
+        # images (the timer does not wait between stages), and its latents take the prompt's dtype.
         with timer("condition_encode"):
+            ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
             area = condition_area(request)
             if request.condition_area is None:
                 notes.append(f"condition_area=auto: {request.condition_area_used}")
             condition, hit = cache.encode_condition(
-                self.cache, pipe, request, **ids, area=area, device=device, dtype=prompt.embeds.dtype
+                self.cache, pipe, request, **ids, area=area, device=device, dtype=pipe.text_encoder.dtype
             )
             notes += ["condition cache hit"] if hit else []
+        with timer("text_encode"):
+            prompt, negative, hit = cache.encode_prompts(
+                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
+            )
+            if hit:
+                notes.insert(0, "prompt cache hit")
         return stages.Encoded(prompt, negative, condition), notes
 
     def rewrite_prompt(

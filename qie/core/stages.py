@@ -23,6 +23,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     VAE_IMAGE_SIZE,
     calculate_dimensions,
     calculate_shift,
+    retrieve_latents,
     retrieve_timesteps,
 )
 from PIL import Image
@@ -175,10 +176,7 @@ def encode_condition(
     for img in images:
         w, h = calculate_dimensions(area, img.width / img.height)
         pixels = to_pixels(pipe.image_processor, img, h, w, device=device, dtype=dtype)
-        if tile is None:
-            lat = pipe._encode_vae_image(image=pixels, generator=None)  # argmax: no randomness
-        else:
-            lat = _tiled_encode_latents(pipe.vae, pixels, tile)
+        lat = _encode_latents(pipe.vae, pixels) if tile is None else _tiled_encode_latents(pipe.vae, pixels, tile)
         lh, lw = lat.shape[3:]
         latents.append(pipe._pack_latents(lat, 1, pipe.latent_channels, lh, lw))
         shapes.append((1, h // factor // 2, w // factor // 2))
@@ -482,11 +480,29 @@ def _vae_decode(vae, latents: torch.Tensor, tile: Tiling | None = None) -> torch
 
 
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's per-channel latent mean and std, shaped and placed like `like` (B, C, T, H, W)."""
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
-    return mean, std
+    """The VAE's per-channel latent mean and std, shaped and placed like `like` (B, C, T, H, W).
+
+    Made once per device and dtype and kept on the VAE: building them from the config is a copy from
+    the host, which on a GPU waits for all queued work (the encode or the denoise loop before it).
+    The same values as diffusers' per-call tensors.
+    """
+    key = (str(like.device), like.dtype)
+    stats = vars(vae).setdefault("_qie_latent_stats", {})
+    if key not in stats:
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        stats[key] = (mean, std)
+    return stats[key]
+
+
+def _encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """diffusers' `_encode_vae_image` for one image (the distribution's mode, normalized), with the latent
+    statistics kept on the device: the host returns while the GPU encodes (the text encoder's image
+    preparation runs meanwhile; `Editor.encode`)."""
+    latents = retrieve_latents(vae.encode(pixels), sample_mode="argmax")
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) / std
 
 
 def _tiled_encode_latents(vae, pixels: torch.Tensor, tile: Tiling) -> torch.Tensor:

@@ -150,3 +150,18 @@ def test_on_cuda_the_pixels_both_ways_equal_diffusers():
         assert list(to_pil(processor, decoded).getdata()) == list(
             processor.postprocess(decoded, output_type="pil")[0].getdata()
         )
+
+
+def test_the_condition_is_encoded_before_the_prompt_and_as_diffusers_encodes_it(tiny_editor, photo):
+    """The VAE encode comes first (on a GPU it runs while the host prepares the text encoder's images),
+    with the latent statistics made once per device and dtype; latents equal diffusers' bit for bit."""
+    from qie.core.stages import _encode_latents, _latent_stats, to_pixels
+
+    result = tiny_editor.edit(small_request(photo, steps=2))
+    assert list(result.timings)[:2] == ["condition_encode", "text_encode"]
+    pipe = tiny_editor.pipe
+    pixels = to_pixels(pipe.image_processor, photo, 64, 64, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(_encode_latents(pipe.vae, pixels), pipe._encode_vae_image(pixels, generator=None))
+    like = torch.zeros(1, 1, dtype=torch.float32)
+    assert _latent_stats(pipe.vae, like)[0] is _latent_stats(pipe.vae, like)[0]  # kept, not rebuilt

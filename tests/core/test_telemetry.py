@@ -102,3 +102,63 @@ def test_secrets_are_masked_in_tracebacks_and_later_handlers(monkeypatch, capsys
     for secret in ("Q" * 20, "pa55word", "tok-9f8e7d6c5b4a"):
         assert secret not in text, text
     assert text.count("***") >= 4
+
+
+class FakeGpu:
+    """A CUDA stand-in for `StageTimer`: a GPU clock the test moves, events stamped from it."""
+
+    def __init__(self):
+        self.now = 0.0  # seconds on the GPU's timeline (its origin is the host's 0)
+        self.synced = 0
+
+    def event(self, enable_timing=True):
+        gpu = self
+
+        class Event:
+            def record(self):
+                self.t = gpu.now
+
+            def synchronize(self):
+                gpu.synced += 1
+
+            def elapsed_time(self, other):
+                return (other.t - self.t) * 1e3
+
+        return Event()
+
+
+def test_on_cuda_a_stage_lasts_until_host_and_gpu_are_both_done(monkeypatch):
+    """The host launches the VAE encode (5 ms) and moves on; the GPU runs it until 30 ms; the host
+    prepares and runs the text encoder until 60 ms, the GPU finishing it at 62 ms. Without waiting
+    between stages: condition 30 ms, text 32 ms, in all the 62 ms the two took."""
+    import torch
+
+    gpu, host = FakeGpu(), {"now": 0.0}
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**30)
+    monkeypatch.setattr(telemetry.time, "perf_counter", lambda: host["now"])
+    timer = telemetry.StageTimer(torch.device("cuda"))
+    with timer("condition_encode"):
+        host["now"] = 0.005
+        gpu.now = 0.030  # events queued from here on run once the encode is done
+    with timer("text_encode"):
+        host["now"] = 0.060
+        gpu.now = 0.062
+    timings = timer.timings
+    assert timings == pytest.approx({"condition_encode": 0.030, "text_encode": 0.032})
+    assert gpu.synced == 1  # reading the timings waits for the last stage, once
+    assert timer.peaks_gib == {"condition_encode": 1.0, "text_encode": 1.0}
+
+
+def test_stages_entered_twice_add_up_on_the_host_clock():
+    import torch
+
+    timer = telemetry.StageTimer(torch.device("cpu"))
+    for _ in range(2):
+        with timer("decode"):
+            pass
+    with timer("denoise"):
+        pass
+    assert list(timer.timings) == ["decode", "denoise"] and timer.peak_vram_gib() is None
