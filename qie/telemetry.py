@@ -33,7 +33,7 @@ class StageTimer:
     image preparation while the VAE encodes, could no longer overlap it): each boundary is marked
     by a CUDA event and a host clock reading, and lies at the later of the two
     (`stage_boundary`); a stage lasts from its start boundary to its end boundary. Reading
-    `timings` waits for the last stage's event. Peak memory is the allocator's, per stage.
+    `timings` waits for the GPU. Peak memory is the allocator's, per stage.
 
     Example:
         >>> timer = StageTimer(torch.device("cpu"))
@@ -78,9 +78,9 @@ class StageTimer:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds per stage (a stage entered twice adds up); on CUDA, waits for the last stage's GPU work."""
+        """Seconds per stage (a stage entered twice adds up); on CUDA, waits for the GPU's queued work."""
         if self._gpu and self._spans:
-            self._spans[-1][2][1].synchronize()
+            torch.cuda.synchronize(self.device)  # every event done, on whichever stream it was recorded
         out: dict[str, float] = {}
         for stage, start, end in self._spans:
             out[stage] = out.get(stage, 0.0) + self._at(end) - self._at(start)
