@@ -30,6 +30,9 @@ Sections (each on random weights of the real widths):
              language model's CUDA graphs, and their error), its parts' seconds, GPU busy time, a
              cProfile of one call, with the garbage collector's pauses per call (h200-ad also
              measured it after a compile and with `gc.freeze`: no gain).
+  encode-order both encode stages as an edit runs them (the VAE encode queued before the text encoder's
+             host-side image preparation, no wait between) against the same with a wait between and in
+             the order before (text first), at 1024² and 768²: seconds, the timer's stage seconds.
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.
@@ -654,6 +657,70 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return out
 
 
+def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Both encode stages of an edit (`Editor.encode`, caches off, fast mode: no negative prompt) on the
+    full-size random pipeline at 1024² and 768², as an edit runs them (the condition's VAE encode queued,
+    then the text encoder's host-side image preparation, no wait between) against the same calls with a
+    wait for the GPU between the two stages (no overlap) and in the order before (text, then condition):
+    median seconds of 7 synchronized calls, and the stage seconds the edit's timer reports."""
+    from benchmarks.probes import make_request
+    from benchmarks.random_model import build_random_pipeline
+    from qie.core import encode_cache
+    from qie.core.editor import Editor
+    from qie.core.encode_cache import EditCache
+    from qie.core.grouping import condition_area
+    from qie.core.speed_setup import setup_speed
+    from qie.memory.plans import PLANS
+    from qie.telemetry import StageTimer
+
+    pipe = build_random_pipeline(device, transformer_layers=1)
+    setup_speed(pipe, device, torch.bfloat16)
+    plan = PLANS["resident"]
+    plan.apply(pipe, device, None)
+    editor = Editor(pipe, model="random-full", device=device, dtype=torch.bfloat16, plan=plan)
+    editor.cache = EditCache(max_entries=0)
+    ids = {"model": editor.model, "revision": None}
+    out: dict[str, Any] = {"sizes": {}}
+    for size in (1024, 768):
+        request = make_request(size, 4, False)
+
+        def condition(r=request) -> None:
+            digests = encode_cache.digests_of(r.images)
+            encode_cache.encode_condition(
+                editor.cache, pipe, r, **ids, area=condition_area(r), device=device,
+                dtype=pipe.text_encoder.dtype, digests=digests,
+            )  # fmt: skip
+
+        def text(r=request) -> None:
+            encode_cache.encode_prompts(editor.cache, pipe, r, **ids, fixes=editor.fixes, device=device, uses_cfg=False)
+
+        def as_edit(r=request) -> None:
+            editor.encode(r, StageTimer(device), uses_cfg=False)
+
+        def waiting() -> None:
+            condition()
+            torch.cuda.synchronize()
+            text()
+
+        def text_first() -> None:
+            text()
+            torch.cuda.synchronize()
+            condition()
+
+        row: dict[str, Any] = {}
+        with torch.inference_mode():
+            for name, fn in (("as an edit", as_edit), ("wait between", waiting), ("text first", text_first)):
+                row[f"{name}_s"] = wall_ms(fn, repeats=7, warm=1) / 1e3
+            row["condition alone_s"] = wall_ms(condition, repeats=7, warm=1) / 1e3
+            timer = StageTimer(device)
+            editor.encode(request, timer, uses_cfg=False)
+            row["timer_s"] = timer.timings
+        row["overlap_saved_s"] = row["wait between_s"] - row["as an edit_s"]
+        out["sizes"][str(size)] = row
+        log.info("encode order %d²: %s", size, row)
+    return out
+
+
 def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The full-size VAE's decode and encode of one frame: diffusers' causal 3-D convolutions against
     `qie.speed.vae_frames`' 2-D convolutions, then with the decoder compiled."""
@@ -860,6 +927,7 @@ SECTIONS = {
     "blocks": run_blocks,
     "text": run_text,
     "text-stage": run_text_stage,
+    "encode-order": run_encode_order,
     "vae": run_vae,
     "vae-compile": run_vae_compile,
     "coordinate-descent": run_coordinate_descent,
