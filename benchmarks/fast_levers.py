@@ -44,8 +44,9 @@ Sections (each on random weights of the real widths):
              first call (compile) from an empty Inductor cache, forward per 60 blocks, the outputs'
              difference.
   inductor-options qie's Inductor options for the fp8 blocks against the same with `triton.multi_kernel`
-             (wider persistent reductions, benchmarked at the first call): first call, forward per 60
-             blocks, kernel tables by category.
+             (wider persistent reductions, benchmarked at the first call) and with `cpp_wrapper` (C++
+             launch code): first call, forward and host milliseconds per 60 blocks, kernel tables by
+             category (`--variants` picks some).
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -375,6 +376,21 @@ def run_attention(args: argparse.Namespace, device: torch.device) -> dict[str, A
             "fp8_rel_error": rel_error(out_fp8, ref),
             "fp8_max_abs_error": (out_fp8.float() - ref).abs().max().item(),
         }
+
+
+def host_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
+    """Median milliseconds the host spends in `fn()` from an idle GPU (synchronized before, not after): the
+    launch cost, which sets the pace wherever the GPU's share of a call is smaller."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def wall_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
@@ -857,12 +873,15 @@ def compile_variants(
                     torch.cuda.synchronize()
                     first = time.perf_counter() - start
                     ms = cuda_ms(lambda m=model: m(**inputs))
+                    host = host_ms(lambda m=model: m(**inputs))
                     table = kernel_table(lambda m=model: m(**inputs), repeats=3, top=40) if kernels else {}
                 row: dict[str, Any] = {
                     "options": options,
                     "first_call_s": first,
                     "forward_ms": ms,
                     "forward_ms_per_60_blocks": ms * BLOCKS / args.layers,
+                    "host_ms": host,
+                    "host_ms_per_60_blocks": host * BLOCKS / args.layers,
                     "rel_change_vs_first": rel_error(results[name], next(iter(results.values()))),
                 }
                 if table:
@@ -904,16 +923,25 @@ def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> di
 def run_inductor_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """qie's Inductor options for the fp8 blocks against the same with `triton.multi_kernel` (persistent
     reductions up to 16x wider rows, each benchmarked against the looped form at the first call, so the
-    rows of the norm + modulate + fp8 quantization kernels can stay in registers), with kernel tables
-    (`compile_variants`)."""
+    rows of the norm + modulate + fp8 quantization kernels can stay in registers) and with `cpp_wrapper`
+    (the graph's launch code in C++ instead of Python: host time per call, which sets the pace at 768²),
+    with kernel tables (`compile_variants`); `--variants` picks some."""
     from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS
 
     variants = {"qie": dict(QUANTIZED_INDUCTOR_OPTIONS)}
     variants["multi-kernel"] = {**QUANTIZED_INDUCTOR_OPTIONS, "triton.multi_kernel": 1}
+    variants["cpp-wrapper"] = {**QUANTIZED_INDUCTOR_OPTIONS, "cpp_wrapper": True}
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - variants.keys())
+        if unknown:
+            raise ValueError(f"--variants {','.join(unknown)}: unknown; use some of {','.join(variants)}")
+        variants = {name: options for name, options in variants.items() if name in args.variants.split(",")}
     out = compile_variants(args, device, variants, kernels=True)
-    if len(out["variants"]) == 2:
-        base, multi = (out["variants"][name]["forward_ms_per_60_blocks"] for name in ("qie", "multi-kernel"))
-        out["multi_kernel_saved_per_60_blocks_ms"] = base - multi
+    base = out["variants"].get("qie")
+    for name, row in out["variants"].items():
+        if base is not None and name != "qie":
+            row["forward_saved_per_60_blocks_ms"] = base["forward_ms_per_60_blocks"] - row["forward_ms_per_60_blocks"]
+            row["host_saved_per_60_blocks_ms"] = base["host_ms_per_60_blocks"] - row["host_ms_per_60_blocks"]
     return out
 
 
@@ -948,6 +976,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--layers", type=int, default=4, help="blocks section: full-size blocks (default: 4)")
     parser.add_argument("--text-tokens", type=int, default=230)
+    parser.add_argument("--variants", default="", help="inductor-options section: comma list (default: all)")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)
