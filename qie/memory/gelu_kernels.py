@@ -7,10 +7,10 @@ names show in profiles (the bench's "quantize" category). Both launch with a fix
 at 16 warps, 0.180 ms padded at 8; 0.276 ms padded at 4 warps). They were autotuned before, and
 Inductor tunes a user kernel's configurations once, at its first call, whatever its row count: in
 h200-an the 1024² forward ran the padded kernel at 0.28 ms per call (17.1 ms per forward against
-~10.5 ms in the runs before it). A chunked form (a pass for the row's maximum, a second recomputing GELU from L2, few
-registers per program) wrote the same bytes but took 0.237 ms at 8422 x 12288 on an H200 against
-0.200 ms for this one (runs h200-x and h200-q; Inductor's kernel 0.384 and 0.390 ms in the same
-runs), so it was not kept.
+~10.5 ms in the runs before it). A chunked form (a pass for the row's maximum, a second recomputing
+GELU from L2, few registers per program) wrote the same bytes but took 0.237 ms at 8422 x 12288 on
+an H200 against 0.200 ms for the padded kernel (runs h200-x and h200-q; Inductor's kernel 0.384 and
+0.390 ms in the same runs), so it was not kept.
 Float constants are constexprs: Inductor types float arguments of user kernels as fp64, which the
 fp8 cast cannot lower.
 """
