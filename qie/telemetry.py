@@ -56,11 +56,11 @@ class StageTimer:
             self._origin = self._mark()
 
     def _mark(self) -> tuple[float, Any]:
-        """(host clock, CUDA event recorded now on the current stream, or None off CUDA)."""
+        """(host clock, CUDA event recorded now on the timer's device's current stream, or None off CUDA)."""
         event = None
         if self._gpu:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         return time.perf_counter(), event
 
     @contextmanager

@@ -109,13 +109,15 @@ class FakeGpu:
 
     def __init__(self):
         self.now = 0.0  # seconds on the GPU's timeline (its origin is the host's 0)
+        self.streams = []  # where each event was recorded
 
     def event(self, enable_timing=True):
         gpu = self
 
         class Event:
-            def record(self):
+            def record(self, stream=None):
                 self.t = gpu.now
+                gpu.streams.append(stream)
 
             def elapsed_time(self, other):
                 return (other.t - self.t) * 1e3
@@ -131,12 +133,13 @@ def test_on_cuda_a_stage_lasts_until_host_and_gpu_are_both_done(monkeypatch):
 
     gpu, host = FakeGpu(), {"now": 0.0}
     monkeypatch.setattr(torch.cuda, "Event", gpu.event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
     waits = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**30)
     monkeypatch.setattr(telemetry.time, "perf_counter", lambda: host["now"])
-    timer = telemetry.StageTimer(torch.device("cuda"))
+    timer = telemetry.StageTimer(torch.device("cuda", 1))
     with timer("condition_encode"):
         host["now"] = 0.005
         gpu.now = 0.030  # events queued from here on run once the encode is done
@@ -147,6 +150,7 @@ def test_on_cuda_a_stage_lasts_until_host_and_gpu_are_both_done(monkeypatch):
     assert timings == pytest.approx({"condition_encode": 0.030, "text_encode": 0.032})
     assert len(waits) == 2  # at the start (the clocks' common origin) and to read the timings, not between stages
     assert timer.peaks_gib == {"condition_encode": 1.0, "text_encode": 1.0}
+    assert set(gpu.streams) == {"stream of cuda:1"}  # the timer's device, not the current one
 
 
 def test_stages_entered_twice_add_up_on_the_host_clock():
