@@ -66,11 +66,14 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from benchmarks import profiling  # noqa: F401  (tears CUPTI down after each profile)
+
+if TYPE_CHECKING:
+    from qie.core.editor import Editor
 
 log = logging.getLogger("benchmarks.fast_levers")
 
@@ -378,9 +381,12 @@ def run_attention(args: argparse.Namespace, device: torch.device) -> dict[str, A
         }
 
 
-def host_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
-    """Median milliseconds the host spends in `fn()` from an idle GPU (synchronized before, not after): the
-    launch cost, which sets the pace wherever the GPU's share of a call is smaller."""
+def wall_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3, until_done: bool = True) -> float:
+    """Median milliseconds of `fn()` by the host clock, synchronized before and after (launch costs included).
+
+    `until_done=False`: not synchronized after, so only the host's time in `fn()` from an idle GPU: the
+    launch cost, which sets the pace wherever the GPU's share of a call is smaller.
+    """
     for _ in range(warm):
         fn()
     times = []
@@ -388,22 +394,10 @@ def host_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if until_done:
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     torch.cuda.synchronize()
-    return statistics.median(times)
-
-
-def wall_ms(fn: Callable[[], Any], repeats: int = 20, warm: int = 3) -> float:
-    """Median milliseconds of `fn()` by the host clock, synchronized before and after (launch costs included)."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -578,6 +572,24 @@ def run_text(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def encoders_editor(device: torch.device) -> Editor:
+    """An `Editor` over the full-size random pipeline with one transformer block (the encoders are what is
+    timed), qie's speed setup, the resident plan and its caches off."""
+    from benchmarks.random_model import build_random_pipeline
+    from qie.core.editor import Editor
+    from qie.core.encode_cache import EditCache
+    from qie.core.speed_setup import setup_speed
+    from qie.memory.plans import PLANS
+
+    pipe = build_random_pipeline(device, transformer_layers=1)
+    setup_speed(pipe, device, torch.bfloat16)
+    plan = PLANS["resident"]
+    plan.apply(pipe, device, None)
+    editor = Editor(pipe, model="random-full", device=device, dtype=torch.bfloat16, plan=plan)
+    editor.cache = EditCache(max_entries=0)
+    return editor
+
+
 def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The text-encode stage as an edit runs it (`encode_cache.encode_prompts`, caches off, fast mode: no negative
     prompt) on the full-size random Qwen2.5-VL with qie's speed setup: its seconds, the seconds of its
@@ -590,20 +602,12 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
     from benchmarks.probes import make_request
     from benchmarks.profiling import GcPauses
-    from benchmarks.random_model import build_random_pipeline
     from qie.core import encode_cache, stages
-    from qie.core.editor import Editor
-    from qie.core.encode_cache import EditCache, digests_of
-    from qie.core.speed_setup import setup_speed
-    from qie.memory.plans import PLANS
+    from qie.core.encode_cache import digests_of
     from qie.speed import text_graphs
 
-    pipe = build_random_pipeline(device, transformer_layers=1)
-    setup_speed(pipe, device, torch.bfloat16)
-    plan = PLANS["resident"]
-    plan.apply(pipe, device, None)
-    editor = Editor(pipe, model="random-full", device=device, dtype=torch.bfloat16, plan=plan)
-    editor.cache = EditCache(max_entries=0)
+    editor = encoders_editor(device)
+    pipe = editor.pipe
     request = make_request(1024, 4, False)
     images = request.images
 
@@ -680,21 +684,12 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
     wait for the GPU between the two stages (no overlap) and in the order before (text, then condition):
     median seconds of 7 synchronized calls, and the stage seconds the edit's timer reports."""
     from benchmarks.probes import make_request
-    from benchmarks.random_model import build_random_pipeline
     from qie.core import encode_cache
-    from qie.core.editor import Editor
-    from qie.core.encode_cache import EditCache
     from qie.core.grouping import condition_area
-    from qie.core.speed_setup import setup_speed
-    from qie.memory.plans import PLANS
     from qie.telemetry import StageTimer
 
-    pipe = build_random_pipeline(device, transformer_layers=1)
-    setup_speed(pipe, device, torch.bfloat16)
-    plan = PLANS["resident"]
-    plan.apply(pipe, device, None)
-    editor = Editor(pipe, model="random-full", device=device, dtype=torch.bfloat16, plan=plan)
-    editor.cache = EditCache(max_entries=0)
+    editor = encoders_editor(device)
+    pipe = editor.pipe
     ids = {"model": editor.model, "revision": None}
     out: dict[str, Any] = {"sizes": {}}
     for size in (1024, 768):
@@ -873,7 +868,7 @@ def compile_variants(
                     torch.cuda.synchronize()
                     first = time.perf_counter() - start
                     ms = cuda_ms(lambda m=model: m(**inputs))
-                    host = host_ms(lambda m=model: m(**inputs))
+                    host = wall_ms(lambda m=model: m(**inputs), until_done=False)
                     table = kernel_table(lambda m=model: m(**inputs), repeats=3, top=40) if kernels else {}
                 row: dict[str, Any] = {
                     "options": options,
