@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import fast_levers
+from benchmarks import fast_levers, levers_timing
 
 
 def test_every_section_is_documented():
@@ -68,7 +68,7 @@ def test_empty_inductor_cache_gives_a_fresh_folder_and_puts_the_setting_back(mon
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     else:
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
-    with pytest.raises(RuntimeError), fast_levers.empty_inductor_cache() as cache:
+    with pytest.raises(RuntimeError), levers_timing.empty_inductor_cache() as cache:
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache and not any(Path(cache).iterdir())
         raise RuntimeError("a section failed")
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and not Path(cache).exists()

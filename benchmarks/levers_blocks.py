@@ -1,0 +1,195 @@
+"""Lever A/B sections on compiled fp8 transformer blocks (`benchmarks.fast_levers`): RoPE and fp8 attention
+variants, and the blocks' compile under sets of Inductor options."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.levers_timing import (
+    BLOCKS,
+    cuda_ms,
+    empty_inductor_cache,
+    kernel_table,
+    rel_error,
+    wall_ms,
+)
+
+log = logging.getLogger("benchmarks.fast_levers")
+
+
+def run_blocks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """A `--layers`-block transformer, torchao fp8 + fused MLP quantization + regional compile, one forward per
+    variant on the same compiled blocks: diffusers' complex RoPE (the rotary module's hook removed, so the
+    blocks trace a graph with complex inputs), real-arithmetic RoPE (`qie.speed.rope`, what `compile_blocks`
+    installs), and real RoPE with `fa3.fp8_attention()` toggled on (as a request's `attention_quant="fp8"`
+    does); seconds, each variant's first call (its compile), error against bf16 weights, kernel table."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks import stream_gain
+    from benchmarks.random_model import materialize
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import fa3, rope
+    from qie.speed.compile import compile_blocks
+
+    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=args.layers), device, torch.bfloat16, 3)
+    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
+    with torch.inference_mode():
+        reference = model(**inputs)[0]
+    if not fa3.install(device):
+        return {"skipped": "needs a Hopper GPU and fa3-fwd"}
+    quantize_transformer(model, device, fuse_mlp=True)
+    compile_blocks(model)
+
+    @contextlib.contextmanager
+    def complex_rope():
+        rope.uninstall(model)
+        try:
+            yield
+        finally:
+            rope.install(model)
+
+    variants = {"complex rope": complex_rope, "real rope": contextlib.nullcontext, "fp8 attention": fa3.fp8_attention}
+    out: dict[str, Any] = getattr(args, "partial", {})  # what main writes if the run is stopped midway
+    out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
+    results = {}
+    try:
+        for name, context in variants.items():
+            torch._dynamo.reset()  # each variant traced afresh with static shapes (a recompile would go dynamic)
+            with torch.inference_mode(), context():
+                start = time.perf_counter()
+                results[name] = model(**inputs)[0]
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                ms = cuda_ms(lambda: model(**inputs))
+                kernels = kernel_table(lambda: model(**inputs), repeats=3, top=30)
+            out["variants"][name] = {
+                "forward_ms": ms,
+                "first_call_s": first,
+                "rel_error_vs_bf16_weights": rel_error(results[name], reference),
+                "kernels_ms": kernels,
+            }
+            log.info("blocks %s: %.2f ms (%d blocks), first call %.1f s", name, ms, args.layers, first)
+    finally:
+        fa3.uninstall()
+    ms = {name: v["forward_ms"] for name, v in out["variants"].items()}
+    scale = BLOCKS / args.layers
+    out["real_rope_saved_per_60_blocks_ms"] = (ms["complex rope"] - ms["real rope"]) * scale
+    out["fp8_saved_per_60_blocks_ms"] = (ms["real rope"] - ms["fp8 attention"]) * scale
+    out["real_rope_rel_change"] = rel_error(results["real rope"], results["complex rope"])
+    out["fp8_changed_the_output"] = not torch.equal(results["real rope"], results["fp8 attention"])
+    return out
+
+
+def compile_variants(
+    args: argparse.Namespace, device: torch.device, variants: dict[str, dict[str, Any]], kernels: bool = False
+) -> dict[str, Any]:
+    """The fp8 blocks compiled once per set of Inductor options in `variants`: a `--layers`-block fp8
+    transformer quantized (`quantize_transformer`) and compiled (`compile_blocks`) afresh per variant, each
+    from an empty Inductor cache; its first call (the compile), its forward scaled to 60 blocks, the outputs'
+    change against the first variant and, with `kernels`, its kernel table (ms per forward of the blocks)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks import stream_gain
+    from benchmarks.profiling import classify
+    from benchmarks.random_model import materialize
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import fa3
+    from qie.speed.compile import compile_blocks, uncompile_blocks
+
+    build = functools.partial(QwenImageTransformer2DModel, num_layers=args.layers)
+    out: dict[str, Any] = args.partial
+    out.update({"layers": args.layers, "text_tokens": args.text_tokens, "variants": {}})
+    inputs = stream_gain.inputs(device, batch2=False, text_tokens=args.text_tokens)
+    results = {}
+    fa3.install(device)
+    try:
+        for name, options in variants.items():
+            with empty_inductor_cache():  # each variant compiles from nothing
+                torch._dynamo.reset()
+                model = materialize(build, device, torch.bfloat16, 3)
+                quantize_transformer(model, device, fuse_mlp=True)
+                model._qie_inductor_options = options
+                compile_blocks(model)
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    results[name] = model(**inputs)[0]
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    ms = cuda_ms(lambda m=model: m(**inputs))
+                    host = wall_ms(lambda m=model: m(**inputs), until_done=False)
+                    table = kernel_table(lambda m=model: m(**inputs), repeats=3, top=40) if kernels else {}
+                row: dict[str, Any] = {
+                    "options": options,
+                    "first_call_s": first,
+                    "forward_ms": ms,
+                    "forward_ms_per_60_blocks": ms * BLOCKS / args.layers,
+                    "host_ms": host,
+                    "host_ms_per_60_blocks": host * BLOCKS / args.layers,
+                    "rel_change_vs_first": rel_error(results[name], next(iter(results.values()))),
+                }
+                if table:
+                    row["kernels_ms"] = table
+                    categories: dict[str, float] = {}
+                    for kernel, kernel_ms in table.items():
+                        category = classify(kernel)
+                        categories[category] = categories.get(category, 0.0) + kernel_ms
+                    row["categories_ms"] = categories
+                out["variants"][name] = row
+                log.info("%s: first call %.1f s, %.2f ms (%d blocks)", name, first, ms, args.layers)
+                uncompile_blocks(model)
+                del model
+                torch.cuda.empty_cache()
+    finally:
+        fa3.uninstall()
+    return out
+
+
+def run_coordinate_descent(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Inductor's coordinate-descent tuning for the fp8 blocks' compile, on and off (`compile_variants`).
+    "on" is torchao's recommendation (`TORCHAO_INDUCTOR_OPTIONS`), "on, one direction" the same tuning
+    without `coordinate_descent_check_all_directions` (fewer candidates tried), "off" what qie compiles
+    with (`QUANTIZED_INDUCTOR_OPTIONS`, torchao's options without coordinate descent)."""
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS, TORCHAO_INDUCTOR_OPTIONS
+
+    one_way = {**TORCHAO_INDUCTOR_OPTIONS, "coordinate_descent_check_all_directions": False}
+    variants = {"on": dict(TORCHAO_INDUCTOR_OPTIONS), "on, one direction": one_way}
+    variants["off"] = dict(QUANTIZED_INDUCTOR_OPTIONS)
+    out = compile_variants(args, device, variants)
+    if {"on", "off"} <= out["variants"].keys():
+        on, no = out["variants"]["on"], out["variants"]["off"]
+        out["rel_change_off_vs_on"] = no["rel_change_vs_first"]
+        out["forward_saved_per_60_blocks_ms"] = no["forward_ms_per_60_blocks"] - on["forward_ms_per_60_blocks"]
+        out["compile_cost_s"] = on["first_call_s"] - no["first_call_s"]
+    return out
+
+
+def run_inductor_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """qie's Inductor options for the fp8 blocks against the same with `triton.multi_kernel` (persistent
+    reductions up to 16x wider rows, each benchmarked against the looped form at the first call, so the
+    rows of the norm + modulate + fp8 quantization kernels can stay in registers) and with `cpp_wrapper`
+    (the graph's launch code in C++ instead of Python: host time per call, which sets the pace at 768²),
+    with kernel tables (`compile_variants`); `--variants` picks some."""
+    from qie.memory.quantize import QUANTIZED_INDUCTOR_OPTIONS
+
+    variants = {"qie": dict(QUANTIZED_INDUCTOR_OPTIONS)}
+    variants["multi-kernel"] = {**QUANTIZED_INDUCTOR_OPTIONS, "triton.multi_kernel": 1}
+    variants["cpp-wrapper"] = {**QUANTIZED_INDUCTOR_OPTIONS, "cpp_wrapper": True}
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - variants.keys())
+        if unknown:
+            raise ValueError(f"--variants {','.join(unknown)}: unknown; use some of {','.join(variants)}")
+        variants = {name: options for name, options in variants.items() if name in args.variants.split(",")}
+    out = compile_variants(args, device, variants, kernels=True)
+    base = out["variants"].get("qie")
+    for name, row in out["variants"].items():
+        if base is not None and name != "qie":
+            row["forward_saved_per_60_blocks_ms"] = base["forward_ms_per_60_blocks"] - row["forward_ms_per_60_blocks"]
+            row["host_saved_per_60_blocks_ms"] = base["host_ms_per_60_blocks"] - row["host_ms_per_60_blocks"]
+    return out
