@@ -102,6 +102,8 @@ def fastest_editor(
     if vae_mode == "auto":  # as `Editor.load` does: with the transformer, on the resident plans
         vae_mode = auto_vae_compile(vae_mode, editor.plan.name) if compiled else "off"
     compile_vae_decoder(pipe.vae, vae_mode)
+    editor.compiled, editor.compile_stats = compiled, {"mode": compile_mode(bench)}
+    editor.enable_graphs(getattr(bench.args, "transformer_graphs", None) or "auto")
     return editor, compiled
 
 
@@ -164,6 +166,8 @@ def run_fast(bench: Any) -> None:
                     row.e2e_s.update({f"first_edit_{k}": v for k, v in probe.first_timings.items()})
                 row.notes += [n for n in probe.notes if n.startswith(("condition_area", "attention_quant"))]
                 row.notes.append(gc_note(probe))
+                if editor.graphs is not None:
+                    row.notes.append(graphs_note(editor.graphs))
                 stock = bench.stock.get(size)
                 if stock and stock.e2e_8_nocfg_s:
                     row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
@@ -174,6 +178,12 @@ def run_fast(bench: Any) -> None:
                     )
                     row.profile["host_syncs"] = host_syncs(editor, size, steps, **options)
                     bench.save()
+
+
+def graphs_note(graphs: Any) -> str:
+    """What the transformer's CUDA graphs did so far (`qie.speed.transformer_graphs`)."""
+    state = f"off ({graphs.disabled})" if graphs.disabled else f"{len(graphs.graphs)} kept"
+    return f"transformer CUDA graphs: {graphs.recorded} recorded, {state}"
 
 
 def gc_note(probe: Probe) -> str:

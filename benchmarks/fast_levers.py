@@ -66,7 +66,12 @@ from typing import Any
 import torch
 
 from benchmarks import profiling  # noqa: F401  (tears CUPTI down after each profile)
-from benchmarks.levers_blocks import run_blocks, run_coordinate_descent, run_inductor_options
+from benchmarks.levers_blocks import (
+    run_blocks,
+    run_coordinate_descent,
+    run_inductor_options,
+    run_transformer_graphs,
+)
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
 from benchmarks.levers_kernels import run_attention, run_gelu_warps, run_kernels, run_mlp, run_ops, run_rope
 
@@ -87,6 +92,7 @@ SECTIONS = {
     "vae-compile": run_vae_compile,
     "coordinate-descent": run_coordinate_descent,
     "inductor-options": run_inductor_options,
+    "transformer-graphs": run_transformer_graphs,
 }
 
 

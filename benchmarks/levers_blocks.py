@@ -193,3 +193,70 @@ def run_inductor_options(args: argparse.Namespace, device: torch.device) -> dict
             row["forward_saved_per_60_blocks_ms"] = base["forward_ms_per_60_blocks"] - row["forward_ms_per_60_blocks"]
             row["host_saved_per_60_blocks_ms"] = base["host_ms_per_60_blocks"] - row["host_ms_per_60_blocks"]
     return out
+
+
+def run_transformer_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The full-size fp8 transformer (60 blocks, fused MLP quantization, regional compile, FA3) called as an
+    edit's fast-mode steps call it, run as it is (`stages.guided_prediction`) against replayed from its CUDA
+    graph (`stages.GraphedPrediction` over `qie.speed.transformer_graphs`), at 1024² and 768² (condition at
+    the output's area, as `condition_area="auto"` picks there): milliseconds per call synchronized, the
+    host's milliseconds per call, the recording's seconds and memory, and whether the outputs are equal."""
+    from types import SimpleNamespace
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks.random_model import materialize
+    from qie.core import stages
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import fa3
+    from qie.speed.compile import compile_blocks
+    from qie.speed.transformer_graphs import TransformerGraphs
+
+    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=BLOCKS), device, torch.bfloat16, 3)
+    quantize_transformer(model, device, fuse_mlp=True)
+    if not fa3.install(device):
+        return {"skipped": "needs a Hopper GPU and fa3-fwd"}
+    compile_blocks(model)
+    pipe = SimpleNamespace(transformer=model)
+    out: dict[str, Any] = args.partial
+    out.update({"layers": BLOCKS, "text_tokens": args.text_tokens, "sizes": {}})
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        for size in (1024, 768):
+            side = size // 16
+            hidden = torch.randn(1, 2 * side * side, 64, device=device, dtype=torch.bfloat16, generator=gen)
+            text = torch.randn(1, args.text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=gen)
+            prompt = stages.PromptEmbeds(text, None)
+            timestep = torch.full((1,), 0.5, device=device, dtype=torch.bfloat16)
+            img_shapes = [[(1, side, side), (1, side, side)]]
+            call = (pipe, hidden, timestep, prompt, None, img_shapes, 1.0)
+            graphs = TransformerGraphs(model)
+            row: dict[str, Any] = {}
+            with torch.inference_mode():
+                first = stages.GraphedPrediction(graphs, graphs.start_edit(), ("fast", "off"))
+                as_is = first(*call)  # an edit's first call of these shapes (it also compiles at the first size)
+                later = stages.GraphedPrediction(graphs, graphs.start_edit(), ("fast", "off"))
+                torch.cuda.synchronize()
+                reserved = torch.cuda.memory_reserved(device)
+                start = time.perf_counter()
+                replayed = later(*call)  # the next edit's: recorded, then replayed
+                torch.cuda.synchronize()
+                row["record_and_replay_s"] = time.perf_counter() - start
+                row["pool_gib"] = (torch.cuda.memory_reserved(device) - reserved) / 2**30
+                row["recorded"] = graphs.recorded
+                row["equal"] = torch.equal(as_is, replayed)
+                row["max_abs_diff"] = (as_is.float() - replayed.float()).abs().max().item()
+                for name, fn in (
+                    ("as it is", functools.partial(stages.guided_prediction, *call)),
+                    ("replayed", functools.partial(later, *call)),
+                ):
+                    row[f"{name}_ms"] = wall_ms(fn, repeats=10)
+                    row[f"{name}_host_ms"] = wall_ms(fn, repeats=10, until_done=False)
+            row["saved_ms"] = row["as it is_ms"] - row["replayed_ms"]
+            out["sizes"][str(size)] = row
+            log.info("transformer graphs %d²: %s", size, row)
+            del graphs, later, first, fn
+            torch.cuda.empty_cache()
+    finally:
+        fa3.uninstall()
+    return out

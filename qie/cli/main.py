@@ -21,7 +21,13 @@ from qie.core.models import prefer_expandable_segments
 from qie.core.registry import DEFAULT_MODEL, VARIANTS
 from qie.errors import InvalidRequestError, QieError
 from qie.settings import Settings
-from qie.speed.options import ATTENTION_QUANT_MODES, COMPILE_MODES, STEP_CACHE_MODES, VAE_COMPILE_MODES
+from qie.speed.options import (
+    ATTENTION_QUANT_MODES,
+    COMPILE_MODES,
+    STEP_CACHE_MODES,
+    TRANSFORMER_GRAPHS_MODES,
+    VAE_COMPILE_MODES,
+)
 from qie.versions import __version__
 
 log = logging.getLogger("qie")
@@ -164,6 +170,13 @@ def _add_bench_parser(sub) -> None:
         default="auto",
         help="fast and quality sections: compile the VAE decoder too (auto: as --compile does, on the resident "
         "plans; the first edit's stage seconds say where its time went)",
+    )
+    bench.add_argument(
+        "--transformer-graphs",
+        choices=TRANSFORMER_GRAPHS_MODES,
+        default="auto",
+        help="fast and quality sections: the transformer's forward as CUDA graphs (auto: as --compile does, "
+        "on the resident plans; the timed edits repeat the first one's shapes, so they replay)",
     )
     bench.add_argument(
         "--attention-quant",

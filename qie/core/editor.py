@@ -26,7 +26,7 @@ from qie.core import masking, stages
 from qie.core.faults import Fault, arm_spec
 from qie.core.grouping import check_batchable, condition_area
 from qie.core.images import ImageInput
-from qie.core.load_options import LoadOptions, auto_vae_compile
+from qie.core.load_options import RESIDENT_PLANS, LoadOptions, auto_vae_compile
 from qie.core.loras import LoraSpec, fuse_loras, lora_notes
 from qie.core.models import check_hardware, load_pipeline, resolve_device, resolve_dtype
 from qie.core.registry import DEFAULT_MODEL, ModelSpec, pipeline_variant, resolve_model, spec_for_pipeline
@@ -46,6 +46,7 @@ from qie.errors import (
 from qie.memory.plans import PLANS, Plan, batch_cfg_pays, choose_plan, next_plan
 from qie.speed.fa3 import NAME as FA3
 from qie.speed.fa3 import installed as installed_fa3
+from qie.speed.transformer_graphs import TransformerGraphs
 from qie.telemetry import StageTimer
 from qie.versions import warn_known_problems
 
@@ -89,6 +90,7 @@ class Editor:
         self.speed = SpeedSetup()  # attention backend and fast mode; set by `load`
         self.predictor: stages.Predictor | None = None  # set by qie.serving.parallel for CFG-parallel runs
         self.batched_cfg = stages.BatchedCfg()  # both CFG branches in one call (requests' `batch_cfg`)
+        self.graphs: TransformerGraphs | None = None  # the forward's CUDA graphs (`enable_graphs`)
         self._batch_cfg_pays: bool | None = None  # the cost model's verdict for this plan, once asked
         self._prediction_logged = False  # predicted vs measured step time, logged after the first edit
         self._warming_up = False
@@ -167,6 +169,7 @@ class Editor:
         editor.loras = fused
         if opts.compile:
             editor.enable_compile(mode=opts.compile_mode, vae_compile=auto_vae_compile(opts.vae_compile, chosen.name))
+        editor.enable_graphs(opts.transformer_graphs)
         return editor
 
     @property
@@ -210,6 +213,23 @@ class Editor:
         self.compile_stats = {"mode": mode, "warm_up_s": time.perf_counter() - start}
         log.info("compiled (mode %s) and warmed up in %.0fs", mode, self.compile_stats["warm_up_s"])
         return True
+
+    def enable_graphs(self, setting: str = "auto") -> bool:
+        """Replay the transformer's forward as CUDA graphs where edits repeat their shapes
+        (`qie.speed.transformer_graphs`); whether they are on.
+
+        "on": on CUDA with a resident plan (the weights stay where a graph reads them); "auto": there too
+        when the blocks are compiled in a mode without CUDA graphs of its own; "off": never.
+        """
+        from qie.speed.compile import CUDA_GRAPH_MODES
+
+        on = self.device.type == "cuda" and self.plan.name in RESIDENT_PLANS
+        if setting == "auto":
+            on = on and self.compiled and self.compile_stats.get("mode") not in CUDA_GRAPH_MODES
+        self.graphs = TransformerGraphs(self.pipe.transformer) if on and setting != "off" else None
+        if self.graphs is not None:
+            log.info("transformer: CUDA graphs for edits that repeat their shapes (transformer_graphs=%s)", setting)
+        return self.graphs is not None
 
     def warm_up(self, size: int = 1024) -> None:
         """Run the edits that trace every graph a compiled transformer needs, so no real edit compiles.
@@ -433,12 +453,18 @@ class Editor:
         return self.speed.attention_backend == FA3 or installed_fa3()
 
     def _predictor(self, request: EditRequest, run, predict: stages.Predictor | None) -> stages.Predictor | None:
-        """`predict` (CFG-parallel's) if set, else batched CFG where asked or (`batch_cfg=None`) predicted to pay.
+        """`predict` (CFG-parallel's) if set, else the transformer's CUDA graphs for a one-branch edit when on,
+        else batched CFG where asked or (`batch_cfg=None`) predicted to pay.
 
-        Step caches keep one cache per branch, so they always get two calls.
+        Step caches keep one cache per branch, so they always get two calls (and no graph).
         """
         if predict is not None or run.cache is not None:
             return predict
+        if not run.uses_cfg and self.graphs is not None and self.fault is None:
+            edit = self.graphs.start_edit()
+            if edit is not None:  # what the request changed in the transformer is part of each graph's key
+                variant = (request.mode or self.speed.default_mode, request.attention_quant)
+                return stages.GraphedPrediction(self.graphs, edit, variant)
         batched = request.batch_cfg
         if batched is None:
             if self._batch_cfg_pays is None:

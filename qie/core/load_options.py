@@ -29,17 +29,19 @@ from qie.core.loras import LoraSpec
 from qie.core.registry import MODELS, REAL_MODEL_ID
 from qie.errors import InvalidRequestError
 from qie.settings import SafetySettings, Settings, check_fault, variable_for
-from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
+from qie.speed.options import COMPILE_MODES, TRANSFORMER_GRAPHS_MODES, VAE_COMPILE_MODES
 
 # Allowed values live with the type that uses them (tests check them against the mechanisms).
 PLAN_NAMES = ("auto", "resident", "resident-fp8", "fp8-te-stream", "stream", "model-offload")
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 FAST_STEPS = tuple(sorted({n for spec in MODELS.values() if spec.lightning for n in spec.lightning.steps}))
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
-# The plans on which `vae_compile="auto"` compiles the VAE decoder with the transformer: there the VAE
-# runs untiled and no budget is in force, as measured (h200-ai, h200-an). Under the budget plans the
-# VAE may run in tiles and the compiled decoder's memory is not measured; `vae_compile="on"` asks anyway.
-AUTO_VAE_COMPILE_PLANS = ("resident", "resident-fp8")
+# The plans that keep every weight on the GPU with no budget in force. On them `vae_compile="auto"`
+# compiles the VAE decoder with the transformer (it runs untiled there, as measured: h200-ai, h200-an;
+# under the budget plans the VAE may run in tiles and the compiled decoder's memory is not measured;
+# `vae_compile="on"` asks anyway), and `transformer_graphs` may keep its graphs' memory pool.
+RESIDENT_PLANS = ("resident", "resident-fp8")
+AUTO_VAE_COMPILE_PLANS = RESIDENT_PLANS
 
 
 def auto_vae_compile(vae_compile: str, plan: str) -> str:
@@ -69,6 +71,7 @@ FLAGS = {
     "fast_fuse": "--fast-fuse",
     "text_encoder_fp8": "--text-encoder-fp8",
     "vae_compile": "--vae-compile",
+    "transformer_graphs": "--transformer-graphs",
     "loras": "--lora",
 }
 
@@ -88,7 +91,9 @@ class LoadOptions:
     a fault drill (`component:error[:after[:times]]`) armed at load. `compile_mode` is the
     `torch.compile` mode of the regional compile (with `compile`); `text_encoder_fp8` stores the text
     encoder's weights in fp8 (upcast per layer); `vae_compile` compiles the VAE decoder ("on"), in
-    channels-last layout too ("channels-last"), or ("auto") with the transformer on the resident plans.
+    channels-last layout too ("channels-last"), or ("auto") with the transformer on the resident plans;
+    `transformer_graphs` replays the transformer's forward as CUDA graphs where edits repeat their shapes
+    ("auto": with `compile` on the resident plans; "on": on those plans compiled or not; "off").
     """
 
     model: str = REAL_MODEL_ID
@@ -105,6 +110,7 @@ class LoadOptions:
     fast_fuse: bool = True
     text_encoder_fp8: bool = False
     vae_compile: str = "auto"
+    transformer_graphs: str = "auto"
     loras: tuple[str, ...] = ()
     fixes: Mapping[str, bool] | None = None
     safety: SafetySettings | None = None
@@ -137,6 +143,9 @@ class LoadOptions:
             problems.append(("compile_mode", self.compile_mode, f"use one of {', '.join(COMPILE_MODES)}"))
         if self.vae_compile not in VAE_COMPILE_MODES:
             problems.append(("vae_compile", self.vae_compile, f"use one of {', '.join(VAE_COMPILE_MODES)}"))
+        if self.transformer_graphs not in TRANSFORMER_GRAPHS_MODES:
+            choices = ", ".join(TRANSFORMER_GRAPHS_MODES)
+            problems.append(("transformer_graphs", self.transformer_graphs, f"use one of {choices}"))
         for lora in self.loras:
             try:
                 LoraSpec.parse(lora)
@@ -235,6 +244,12 @@ class LoadOptions:
                 choices=VAE_COMPILE_MODES,
                 help="compile the VAE decoder; channels-last: in channels-last layout too; auto: with --compile "
                 "on the resident plans (default: %(default)s)",
+            ),
+            "transformer_graphs": dict(
+                default=d.transformer_graphs,
+                choices=TRANSFORMER_GRAPHS_MODES,
+                help="replay the transformer's forward as CUDA graphs when edits repeat their sizes and prompt "
+                "lengths; auto: with --compile on the resident plans (default: %(default)s)",
             ),
             "loras": dict(
                 default=list(d.loras),

@@ -31,6 +31,7 @@ from PIL import Image
 from qie.errors import CancelledError, InvalidRequestError
 from qie.memory.tiling import Tiling, tiled_decode, tiled_encode
 from qie.speed.early_exit import StepObserver
+from qie.speed.transformer_graphs import TransformerGraphs
 
 log = logging.getLogger(__name__)
 
@@ -420,18 +421,53 @@ def cfg_combine(pred: torch.Tensor, neg: torch.Tensor, true_cfg_scale: float) ->
     return combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
 
-def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img_shapes) -> torch.Tensor:
-    with pipe.transformer.cache_context(branch):
-        return pipe.transformer(
+class GraphedPrediction:
+    """A `Predictor` for one edit that replays the transformer's CUDA graph where one serves the call
+    (`qie.speed.transformer_graphs`): one branch (no CFG), a prompt without a mask. `variant` names what
+    the request changed in the transformer (its mode and quantized attention). Other calls run as
+    `guided_prediction` runs them.
+    """
+
+    def __init__(self, graphs: TransformerGraphs, edit: int, variant: tuple) -> None:
+        self.graphs, self.edit, self.variant = graphs, edit, variant
+
+    def __call__(
+        self, pipe, model_input, timestep, prompt: PromptEmbeds, negative: PromptEmbeds | None, img_shapes, scale
+    ) -> torch.Tensor:
+        if negative is not None or prompt.mask is not None:
+            return guided_prediction(pipe, model_input, timestep, prompt, negative, img_shapes, scale)
+        shapes = tuple(tuple(map(tuple, sample)) for sample in img_shapes)
+
+        def forward(hidden_states, timestep, encoder_hidden_states):
+            return _transformer(pipe.transformer, hidden_states, timestep, encoder_hidden_states, None, img_shapes)
+
+        return self.graphs(
+            self.edit,
+            forward,
+            (*self.variant, shapes),
             hidden_states=model_input,
             timestep=timestep,
-            guidance=None,
-            encoder_hidden_states_mask=prompt.mask,
             encoder_hidden_states=prompt.embeds,
-            img_shapes=img_shapes,
-            attention_kwargs={},
-            return_dict=False,
-        )[0]
+        )
+
+
+def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img_shapes) -> torch.Tensor:
+    with pipe.transformer.cache_context(branch):
+        return _transformer(pipe.transformer, model_input, timestep, prompt.embeds, prompt.mask, img_shapes)
+
+
+def _transformer(transformer, model_input, timestep, embeds, mask, img_shapes) -> torch.Tensor:
+    """The transformer's velocity for one call, as the pipeline calls it."""
+    return transformer(
+        hidden_states=model_input,
+        timestep=timestep,
+        guidance=None,
+        encoder_hidden_states_mask=mask,
+        encoder_hidden_states=embeds,
+        img_shapes=img_shapes,
+        attention_kwargs={},
+        return_dict=False,
+    )[0]
 
 
 def decode(pipe, latents: torch.Tensor, width: int, height: int, tile: Tiling | None = None) -> Image.Image:

@@ -18,6 +18,9 @@ STEP_CACHE_MODES = ("off", "fbcache", "taylorseer")  # qie.speed.early_exit
 # ("auto": compiled together with the transformer on the resident plans, `qie.core.load_options`).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 VAE_COMPILE_MODES = ("auto", "off", "on", "channels-last")
+# The transformer's forward as CUDA graphs (qie.speed.transformer_graphs): "auto" with the compiled blocks
+# on the resident plans, "on" on the resident plans compiled or not, "off".
+TRANSFORMER_GRAPHS_MODES = ("auto", "on", "off")
 
 # The scheduler of the Lightning LoRAs' diffusers example (ModelTC/Qwen-Image-Lightning,
 # generate_with_diffusers.py), whole. base_shift = max_shift = log(3) makes the dynamic shift

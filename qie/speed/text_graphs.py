@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qie.speed.cuda_graphs import gpu_weights, record
+
 log = logging.getLogger(__name__)
 
 BUCKET = 64  # prompt lengths are padded to a multiple of this many tokens
@@ -100,7 +102,7 @@ class TextGraphs:
         **kwargs: Any,
     ):
         args = (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
-        if self.replayable(*args) and (weights := _gpu_weights(self.model)) is not None:
+        if self.replayable(*args) and (weights := gpu_weights(self.model)) is not None:
             from transformers.modeling_outputs import BaseModelOutputWithPast
 
             try:
@@ -122,7 +124,7 @@ class TextGraphs:
 
     def replayable(self, input_ids, attention_mask, position_ids, past_key_values, embeds, use_cache, kwargs) -> bool:
         """Whether a graph can serve a call with these arguments (see the module doc; the weights are checked
-        by `_gpu_weights`); otherwise the class's forward does."""
+        by `gpu_weights`); otherwise the class's forward does."""
         if self.disabled:
             return False
         if input_ids is not None or embeds is None or attention_mask is not None or past_key_values is not None:
@@ -139,7 +141,7 @@ class TextGraphs:
 
     def replay(self, embeds: torch.Tensor, position_ids: torch.Tensor | None, weights: tuple[int, ...]) -> torch.Tensor:
         """The last hidden state of `embeds` from the graph of its padded length (recorded if new); `weights`
-        are the model's weight addresses now (`_gpu_weights`)."""
+        are the model's weight addresses now (`gpu_weights`)."""
         length = embeds.shape[1]
         if position_ids is None:
             position_ids = default_positions(length, embeds.device)
@@ -166,25 +168,9 @@ class TextGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = run_layers(self.model, embeds, positions)
+        graph, out = record(lambda: run_layers(self.model, embeds, positions), self.pool)
         log.info("text encoder: recorded the language model's CUDA graph for prompts of up to %d tokens", padded)
         return _Graph(graph, embeds, positions, out)
-
-
-def _gpu_weights(model: nn.Module) -> tuple[int, ...] | None:
-    """The addresses of `model`'s weights when every one sits on a CUDA device with no offloading hook to
-    move it (what a graph may read), else None. One walk over the modules per call."""
-    addresses = []
-    for module in model.modules():
-        if hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook"):
-            return None
-        for param in module.parameters(recurse=False):
-            if not param.is_cuda:
-                return None
-            addresses.append(param.data_ptr())
-    return tuple(addresses)
 
 
 def _eligible(module: nn.Module) -> bool:

@@ -90,7 +90,7 @@ def test_a_graph_that_cannot_be_recorded_turns_the_graphs_off_and_runs_eager(
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphs.replayable = lambda *args: not graphs.disabled  # as on a GPU
-    monkeypatch.setattr(text_graphs, "_gpu_weights", lambda model: (1,))  # weights "on the GPU"
+    monkeypatch.setattr(text_graphs, "gpu_weights", lambda model: (1,))  # weights "on the GPU"
     graphs._record = fail
     try:
         with torch.inference_mode():

@@ -1,0 +1,57 @@
+"""What the CUDA-graph replays of qie share: the weights a graph may read, and the recording itself.
+
+A CUDA graph holds the addresses of every tensor its kernels read. It may replay only while the
+weights it was recorded with are where they were: `gpu_weights` gives their addresses (None when a
+weight is off the GPU or a hook may move it), and a replayer drops its graphs when they change.
+
+Example:
+    >>> gpu_weights(torch.nn.Linear(2, 2)) is None  # on the CPU: nothing to replay
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+T = TypeVar("T")
+
+
+def gpu_weights(model: nn.Module) -> tuple[int, ...] | None:
+    """The addresses of `model`'s weights when every one sits on a CUDA device with no offloading hook to
+    move it (what a graph may read), else None. One walk over the modules per call.
+
+    A tensor subclass (torchao's fp8 weights) counts with the addresses of the tensors it holds.
+    """
+    addresses: list[int] = []
+    for module in model.modules():
+        if hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook"):
+            return None
+        for param in module.parameters(recurse=False):
+            if not param.is_cuda:
+                return None
+            addresses.extend(_addresses(param))
+    return tuple(addresses)
+
+
+def _addresses(tensor: torch.Tensor) -> list[int]:
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [a for name in names for a in _addresses(getattr(tensor, name))]
+    return [tensor.data_ptr()]
+
+
+def record(fn: Callable[[], T], pool: Any, *, error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, T]:
+    """Record `fn()` as a CUDA graph in the memory `pool` (None: a pool of its own; another graph's
+    `graph.pool()` shares that one); the graph and `fn`'s output, whose buffers the graph's replays
+    overwrite. Recording runs no kernel.
+
+    `error_mode="thread_local"` lets other threads use the GPU meanwhile (a server's threads)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+        out = fn()
+    return graph, out
