@@ -183,6 +183,8 @@ def run_fast(bench: Any) -> None:
 def graphs_note(graphs: Any) -> str:
     """What the transformer's CUDA graphs did so far (`qie.speed.transformer_graphs`)."""
     state = f"off ({graphs.disabled})" if graphs.disabled else f"{len(graphs.graphs)} kept"
+    if graphs.skipped and not graphs.disabled:
+        state += f", the last edit did not replay: {graphs.skipped}"
     return f"transformer CUDA graphs: {graphs.recorded} recorded, {state}"
 
 

@@ -5,7 +5,7 @@ weights it was recorded with are where they were: `gpu_weights` gives their addr
 weight is off the GPU or a hook may move it), and a replayer drops its graphs when they change.
 
 Example:
-    >>> gpu_weights(torch.nn.Linear(2, 2)) is None  # on the CPU: nothing to replay
+    >>> gpu_weights(torch.nn.Linear(2, 2)) is None  # on the CPU: nothing to replay on a GPU
     True
 """
 
@@ -21,19 +21,37 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 T = TypeVar("T")
 
 
-def gpu_weights(model: nn.Module) -> tuple[int, ...] | None:
-    """The addresses of `model`'s weights when every one sits on a CUDA device with no offloading hook to
-    move it (what a graph may read), else None. One walk over the modules per call.
+def gpu_weights(model: nn.Module, device_type: str = "cuda") -> tuple[int, ...] | None:
+    """The addresses of `model`'s weights when every one sits on a `device_type` device with no hook to move
+    it (what a graph may read), else None (`weight_addresses` says why). One walk over the modules."""
+    addresses = weight_addresses(model, device_type)
+    return addresses if isinstance(addresses, tuple) else None
+
+
+def weight_addresses(model: nn.Module, device_type: str = "cuda") -> tuple[int, ...] | str:
+    """`gpu_weights`, or instead of None what stops a graph: the first module with an accelerate hook or a
+    diffusers hook (offloading, step caches; the empty hook registry diffusers leaves behind does not
+    count) or a weight on another device.
 
     A tensor subclass (torchao's fp8 weights) counts with the addresses of the tensors it holds.
+
+    Example:
+        >>> weight_addresses(torch.nn.Linear(2, 2))
+        'weight on cpu'
+        >>> len(weight_addresses(torch.nn.Linear(2, 2), device_type="cpu"))  # weight and bias
+        2
     """
     addresses: list[int] = []
-    for module in model.modules():
-        if hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook"):
-            return None
-        for param in module.parameters(recurse=False):
-            if not param.is_cuda:
-                return None
+    for name, module in model.named_modules():
+        where = name or type(module).__name__
+        if hasattr(module, "_hf_hook"):
+            return f"{where}: accelerate hook"
+        hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+        if hooks:
+            return f"{where}: diffusers hooks {', '.join(hooks)}"
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.device.type != device_type:
+                return f"{f'{name}.' if name else ''}{param_name} on {param.device}"
             addresses.extend(_addresses(param))
     return tuple(addresses)
 

@@ -17,7 +17,8 @@ Only calls a graph can replay take this path: on CUDA, one prompt without a mask
 a masked prompt's length from the host on every call), no CFG branch pair, no step cache, every
 weight on the GPU without an offloading hook, and not 2511's `zero_cond_t` (its forward builds the
 modulation index on the host). Weights moved, quantized or replaced drop the graphs
-(`qie.speed.cuda_graphs.gpu_weights`). A recording that fails turns the graphs off for good, said once.
+(`qie.speed.cuda_graphs.weight_addresses`); `skipped` says why an edit could not replay. A recording
+that fails turns the graphs off for good, said once.
 
 Example:
     >>> graphs = TransformerGraphs(pipe.transformer)                                     # doctest: +SKIP
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qie.speed.cuda_graphs import gpu_weights, record
+from qie.speed.cuda_graphs import record, weight_addresses
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class _Graph:
 class TransformerGraphs:
     """The CUDA graphs of one transformer's forward (see the module doc).
 
-    `record` and `weights` are `qie.speed.cuda_graphs`' by default (tests pass stand-ins).
+    `record` and `weights` are `qie.speed.cuda_graphs`' `record` and `weight_addresses` by default (tests
+    pass stand-ins).
     """
 
     def __init__(
@@ -63,7 +65,7 @@ class TransformerGraphs:
         max_graphs: int = MAX_GRAPHS,
         *,
         record: Callable[..., tuple[Any, torch.Tensor]] = record,
-        weights: Callable[[nn.Module], tuple[int, ...] | None] = gpu_weights,
+        weights: Callable[[nn.Module], tuple[int, ...] | str] = weight_addresses,
     ) -> None:
         self.transformer = transformer
         self.max_graphs = max_graphs
@@ -72,6 +74,7 @@ class TransformerGraphs:
         self.weights: tuple[int, ...] | None = None  # the weight addresses the graphs were recorded with
         self.pool: Any = None
         self.disabled: str | None = None  # why the graphs are off for good (a recording failed)
+        self.skipped: str | None = None  # why the last edit could not replay, if it could not
         self._record, self._weights = record, weights
         self._edits = itertools.count(1)
         self.recorded = 0  # graphs recorded so far (also those dropped since)
@@ -79,10 +82,14 @@ class TransformerGraphs:
     def start_edit(self) -> int | None:
         """A number for the edit about to run, or None when no call of it can replay: the graphs are off,
         2511's `zero_cond_t`, or a weight off the GPU or hooked. Drops the graphs if the weights moved."""
-        if self.disabled or getattr(self.transformer, "zero_cond_t", False):
+        self.skipped = self.disabled or (
+            "2511's zero_cond_t" if getattr(self.transformer, "zero_cond_t", False) else None
+        )
+        if self.skipped:
             return None
         weights = self._weights(self.transformer)
-        if weights is None:
+        if isinstance(weights, str):
+            self.skipped = weights
             return None
         if weights != self.weights:  # moved, quantized or replaced since the graphs were recorded
             self.clear()

@@ -8,6 +8,7 @@ does. On a GPU the real one runs (marked `gpu`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import clone_editor, small_request
 
 from qie.errors import InvalidRequestError
 from qie.memory.plans import PLANS
+from qie.speed.cuda_graphs import weight_addresses
 from qie.speed.transformer_graphs import TransformerGraphs
 
 
@@ -108,8 +110,26 @@ def test_moved_weights_drop_the_graphs_and_weights_off_the_gpu_turn_them_off():
     weights[0] = (1, 3)
     edit = graphs.start_edit()
     assert edit is not None and not graphs.graphs and not graphs.seen
-    weights[0] = None
-    assert graphs.start_edit() is None
+    weights[0] = "transformer_blocks.0.attn.to_q.weight on cpu"
+    assert graphs.start_edit() is None and graphs.skipped == "transformer_blocks.0.attn.to_q.weight on cpu"
+
+
+def test_weight_addresses_name_what_stops_a_graph_and_look_inside_tensor_subclasses():
+    from diffusers.hooks import HookRegistry, ModelHook
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    plain = weight_addresses(model, "cpu")
+    assert plain == tuple(p.data_ptr() for p in model.parameters())
+    assert weight_addresses(model) == "0.weight on cpu"
+    registry = HookRegistry.check_if_exists_or_initialize(model[1])  # as diffusers' cache_context leaves it
+    assert weight_addresses(model, "cpu") == plain
+    registry.register_hook(ModelHook(), "probe")
+    assert weight_addresses(model, "cpu") == "1: diffusers hooks probe"
+    registry.remove_hook("probe")
+    a, b = torch.zeros(2, 2), torch.ones(2, 2)
+    model[0].weight = torch.nn.Parameter(TwoTensor(a, b), requires_grad=False)
+    assert weight_addresses(model, "cpu")[:2] == (a.data_ptr(), b.data_ptr())
 
 
 def test_2511s_zero_cond_t_forward_is_not_replayed(tiny_2511_editor):
@@ -138,7 +158,8 @@ def test_a_recording_that_fails_turns_the_graphs_off_once_and_the_calls_still_an
 @pytest.fixture()
 def graphed(tiny_editor):
     editor = clone_editor(tiny_editor, speed=tiny_editor.speed)
-    editor.graphs = TransformerGraphs(editor.pipe.transformer, record=fake_record, weights=lambda m: (1,))
+    weights = functools.partial(weight_addresses, device_type="cpu")  # the editor's own check, on the CPU
+    editor.graphs = TransformerGraphs(editor.pipe.transformer, record=fake_record, weights=weights)
     return editor
 
 
