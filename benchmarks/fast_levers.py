@@ -47,6 +47,9 @@ Sections (each on random weights of the real widths):
              (wider persistent reductions, benchmarked at the first call) and with `cpp_wrapper` (C++
              launch code): first call, forward and host milliseconds per 60 blocks, kernel tables by
              category (`--variants` picks some).
+  transformer-graphs the full-size fp8 transformer (60 compiled blocks, FA3) called as a fast-mode step
+             calls it, as it is against replayed from its CUDA graph (`qie.speed.transformer_graphs`) at
+             the `--sizes`: milliseconds and host milliseconds per call, the recording, equal outputs.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="blocks section: full-size blocks (default: 4)")
     parser.add_argument("--text-tokens", type=int, default=230)
     parser.add_argument("--variants", default="", help="inductor-options section: comma list (default: all)")
+    parser.add_argument("--sizes", default="1024,768", help="transformer-graphs section: square output sizes")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)

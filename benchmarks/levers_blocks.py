@@ -198,8 +198,8 @@ def run_inductor_options(args: argparse.Namespace, device: torch.device) -> dict
 def run_transformer_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The full-size fp8 transformer (60 blocks, fused MLP quantization, regional compile, FA3) called as an
     edit's fast-mode steps call it, run as it is (`stages.guided_prediction`) against replayed from its CUDA
-    graph (`stages.GraphedPrediction` over `qie.speed.transformer_graphs`), at 1024² and 768² (condition at
-    the output's area, as `condition_area="auto"` picks there): milliseconds per call synchronized, the
+    graph (`stages.GraphedPrediction` over `qie.speed.transformer_graphs`), at the `--sizes` (default 1024²
+    and 768²; the condition at the output's area): milliseconds per call synchronized, the
     host's milliseconds per call, the recording's seconds and memory, and whether the outputs are equal."""
     from types import SimpleNamespace
 
@@ -222,7 +222,7 @@ def run_transformer_graphs(args: argparse.Namespace, device: torch.device) -> di
     out.update({"layers": BLOCKS, "text_tokens": args.text_tokens, "sizes": {}})
     gen = torch.Generator(device=device).manual_seed(0)
     try:
-        for size in (1024, 768):
+        for size in (int(size) for size in args.sizes.split(",")):
             side = size // 16
             hidden = torch.randn(1, 2 * side * side, 64, device=device, dtype=torch.bfloat16, generator=gen)
             text = torch.randn(1, args.text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=gen)
