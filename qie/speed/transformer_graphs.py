@@ -43,6 +43,7 @@ from qie.speed.cuda_graphs import record, weight_addresses
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4
+MAX_SEEN = 256  # shapes remembered as met (for the next edit to record), least recent forgotten first
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TransformerGraphs:
         self.transformer = transformer
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
-        self.seen: dict[Hashable, int] = {}  # shape key -> the last edit that called it
+        self.seen: OrderedDict[Hashable, int] = OrderedDict()  # shape key -> the last edit that called it
         self.weights: tuple[int, ...] | None = None  # the weight addresses the graphs were recorded with
         self.pool: Any = None
         self.disabled: str | None = None  # why the graphs are off for good (a recording failed)
@@ -106,6 +107,9 @@ class TransformerGraphs:
         if graph is None:
             if self.disabled or self.seen.get(key, edit) == edit:  # new, or only this edit made the call
                 self.seen[key] = edit
+                self.seen.move_to_end(key)
+                if len(self.seen) > MAX_SEEN:
+                    self.seen.popitem(last=False)
                 return forward(**inputs)
             graph = self._add(key, forward, inputs)
             if graph is None:

@@ -100,6 +100,24 @@ def test_the_least_recently_used_graph_goes_first():
     assert graphs.recorded == 3 and x_shapes == [(1, 2), (1, 4)]
 
 
+def test_only_the_most_recent_shapes_are_remembered_as_met(monkeypatch):
+    from qie.speed import transformer_graphs
+
+    monkeypatch.setattr(transformer_graphs, "MAX_SEEN", 2)
+    graphs, forward, t = graphs_for(), counting([]), torch.zeros(1)
+    shapes = [torch.ones(1, n) for n in (2, 3, 4)]
+    edit = graphs.start_edit()
+    for x in shapes:
+        graphs(edit, forward, "v", x=x, t=t)
+    assert len(graphs.seen) == 2
+    later = graphs.start_edit()
+    for x in reversed(shapes):
+        graphs(later, forward, "v", x=x, t=t)
+    assert graphs.recorded == 2 and len(graphs.graphs) == 2  # (1, 2) was forgotten: met again, it runs as it is
+    last_key, last_edit = next(reversed(graphs.seen.items()))
+    assert last_edit == later and ("x", (1, 2), torch.float32, t.device) in last_key
+
+
 def test_moved_weights_drop_the_graphs_and_weights_off_the_gpu_turn_them_off():
     weights = [(1, 2)]
     graphs = TransformerGraphs(torch.nn.Linear(2, 2), record=fake_record, weights=lambda m: weights[0])
