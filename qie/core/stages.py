@@ -10,6 +10,7 @@ One deliberate difference, behind a switch: `encode_prompt` forwards the process
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import threading
@@ -222,10 +223,12 @@ def prepare_noise(
     return noise
 
 
-def timesteps_for(pipe, steps: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """The scheduler's timesteps for `steps` steps at `seq_len` output tokens (dynamic shift)."""
+def timesteps_for(pipe, steps: int, seq_len: int, device: torch.device, scheduler=None) -> torch.Tensor:
+    """The scheduler's timesteps for `steps` steps at `seq_len` output tokens (dynamic shift), set on
+    `scheduler` (default: the pipeline's)."""
+    scheduler = scheduler or pipe.scheduler
     sigmas = np.linspace(1.0, 1 / steps, steps)
-    cfg = pipe.scheduler.config
+    cfg = scheduler.config
     mu = calculate_shift(
         seq_len,
         cfg.get("base_image_seq_len", 256),
@@ -233,8 +236,8 @@ def timesteps_for(pipe, steps: int, seq_len: int, device: torch.device) -> torch
         cfg.get("base_shift", 0.5),
         cfg.get("max_shift", 1.15),
     )
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
-    pipe.scheduler.set_begin_index(0)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+    scheduler.set_begin_index(0)
     return timesteps
 
 
@@ -334,8 +337,11 @@ def denoise(pipe, inputs: DenoiseInputs, control: LoopControl | None = None) -> 
     img_shapes = [[out_shape, *condition.shapes]] * latents.shape[0]
     predict = control.predict or guided_prediction
     timesteps = timesteps_for(pipe, inputs.steps, latents.shape[1], latents.device)
-    # Read once, before the loop: indexing the scheduler's (device) sigmas per step would sync the host.
-    sigmas = pipe.scheduler.sigmas.tolist() if observer is not None else []
+    sigmas: list[float] = []
+    if observer is not None:  # the same schedule set on the CPU: reading the device's sigmas waits for the GPU
+        host = copy.copy(pipe.scheduler)
+        timesteps_for(pipe, inputs.steps, latents.shape[1], torch.device("cpu"), scheduler=host)
+        sigmas = host.sigmas.tolist()
     n_out = latents.shape[1]
     for i, t in enumerate(timesteps):
         if control.cancel is not None and control.cancel.is_set():

@@ -103,16 +103,22 @@ def test_torchao_fp8_mlps_are_fused_and_agree_with_the_unfused(tiny_editor):
     if not has_fp8(device):
         pytest.skip("needs a GPU with fp8 units")
     fused = copy.deepcopy(tiny_editor.pipe.transformer).to(device, torch.bfloat16)
-    plain = copy.deepcopy(fused)
+    plain, bf16 = copy.deepcopy(fused), copy.deepcopy(fused)
     quantize_transformer(fused, device, fuse_mlp=True)
     quantize_transformer(plain, device, fuse_mlp=False)
     assert isinstance(fused.transformer_blocks[0].img_mlp, Fp8GeluFeedForward)
     assert not isinstance(plain.transformer_blocks[0].img_mlp, Fp8GeluFeedForward)
     x = torch.randn(1, 40, fused.transformer_blocks[0].img_mlp.net[0].proj.in_features, device=device)
     with torch.no_grad():
-        got = fused.transformer_blocks[0].img_mlp(x.bfloat16())
-        want = plain.transformer_blocks[0].img_mlp(x.bfloat16())
-    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+        got, want, ref = (m.transformer_blocks[0].img_mlp(x.bfloat16()).float() for m in (fused, plain, bf16))
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    # The fused kernel quantizes GELU's float32 result; the unfused path rounds it to bf16 first, so about
+    # one value in thirty lands on the neighbouring fp8 step: ~1 % apart, each as far from bf16 as the other.
+    assert rel(got, want) < 2e-2
+    assert rel(got, ref) <= 1.1 * rel(want, ref)
 
 
 @pytest.mark.gpu
