@@ -415,6 +415,8 @@ class Editor:
                 )
                 predict = self._predictor(first, run, control.predict)
                 latents = stages.denoise(pipe, inputs, replace(control, observer=run.observer, predict=predict))
+                if isinstance(predict, stages.GraphedPrediction):
+                    run.notes.append(predict.note())
             with timer("decode"):
                 images = [
                     stages.decode(pipe, latents[i : i + 1], r.width, r.height, tile=r.tiling)

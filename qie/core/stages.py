@@ -436,18 +436,20 @@ class GraphedPrediction:
 
     def __init__(self, graphs: TransformerGraphs, edit: int, variant: tuple) -> None:
         self.graphs, self.edit, self.variant = graphs, edit, variant
+        self.calls: dict[str, int] = {}  # what the graphs did with this edit's calls, by `graphs.last`
 
     def __call__(
         self, pipe, model_input, timestep, prompt: PromptEmbeds, negative: PromptEmbeds | None, img_shapes, scale
     ) -> torch.Tensor:
         if negative is not None or prompt.mask is not None:
+            self._count("as it is")
             return guided_prediction(pipe, model_input, timestep, prompt, negative, img_shapes, scale)
         shapes = tuple(tuple(map(tuple, sample)) for sample in img_shapes)
 
         def forward(hidden_states, timestep, encoder_hidden_states):
             return _transformer(pipe.transformer, hidden_states, timestep, encoder_hidden_states, None, img_shapes)
 
-        return self.graphs(
+        out = self.graphs(
             self.edit,
             forward,
             (*self.variant, shapes),
@@ -455,6 +457,27 @@ class GraphedPrediction:
             timestep=timestep,
             encoder_hidden_states=prompt.embeds,
         )
+        self._count(self.graphs.last or "as it is")
+        return out
+
+    def note(self) -> str:
+        """What the graphs did for this edit, for its result's notes.
+
+        Example:
+            >>> p = GraphedPrediction(None, 1, ()); p.calls = {"recorded": 1, "replayed": 3}; p.note()
+            'transformer CUDA graphs: 4 of 4 calls replayed (recorded in this edit)'
+        """
+        total = sum(self.calls.values())
+        replayed = self.calls.get("replayed", 0) + self.calls.get("recorded", 0)
+        if not replayed:
+            if self.graphs.disabled:
+                return f"transformer CUDA graphs off ({self.graphs.disabled}): {total} calls as they are"
+            return f"transformer CUDA graphs: {total} calls as they are (new shapes; the next edit with them replays)"
+        recorded = " (recorded in this edit)" if self.calls.get("recorded") else ""
+        return f"transformer CUDA graphs: {replayed} of {total} calls replayed{recorded}"
+
+    def _count(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
 
 
 def _predict(pipe, branch: str, model_input, timestep, prompt: PromptEmbeds, img_shapes) -> torch.Tensor:

@@ -79,6 +79,7 @@ class TransformerGraphs:
         self._record, self._weights = record, weights
         self._edits = itertools.count(1)
         self.recorded = 0  # graphs recorded so far (also those dropped since)
+        self.last: str | None = None  # what the last call did: "replayed", "recorded" (and replayed), "as it is"
 
     def start_edit(self) -> int | None:
         """A number for the edit about to run, or None when no call of it can replay: the graphs are off,
@@ -104,7 +105,9 @@ class TransformerGraphs:
         recorded now when an earlier edit made the same call, else run as it is."""
         key = (variant, *((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items())))
         graph = self.graphs.get(key)
+        self.last = "replayed"
         if graph is None:
+            self.last = "as it is"
             if self.disabled or self.seen.get(key, edit) == edit:  # new, or only this edit made the call
                 self.seen[key] = edit
                 self.seen.move_to_end(key)
@@ -114,6 +117,7 @@ class TransformerGraphs:
             graph = self._add(key, forward, inputs)
             if graph is None:
                 return forward(**inputs)
+            self.last = "recorded"
         self.graphs.move_to_end(key)
         for name, tensor in inputs.items():
             graph.inputs[name].copy_(tensor)

@@ -184,11 +184,17 @@ def graphed(tiny_editor):
 def test_edits_that_repeat_their_shapes_replay_and_give_the_same_image(tiny_editor, graphed, photo):
     request = small_request(photo, true_cfg_scale=1.0, steps=3)
     want = tiny_editor.edit(request).image
-    images = [graphed.edit(request).image for _ in range(3)]
+    results = [graphed.edit(request) for _ in range(3)]
     graph = next(iter(graphed.graphs.graphs.values()))
     assert graphed.graphs.recorded == 1 and graph.graph.replays == 6  # the second edit's 3 steps and the third's
-    for image in images:
-        assert image.tobytes() == want.tobytes()
+    for result in results:
+        assert result.image.tobytes() == want.tobytes()
+    notes = [[n for n in r.notes if "CUDA graphs" in n] for r in results]
+    assert notes == [
+        ["transformer CUDA graphs: 3 calls as they are (new shapes; the next edit with them replays)"],
+        ["transformer CUDA graphs: 3 of 3 calls replayed (recorded in this edit)"],
+        ["transformer CUDA graphs: 3 of 3 calls replayed"],
+    ]
     other = dataclasses.replace(request, prompt="make it blue", seed=5)
     assert graphed.edit(other).image.tobytes() == tiny_editor.edit(other).image.tobytes()
 
@@ -201,6 +207,7 @@ def test_cfg_edits_and_step_caches_do_not_use_the_graphs(graphed, photo):
         for _ in range(2):
             graphed.edit(request)
     assert graphed.graphs.recorded == 0 and not graphed.graphs.seen
+    assert not [n for n in graphed.edit(request).notes if "CUDA graphs" in n]
 
 
 def test_enable_graphs_follows_the_device_the_plan_and_the_compile(tiny_editor):
