@@ -91,6 +91,7 @@ class Editor:
         self.predictor: stages.Predictor | None = None  # set by qie.serving.parallel for CFG-parallel runs
         self.batched_cfg = stages.BatchedCfg()  # both CFG branches in one call (requests' `batch_cfg`)
         self.graphs: TransformerGraphs | None = None  # the forward's CUDA graphs (`enable_graphs`)
+        self.graphs_setting = "off"  # what `enable_graphs` was last asked (a step down asks again)
         self._batch_cfg_pays: bool | None = None  # the cost model's verdict for this plan, once asked
         self._prediction_logged = False  # predicted vs measured step time, logged after the first edit
         self._warming_up = False
@@ -223,6 +224,7 @@ class Editor:
         """
         from qie.speed.compile import CUDA_GRAPH_MODES
 
+        self.graphs_setting = setting
         on = self.device.type == "cuda" and self.plan.name in RESIDENT_PLANS
         if setting == "auto":
             on = on and self.compiled and self.compile_stats.get("mode") not in CUDA_GRAPH_MODES
@@ -392,6 +394,7 @@ class Editor:
                 continue
             self.plan = PLANS[name]
             self._batch_cfg_pays = None  # ask the cost model again for the new plan
+            self.enable_graphs(self.graphs_setting)  # the new plan and the compile undone decide again
             return True
         return False
 

@@ -139,6 +139,8 @@ class TransformerGraphs:
             self.graphs.popitem(last=False)
         try:
             graph, out = self._record(lambda: forward(**buffers), self.pool, error_mode="thread_local")
+        except torch.OutOfMemoryError:
+            raise  # the editor's out-of-memory handling frees memory or steps down; not a reason to stop recording
         except Exception as exc:  # a build whose forward cannot be captured: as it is from now on, said once
             self.disabled = f"{type(exc).__name__}: {exc}"
             self.clear()

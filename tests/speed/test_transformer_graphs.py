@@ -223,6 +223,29 @@ def test_enable_graphs_follows_the_device_the_plan_and_the_compile(tiny_editor):
     assert not editor.enable_graphs("on") and editor.graphs is None
 
 
+def test_a_step_down_decides_again(tiny_editor, monkeypatch):
+    editor = clone_editor(tiny_editor)
+    editor.device, editor.compiled, editor.compile_stats = torch.device("cuda"), True, {"mode": "default"}
+    assert editor.enable_graphs("auto")
+    no_op = dataclasses.replace(PLANS["resident-fp8"], apply=lambda pipe, device, budget: None)
+    monkeypatch.setitem(PLANS, "resident-fp8", no_op)
+    monkeypatch.setattr("qie.speed.compile.uncompile_blocks", lambda transformer: None)
+    assert editor.step_down() and editor.plan.name == "resident-fp8"
+    assert editor.graphs is None and editor.graphs_setting == "auto"  # the compile was undone
+
+
+def test_running_out_of_memory_while_recording_is_the_editors_to_handle():
+    def oom(fn, pool, error_mode="global"):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    graphs = TransformerGraphs(torch.nn.Linear(2, 2), record=oom, weights=lambda m: (1,))
+    forward, x, t = counting([]), torch.ones(1, 3), torch.zeros(1)
+    graphs(graphs.start_edit(), forward, "v", x=x, t=t)
+    with pytest.raises(torch.OutOfMemoryError):
+        graphs(graphs.start_edit(), forward, "v", x=x, t=t)
+    assert not graphs.disabled
+
+
 def test_load_options_name_a_bad_transformer_graphs_value():
     from qie.core.load_options import LoadOptions
 
