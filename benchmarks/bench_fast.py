@@ -145,6 +145,7 @@ def run_fast(bench: Any) -> None:
     With `--attention-quant`, a second pass repeats the rows of the first size with that request option.
     """
     bench.check_time("fast")
+    references = fast_references(bench, bench.args.sizes[0]) if getattr(bench.args, "fast_psnr", True) else {}
     editor, compiled = fastest_editor(bench, lora_steps=8)
     quant = request_options(bench)["attention_quant"]
     passes = [("off", bench.args.sizes)] + ([(quant, bench.args.sizes[:1])] if quant != "off" else [])
@@ -161,6 +162,9 @@ def run_fast(bench: Any) -> None:
                     raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
                 row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
                 row.e2e_s = {f"fast_{steps}": probe.e2e_s}
+                if size == sizes[0] and steps in references:
+                    diff = difference(probe.image, references[steps])
+                    row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
                 if first:  # and where its time went: compiles happen in denoise (blocks) and decode (VAE)
                     row.e2e_s["first_edit"], first = probe.first_e2e_s, False
                     row.e2e_s.update({f"first_edit_{k}": v for k, v in probe.first_timings.items()})
@@ -178,6 +182,30 @@ def run_fast(bench: Any) -> None:
                     )
                     row.profile["host_syncs"] = host_syncs(editor, size, steps, **options)
                     bench.save()
+
+
+def fast_references(bench: Any, size: int) -> dict[int, Any]:
+    """The fast section's 8- and 4-step edits at `size` on a fresh pipeline of the same weights, resident in
+    the bench's precision (bf16 on a GPU) and eager, with the same random Lightning LoRA fused: the images
+    the fast rows' PSNR is measured against (`psnr_vs_ref`). The pipeline is freed before the section's own."""
+    from qie.core.registry import pipeline_variant, variant_spec
+    from qie.core.speed_setup import SpeedSetup
+    from qie.speed.fast_mode import load_fast_mode, random_lightning_lora
+
+    bench.check_time("fast references")
+    pipe = bench.fresh_pipe()
+    editor = bench.editor(pipe, "resident")
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = random_lightning_lora(pipe.transformer, Path(tmp) / "lightning.safetensors", dtype=pipe.dtype)
+        spec = variant_spec(pipeline_variant(pipe)).lightning
+        fast = load_fast_mode(pipe, str(lora), lightning=spec, steps=8, fuse=True)
+    editor.speed = SpeedSetup(fast=fast, fast_unavailable=None)
+    images = {}
+    for steps in (8, 4):  # one fused LoRA serves both step counts, as in the section
+        editor.speed.fast = dataclasses.replace(fast, steps=steps)
+        images[steps] = probe_qie(editor, size, steps, False, stamp_steps=False, **AUTO).image
+    del editor, pipe, fast
+    return images
 
 
 def graphs_note(graphs: Any) -> str:

@@ -179,6 +179,13 @@ def _add_bench_parser(sub) -> None:
         "on the resident plans; the timed edits repeat the first one's shapes, so they replay)",
     )
     bench.add_argument(
+        "--fast-psnr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fast section: the PSNR of its first size's rows against the same fast edits in bf16, eager, on a "
+        "fresh pipeline with the same LoRA (default: %(default)s; ~1 min on an H200)",
+    )
+    bench.add_argument(
         "--attention-quant",
         choices=ATTENTION_QUANT_MODES,
         default="off",
