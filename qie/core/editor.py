@@ -468,7 +468,7 @@ class Editor:
         if not run.uses_cfg and self.graphs is not None and self.fault is None:
             edit = self.graphs.start_edit()
             if edit is not None:  # what the request changed in the transformer is part of each graph's key
-                variant = (request.mode or self.speed.default_mode, request.attention_quant)
+                variant = (self.speed.mode_for(request), request.attention_quant)
                 return stages.GraphedPrediction(self.graphs, edit, variant)
         batched = request.batch_cfg
         if batched is None:
@@ -748,7 +748,7 @@ def log_prediction(editor: Editor, request: EditRequest, result: EditResult) -> 
     except Exception as exc:  # a log line must never fail an edit
         log.debug("no prediction: %s", exc)
         return
-    fast = editor.speed.fast is not None and (request.mode or editor.speed.default_mode) == "fast"
+    fast = editor.speed.fast is not None and editor.speed.mode_for(request) == "fast"
     cfg = request.uses_cfg and not fast  # fast mode runs without CFG
     predicted = (p.cfg_batched_s if editor._batch_cfg_pays else p.cfg_two_calls_s) if cfg else p.forward_s
     measured = result.timings["denoise"] / steps

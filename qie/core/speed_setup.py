@@ -49,6 +49,10 @@ class SpeedSetup:
         """ "fast" when the Lightning LoRA is fused into the weights (the only mode then), else "quality"."""
         return "fast" if self.fast is not None and self.fast.fused else "quality"
 
+    def mode_for(self, request: EditRequest) -> str:
+        """The mode `request` runs in: its own `mode`, else `default_mode`."""
+        return request.mode or self.default_mode
+
 
 def setup_speed(
     pipe,
@@ -131,7 +135,7 @@ def request_speed(pipe, setup: SpeedSetup, request: EditRequest) -> Iterator[Req
     """
     with contextlib.ExitStack() as stack:
         run = RequestRun(steps=request.steps, true_cfg_scale=request.true_cfg_scale if request.uses_cfg else 1.0)
-        mode = request.mode or setup.default_mode
+        mode = setup.mode_for(request)
         if mode == "quality" and setup.default_mode == "fast":
             raise InvalidRequestError(
                 "mode",
