@@ -170,15 +170,27 @@ class Bench:
         self.add(row)
         return row
 
-    def profile(self, row: Row, transformer, trigger) -> None:
-        """Add where one transformer forward's time goes (`benchmarks.profiling`) to `row`."""
+    def profile(self, row: Row, transformer, trigger, editor=None) -> None:
+        """Add where one transformer forward's time goes (`benchmarks.profiling`) to `row`.
+
+        `editor`'s transformer CUDA graphs, if on, are paused meanwhile: a replayed graph never calls the
+        transformer, so the profile would have no call to replay. Its kernels are the compiled forward's;
+        only the host's launch time differs, which the row's step time already holds."""
         from benchmarks.profiling import profile_forward
 
+        graphs = getattr(editor, "graphs", None)
+        if graphs is not None:
+            editor.graphs = None
         try:
             row.profile = profile_forward(transformer, trigger, device_name=self.device_name())
         except Exception as exc:  # a profile is a diagnosis: never lose the row for it
             row.notes.append(f"profile failed: {type(exc).__name__}: {exc}")
             return
+        finally:
+            if graphs is not None:
+                editor.graphs = graphs
+        if graphs is not None:
+            row.profile["transformer_graphs"] = "paused: the compiled forward without its graph"
         p = row.profile
         print(
             f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s, "
@@ -354,7 +366,7 @@ class Bench:
         editor.enable_compile()  # the stream plan too: block forwards compiled, weights rebound per call
         self.cap_memory(budget)
         row = self.measure(f"qie auto @ {budget:g} GiB", plan.name, 1024, lambda s, n, c: probe_qie(editor, s, n, c))
-        self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False))
+        self.profile(row, pipe.transformer, lambda: probe_qie(editor, 1024, 2, False), editor)
         placement = getattr(pipe, "qie_placement", None)
         streamer = getattr(pipe.transformer.transformer_blocks, "qie_streamer", None)
         te_arena = getattr(pipe.text_encoder, "qie_pinned", None)

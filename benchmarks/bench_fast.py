@@ -178,7 +178,10 @@ def run_fast(bench: Any) -> None:
                 bench.add(row)
                 if steps == 4 and size == sizes[0]:
                     bench.profile(
-                        row, editor.pipe.transformer, lambda s=size, o=options: probe_qie(editor, s, 4, False, **o)
+                        row,
+                        editor.pipe.transformer,
+                        lambda s=size, o=options: probe_qie(editor, s, 4, False, **o),
+                        editor,
                     )
                     row.profile["host_syncs"] = host_syncs(editor, size, steps, **options)
                     bench.save()
@@ -263,7 +266,9 @@ def run_quality(bench: Any) -> None:
         diff = difference(ref_probe.image, bench.reference[size])
         row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
     bench.add(row)
-    bench.profile(row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **request_options(bench)))
+    bench.profile(
+        row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **request_options(bench)), editor
+    )
 
 
 def run_compile_modes(bench: Any) -> None:

@@ -188,3 +188,30 @@ def test_the_restart_child_runs_with_this_runs_speed_flags(tmp_path):
     assert flags["--compile-mode"] == "max-autotune" and flags["--attention"] == "native"
     assert flags["--attention-quant"] == "fp8" and flags["--vae-compile"] == "off" and flags["--out"] == str(tmp_path)
     assert build_parser().parse_args(command[3:]).vae_compile == "off"  # the child's parser takes them all
+
+
+def test_a_profile_pauses_the_editors_transformer_graphs_and_restores_them(tmp_path):
+    """A replayed graph never calls the transformer: the profile runs the forward with the graphs paused."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.bench import Bench, Row
+
+    args = argparse.Namespace(max_seconds=0, out=str(tmp_path), probe_steps=2, scale="tiny", model_variant="2509")
+    args.device, args.seed, args.tag = "cpu", 0, "g"
+    bench = Bench(args)
+    layer, graphs = torch.nn.Linear(4, 4), object()
+    editor = SimpleNamespace(graphs=graphs)
+
+    def edit():  # as an edit runs: the graphs, when on, stand in for the transformer's call
+        if editor.graphs is None:
+            layer(torch.randn(2, 4))
+
+    row = Row(name="fast", size=64, plan="resident")
+    bench.profile(row, layer, edit, editor)
+    assert not any(n.startswith("profile failed") for n in row.notes), row.notes
+    assert row.profile["forward_s"] > 0 and row.profile["transformer_graphs"].startswith("paused")
+    assert editor.graphs is graphs
+    bench.profile(row, layer, edit)  # without the editor, the graphs stay on and there is no call to profile
+    assert "profile failed: RuntimeError: Linear was not called by the trigger" in row.notes
