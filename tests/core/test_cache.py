@@ -118,3 +118,43 @@ def test_an_edit_hashes_each_input_image_once(fresh_editor, photo, monkeypatch):
     result = fresh_editor.edit(dataclasses.replace(request, images=[photo, second]))
     assert sorted(hashed) == sorted([photo.size, second.size])
     assert result.notes == ()  # nothing cached yet: both stages encoded
+
+
+def test_the_text_encoders_host_inputs_are_prepared_on_a_thread_once_per_missing_prompt(
+    fresh_editor, photo, monkeypatch
+):
+    """The processor runs on the prefetch thread for the prompts the cache lacks, and only those; the
+    embeddings are those of the processor called inline."""
+    from qie.core import stages
+
+    calls: list[tuple[str, str]] = []
+    real = stages.prompt_inputs
+
+    def spy(pipe, prompt, images):
+        calls.append((prompt, threading.current_thread().name))
+        return real(pipe, prompt, images)
+
+    monkeypatch.setattr(stages, "prompt_inputs", spy)
+    request = small_request(photo, seed=3, steps=2, true_cfg_scale=2.0, negative_prompt="blur")
+    first = fresh_editor.edit(request)
+    assert sorted(calls) == sorted([(request.prompt, "qie-prompt-inputs"), ("blur", "qie-prompt-inputs")])
+    calls.clear()
+    again = fresh_editor.edit(dataclasses.replace(request, seed=4))
+    assert calls == [] and again.notes[0] == "prompt cache hit"  # nothing to prepare: no thread
+
+    embeds = stages.encode_prompt(
+        fresh_editor.pipe,
+        request.prompt,
+        stages.prompt_images(fresh_editor.pipe, request.images),
+        device=torch.device("cpu"),
+    )
+    cached = fresh_editor.cache.prompts.get(next(k for k in fresh_editor.cache.prompts._entries if k[0] == "prompt"))
+    assert torch.equal(cached.embeds, embeds.embeds)
+    assert first.image.size == again.image.size
+
+
+def test_membership_counts_neither_a_hit_nor_a_miss():
+    cache = LRUCache()
+    cache.put("a", 1, nbytes=1)
+    assert "a" in cache and "b" not in cache
+    assert cache.stats()["hits"] == cache.stats()["misses"] == 0
