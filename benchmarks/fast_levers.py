@@ -51,9 +51,6 @@ Sections (each on random weights of the real widths):
   transformer-graphs the full-size fp8 transformer (60 compiled blocks, FA3) called as a fast-mode step
              calls it, as it is against replayed from its CUDA graph (`qie.speed.transformer_graphs`) at
              the `--sizes`: milliseconds and host milliseconds per call, the recording, equal outputs.
-  qkv        the same transformer with each attention stream's q/k/v as three fp8 GEMMs against one joined
-             GEMM (`qie.memory.fp8_qkv`) at the `--sizes`: milliseconds per forward as it is and replayed
-             from a CUDA graph, kernels per forward, the joined output's error.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -77,7 +74,6 @@ from benchmarks.levers_blocks import (
     run_blocks,
     run_coordinate_descent,
     run_inductor_options,
-    run_qkv,
     run_transformer_graphs,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
@@ -101,7 +97,6 @@ SECTIONS = {
     "coordinate-descent": run_coordinate_descent,
     "inductor-options": run_inductor_options,
     "transformer-graphs": run_transformer_graphs,
-    "qkv": run_qkv,
 }
 
 

@@ -16,7 +16,6 @@ from benchmarks.levers_timing import (
     BLOCKS,
     cuda_ms,
     empty_inductor_cache,
-    kernel_count,
     kernel_table,
     rel_error,
     wall_ms,
@@ -258,73 +257,6 @@ def run_transformer_graphs(args: argparse.Namespace, device: torch.device) -> di
             log.info("transformer graphs %d²: %s", size, row)
             del graphs, later, first, fn
             torch.cuda.empty_cache()
-    finally:
-        fa3.uninstall()
-    return out
-
-
-def run_qkv(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The full-size fp8 transformer (60 blocks, fused MLP quantization, regional compile, FA3) with each
-    attention stream's q/k/v as three fp8 GEMMs against one joined GEMM (`qie.memory.fp8_qkv`), at the
-    `--sizes` (the condition at the output's area): milliseconds per forward run as it is and replayed from
-    a CUDA graph (GPU time without the host's launches), kernels per forward and their summed
-    milliseconds, the recompile's seconds, and the joined output's error against the three GEMMs'."""
-    from diffusers import QwenImageTransformer2DModel
-
-    from benchmarks.random_model import materialize
-    from qie.memory.fp8_qkv import fuse_qkv_projections
-    from qie.memory.quantize import quantize_transformer
-    from qie.speed import fa3
-    from qie.speed.compile import compile_blocks
-    from qie.speed.cuda_graphs import record
-
-    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=BLOCKS), device, torch.bfloat16, 3)
-    quantize_transformer(model, device, fuse_mlp=True, fuse_qkv=False)
-    if not fa3.install(device):
-        return {"skipped": "needs a Hopper GPU and fa3-fwd"}
-    out: dict[str, Any] = args.partial
-    out.update({"layers": BLOCKS, "text_tokens": args.text_tokens, "sizes": {}})
-    gen = torch.Generator(device=device).manual_seed(0)
-    sizes = [int(size) for size in args.sizes.split(",")]
-    calls = {}
-    for size in sizes:
-        side = size // 16
-        calls[size] = {
-            "hidden_states": torch.randn(1, 2 * side * side, 64, device=device, dtype=torch.bfloat16, generator=gen),
-            "encoder_hidden_states": torch.randn(
-                1, args.text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=gen
-            ),
-            "timestep": torch.full((1,), 0.5, device=device, dtype=torch.bfloat16),
-            "img_shapes": [[(1, side, side), (1, side, side)]],
-            "return_dict": False,
-        }
-        out["sizes"][str(size)] = {}
-    results: dict[tuple[str, int], torch.Tensor] = {}
-    try:
-        for variant in ("three GEMMs", "joined"):
-            if variant == "joined":
-                out["streams_joined"] = fuse_qkv_projections(model)
-            torch._dynamo.reset()
-            compile_blocks(model)
-            for size in sizes:
-                kwargs = calls[size]
-                row: dict[str, Any] = {}
-                with torch.inference_mode():
-                    start = time.perf_counter()
-                    results[variant, size] = model(**kwargs)[0]
-                    torch.cuda.synchronize()
-                    row["first_call_s"] = time.perf_counter() - start
-                    row["forward_ms"] = cuda_ms(lambda kw=kwargs: model(**kw))
-                    row["kernels_per_forward"], row["kernel_ms"] = kernel_count(lambda kw=kwargs: model(**kw))
-                    graph, _ = record(lambda kw=kwargs: model(**kw)[0], None)
-                    row["replayed_ms"] = cuda_ms(graph.replay)
-                    del graph
-                out["sizes"][str(size)][variant] = row
-                log.info("qkv %s %d²: %s", variant, size, row)
-        for size in sizes:
-            out["sizes"][str(size)]["rel_error_joined_vs_three"] = rel_error(
-                results["joined", size], results["three GEMMs", size]
-            )
     finally:
         fa3.uninstall()
     return out

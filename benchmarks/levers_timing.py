@@ -69,18 +69,6 @@ def kernel_table(fn: Callable[[], Any], repeats: int = 5, top: int = 12) -> dict
     return dict(sorted(rows.items(), key=lambda r: -r[1])[:top])
 
 
-def kernel_count(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, float]:
-    """(GPU kernels per call of `fn`, their summed milliseconds per call), profiled over `repeats` calls."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return sum(e.count for e in kernels) / repeats, sum(e.device_time_total for e in kernels) / 1e3 / repeats
-
-
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 

@@ -36,14 +36,11 @@ TORCHAO_INDUCTOR_OPTIONS = {
 QUANTIZED_INDUCTOR_OPTIONS = {k: v for k, v in TORCHAO_INDUCTOR_OPTIONS.items() if not k.startswith("coordinate")}
 
 
-def quantize_transformer(
-    transformer: torch.nn.Module, device: torch.device, fuse_mlp: bool = True, fuse_qkv: bool = True
-) -> str:
+def quantize_transformer(transformer: torch.nn.Module, device: torch.device, fuse_mlp: bool = True) -> str:
     """Quantize the Linear layers of `transformer`'s blocks in place; returns "fp8" or "int8".
 
     With fp8, `fuse_mlp` also fuses each block MLP's GELU with the fp8 quantization of its output
-    (`qie.memory.fp8_mlp`: one pass instead of a looped reduction), and `fuse_qkv` joins each attention
-    stream's q/k/v projections into one GEMM (`qie.memory.fp8_qkv`).
+    (`qie.memory.fp8_mlp`: one pass instead of a looped reduction).
     """
     try:
         from torchao.quantization import (
@@ -75,10 +72,6 @@ def quantize_transformer(
         from qie.memory.fp8_mlp import fuse_mlp_quantization
 
         fuse_mlp_quantization(transformer)
-    if fp8 and fuse_qkv:
-        from qie.memory.fp8_qkv import fuse_qkv_projections
-
-        fuse_qkv_projections(transformer)
     return "fp8" if fp8 else "int8"
 
 

@@ -37,7 +37,6 @@ import logging
 import torch
 from torch.library import triton_op, wrap_triton
 
-from qie.memory import fp8_qkv
 from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, to_fp8
 from qie.speed import fa3, rope
 from qie.speed.fa3 import QWEN_MODULE
@@ -66,24 +65,21 @@ def _triton_kernel():
 
     @triton.jit
     def qie_qk_norm_rope(
-        x_ptr, w_ptr, f_ptr, out_ptr, s_ptr, rows, heads, stream_rows, joint_rows, offset_rows, x_batch, x_token,
+        x_ptr, w_ptr, f_ptr, out_ptr, s_ptr, rows, heads, stream_rows, joint_rows, offset_rows,
         EPS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr, FP8_MAX_: tl.constexpr,
     ):  # fmt: skip
         # Row r of x (flattened [B, S, H]) is token t = (r % stream_rows) // heads of sample r // stream_rows;
-        # it lands in row offset_rows + r % stream_rows of that sample's [S_joint, H] block. x's samples
-        # and tokens lie x_batch and x_token elements apart (a head's D values and the heads are packed),
-        # so a slice of a joined q/k/v projection is read where it lies.
+        # it lands in row offset_rows + r % stream_rows of that sample's [S_joint, H] block.
         r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         live = r < rows
         d = tl.arange(0, D)
-        within = r % stream_rows
-        token = within // heads
-        at = (r // stream_rows) * x_batch + token * x_token + (within % heads) * D
-        x = tl.load(x_ptr + at[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        x = tl.load(x_ptr + r[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
         xf = x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + EPS)  # a constexpr: Inductor passes floats as fp64
         w = tl.load(w_ptr + d)
         n = ((xf * inv[:, None]).to(w.dtype) * w[None, :]).to(tl.float32)
+        within = r % stream_rows
+        token = within // heads
         f = tl.load(f_ptr + token[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
         re, im = tl.split(tl.reshape(n, (ROWS, D // 2, 2)))
         cos, sin = tl.split(tl.reshape(f, (ROWS, D // 2, 2)))
@@ -100,18 +96,8 @@ def _triton_kernel():
 ROWS_PER_PROGRAM = 16  # 16 heads x 128 channels: 8 KB of bf16 per program
 
 
-def packed_heads(x: torch.Tensor) -> torch.Tensor:
-    """`x` ([B, S, H, D]) itself when each token's heads lie packed (D values, then the next head), as in
-    a slice of a joined q/k/v projection; else a contiguous copy. The kernel reads it with its strides."""
-    _, _, heads, dim = x.shape
-    if x.stride(3) == 1 and (heads == 1 or x.stride(2) == dim):
-        return x
-    return x.contiguous()
-
-
 def _launch(x, weight, freqs, eps, joint, offset, scale=None) -> None:
-    """One stream into `joint` at token `offset`; with `scale` (a 1-element fp32 tensor) as fp8 values.
-    `x` as `packed_heads` gives it."""
+    """One stream into `joint` at token `offset`; with `scale` (a 1-element fp32 tensor) as fp8 values."""
     triton, kernel = _triton_kernel()
     batch, tokens, heads, dim = x.shape
     rows = batch * tokens * heads
@@ -119,8 +105,7 @@ def _launch(x, weight, freqs, eps, joint, offset, scale=None) -> None:
     joint_rows = joint.shape[1] * heads
     wrap_triton(kernel)[grid](
         x, weight, freqs, joint, weight if scale is None else scale, rows, heads, tokens * heads, joint_rows,
-        offset * heads, x.stride(0), x.stride(1), EPS=eps, D=dim, ROWS=ROWS_PER_PROGRAM, FP8=scale is not None,
-        FP8_MAX_=FP8_MAX, num_warps=4,
+        offset * heads, EPS=eps, D=dim, ROWS=ROWS_PER_PROGRAM, FP8=scale is not None, FP8_MAX_=FP8_MAX, num_warps=4,
     )  # fmt: skip
 
 
@@ -130,8 +115,8 @@ def _joined(txt, img, txt_weight, img_weight, txt_freqs, img_freqs, txt_eps, img
     if txt.is_cuda and width & (width - 1) == 0 and _triton_kernel() is not None:  # Triton tiles: powers of two
         dtype = txt.dtype if scale is None else FP8
         joint = txt.new_empty(txt.shape[0], txt.shape[1] + img.shape[1], *txt.shape[2:], dtype=dtype)
-        _launch(packed_heads(txt), txt_weight, txt_freqs.contiguous(), txt_eps, joint, 0, scale)
-        _launch(packed_heads(img), img_weight, img_freqs.contiguous(), img_eps, joint, txt.shape[1], scale)
+        _launch(txt.contiguous(), txt_weight, txt_freqs.contiguous(), txt_eps, joint, 0, scale)
+        _launch(img.contiguous(), img_weight, img_freqs.contiguous(), img_eps, joint, txt.shape[1], scale)
         return joint
     joint = torch.cat(
         [reference(txt, txt_weight, txt_freqs, txt_eps), reference(img, img_weight, img_freqs, img_eps)], dim=1
@@ -236,15 +221,13 @@ def processor_class() -> type:
             head_dim = attn.inner_dim // attn.heads
             img_freqs, txt_freqs = image_rotary_emb
 
-            def qkv(stream, x):  # one joined fp8 GEMM (`qie.memory.fp8_qkv`), else the stream's three layers
-                out = fp8_qkv.project(attn, stream, x) or [getattr(attn, n)(x) for n in fp8_qkv.STREAMS[stream]]
-                return [part.unflatten(-1, (-1, head_dim)) for part in out]  # [B, S, H, D] each
+            def heads(txt_proj, img_proj):  # text then image, [B, S, H, D] each
+                txt, img = txt_proj(encoder_hidden_states), img_proj(hidden_states)
+                return txt.unflatten(-1, (-1, head_dim)), img.unflatten(-1, (-1, head_dim))
 
             freqs = (txt_freqs, img_freqs)
-            txt_q, txt_k, txt_v = qkv("text", encoder_hidden_states)
-            img_q, img_k, img_v = qkv("image", hidden_states)
-            q_streams, k_streams = (txt_q, img_q), (txt_k, img_k)
-            value = torch.cat([txt_v, img_v], dim=1)
+            q_streams, k_streams = heads(attn.add_q_proj, attn.to_q), heads(attn.add_k_proj, attn.to_k)
+            value = torch.cat(heads(attn.add_v_proj, attn.to_v), dim=1)
             fp8_forward = fa3.fp8_forward_now(qwen, hidden_states, self._attention_backend, self._parallel_config)
             if fp8_forward is not None:
                 # fp8 attention: the prologue writes fp8 queries and keys itself (no extra pass)

@@ -266,22 +266,3 @@ def test_compiled_code_launches_the_kernels_itself_at_any_token_count():
         assert torch.equal(got, want)
     source = "\n".join(code)
     assert "qie_qk_norm_rope" in source and "torch.ops.qie" not in source
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not qk_prologue.available(), reason="needs a CUDA GPU and Triton")
-def test_the_kernel_reads_slices_of_a_joined_projection_where_they_lie():
-    """q and k as slices of one [B, S, 3 x H x D] GEMM output: no copy, the same values as contiguous ones."""
-    from diffusers.models.normalization import RMSNorm
-
-    device = torch.device("cuda")
-    txt_norm, img_norm = (RMSNorm(128, eps=1e-6).to(device, torch.bfloat16) for _ in range(2))
-    txt_qkv = torch.randn(2, 230, 3 * 24 * 128, device=device).bfloat16()
-    img_qkv = torch.randn(2, 1030, 3 * 24 * 128, device=device).bfloat16() * 3
-    txt_f, img_f = freqs(230, 64).to(device), freqs(1030, 64).to(device)
-    for part in range(2):  # q, then k
-        txt, img = (x.split(24 * 128, dim=-1)[part].unflatten(-1, (24, 128)) for x in (txt_qkv, img_qkv))
-        assert qk_prologue.packed_heads(img) is img  # read in place
-        got = qk_prologue.norm_rope_join(txt, img, txt_norm, img_norm, txt_f, img_f)
-        want = qk_prologue.norm_rope_join(txt.contiguous(), img.contiguous(), txt_norm, img_norm, txt_f, img_f)
-        assert torch.equal(got, want)
