@@ -30,10 +30,9 @@ Sections (each on random weights of the real widths):
              language model's CUDA graphs, and their error), its parts' seconds, GPU busy time, a
              cProfile of one call, with the garbage collector's pauses per call (h200-ad also
              measured it after a compile and with `gc.freeze`: no gain).
-  encode-order both encode stages as an edit runs them (the VAE encode queued while a thread prepares the
-             text encoder's inputs) against the same with that preparation in the text stage (the order
-             before the prefetch) and with a wait for the GPU after each stage, at 1024² and 768²:
-             seconds, the timer's stage seconds.
+  encode-order both encode stages as an edit runs them (the VAE encode queued before the text encoder's
+             host-side image preparation, no wait between) against the same with a wait for the GPU
+             after each stage, at 1024² and 768²: seconds, the timer's stage seconds.
   vae        the full-size VAE's decode and encode of one frame at 1024² and 768²: diffusers' causal 3-D
              convolutions against `qie.speed.vae_frames`' 2-D ones (milliseconds, kernels, error), then
              the 2-D decoder compiled.

@@ -4,7 +4,6 @@ order of the two encode stages, the VAE's 2-D convolutions and its compile."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import statistics
@@ -211,31 +210,13 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return out
 
 
-class Deferred:
-    """`qie.core.prefetch.Prefetch`'s interface without the thread: the work runs when `result()` is first
-    called, as the text encode stage ran it before the prefetch (after the condition's VAE encode was queued)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, name: str = "") -> None:
-        self._call, self._value, self._done = functools.partial(fn, *args), None, False
-
-    def result(self) -> Any:
-        if not self._done:
-            self._value, self._done = self._call(), True
-        return self._value
-
-    def wait(self) -> None:
-        pass
-
-
 def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Both encode stages of an edit (`Editor.encode`, caches off, fast mode: no negative prompt) on the
-    full-size random pipeline at 1024² and 768², as an edit runs them (the condition's VAE encode queued
-    while a thread prepares the text encoder's inputs, `qie.core.prefetch`), against the same call with
-    that preparation run in the text stage (`Deferred`, the order before the prefetch) and with a timer
-    that waits for the GPU at the end of each stage (no overlap at all): median seconds of 7 synchronized
-    calls, and the stage seconds the edit's timer reports."""
+    full-size random pipeline at 1024² and 768², as an edit runs them (the condition's VAE encode queued,
+    then the text encoder's host-side image preparation, no wait between) against the same call with a
+    timer that waits for the GPU at the end of each stage, as the timer did before (no overlap): median
+    seconds of 7 synchronized calls, and the stage seconds the edit's timer reports."""
     from contextlib import contextmanager
-    from unittest import mock
 
     from benchmarks.probes import make_request
     from qie.telemetry import StageTimer
@@ -251,23 +232,16 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
 
     editor = encoders_editor(device)
     out: dict[str, Any] = {"sizes": {}}
-    variants = (
-        ("as an edit", StageTimer, None),
-        ("prep in the text stage", StageTimer, Deferred),
-        ("wait between", WaitingTimer, Deferred),
-    )
     for size in (1024, 768):
         request = make_request(size, 4, False)
         row: dict[str, Any] = {}
         with torch.inference_mode():
-            for name, timer, prefetch in variants:
+            for name, timer in (("as an edit", StageTimer), ("wait between", WaitingTimer)):
                 encode = functools.partial(editor.encode, request, uses_cfg=False)
-                with mock.patch("qie.core.editor.Prefetch", prefetch) if prefetch else contextlib.nullcontext():
-                    row[f"{name}_s"] = wall_ms(lambda e=encode, t=timer: e(t(device)), repeats=7, warm=1) / 1e3
+                row[f"{name}_s"] = wall_ms(lambda e=encode, t=timer: e(t(device)), repeats=7, warm=1) / 1e3
             timer = StageTimer(device)
             editor.encode(request, timer, uses_cfg=False)
             row["timer_s"] = timer.timings
-        row["prefetch_saved_s"] = row["prep in the text stage_s"] - row["as an edit_s"]
         row["overlap_saved_s"] = row["wait between_s"] - row["as an edit_s"]
         out["sizes"][str(size)] = row
         log.info("encode order %d²: %s", size, row)

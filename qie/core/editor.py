@@ -29,7 +29,6 @@ from qie.core.images import ImageInput
 from qie.core.load_options import RESIDENT_PLANS, LoadOptions, auto_vae_compile
 from qie.core.loras import LoraSpec, fuse_loras, lora_notes
 from qie.core.models import check_hardware, load_pipeline, resolve_device, resolve_dtype
-from qie.core.prefetch import Prefetch
 from qie.core.registry import DEFAULT_MODEL, ModelSpec, pipeline_variant, resolve_model, spec_for_pipeline
 from qie.core.request import EditRequest, EditResult
 from qie.core.rewrite import DEFAULT_MAX_NEW_TOKENS, check_language, check_max_new_tokens, generate_rewrite
@@ -490,33 +489,23 @@ class Editor:
         self.cache.bind(pipe)
         notes: list[str] = []
         ids = {"model": self.model, "revision": self.revision}
-        prep: Prefetch[dict[str, Any]] | None = None
         # The condition first: its VAE encode runs on the GPU while the host prepares the text encoder's
-        # inputs on a thread (`qie.core.prefetch`; the timer does not wait between stages), and its
-        # latents take the prompt's dtype.
-        try:
-            with timer("condition_encode"):
-                ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
-                prompt_ids = {**ids, "fixes": self.fixes, "device": device, "uses_cfg": uses_cfg}
-                texts = cache.prompts_to_encode(self.cache, pipe, request, **prompt_ids)
-                if texts:
-                    prep = Prefetch(stages.prepare_prompt_inputs, pipe, texts, request.images, name="qie-prompt-inputs")
-                area = condition_area(request)
-                if request.condition_area is None:
-                    notes.append(f"condition_area=auto: {request.condition_area_used}")
-                condition, hit = cache.encode_condition(
-                    self.cache, pipe, request, **ids, area=area, device=device, dtype=pipe.text_encoder.dtype
-                )
-                notes += ["condition cache hit"] if hit else []
-            with timer("text_encode"):
-                prompt, negative, hit = cache.encode_prompts(
-                    self.cache, pipe, request, **prompt_ids, prepared=prep.result if prep is not None else None
-                )
-                if hit:
-                    notes.insert(0, "prompt cache hit")
-        finally:
-            if prep is not None:  # never leave the processor running past the edit (it is not thread-safe)
-                prep.wait()
+        # images (the timer does not wait between stages), and its latents take the prompt's dtype.
+        with timer("condition_encode"):
+            ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
+            area = condition_area(request)
+            if request.condition_area is None:
+                notes.append(f"condition_area=auto: {request.condition_area_used}")
+            condition, hit = cache.encode_condition(
+                self.cache, pipe, request, **ids, area=area, device=device, dtype=pipe.text_encoder.dtype
+            )
+            notes += ["condition cache hit"] if hit else []
+        with timer("text_encode"):
+            prompt, negative, hit = cache.encode_prompts(
+                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
+            )
+            if hit:
+                notes.insert(0, "prompt cache hit")
         return stages.Encoded(prompt, negative, condition), notes
 
     def rewrite_prompt(

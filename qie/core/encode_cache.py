@@ -85,11 +85,6 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: Hashable) -> bool:
-        """Whether `key` is stored (counts neither a hit nor a miss, keeps the order)."""
-        with self._lock:
-            return key in self._entries
-
     def stats(self) -> dict[str, int]:
         """Entries, bytes held, hits and misses."""
         with self._lock:
@@ -151,30 +146,6 @@ def cached(cache: LRUCache, key: Hashable, make: Callable[[], T]) -> tuple[T, bo
     return value, False
 
 
-def _prompt_keys(
-    pipe: Any,
-    request: Any,
-    *,
-    model: str,
-    revision: str | None,
-    digests: tuple[str, ...],
-    fixes: dict[str, bool],
-    device: torch.device,
-    uses_cfg: bool | None,
-) -> list[tuple[str, Hashable]]:
-    """(text, cache key) of the request's prompt and, with CFG, its negative prompt."""
-    base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))
-    keys: list[tuple[str, Hashable]] = [(request.prompt, ("prompt", request.prompt, *base))]
-    if request.uses_cfg if uses_cfg is None else uses_cfg:
-        keys.append((request.negative_prompt, ("negative", request.negative_prompt, *base)))
-    return keys
-
-
-def prompts_to_encode(cache: EditCache, pipe: Any, request: Any, **ids: Any) -> list[str]:
-    """The texts `encode_prompts` (same arguments but `prepared`) would have to encode: not in the cache."""
-    return [text for text, key in _prompt_keys(pipe, request, **ids) if key not in cache.prompts]
-
-
 def encode_prompts(
     cache: EditCache,
     pipe: Any,
@@ -186,14 +157,11 @@ def encode_prompts(
     device: torch.device,
     uses_cfg: bool | None = None,
     digests: tuple[str, ...] | None = None,
-    prepared: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, bool]:
     """The request's prompt (and, with CFG, negative prompt) embeddings, from the cache when there.
 
     `uses_cfg` overrides the request's own CFG setting (fast mode runs without CFG). `digests` are
     the images' `digests_of`, when the caller has them (hashing a 1024² image takes ~10 ms).
-    `prepared` returns `stages.prepare_prompt_inputs` of the texts to encode, when the caller had them
-    prepared ahead (on another thread, `Editor.encode`); called only if something is to be encoded.
     Returns (prompt, negative or None, True when nothing had to be encoded).
     """
     digests = digests if digests is not None else digests_of(request.images)
@@ -201,17 +169,17 @@ def encode_prompts(
     small: list[Image.Image] = []
 
     def encode(text: str) -> stages.PromptEmbeds:
-        inputs = prepared().get(text) if prepared is not None else None
-        if inputs is None and not small:
+        if not small:
             small.extend(stages.prompt_images(pipe, request.images))
-        return stages.encode_prompt(pipe, text, small, device=device, forward_mm_token_type_ids=fix, inputs=inputs)
+        return stages.encode_prompt(pipe, text, small, device=device, forward_mm_token_type_ids=fix)
 
-    ids = {"model": model, "revision": revision, "digests": digests, "fixes": fixes, "device": device}
-    (prompt_key, *negative_key) = _prompt_keys(pipe, request, **ids, uses_cfg=uses_cfg)
-    prompt, hit = cached(cache.prompts, prompt_key[1], lambda: encode(request.prompt))
+    base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))
+    prompt, hit = cached(cache.prompts, ("prompt", request.prompt, *base), lambda: encode(request.prompt))
     negative = None
-    if negative_key:
-        negative, neg_hit = cached(cache.prompts, negative_key[0][1], lambda: encode(request.negative_prompt))
+    if request.uses_cfg if uses_cfg is None else uses_cfg:
+        negative, neg_hit = cached(
+            cache.prompts, ("negative", request.negative_prompt, *base), lambda: encode(request.negative_prompt)
+        )
         hit = hit and neg_hit
     return prompt, negative, hit
 

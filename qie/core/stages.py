@@ -16,7 +16,6 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -70,13 +69,27 @@ def prompt_images(pipe, images: Sequence[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def prompt_inputs(pipe, prompt: str, images: Sequence[Image.Image]) -> Any:
-    """The processor's inputs (a `BatchFeature` on the host) for the templated `prompt` with the (small)
-    input `images`: host work only (tokenizing, the images' resize and patches), so it can run while the
-    GPU works on something else (`prepare_prompt_inputs`). Raises `InvalidRequestError` for a prompt
-    over `MAX_PROMPT_TOKENS` tokens with its images.
+def encode_prompt(
+    pipe,
+    prompt: str,
+    images: Sequence[Image.Image],
+    *,
+    device: torch.device,
+    forward_mm_token_type_ids: bool = True,
+) -> PromptEmbeds:
+    """Run the Qwen2.5-VL text encoder on the templated prompt and the (small) input images.
+
+    Only the last hidden states are read, so the base model runs without the LM head
+    (`hidden_state_model`); the result is bit-identical to the full model's.
+
+    With transformers 5.x the processor returns `mm_token_type_ids`, which Qwen2.5-VL needs to
+    build its 3-D M-RoPE positions for image tokens; stock diffusers (<= 0.42) does not pass it
+    and the encoder silently falls back to sequential positions (diffusers issue #14194). qie
+    passes it when the processor returns it and the encoder accepts it. Remove this once the
+    upstream pipeline forwards it (tests/test_prompt_encoding.py will say so).
     """
     template = pipe.prompt_template_encode
+    drop = pipe.prompt_template_encode_start_idx
     image_prompt = "".join(IMAGE_PROMPT.format(i + 1) for i in range(len(images)))
     inputs = pipe.processor(
         text=[template.format(image_prompt + prompt)],
@@ -89,44 +102,9 @@ def prompt_inputs(pipe, prompt: str, images: Sequence[Image.Image]) -> Any:
         raise InvalidRequestError(
             "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
         )
-    return inputs
-
-
-def prepare_prompt_inputs(pipe, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, Any]:
-    """`prompt_inputs` of each of `prompts` with the input `images` resized as the text encoder sees
-    them (`prompt_images`, done once): the text encode's host work, by prompt."""
-    small = prompt_images(pipe, images)
-    return {prompt: prompt_inputs(pipe, prompt, small) for prompt in dict.fromkeys(prompts)}
-
-
-def encode_prompt(
-    pipe,
-    prompt: str,
-    images: Sequence[Image.Image],
-    *,
-    device: torch.device,
-    forward_mm_token_type_ids: bool = True,
-    inputs: Any = None,
-) -> PromptEmbeds:
-    """Run the Qwen2.5-VL text encoder on the templated prompt and the (small) input images.
-
-    `inputs`: the `prompt_inputs` of `prompt` and `images`, when already prepared (then `images` is
-    not read).
-
-    Only the last hidden states are read, so the base model runs without the LM head
-    (`hidden_state_model`); the result is bit-identical to the full model's.
-
-    With transformers 5.x the processor returns `mm_token_type_ids`, which Qwen2.5-VL needs to
-    build its 3-D M-RoPE positions for image tokens; stock diffusers (<= 0.42) does not pass it
-    and the encoder silently falls back to sequential positions (diffusers issue #14194). qie
-    passes it when the processor returns it and the encoder accepts it. Remove this once the
-    upstream pipeline forwards it (tests/test_prompt_encoding.py will say so).
-    """
-    drop = pipe.prompt_template_encode_start_idx
-    inputs = prompt_inputs(pipe, prompt, images) if inputs is None else inputs
     # One prompt has no padding: without a mask the attention is the same causal attention, and neither
     # transformers nor the slicing below reads the mask back from the GPU.
-    every_token = int(inputs["attention_mask"].sum()) == inputs["attention_mask"].numel()
+    every_token = n_tokens == inputs["attention_mask"].numel()
     inputs = inputs.to(device)
     encoder = hidden_state_model(pipe.text_encoder)
     full_model = _accepts(encoder, "logits_to_keep")  # the full model (see `hidden_state_model`)

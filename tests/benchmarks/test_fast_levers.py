@@ -72,29 +72,3 @@ def test_empty_inductor_cache_gives_a_fresh_folder_and_puts_the_setting_back(mon
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache and not any(Path(cache).iterdir())
         raise RuntimeError("a section failed")
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and not Path(cache).exists()
-
-
-def test_the_encode_order_levers_deferred_variant_prepares_in_the_text_stage(tiny_editor, photo):
-    """The lever's "before" variant: the prompt inputs prepared when the text stage asks, on the caller's thread."""
-    import threading
-    from unittest import mock
-
-    from conftest import small_request
-
-    from benchmarks.levers_encoders import Deferred
-    from qie import Editor
-    from qie.core import stages
-    from qie.telemetry import StageTimer
-
-    editor = Editor(
-        tiny_editor.pipe, model="tiny", device=tiny_editor.device, dtype=tiny_editor.dtype, plan=tiny_editor.plan
-    )
-    threads, real = [], stages.prompt_inputs
-
-    def spy(*args):
-        threads.append(threading.current_thread().name)
-        return real(*args)
-
-    with mock.patch.object(stages, "prompt_inputs", spy), mock.patch("qie.core.editor.Prefetch", Deferred):
-        encoded, _ = editor.encode(small_request(photo, steps=2, true_cfg_scale=1.0), StageTimer(editor.device))
-    assert threads == [threading.main_thread().name] and encoded.prompt.embeds.shape[0] == 1
