@@ -299,3 +299,50 @@ def run_rope(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     for name in ("real rope", "fused kernel"):
         out[f"{name}_saved_per_forward_ms"] = (out["complex rope_ms"] - out[f"{name}_ms"]) * BLOCKS
     return out
+
+
+def run_head_amax(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """fp8 attention's value scale at the real shape (joined text + image values, [1, S, 24, 128] bf16):
+    the compiled reduction over tokens and channels against `qie.speed.head_amax`'s Triton op, alone and
+    in the whole value quantization (`fa3.quantize_heads`, compiled), with the values made by a
+    concatenation as the attention processor makes them; milliseconds per call and per 60 blocks."""
+    from qie.memory.fp8_matmul import fp8_scale, to_fp8
+    from qie.speed import fa3
+    from qie.speed.head_amax import _triton_kernel, head_amax
+
+    if _triton_kernel() is None:
+        return {"skipped": "needs Triton"}
+    gen = torch.Generator(device=device).manual_seed(0)
+    txt = torch.randn(1, args.text_tokens, 24, 128, device=device, generator=gen).bfloat16()
+    img = torch.randn(1, IMAGE_TOKENS, 24, 128, device=device, generator=gen).bfloat16()
+
+    def compiled_reduction(t, i):
+        return torch.cat([t, i], dim=1).abs().amax(dim=3).amax(dim=1).float()
+
+    def old_quantize(t, i):  # the value quantization before the op
+        v = torch.cat([t, i], dim=1)
+        scale = fp8_scale(v.abs().amax(dim=3).amax(dim=1))
+        return to_fp8(v, scale[:, None, :, None]), scale
+
+    def new_quantize(t, i):
+        return fa3.quantize_heads(torch.cat([t, i], dim=1))
+
+    variants = {
+        "amax compiled": torch.compile(compiled_reduction, fullgraph=True),
+        "amax op": torch.compile(lambda t, i: head_amax(torch.cat([t, i], dim=1)), fullgraph=True),
+        "quantize compiled": torch.compile(old_quantize, fullgraph=True),
+        "quantize with op": torch.compile(new_quantize, fullgraph=True),
+    }
+    out: dict[str, Any] = {"tokens": args.text_tokens + IMAGE_TOKENS}
+    with torch.inference_mode():
+        results = {name: fn(txt, img) for name, fn in variants.items()}
+        for name, fn in variants.items():
+            ms = cuda_ms(lambda f=fn: f(txt, img), repeats=50)
+            out[f"{name}_ms"], out[f"{name}_ms_per_forward"] = ms, ms * BLOCKS
+        out["amax_equal"] = torch.equal(results["amax compiled"], results["amax op"])
+        out["quantized_equal"] = torch.equal(
+            results["quantize compiled"][0].view(torch.uint8), results["quantize with op"][0].view(torch.uint8)
+        )
+    out["saved_ms_per_forward"] = out["quantize compiled_ms_per_forward"] - out["quantize with op_ms_per_forward"]
+    log.info("head amax: %s", out)
+    return out
