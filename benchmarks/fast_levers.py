@@ -47,9 +47,6 @@ Sections (each on random weights of the real widths):
              (wider persistent reductions, benchmarked at the first call) and with `cpp_wrapper` (C++
              launch code): first call, forward and host milliseconds per 60 blocks, kernel tables by
              category (`--variants` picks some).
-  head-amax  fp8 attention's value scale at the real shape: the compiled reduction against the Triton op
-             (`qie.speed.head_amax`), alone and in the whole value quantization (milliseconds per call and
-             per 60 blocks, equal results).
   transformer-graphs the full-size fp8 transformer (60 compiled blocks, FA3) called as a fast-mode step
              calls it, as it is against replayed from its CUDA graph (`qie.speed.transformer_graphs`) at
              the `--sizes`: milliseconds and host milliseconds per call, the recording, equal outputs.
@@ -79,15 +76,7 @@ from benchmarks.levers_blocks import (
     run_transformer_graphs,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
-from benchmarks.levers_kernels import (
-    run_attention,
-    run_gelu_warps,
-    run_head_amax,
-    run_kernels,
-    run_mlp,
-    run_ops,
-    run_rope,
-)
+from benchmarks.levers_kernels import run_attention, run_gelu_warps, run_kernels, run_mlp, run_ops, run_rope
 
 log = logging.getLogger("benchmarks.fast_levers")
 
@@ -97,7 +86,6 @@ SECTIONS = {
     "ops": run_ops,
     "mlp": run_mlp,
     "attention": run_attention,
-    "head-amax": run_head_amax,
     "rope": run_rope,
     "blocks": run_blocks,
     "text": run_text,
