@@ -193,7 +193,8 @@ class Bench:
             row.profile["transformer_graphs"] = "paused: the compiled forward without its graph"
         p = row.profile
         print(
-            f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s, "
+            f"[bench] profile {row.name}: forward {p['forward_s']:.3f}s, kernels {p['kernel_s']:.3f}s "
+            f"({p.get('kernels', 0):.0f} launched), "
             f"host-to-device copies {p['h2d_s']:.3f}s, host self time {p['host_s']:.3f}s",
             flush=True,
         )

@@ -112,9 +112,11 @@ def _is_copy_only_triton(name: str) -> bool:
 
 
 def split_device_time(events: Any) -> dict[str, Any]:
-    """Sum a profiler's `key_averages()` into kernel and host-to-device copy time (seconds), and the top kernels."""
+    """Sum a profiler's `key_averages()` into kernel and host-to-device copy time (seconds), the number of
+    kernels launched (a replayed CUDA graph leaves a gap of a few microseconds between two), and the top kernels."""
     kernels: dict[str, float] = {}
     h2d = other_copies = 0.0
+    launches = 0
     for e in events:
         if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
@@ -126,9 +128,11 @@ def split_device_time(events: Any) -> dict[str, Any]:
             other_copies += us
         else:
             kernels[e.key] = kernels.get(e.key, 0.0) + us
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+            launches += getattr(e, "count", 1)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:16]
     return {
         "kernel_s": sum(kernels.values()) / 1e6,
+        "kernels": float(launches),
         "h2d_s": h2d / 1e6,
         "other_copies_s": other_copies / 1e6,
         "top_kernels_s": {k[:80]: round(v / 1e6, 4) for k, v in top},

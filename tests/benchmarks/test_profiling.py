@@ -192,3 +192,23 @@ def test_profiles_tear_cupti_down_so_later_launches_are_not_slowed(monkeypatch):
     monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
     importlib.reload(benchmarks.profiling)
     assert os.environ["TEARDOWN_CUPTI"] == "1"
+
+
+def test_device_time_counts_the_kernels_launched_apart_from_copies():
+    from types import SimpleNamespace
+
+    from benchmarks.profiling import split_device_time
+
+    def event(key, us, count, device=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=us, count=count)
+
+    events = [
+        event("nvjet_sm90_gemm", 300.0, 600),
+        event("triton_poi_fused_add_0", 50.0, 1200),
+        event("Memcpy HtoD (Pageable -> Device)", 20.0, 3),
+        event("Memset (Device)", 1.0, 5),
+        event("aten::mm", 999.0, 7, torch.autograd.DeviceType.CPU),
+    ]
+    split = split_device_time(events)
+    assert split["kernels"] == 1800 and split["kernel_s"] == pytest.approx(350e-6)
+    assert split["h2d_s"] == pytest.approx(20e-6) and split["other_copies_s"] == pytest.approx(1e-6)
