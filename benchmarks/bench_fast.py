@@ -177,7 +177,7 @@ def run_fast(bench: Any) -> None:
                     row.notes.append(f"stock 8 steps without CFG: {stock.e2e_8_nocfg_s:.2f}s")
                 bench.add(row)
                 if steps == 4 and size == sizes[0]:
-                    with request_attention(editor, mode):  # the profile's replays run the row's attention
+                    with editor.speed.quantized_attention(editor.pipe, mode):  # the profile replays the row's attention
                         bench.profile(
                             row,
                             editor.pipe.transformer,
@@ -268,17 +268,8 @@ def run_quality(bench: Any) -> None:
         row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
     bench.add(row)
     options = request_options(bench)
-    with request_attention(editor, options["attention_quant"]):
+    with editor.speed.quantized_attention(editor.pipe, options["attention_quant"]):  # as the row's edit ran
         bench.profile(row, editor.pipe.transformer, lambda: probe_qie(editor, size, 2, True, **options), editor)
-
-
-def request_attention(editor: Any, mode: str) -> Any:
-    """The attention a request's `attention_quant=mode` runs (`qie.speed.attention.quantized_attention`), as a
-    context: a forward profile replays its captured call outside the edit, so it has to be inside."""
-    from qie.speed import attention
-
-    facts = editor.speed.facts or attention.probe_facts(editor.device, editor.pipe.transformer.dtype)
-    return attention.quantized_attention(editor.pipe.transformer, mode, editor.speed.attention_backend, facts)
 
 
 def run_compile_modes(bench: Any) -> None:

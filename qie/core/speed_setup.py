@@ -53,6 +53,12 @@ class SpeedSetup:
         """The mode `request` runs in: its own `mode`, else `default_mode`."""
         return request.mode or self.default_mode
 
+    def quantized_attention(self, pipe, mode: str) -> contextlib.AbstractContextManager[str | None]:
+        """`attention.quantized_attention` for a request's `attention_quant=mode` on `pipe`'s transformer,
+        under this setup's backend: a context yielding the result's note (None for "off")."""
+        facts = self.facts or attention.probe_facts(pipe._execution_device, pipe.transformer.dtype)
+        return attention.quantized_attention(pipe.transformer, mode, self.attention_backend, facts)
+
 
 def setup_speed(
     pipe,
@@ -155,10 +161,7 @@ def request_speed(pipe, setup: SpeedSetup, request: EditRequest) -> Iterator[Req
                     note += f" (the request's {asked} do not apply)"
                 run.notes.append(note)
                 run.steps, run.true_cfg_scale = setup.fast.steps, 1.0
-        facts = setup.facts or attention.probe_facts(pipe._execution_device, pipe.transformer.dtype)
-        note = stack.enter_context(
-            attention.quantized_attention(pipe.transformer, request.attention_quant, setup.attention_backend, facts)
-        )
+        note = stack.enter_context(setup.quantized_attention(pipe, request.attention_quant))
         if note:
             run.notes.append(note)
         run.cache = stack.enter_context(

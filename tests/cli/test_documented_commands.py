@@ -44,6 +44,5 @@ def test_the_docs_show_commands():
 def test_a_documented_command_parses(doc, command):
     argv = shlex.split(command)[3:]  # after "python3 -m qie", up to a shell operator
     argv = argv[: next((i for i, arg in enumerate(argv) if arg in SHELL), len(argv))]
-    if any("<" in arg for arg in argv):  # a placeholder such as bench-<tag>.json
-        argv = [arg.replace("<", "").replace(">", "") for arg in argv]
+    argv = [arg.replace("<", "").replace(">", "") for arg in argv]  # placeholders such as bench-<tag>.json
     build_parser().parse_args(argv)  # exits (SystemExit) on a flag or value it does not know
