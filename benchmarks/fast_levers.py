@@ -50,6 +50,10 @@ Sections (each on random weights of the real widths):
   transformer-graphs the full-size fp8 transformer (60 compiled blocks, FA3) called as a fast-mode step
              calls it, as it is against replayed from its CUDA graph (`qie.speed.transformer_graphs`) at
              the `--sizes`: milliseconds and host milliseconds per call, the recording, equal outputs.
+  prologue   the same transformer with its blocks' LayerNorm + modulation + fp8 quantization as Inductor
+             fuses it, then as one Triton op per stream and norm handing fp8 rows to the projections
+             (`qie.speed.block_prologue`), at the `--sizes`: milliseconds, kernel tables, error against
+             bf16 weights; the op's kernel alone under 2 to 16 warps.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -73,6 +77,7 @@ from benchmarks.levers_blocks import (
     run_blocks,
     run_coordinate_descent,
     run_inductor_options,
+    run_prologue,
     run_transformer_graphs,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
@@ -96,6 +101,7 @@ SECTIONS = {
     "coordinate-descent": run_coordinate_descent,
     "inductor-options": run_inductor_options,
     "transformer-graphs": run_transformer_graphs,
+    "prologue": run_prologue,
 }
 
 
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="blocks section: full-size blocks (default: 4)")
     parser.add_argument("--text-tokens", type=int, default=230)
     parser.add_argument("--variants", default="", help="inductor-options section: comma list (default: all)")
-    parser.add_argument("--sizes", default="1024,768", help="transformer-graphs section: square output sizes")
+    parser.add_argument("--sizes", default="1024,768", help="transformer-graphs, prologue: square output sizes")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)

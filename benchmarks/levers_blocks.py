@@ -260,3 +260,87 @@ def run_transformer_graphs(args: argparse.Namespace, device: torch.device) -> di
     finally:
         fa3.uninstall()
     return out
+
+
+def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The full-size fp8 transformer (60 blocks, fused MLP quantization, regional compile, FA3) with its
+    blocks' LayerNorm + modulation + fp8 quantization as Inductor fuses it ("off") and as one Triton op per
+    stream and norm handing fp8 rows to the projections (`qie.speed.block_prologue`, "on"), at the `--sizes`:
+    CUDA milliseconds per forward, kernel table and categories, error against the bf16 weights' output.
+    Then the op's kernel alone at 1024²'s image rows under 2, 4, 8 and 16 warps."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from benchmarks.profiling import classify
+    from benchmarks.random_model import materialize
+    from qie.memory import norm_quantize
+    from qie.memory.quantize import quantize_transformer
+    from qie.speed import block_prologue, fa3
+    from qie.speed.compile import compile_blocks
+
+    model = materialize(lambda: QwenImageTransformer2DModel(num_layers=BLOCKS), device, torch.bfloat16, 3)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    calls = {size: _forward_inputs(device, size, args.text_tokens) for size in sizes}
+    with torch.inference_mode():
+        references = {size: model(**call)[0] for size, call in calls.items()}
+    quantize_transformer(model, device, fuse_mlp=True)
+    if not fa3.install(device):
+        return {"skipped": "needs a Hopper GPU and fa3-fwd"}
+    out: dict[str, Any] = args.partial
+    out.update({"layers": BLOCKS, "text_tokens": args.text_tokens, "sizes": {}})
+    try:
+        compile_blocks(model)
+        out["installed_blocks"] = sum(isinstance(b, block_prologue.Fp8PrologueBlock) for b in model.transformer_blocks)
+        for variant in ("off", "on"):
+            torch._dynamo.reset()
+            (block_prologue.install if variant == "on" else block_prologue.uninstall)(model)
+            for size, call in calls.items():
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    result = model(**call)[0]
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    ms = cuda_ms(lambda c=call, m=model: m(**c))
+                    table = kernel_table(lambda c=call, m=model: m(**c), repeats=3, top=40)
+                categories: dict[str, float] = {}
+                for kernel, kernel_ms in table.items():
+                    categories[classify(kernel)] = categories.get(classify(kernel), 0.0) + kernel_ms
+                row = {
+                    "forward_ms": ms,
+                    "first_call_s": first,
+                    "rel_error_vs_bf16_weights": rel_error(result, references[size]),
+                    "categories_ms": categories,
+                    "kernels_ms": table,
+                }
+                out["sizes"].setdefault(str(size), {})[variant] = row
+                log.info("prologue %s %d²: %.2f ms, error %.4f", variant, size, ms, row["rel_error_vs_bf16_weights"])
+        for rows in out["sizes"].values():
+            if {"off", "on"} <= rows.keys():
+                rows["saved_ms"] = rows["off"]["forward_ms"] - rows["on"]["forward_ms"]
+    finally:
+        fa3.uninstall()
+    del model
+    torch.cuda.empty_cache()
+    x = torch.randn(1, 8192, 3072, device=device, dtype=torch.bfloat16)
+    params = torch.randn(1, 3 * 3072, device=device, dtype=torch.bfloat16)
+    shift, scale, _ = block_prologue.modulation(params)
+    warps = {}
+    for count in (2, 4, 8, 16):
+        warps[str(count)] = cuda_ms(lambda n=count: norm_quantize._launch(x, shift, scale, 1e-6, num_warps=n))
+    out["kernel_ms_by_warps"] = warps
+    traffic = x.numel() * 3  # bf16 in, fp8 out
+    out["kernel_floor_ms"] = traffic / 4.8e12 * 1e3
+    return out
+
+
+def _forward_inputs(device: torch.device, size: int, text_tokens: int) -> dict[str, Any]:
+    """Transformer kwargs for a `size`² edit with its condition at the same area, batch 1."""
+    g = torch.Generator(device=device).manual_seed(0)
+    side = size // 16
+    return {
+        "hidden_states": torch.randn(1, 2 * side * side, 64, device=device, dtype=torch.bfloat16, generator=g),
+        "encoder_hidden_states": torch.randn(1, text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=g),
+        "encoder_hidden_states_mask": None,
+        "timestep": torch.full((1,), 0.5, device=device, dtype=torch.bfloat16),
+        "img_shapes": [[(1, side, side), (1, side, side)]],
+        "return_dict": False,
+    }

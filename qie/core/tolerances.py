@@ -56,6 +56,13 @@ TOLERANCES: dict[str, Tolerance] = {
         "q/k RMSNorm + RoPE + text/image join in one kernel (qie.speed.qk_prologue): diffusers' roundings; off "
         "CUDA the op is diffusers' arithmetic (equal), the Triton kernel sums each head's squares in another order",
     ),
+    "block-prologue-fused": Tolerance(
+        16,
+        40.0,
+        "fp8 blocks: LayerNorm + modulation + fp8 row quantization in one kernel (qie.speed.block_prologue), "
+        "diffusers' roundings; off CUDA the op is diffusers' arithmetic (equal), the Triton kernel sums each "
+        "row in another order",
+    ),
     "condition-area-output": Tolerance(
         32,
         35.0,

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -138,3 +139,54 @@ class Fp8RowLinear(nn.Linear):
         linear.__class__ = cls
         linear.register_buffer("weight_scale", torch.empty(0, dtype=torch.float32), persistent=False)
         return linear
+
+
+def fp8_rows(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`linear`'s weight as (fp8 values N × K, fp32 scales N × 1) when it is stored as fp8 rows, else None.
+
+    Two storages qualify: `Fp8RowLinear` (the stream plan's) and torchao's rowwise `Float8Tensor`
+    (the fp8 plans'; its `qdata` and `scale`, shared, not copied).
+    """
+    weight = getattr(linear, "weight", None)
+    if isinstance(linear, Fp8RowLinear):
+        return linear.weight, linear.weight_scale
+    values, scales = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if values is None or scales is None or values.dtype != FP8 or values.dim() != 2:
+        return None
+    if tuple(scales.shape) != (values.shape[0], 1):  # per-tensor or block scales: not rows
+        return None
+    return values, scales
+
+
+class Fp8Activations(NamedTuple):
+    """Activations already quantized per row: `values` (..., K) fp8, `scales` (..., 1) fp32, and the
+    dtype they stand for (what a layer fed with them returns)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """`values * scales` in `dtype` (a layer that cannot take fp8 rows gets this)."""
+        return (self.values.float() * self.scales).to(self.dtype)
+
+
+def project(linear: nn.Module, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
+    """`linear(x)`; for `Fp8Activations` and a weight stored as fp8 rows (`fp8_rows`), one fp8 GEMM of the
+    given rows (no second quantization), else `linear` on the dequantized rows.
+
+    Example:
+        >>> layer = torch.nn.Linear(64, 32)
+        >>> values, scales = quantize_rows(torch.randn(4, 64))
+        >>> tuple(project(layer, Fp8Activations(values, scales, torch.float32)).shape)
+        (4, 32)
+    """
+    if not isinstance(x, Fp8Activations):
+        return linear(x)
+    rows = fp8_rows(linear)
+    if rows is None:
+        return linear(x.dequantize())
+    width = x.values.shape[-1]
+    lead = x.values.shape[:-1]
+    y = scaled_mm_rows(x.values.reshape(-1, width), x.scales.reshape(-1, 1), *rows, linear.bias, x.dtype)
+    return y.reshape(*lead, rows[0].shape[0])

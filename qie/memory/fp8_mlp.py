@@ -32,7 +32,17 @@ import torch
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, Fp8RowLinear, quantize_rows, scaled_mm_rows
+from qie.memory.fp8_matmul import (
+    FP8,
+    FP8_MAX,
+    MIN_SCALE,
+    Fp8Activations,
+    Fp8RowLinear,
+    fp8_rows,
+    project,
+    quantize_rows,
+    scaled_mm_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +123,6 @@ def gelu_quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _gelu_quantize_op(h)
 
 
-def fp8_rows(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`linear`'s weight as (fp8 values N × K, fp32 scales N × 1) when it is stored as fp8 rows, else None.
-
-    Two storages qualify: `Fp8RowLinear` (the stream plan's) and torchao's rowwise `Float8Tensor`
-    (the fp8 plans'; its `qdata` and `scale`, shared, not copied).
-    """
-    weight = getattr(linear, "weight", None)
-    if isinstance(linear, Fp8RowLinear):
-        return linear.weight, linear.weight_scale
-    values, scales = getattr(weight, "qdata", None), getattr(weight, "scale", None)
-    if values is None or scales is None or values.dtype != FP8 or values.dim() != 2:
-        return None
-    if tuple(scales.shape) != (values.shape[0], 1):  # per-tensor or block scales: not rows
-        return None
-    return values, scales
-
-
 class Fp8GeluFeedForward(nn.Module):
     """A diffusers `FeedForward` (GELU tanh) whose output layer multiplies fused-quantized fp8 rows.
 
@@ -142,8 +135,8 @@ class Fp8GeluFeedForward(nn.Module):
     fc2_values: torch.Tensor
     fc2_scales: torch.Tensor
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        h = self.net[0].proj(hidden_states)
+    def forward(self, hidden_states: torch.Tensor | Fp8Activations, *args, **kwargs) -> torch.Tensor:
+        h = project(self.net[0].proj, hidden_states)  # fp8 rows from the block's fused prologue: no requantization
         out = self.net[2]
         if isinstance(out, Fp8RowLinear):
             values, scales = out.weight, out.weight_scale

@@ -25,7 +25,7 @@ import torch
 
 from qie.errors import InvalidRequestError
 from qie.settings import read as read_setting
-from qie.speed import qk_prologue, rope
+from qie.speed import block_prologue, qk_prologue, rope
 from qie.speed.options import COMPILE_MODES, VAE_COMPILE_MODES
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def compile_blocks(
 
     The rotary embedding switches to real arithmetic (`qie.speed.rope`): complex multiplication
     would fall back to eager kernels inside every block. With CUDA and Triton, the q/k norms, RoPE
-    and the text+image join then run as one kernel per stream (`qie.speed.qk_prologue`).
+    and the text+image join then run as one kernel per stream (`qie.speed.qk_prologue`), and blocks
+    with fp8 projections normalize, modulate and quantize each stream in one kernel
+    (`qie.speed.block_prologue`).
 
     Example:
         >>> compile_blocks(pipe.transformer, mode="max-autotune-no-cudagraphs")  # doctest: +SKIP
@@ -89,6 +91,7 @@ def compile_blocks(
     rope.install(transformer)
     if qk_prologue.available():
         qk_prologue.install(transformer)
+        block_prologue.install(transformer)  # fp8 blocks only: their norms hand fp8 rows to the projections
     mark_token_dims(transformer)  # after rope.install: its hook makes the tensors the blocks receive
     try:
         if getattr(blocks, "qie_streamer", None) is not None:
@@ -105,6 +108,7 @@ def compile_blocks(
     except Exception as exc:  # compile support varies with torch/diffusers builds
         log.warning("regional compile unavailable (%s: %s); running eager", type(exc).__name__, exc)
         unmark_token_dims(transformer)
+        block_prologue.uninstall(transformer)
         qk_prologue.uninstall(transformer)
         rope.uninstall(transformer)
         return False
@@ -282,6 +286,7 @@ def compile_streamed_blocks(blocks: torch.nn.ModuleList, backend: str = "inducto
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
     """Undo `compile_blocks` (e.g. after a failed warm-up): blocks run eager again, diffusers' prologue too."""
     unmark_token_dims(transformer)
+    block_prologue.uninstall(transformer)
     qk_prologue.uninstall(transformer)
     rope.uninstall(transformer)
     for module in transformer.modules():

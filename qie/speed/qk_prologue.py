@@ -37,7 +37,8 @@ import logging
 import torch
 from torch.library import triton_op, wrap_triton
 
-from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, to_fp8
+from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, Fp8Activations, fp8_rows, project, to_fp8
+from qie.memory.norm_quantize import quantize_activations
 from qie.speed import fa3, rope
 from qie.speed.fa3 import QWEN_MODULE
 
@@ -170,7 +171,7 @@ def norm_rope_join(txt, img, txt_norm, img_norm, txt_freqs, img_freqs) -> torch.
     return _join_op(txt, img, txt_norm.weight, img_norm.weight, txt_freqs, img_freqs, txt_norm.eps, img_norm.eps)
 
 
-def _fusable(attn, hidden_states, image_rotary_emb) -> bool:
+def fusable(attn, hidden_states, image_rotary_emb) -> bool:
     """Whether the fused prologue reproduces diffusers' for this call: real frequency pairs and diffusers
     RMSNorms with weights in the activations' dtype and no bias."""
     from diffusers.models.normalization import RMSNorm
@@ -205,30 +206,38 @@ def processor_class() -> type:
             attention_mask=None,
             image_rotary_emb=None,
         ):
+            # `hidden_states` / `encoder_hidden_states` may be fp8 rows from the block's fused prologue
+            # (`qie.speed.block_prologue`): the projections multiply them as they are
+            like = hidden_states.values if isinstance(hidden_states, Fp8Activations) else hidden_states
             if (
                 encoder_hidden_states is None
                 or attention_mask is not None
-                or not _fusable(attn, hidden_states, image_rotary_emb)
+                or not fusable(attn, hidden_states, image_rotary_emb)
             ):  # diffusers' own code, its errors included
+                hidden_states, encoder_hidden_states = (
+                    x.dequantize() if isinstance(x, Fp8Activations) else x
+                    for x in (hidden_states, encoder_hidden_states)
+                )
                 return super().__call__(
                     attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
                     image_rotary_emb,
                 )  # fmt: skip
+            dtype = hidden_states.dtype
             if encoder_hidden_states_mask is not None:
-                image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
+                image_mask = like.new_ones(like.shape[:2], dtype=torch.bool)
                 attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-            seq_txt = encoder_hidden_states.shape[1]
             head_dim = attn.inner_dim // attn.heads
             img_freqs, txt_freqs = image_rotary_emb
 
             def heads(txt_proj, img_proj):  # text then image, [B, S, H, D] each
-                txt, img = txt_proj(encoder_hidden_states), img_proj(hidden_states)
+                txt, img = project(txt_proj, encoder_hidden_states), project(img_proj, hidden_states)
                 return txt.unflatten(-1, (-1, head_dim)), img.unflatten(-1, (-1, head_dim))
 
             freqs = (txt_freqs, img_freqs)
             q_streams, k_streams = heads(attn.add_q_proj, attn.to_q), heads(attn.add_k_proj, attn.to_k)
+            seq_txt = q_streams[0].shape[1]
             value = torch.cat(heads(attn.add_v_proj, attn.to_v), dim=1)
-            fp8_forward = fa3.fp8_forward_now(qwen, hidden_states, self._attention_backend, self._parallel_config)
+            fp8_forward = fa3.fp8_forward_now(qwen, like, self._attention_backend, self._parallel_config)
             if fp8_forward is not None:
                 # fp8 attention: the prologue writes fp8 queries and keys itself (no extra pass)
                 query, q_scale = norm_rope_join_fp8(*q_streams, attn.norm_added_q, attn.norm_q, *freqs)
@@ -247,11 +256,17 @@ def processor_class() -> type:
                     backend=self._attention_backend,
                     parallel_config=self._parallel_config,
                 )
-            joint = joint.flatten(2, 3).to(hidden_states.dtype)
-            img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
+            joint = joint.flatten(2, 3).to(dtype)
+            if isinstance(hidden_states, Fp8Activations) and fp8_rows(attn.to_out[0]) and fp8_rows(attn.to_add_out):
+                rows = quantize_activations(joint)  # both streams' rows in one pass, for both fp8 projections
+                img_in = Fp8Activations(rows.values[:, seq_txt:], rows.scales[:, seq_txt:], dtype)
+                txt_in = Fp8Activations(rows.values[:, :seq_txt], rows.scales[:, :seq_txt], dtype)
+            else:
+                img_in, txt_in = joint[:, seq_txt:, :].contiguous(), joint[:, :seq_txt, :].contiguous()
+            img_out = project(attn.to_out[0], img_in)
             if len(attn.to_out) > 1:
                 img_out = attn.to_out[1](img_out)  # dropout
-            return img_out, attn.to_add_out(joint[:, :seq_txt, :].contiguous())
+            return img_out, project(attn.to_add_out, txt_in)
 
     return QwenFusedQKAttnProcessor
 

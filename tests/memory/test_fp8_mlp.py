@@ -4,10 +4,9 @@ import pytest
 import torch
 from diffusers.models.attention import FeedForward
 
-from qie.memory.fp8_matmul import Fp8RowLinear, quantize_rows
+from qie.memory.fp8_matmul import Fp8RowLinear, fp8_rows, quantize_rows
 from qie.memory.fp8_mlp import (
     Fp8GeluFeedForward,
-    fp8_rows,
     fuse_mlp_quantization,
     gelu_quantize_reference,
     gelu_quantize_rows,
