@@ -6,8 +6,8 @@ before the projections that read it (q/k/v, or the MLP's first layer). Compiled,
 reduction kernel per stream and norm, which read each row three times: 0.086 ms per call at 1024²
 on an H200, 9.7 ms of a 0.18 s forward, five times its memory traffic (h200-au). Here one Triton
 program holds a row in registers and writes its fp8 values and scale (`qie.memory.norm_quantize_kernels`).
-`quantize_activations` is the same pass without norm and modulation (the attention output before
-its two output projections: one pass over the joint text + image rows).
+`quantize_activations` is the same pass without norm and modulation (each stream's slice of the
+attention output, read in place, before its output projection).
 
 Both return `Fp8Activations`, which `qie.memory.fp8_matmul.project` hands to a layer's fp8 GEMM
 without quantizing again. Off CUDA, or without Triton, the op is the PyTorch arithmetic below
@@ -56,18 +56,17 @@ def _triton_kernels():
 
 
 def _launch(x, shift, scale, eps, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton pass over CUDA rows `x` [B, T, D] (row stride uniform, unit column stride); `shift` and
-    `scale` [B, T, D] with any batch and token strides (0 where shared)."""
+    """The Triton pass over CUDA rows `x` [B, T, D] (unit column stride); `shift` and `scale` [B, T, D]
+    with any batch and token strides (0 where shared). Fresh outputs: aligned as cuBLAS needs them."""
     kernels = _triton_kernels()
     batch, tokens, width = x.shape
     rows = batch * tokens
-    flat = x.reshape(rows, width)
     values = torch.empty((batch, tokens, width), dtype=FP8, device=x.device)
     scales = torch.empty((batch, tokens, 1), dtype=torch.float32, device=x.device)
     modulate = scale is not None
     wrap_triton(kernels.qie_norm_modulate_quantize)[(rows,)](
-        flat, shift if modulate else flat, scale if modulate else flat, values, scales, width, tokens,
-        flat.stride(0), shift.stride(0) if modulate else 0, shift.stride(1) if modulate else 0,
+        x, shift if modulate else x, scale if modulate else x, values, scales, width, tokens, x.stride(0),
+        x.stride(1), shift.stride(0) if modulate else 0, shift.stride(1) if modulate else 0,
         EPS=eps if eps is not None else 0.0, NORM=eps is not None, MODULATE=modulate, FP8_MAX_=FP8_MAX,
         MIN_SCALE_=MIN_SCALE, BLOCK=1 << (width - 1).bit_length(), num_warps=num_warps or kernels.ROW_WARPS,
     )  # fmt: skip
@@ -88,9 +87,9 @@ def _norm_quantize_op(
 
 
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
-    """`x` as [B, T, D] with uniform row stride and unit column stride (a copy only where needed)."""
+    """`x` as [B, T, D] with unit column stride (a copy only where needed; token slices are not copied)."""
     x = x.reshape(-1, *x.shape[-2:]) if x.dim() != 3 else x
-    return x if x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> Fp8Activations:
@@ -108,7 +107,8 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
 
 
 def quantize_activations(x: torch.Tensor) -> Fp8Activations:
-    """`x` [B, T, D] quantized per row (`quantize_rows`'s values and scales), one pass on CUDA."""
+    """`x` [B, T, D] (a token slice reads in place) quantized per row (`quantize_rows`'s values and scales),
+    one pass on CUDA, into fresh tensors (a slice of the scales could sit off cuBLAS's 16-byte alignment)."""
     x = _rows_of(x)
     values, scales = _norm_quantize_op(x, None, None, 0.0, False)
     return Fp8Activations(values, scales, x.dtype)

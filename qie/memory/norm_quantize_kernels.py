@@ -26,22 +26,23 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def qie_norm_modulate_quantize(
-    x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, n_cols, tokens, stride_x, stride_mb, stride_mt,
+    x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, n_cols, tokens, stride_xb, stride_xt, stride_mb, stride_mt,
     EPS: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
     FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    sample, token = row // tokens, row % tokens
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     dtype = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + sample * stride_xb + token * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         mean = tl.sum(x, axis=0) / n_cols
         centred = tl.where(mask, x - mean, 0.0)
         variance = tl.sum(centred * centred, axis=0) / n_cols
         x = _rounded(centred * tl.rsqrt(variance + EPS), dtype)
     if MODULATE:
-        mod = (row // tokens) * stride_mb + (row % tokens) * stride_mt + offs
+        mod = sample * stride_mb + token * stride_mt + offs
         shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
         x = _rounded(_rounded(x * _rounded(1.0 + scale, dtype), dtype) + shift, dtype)

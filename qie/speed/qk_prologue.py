@@ -258,9 +258,9 @@ def processor_class() -> type:
                 )
             joint = joint.flatten(2, 3).to(dtype)
             if isinstance(hidden_states, Fp8Activations) and fp8_rows(attn.to_out[0]) and fp8_rows(attn.to_add_out):
-                rows = quantize_activations(joint)  # both streams' rows in one pass, for both fp8 projections
-                img_in = Fp8Activations(rows.values[:, seq_txt:], rows.scales[:, seq_txt:], dtype)
-                txt_in = Fp8Activations(rows.values[:, :seq_txt], rows.scales[:, :seq_txt], dtype)
+                # each stream's rows read in place, quantized into fresh tensors (a slice of one joint set of
+                # scales would sit off the 16-byte alignment cuBLAS's fp8 GEMM needs)
+                img_in, txt_in = quantize_activations(joint[:, seq_txt:]), quantize_activations(joint[:, :seq_txt])
             else:
                 img_in, txt_in = joint[:, seq_txt:, :].contiguous(), joint[:, :seq_txt, :].contiguous()
             img_out = project(attn.to_out[0], img_in)
