@@ -267,16 +267,17 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     blocks' LayerNorm + modulation + fp8 quantization as Inductor fuses it ("off") and as one Triton op per
     stream and norm handing fp8 rows to the projections (`qie.speed.block_prologue`, "on"), at the `--sizes`:
     CUDA milliseconds per forward, kernel table and categories, error against the bf16 weights' output.
-    Then the op's kernel alone at 1024²'s image rows under 2, 4, 8 and 16 warps."""
+    First the op's kernel alone (`_prologue_sweep`), whose best launch the A/B then uses."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks.profiling import classify
     from benchmarks.random_model import materialize
-    from qie.memory import norm_quantize
     from qie.memory.quantize import quantize_transformer
     from qie.speed import block_prologue, fa3
     from qie.speed.compile import compile_blocks
 
+    out: dict[str, Any] = args.partial
+    out["kernel_sweep"] = _prologue_sweep(device)
     model = materialize(lambda: QwenImageTransformer2DModel(num_layers=BLOCKS), device, torch.bfloat16, 3)
     sizes = [int(size) for size in args.sizes.split(",")]
     calls = {size: _forward_inputs(device, size, args.text_tokens) for size in sizes}
@@ -285,7 +286,6 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     quantize_transformer(model, device, fuse_mlp=True)
     if not fa3.install(device):
         return {"skipped": "needs a Hopper GPU and fa3-fwd"}
-    out: dict[str, Any] = args.partial
     out.update({"layers": BLOCKS, "text_tokens": args.text_tokens, "sizes": {}})
     try:
         compile_blocks(model)
@@ -318,18 +318,37 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 rows["saved_ms"] = rows["off"]["forward_ms"] - rows["on"]["forward_ms"]
     finally:
         fa3.uninstall()
-    del model
-    torch.cuda.empty_cache()
-    x = torch.randn(1, 8192, 3072, device=device, dtype=torch.bfloat16)
-    params = torch.randn(1, 3 * 3072, device=device, dtype=torch.bfloat16)
-    shift, scale, _ = block_prologue.modulation(params)
-    warps = {}
-    for count in (2, 4, 8, 16):
-        warps[str(count)] = cuda_ms(lambda n=count: norm_quantize._launch(x, shift, scale, 1e-6, num_warps=n))
-    out["kernel_ms_by_warps"] = warps
-    traffic = x.numel() * 3  # bf16 in, fp8 out
-    out["kernel_floor_ms"] = traffic / 4.8e12 * 1e3
     return out
+
+
+def _prologue_sweep(device: torch.device) -> dict[str, Any]:
+    """`qie_norm_modulate_quantize` alone at 1024²'s 8192 image rows, per-sample modulation, as the norm
+    pass and as the gated sum + norm pass, for 1, 2, 4 and 8 rows per program under 4, 8 and 16 warps:
+    milliseconds per call; the best pair (by the two passes' sum) becomes the kernel's launch default for
+    this process's A/B. Memory floors at 4.8 TB/s: 3 bytes per element, 7 with the sum."""
+    from qie.memory import norm_quantize
+    from qie.speed import block_prologue
+
+    kernels = norm_quantize._triton_kernels()
+    x, y = (torch.randn(1, 8192, 3072, device=device, dtype=torch.bfloat16) for _ in range(2))
+    shift, scale, gate = (p.expand_as(x) for p in block_prologue.modulation(torch.randn_like(x[0, :3]).reshape(1, -1)))
+    timings: dict[str, dict[str, float]] = {}
+    for rows in (1, 2, 4, 8):
+        for warps in (4, 8, 16):
+            norm = cuda_ms(lambda r=rows, w=warps: norm_quantize._launch(x, shift, scale, 1e-6, rows=r, num_warps=w))
+            add = cuda_ms(
+                lambda r=rows, w=warps: norm_quantize._launch(x, shift, scale, 1e-6, gate, y, rows=r, num_warps=w)
+            )
+            timings[f"{rows} rows, {warps} warps"] = {"norm_ms": norm, "sum_norm_ms": add}
+    best = min(timings, key=lambda k: timings[k]["norm_ms"] + timings[k]["sum_norm_ms"])
+    rows, warps = (int(part.split()[0]) for part in best.split(", "))
+    kernels.ROWS, kernels.ROW_WARPS = rows, warps
+    return {
+        "timings": timings,
+        "best": best,
+        "floor_norm_ms": x.numel() * 3 / 4.8e12 * 1e3,
+        "floor_sum_norm_ms": x.numel() * 7 / 4.8e12 * 1e3,
+    }
 
 
 def _forward_inputs(device: torch.device, size: int, text_tokens: int) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 In diffusers' `QwenImageTransformerBlock.forward` each stream is normalized, modulated and then
 quantized again inside every fp8 projection that reads it. `Fp8PrologueBlock.forward` is that
-forward with the three steps as one op per stream and norm (`qie.memory.norm_quantize`): the q/k/v
+forward with the three steps as one op per stream and norm (`qie.memory.norm_quantize`; before the
+MLP the op also writes the gated residual sum it normalizes): the q/k/v
 projections (through `QwenFusedQKAttnProcessor`, `qie.speed.qk_prologue`) and the MLP's first layer
 (`Fp8GeluFeedForward`) multiply the fp8 rows it wrote (`qie.memory.fp8_matmul.project`). Gates,
 residuals and the text-stream clip stay as diffusers writes them; Edit-2511's per-token modulation
@@ -28,7 +29,7 @@ import torch
 
 from qie.memory.fp8_matmul import fp8_rows
 from qie.memory.fp8_mlp import Fp8GeluFeedForward
-from qie.memory.norm_quantize import norm_modulate_quantize
+from qie.memory.norm_quantize import add_norm_modulate_quantize, norm_modulate_quantize
 from qie.speed import qk_prologue
 from qie.speed.mixins import mix_in, mix_out
 
@@ -54,6 +55,11 @@ class Fp8PrologueBlock(torch.nn.Module):
     def _rows(self, x: torch.Tensor, norm: torch.nn.LayerNorm, mod_params: torch.Tensor, index=None):
         shift, scale, gate = modulation(mod_params, index)
         return norm_modulate_quantize(x, shift, scale, norm.eps), gate
+
+    def _sum_rows(self, x, gate, y, norm: torch.nn.LayerNorm, mod_params: torch.Tensor, index=None):
+        shift, scale, next_gate = modulation(mod_params, index)
+        summed, rows = add_norm_modulate_quantize(x, gate, y, shift, scale, norm.eps)
+        return summed, rows, next_gate
 
     def forward(
         self,
@@ -87,12 +93,14 @@ class Fp8PrologueBlock(torch.nn.Module):
             encoder_hidden_states_mask=encoder_hidden_states_mask,
             image_rotary_emb=image_rotary_emb,
         )
-        hidden_states = hidden_states + img_gate1 * img_attn
-        encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn
-
-        img_rows, img_gate2 = self._rows(hidden_states, self.img_norm2, img_mod2, modulate_index)
+        # the gated residual sums, each written out in the pass that normalizes it for the MLP
+        hidden_states, img_rows, img_gate2 = self._sum_rows(
+            hidden_states, img_gate1, img_attn, self.img_norm2, img_mod2, modulate_index
+        )
         hidden_states = hidden_states + img_gate2 * self.img_mlp(img_rows)
-        txt_rows, txt_gate2 = self._rows(encoder_hidden_states, self.txt_norm2, txt_mod2)
+        encoder_hidden_states, txt_rows, txt_gate2 = self._sum_rows(
+            encoder_hidden_states, txt_gate1, txt_attn, self.txt_norm2, txt_mod2
+        )
         encoder_hidden_states = encoder_hidden_states + txt_gate2 * self.txt_mlp(txt_rows)
         return encoder_hidden_states, hidden_states
 
