@@ -53,7 +53,9 @@ Sections (each on random weights of the real widths):
   prologue   the same transformer with its blocks' LayerNorm + modulation + fp8 quantization as Inductor
              fuses it, then as one Triton op per stream and norm handing fp8 rows to the projections
              (`qie.speed.block_prologue`), at the `--sizes`: milliseconds, kernel tables, error against
-             bf16 weights; the op's kernel alone under 2 to 16 warps.
+             bf16 weights.
+  prologue-kernel the op's kernel alone at 8192 rows (norm pass, gated sum + norm pass) for 1 to 8 rows per
+             program under 4 to 16 warps: its profiled milliseconds per call, the best pair.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -78,6 +80,7 @@ from benchmarks.levers_blocks import (
     run_coordinate_descent,
     run_inductor_options,
     run_prologue,
+    run_prologue_kernel,
     run_transformer_graphs,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
@@ -102,6 +105,7 @@ SECTIONS = {
     "inductor-options": run_inductor_options,
     "transformer-graphs": run_transformer_graphs,
     "prologue": run_prologue,
+    "prologue-kernel": run_prologue_kernel,
 }
 
 

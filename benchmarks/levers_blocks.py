@@ -266,8 +266,7 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     """The full-size fp8 transformer (60 blocks, fused MLP quantization, regional compile, FA3) with its
     blocks' LayerNorm + modulation + fp8 quantization as Inductor fuses it ("off") and as one Triton op per
     stream and norm handing fp8 rows to the projections (`qie.speed.block_prologue`, "on"), at the `--sizes`:
-    CUDA milliseconds per forward, kernel table and categories, error against the bf16 weights' output.
-    First the op's kernel alone (`_prologue_sweep`), whose best launch the A/B then uses."""
+    CUDA milliseconds per forward, kernel table and categories, error against the bf16 weights' output."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks.profiling import classify
@@ -277,7 +276,6 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     from qie.speed.compile import compile_blocks
 
     out: dict[str, Any] = args.partial
-    out["kernel_sweep"] = _prologue_sweep(device)
     model = materialize(lambda: QwenImageTransformer2DModel(num_layers=BLOCKS), device, torch.bfloat16, 3)
     sizes = [int(size) for size in args.sizes.split(",")]
     calls = {size: _forward_inputs(device, size, args.text_tokens) for size in sizes}
@@ -321,31 +319,40 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return out
 
 
-def _prologue_sweep(device: torch.device) -> dict[str, Any]:
+def run_prologue_kernel(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """`qie_norm_modulate_quantize` alone at 1024²'s 8192 image rows, per-sample modulation, as the norm
     pass and as the gated sum + norm pass, for 1, 2, 4 and 8 rows per program under 4, 8 and 16 warps:
-    milliseconds per call; the best pair (by the two passes' sum) becomes the kernel's launch default for
-    this process's A/B. Memory floors at 4.8 TB/s: 3 bytes per element, 7 with the sum."""
+    the kernel's own milliseconds per call (profiled: an eager launch costs more host time than the
+    kernel runs), and the pair with the smallest sum of the two passes. Memory floors at 4.8 TB/s:
+    3 bytes per element, 7 with the sum."""
     from qie.memory import norm_quantize
     from qie.speed import block_prologue
 
-    kernels = norm_quantize._triton_kernels()
     x, y = (torch.randn(1, 8192, 3072, device=device, dtype=torch.bfloat16) for _ in range(2))
-    shift, scale, gate = (p.expand_as(x) for p in block_prologue.modulation(torch.randn_like(x[0, :3]).reshape(1, -1)))
+    params = torch.randn(1, 3 * 3072, device=device, dtype=torch.bfloat16)
+    shift, scale, gate = (p.expand_as(x) for p in block_prologue.modulation(params))
+
+    def kernel_ms(fn) -> float:
+        table = kernel_table(fn, repeats=20, top=5)
+        return sum(ms for name, ms in table.items() if "qie_norm_modulate_quantize" in name)
+
     timings: dict[str, dict[str, float]] = {}
     for rows in (1, 2, 4, 8):
         for warps in (4, 8, 16):
-            norm = cuda_ms(lambda r=rows, w=warps: norm_quantize._launch(x, shift, scale, 1e-6, rows=r, num_warps=w))
-            add = cuda_ms(
-                lambda r=rows, w=warps: norm_quantize._launch(x, shift, scale, 1e-6, gate, y, rows=r, num_warps=w)
-            )
-            timings[f"{rows} rows, {warps} warps"] = {"norm_ms": norm, "sum_norm_ms": add}
+            timings[f"{rows} rows, {warps} warps"] = {
+                "norm_ms": kernel_ms(
+                    lambda r=rows, w=warps: norm_quantize._launch(x, shift, scale, 1e-6, rows=r, num_warps=w)
+                ),
+                "sum_norm_ms": kernel_ms(
+                    lambda r=rows, w=warps: norm_quantize._launch(x, shift, scale, 1e-6, gate, y, rows=r, num_warps=w)
+                ),
+            }
     best = min(timings, key=lambda k: timings[k]["norm_ms"] + timings[k]["sum_norm_ms"])
-    rows, warps = (int(part.split()[0]) for part in best.split(", "))
-    kernels.ROWS, kernels.ROW_WARPS = rows, warps
+    kernels = norm_quantize._triton_kernels()
     return {
         "timings": timings,
         "best": best,
+        "default": f"{kernels.ROWS} rows, {kernels.ROW_WARPS} warps",
         "floor_norm_ms": x.numel() * 3 / 4.8e12 * 1e3,
         "floor_sum_norm_ms": x.numel() * 7 / 4.8e12 * 1e3,
     }
