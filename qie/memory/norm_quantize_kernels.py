@@ -10,11 +10,12 @@ modulation and gate differ per token (Edit-2511's modulation index) and are read
 kernel's name shows in profiles (the bench's "quantize" category).
 
 The arithmetic runs in float32 and rounds once, where it stores (the sum in the activation dtype,
-the fp8 values; the norm reads the float32 sum), as Inductor's fused kernels do; diffusers' eager bf16 ops round after each op
-(h200-bh: the gated sums differ from eager's by one bf16 step in 12.8 % of the values, a rate a
-CPU emulation of the two roundings reproduces, 12.7 %). Round trips through bf16 written into a
-Triton kernel do not round: its compiler folds them. The mean and variance are float32 sums in
-another order than PyTorch's, and the values are multiplied by the row's inverse scale.
+the fp8 values; the norm reads the float32 sum), as Inductor's fused kernels do; diffusers' eager
+bf16 ops round after each op (h200-bh: the gated sums differ from eager's by one bf16 step in
+12.8 % of the values, a rate a CPU emulation of the two roundings reproduces, 12.7 %). Round trips
+through bf16 written into a Triton kernel do not round: its compiler folds them. The mean and
+variance are float32 sums in another order than PyTorch's; the values are multiplied by the row's
+inverse scale.
 Float constants are constexprs: Inductor types float arguments of user kernels as fp64.
 """
 
