@@ -266,7 +266,8 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     """The full-size fp8 transformer (60 blocks, fused MLP quantization, regional compile, FA3) with its
     blocks' LayerNorm + modulation + fp8 quantization as Inductor fuses it ("off") and as one Triton op per
     stream and norm handing fp8 rows to the projections (`qie.speed.block_prologue`, "on"), at the `--sizes`:
-    CUDA milliseconds per forward, kernel table and categories, error against the bf16 weights' output."""
+    CUDA milliseconds per forward, as it is and replayed from a CUDA graph (an edit's steps), kernel table
+    and categories, error against the bf16 weights' output."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks.profiling import classify
@@ -299,21 +300,31 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
                     first = time.perf_counter() - start
                     ms = cuda_ms(lambda c=call, m=model: m(**c))
                     table = kernel_table(lambda c=call, m=model: m(**c), repeats=3, top=40)
+                    graph = torch.cuda.CUDAGraph()  # as an edit's steps replay it (`qie.speed.transformer_graphs`)
+                    with torch.cuda.graph(graph):
+                        model(**call)
+                    replayed = cuda_ms(graph.replay, repeats=20)
+                    del graph
                 categories: dict[str, float] = {}
                 for kernel, kernel_ms in table.items():
                     categories[classify(kernel)] = categories.get(classify(kernel), 0.0) + kernel_ms
                 row = {
                     "forward_ms": ms,
+                    "replayed_ms": replayed,
                     "first_call_s": first,
                     "rel_error_vs_bf16_weights": rel_error(result, references[size]),
                     "categories_ms": categories,
                     "kernels_ms": table,
                 }
                 out["sizes"].setdefault(str(size), {})[variant] = row
-                log.info("prologue %s %d²: %.2f ms, error %.4f", variant, size, ms, row["rel_error_vs_bf16_weights"])
+                log.info(
+                    "prologue %s %d²: %.2f ms, replayed %.2f ms, error %.4f",
+                    variant, size, ms, replayed, row["rel_error_vs_bf16_weights"],
+                )  # fmt: skip
         for rows in out["sizes"].values():
             if {"off", "on"} <= rows.keys():
                 rows["saved_ms"] = rows["off"]["forward_ms"] - rows["on"]["forward_ms"]
+                rows["replayed_saved_ms"] = rows["off"]["replayed_ms"] - rows["on"]["replayed_ms"]
     finally:
         fa3.uninstall()
     return out
