@@ -289,7 +289,7 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     try:
         compile_blocks(model)
         out["installed_blocks"] = sum(isinstance(b, block_prologue.Fp8PrologueBlock) for b in model.transformer_blocks)
-        for variant in ("off", "on"):
+        for variant in ("off", "on", "off, again"):  # the third: the drift between the runs of one process
             torch._dynamo.reset()
             (block_prologue.install if variant == "on" else block_prologue.uninstall)(model)
             for size, call in calls.items():
@@ -325,6 +325,8 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
             if {"off", "on"} <= rows.keys():
                 rows["saved_ms"] = rows["off"]["forward_ms"] - rows["on"]["forward_ms"]
                 rows["replayed_saved_ms"] = rows["off"]["replayed_ms"] - rows["on"]["replayed_ms"]
+            if {"off", "off, again"} <= rows.keys():
+                rows["replayed_drift_ms"] = rows["off, again"]["replayed_ms"] - rows["off"]["replayed_ms"]
     finally:
         fa3.uninstall()
     return out
