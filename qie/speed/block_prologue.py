@@ -2,17 +2,18 @@
 
 In diffusers' `QwenImageTransformerBlock.forward` each stream is normalized, modulated and then
 quantized again inside every fp8 projection that reads it. `Fp8PrologueBlock.forward` is that
-forward with the three steps as one op per stream and norm (`qie.memory.norm_quantize`; before the
-MLP the op also writes the gated residual sum it normalizes): the q/k/v
+forward with the three steps as one op per stream and norm (`qie.memory.norm_quantize`): the q/k/v
 projections (through `QwenFusedQKAttnProcessor`, `qie.speed.qk_prologue`) and the MLP's first layer
-(`Fp8GeluFeedForward`) multiply the fp8 rows it wrote (`qie.memory.fp8_matmul.project`). Gates,
-residuals and the text-stream clip stay as diffusers writes them; Edit-2511's per-token modulation
-(`modulate_index`, `zero_cond_t`) is selected as in diffusers' `_modulate`.
+(`Fp8GeluFeedForward`) multiply the fp8 rows it wrote (`qie.memory.fp8_matmul.project`). Before the
+MLP the op also writes the gated residual sum after attention, which it normalizes; the residual sum
+after the MLP stays as diffusers writes it. Edit-2511's per-token modulation (`modulate_index`,
+`zero_cond_t`) is selected as in diffusers' `_modulate`.
 
 `install` sets the class on blocks whose projections are all fp8 rows, whose MLPs are fused and whose
 attention runs the fused q/k processor; `compile_blocks` calls it after the processor's install.
-A call the processor would hand to diffusers' own code (complex rotary frequencies, an attention mask)
-or with `joint_attention_kwargs` runs diffusers' forward. Tolerance ``block-prologue-fused``.
+Calls the processor would hand to diffusers' own code (complex rotary frequencies), fp16 activations
+(diffusers clips them) and calls with `joint_attention_kwargs` run diffusers' forward. Tolerance
+``block-prologue-fused``.
 
 Example:
     >>> install(pipe.transformer)  # after quantize_transformer and qk_prologue.install  # doctest: +SKIP
@@ -22,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
@@ -32,8 +32,6 @@ from qie.memory.fp8_mlp import Fp8GeluFeedForward
 from qie.memory.norm_quantize import add_norm_modulate_quantize, norm_modulate_quantize
 from qie.speed import qk_prologue
 from qie.speed.mixins import mix_in, mix_out
-
-log = logging.getLogger(__name__)
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 

@@ -63,6 +63,15 @@ def test_project_multiplies_given_rows_and_dequantizes_for_plain_layers():
         assert torch.equal(project(layer, x), layer(x))
 
 
+def fresh(transformer):
+    """A copy of `transformer` that runs its own modules: a copied compiled call would run the original's."""
+    copied = copy.deepcopy(transformer)
+    for module in copied.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return copied
+
+
 def to_fp8_blocks(transformer):
     """Every Linear of the blocks stored as fp8 rows (`Fp8RowLinear`, emulated off CUDA), MLPs fused."""
     for name, module in transformer.named_modules():
@@ -91,7 +100,7 @@ def forward_call(transformer, batch=1, side=4, text=6, seed=3):
 
 @pytest.mark.parametrize("variant", ["tiny_editor", "tiny_2511_editor"])
 def test_fp8_blocks_with_the_fused_prologue_compute_what_the_unfused_compute(variant, request, monkeypatch):
-    transformer = to_fp8_blocks(copy.deepcopy(request.getfixturevalue(variant).pipe.transformer))
+    transformer = to_fp8_blocks(fresh(request.getfixturevalue(variant).pipe.transformer))
     rope.install(transformer)
     assert block_prologue.install(transformer) == 0  # diffusers' processor: not ready
     qk_prologue.install(transformer)
@@ -116,7 +125,7 @@ def test_fp8_blocks_with_the_fused_prologue_compute_what_the_unfused_compute(var
 
 
 def test_blocks_whose_projections_are_not_fp8_rows_keep_diffusers_forward(tiny_editor):
-    transformer = copy.deepcopy(tiny_editor.pipe.transformer)
+    transformer = fresh(tiny_editor.pipe.transformer)
     rope.install(transformer)
     qk_prologue.install(transformer)
     assert block_prologue.install(transformer) == 0  # bf16 weights
@@ -126,7 +135,7 @@ def test_blocks_whose_projections_are_not_fp8_rows_keep_diffusers_forward(tiny_e
 
 
 def test_calls_the_processor_cannot_fuse_run_diffusers_forward(tiny_editor):
-    transformer = to_fp8_blocks(copy.deepcopy(tiny_editor.pipe.transformer))
+    transformer = to_fp8_blocks(fresh(tiny_editor.pipe.transformer))
     rope.install(transformer)
     qk_prologue.install(transformer)
     call = forward_call(transformer)
@@ -139,7 +148,7 @@ def test_calls_the_processor_cannot_fuse_run_diffusers_forward(tiny_editor):
 
 
 def test_a_compiled_fused_block_matches_eager(tiny_editor):
-    transformer = to_fp8_blocks(copy.deepcopy(tiny_editor.pipe.transformer))
+    transformer = to_fp8_blocks(fresh(tiny_editor.pipe.transformer))
     rope.install(transformer)
     qk_prologue.install(transformer)
     block_prologue.install(transformer)
@@ -160,7 +169,7 @@ def test_a_compiled_fused_block_matches_eager(tiny_editor):
 def test_an_fp8_edit_with_the_fused_prologue_stays_within_its_tolerance(tiny_editor, photo):
     editor = tiny_editor
     original = editor.pipe.transformer
-    transformer = to_fp8_blocks(copy.deepcopy(original))
+    transformer = to_fp8_blocks(fresh(original))
     rope.install(transformer)
     qk_prologue.install(transformer)
     edit = small_request(photo, seed=6, steps=2)
@@ -228,7 +237,7 @@ def test_torchao_fp8_blocks_compiled_with_the_prologue_stay_as_close_to_bf16(tin
     device = torch.device("cuda")
     if not has_fp8(device):
         pytest.skip("needs a GPU with fp8 units")
-    bf16 = copy.deepcopy(tiny_editor.pipe.transformer).to(device, torch.bfloat16)
+    bf16 = fresh(tiny_editor.pipe.transformer).to(device, torch.bfloat16)
     fused, plain = copy.deepcopy(bf16), copy.deepcopy(bf16)
     for model in (fused, plain):
         quantize_transformer(model, device, fuse_mlp=True)
