@@ -79,6 +79,18 @@ def transformer_batch_sizes(editor):
         del editor.pipe.transformer.forward
 
 
+def block_call(transformer, seed: int):
+    """(args, rotary frequencies) for one call of `transformer`'s first block on CPU: 16 image and 6 text
+    tokens, no prompt mask, a random timestep embedding."""
+    import torch
+
+    dim = transformer.inner_dim
+    torch.manual_seed(seed)
+    args = (torch.randn(1, 16, dim), torch.randn(1, 6, dim), None, torch.randn(1, dim))
+    rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=6, device=torch.device("cpu"))
+    return args, rotary
+
+
 def small_request(image, **kw):
     """A cheap request for the tiny model: small output, condition encoded at the output's area."""
     from qie import EditRequest

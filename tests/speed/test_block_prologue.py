@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import small_request
+from conftest import block_call, small_request
 from oracle import assert_matches_reference
 
 from qie.memory import norm_quantize
@@ -153,10 +153,7 @@ def test_a_compiled_fused_block_matches_eager(tiny_editor):
     qk_prologue.install(transformer)
     block_prologue.install(transformer)
     block = transformer.transformer_blocks[0]
-    dim = transformer.inner_dim
-    torch.manual_seed(4)
-    args = (torch.randn(1, 16, dim), torch.randn(1, 6, dim), None, torch.randn(1, dim))
-    rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=6, device=torch.device("cpu"))
+    args, rotary = block_call(transformer, seed=4)
     with torch.no_grad():
         want = block(*args, image_rotary_emb=rotary)
         torch._dynamo.reset()

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import small_request
+from conftest import block_call, small_request
 from oracle import assert_matches_reference
 
 from qie.speed import qk_prologue, rope
@@ -156,10 +156,7 @@ def test_a_compiled_block_calls_the_op_and_matches_eager(transformer, monkeypatc
     rope.install(transformer)
     qk_prologue.install(transformer)
     block = transformer.transformer_blocks[0]
-    dim = transformer.inner_dim
-    torch.manual_seed(2)
-    args = (torch.randn(1, 16, dim), torch.randn(1, 6, dim), None, torch.randn(1, dim))
-    rotary = transformer.pos_embed([[(1, 4, 4)]], max_txt_seq_len=6, device=torch.device("cpu"))
+    args, rotary = block_call(transformer, seed=2)
     calls, op = [], qk_prologue._join_op
     monkeypatch.setattr(qk_prologue, "_join_op", lambda *a: calls.append(1) or op(*a))
     with torch.no_grad():
