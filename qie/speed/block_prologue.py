@@ -124,13 +124,27 @@ def _ready(block: torch.nn.Module) -> bool:
     return all(isinstance(n, torch.nn.LayerNorm) and n.weight is None and n.bias is None for n in norms)
 
 
+def _runs_class_forward(block: torch.nn.Module) -> bool:
+    """Whether calling `block` runs its class's forward. An instance-level `forward` that is only the class's
+    own forward bound to the block (what diffusers' hook registry leaves when its hooks are removed, e.g.
+    after a step-cache edit) is dropped first; any other (a live hook, a per-instance compile) keeps it."""
+    own = vars(block).get("forward")
+    if own is None:
+        return True
+    if getattr(own, "__self__", None) is block and getattr(own, "__func__", None) is type(block).forward:
+        del block.forward
+        return True
+    return False
+
+
 def install(transformer: torch.nn.Module) -> int:
-    """Give each ready block of `transformer` the fused prologue (`_ready`); returns how many changed."""
+    """Give each ready block of `transformer` the fused prologue (`_ready`, and its calls reach its class's
+    forward: `_runs_class_forward`); returns how many changed."""
     blocks = torch.nn.ModuleList(getattr(transformer, "transformer_blocks", []))
     members = {id(block) for block in blocks}
     return mix_in(
         blocks,
-        lambda m: id(m) in members and not isinstance(m, Fp8PrologueBlock) and _ready(m),
+        lambda m: id(m) in members and not isinstance(m, Fp8PrologueBlock) and _ready(m) and _runs_class_forward(m),
         _fused_class,
         "block prologue: LayerNorm, modulation and fp8 quantization fused in %d blocks",
     )
@@ -142,5 +156,10 @@ def installed(transformer: torch.nn.Module) -> bool:
 
 
 def uninstall(transformer: torch.nn.Module) -> None:
-    """Give each block its diffusers class back."""
-    mix_out(torch.nn.ModuleList(getattr(transformer, "transformer_blocks", [])), Fp8PrologueBlock)
+    """Give each block its diffusers class back (and drop a stale instance-level forward bound to the fused one)."""
+    blocks = torch.nn.ModuleList(getattr(transformer, "transformer_blocks", []))
+    for block in blocks:
+        own = vars(block).get("forward")
+        if getattr(own, "__self__", None) is block and getattr(own, "__func__", None) is Fp8PrologueBlock.forward:
+            del block.forward
+    mix_out(blocks, Fp8PrologueBlock)

@@ -134,6 +134,21 @@ def test_blocks_whose_projections_are_not_fp8_rows_keep_diffusers_forward(tiny_e
     assert block_prologue.install(transformer) == len(transformer.transformer_blocks) - 1
 
 
+def test_a_forward_left_by_removed_hooks_is_dropped_and_a_live_one_kept(tiny_editor):
+    transformer = to_fp8_blocks(fresh(tiny_editor.pipe.transformer))
+    rope.install(transformer)
+    qk_prologue.install(transformer)
+    first, second = transformer.transformer_blocks[:2]
+    first.forward = first.forward  # diffusers' hook registry leaves the class's forward bound, as here
+    second.forward = lambda *args, **kwargs: None  # a live wrapper: the block stays as it is
+    assert block_prologue.install(transformer) == len(transformer.transformer_blocks) - 1
+    assert "forward" not in vars(first) and isinstance(first, block_prologue.Fp8PrologueBlock)
+    assert not isinstance(second, block_prologue.Fp8PrologueBlock)
+    first.forward = first.forward  # hooks added and removed while the fused class is on
+    block_prologue.uninstall(transformer)
+    assert "forward" not in vars(first) and not block_prologue.installed(transformer)
+
+
 def test_calls_the_processor_cannot_fuse_run_diffusers_forward(tiny_editor):
     transformer = to_fp8_blocks(fresh(tiny_editor.pipe.transformer))
     rope.install(transformer)
