@@ -52,8 +52,8 @@ Sections (each on random weights of the real widths):
              the `--sizes`: milliseconds and host milliseconds per call, the recording, equal outputs.
   prologue   the same transformer with its blocks' LayerNorm + modulation + fp8 quantization as Inductor
              fuses it, then as one Triton op per stream and norm handing fp8 rows to the projections
-             (`qie.speed.block_prologue`), at the `--sizes`: milliseconds, kernel tables, error against
-             bf16 weights.
+             (`qie.speed.block_prologue`), then Inductor's again (drift), at the `--sizes`: milliseconds
+             as it is and replayed from a CUDA graph, kernel tables, error against bf16 weights.
   prologue-kernel the op's kernel alone at 8192 rows (norm pass, gated sum + norm pass) for 1 to 8 rows per
              program under 4 to 16 warps: its profiled milliseconds per call, the best pair.
 
