@@ -5,13 +5,16 @@ Each transformer block normalizes each stream (LayerNorm without affine), modula
 before the projections that read it (q/k/v, or the MLP's first layer). Compiled, that was a looped
 reduction kernel per stream and norm, which read each row three times: 0.086 ms per call at 1024²
 on an H200, 9.7 ms of a 0.18 s forward, five times its memory traffic (h200-au). Here one Triton
-program holds a row in registers and writes its fp8 values and scale (`qie.memory.norm_quantize_kernels`).
-`quantize_activations` is the same pass without norm and modulation (each stream's slice of the
-attention output, read in place, before its output projection).
+program holds a row in registers and writes its fp8 values and scale (`qie.memory.norm_quantize_kernels`;
+0.035 ms at 8192 rows, h200-bh). `add_norm_modulate_quantize` first forms and writes the gated
+residual sum `x + gate * y` it then normalizes (the block's sum after attention: 0.051 ms), and
+`quantize_activations` is the pass without norm and modulation (each stream's slice of the attention
+output, read in place, before its output projection).
 
-Both return `Fp8Activations`, which `qie.memory.fp8_matmul.project` hands to a layer's fp8 GEMM
-without quantizing again. Off CUDA, or without Triton, the op is the PyTorch arithmetic below
-(`norm_modulate_reference`, the tests' oracle). Tolerance ``block-prologue-fused``.
+They return `Fp8Activations`, which `qie.memory.fp8_matmul.project` hands to a layer's fp8 GEMM
+without quantizing again. Off CUDA, or without Triton, the ops are the eager PyTorch arithmetic below
+(`norm_modulate_reference`, the tests' oracle); the kernel computes in float32 and rounds once.
+Tolerance ``block-prologue-fused``.
 
 Example:
     >>> x = torch.randn(1, 6, 64, dtype=torch.bfloat16)
