@@ -208,9 +208,11 @@ def test_the_triton_kernel_matches_the_reference_at_the_real_width(per_token):
     rows = norm_modulate_quantize(x, shift, scale, 1e-6)
     ref = norm_modulate_reference(x, shift, scale, 1e-6).reshape(-1, 3072)
     values, scales = quantize_rows(ref)
-    assert torch.allclose(rows.scales.reshape(-1, 1), scales, rtol=2**-7, atol=0)  # a bf16 step of the maximum
+    # eager rounds the row maximum's chain three times in bf16 (LayerNorm, product, sum); the kernel once (h200-bi:
+    # 2**-7 was too tight)
+    assert torch.allclose(rows.scales.reshape(-1, 1), scales, rtol=2**-5, atol=0)
     differ = (rows.values.reshape(-1, 3072).float() != values.float()).float().mean().item()
-    assert differ < 0.1, differ  # LayerNorm summed in another order: last-bit bf16 roundings, one fp8 step apart
+    assert differ < 0.1, differ  # one rounding against eager's three: values one fp8 step apart (h200-be: 3.8 %)
     got, want = rows.values.reshape(-1, 3072).float() * rows.scales.reshape(-1, 1), values.float() * scales
     assert ((got - want).norm() / want.norm()).item() < 3e-2  # those steps: ~1 % of the rows' norm
     # as close to the exact (float32) chain as PyTorch's bf16 chain is
@@ -226,9 +228,11 @@ def test_the_triton_kernel_matches_the_reference_at_the_real_width(per_token):
     eager = x + gate * y  # bf16 ops: the product rounded, then the sum
     once = (x.float() + gate.float() * y.float()).bfloat16()  # float32, rounded once: the kernel's arithmetic
     assert (summed != once).float().mean().item() < 1e-3  # a fused multiply-add's last bit, at most
-    assert torch.allclose(summed.float(), eager.float(), rtol=2**-7, atol=0)  # within a bf16 step of eager's
+    # within a bf16 step of eager's sum, plus eager's rounding of the product where the two terms cancel
+    bound = eager.float().abs() * 2**-7 + (gate * y).float().abs() * 2**-8
+    assert ((summed.float() - eager.float()).abs() <= bound).all()
     ref_values, ref_scales = quantize_rows(norm_modulate_reference(summed, shift, scale, 1e-6).reshape(-1, 3072))
-    assert torch.allclose(after.scales.reshape(-1, 1), ref_scales, rtol=2**-7, atol=0)
+    assert torch.allclose(after.scales.reshape(-1, 1), ref_scales, rtol=2**-5, atol=0)
     assert (after.values.reshape(-1, 3072).float() != ref_values.float()).float().mean().item() < 0.1
     joint = torch.randn(2, 1260, 3072, device=device).bfloat16() * 3
     for part in (joint[:, :230], joint[:, 230:]):  # token slices of the attention output, read in place
