@@ -111,7 +111,8 @@ def _fused_class(base: type) -> type:
 
 
 def _ready(block: torch.nn.Module) -> bool:
-    """Whether every consumer of `block`'s modulated rows takes fp8 rows as they are."""
+    """Whether `block` is a joint-attention block every consumer of whose modulated rows takes fp8 rows as
+    they are (other modules have no `attn` with the fused processor)."""
     attn = getattr(block, "attn", None)
     if attn is None or not isinstance(attn.processor, qk_prologue.processor_class()):
         return False
@@ -124,27 +125,12 @@ def _ready(block: torch.nn.Module) -> bool:
     return all(isinstance(n, torch.nn.LayerNorm) and n.weight is None and n.bias is None for n in norms)
 
 
-def _runs_class_forward(block: torch.nn.Module) -> bool:
-    """Whether calling `block` runs its class's forward. An instance-level `forward` that is only the class's
-    own forward bound to the block (what diffusers' hook registry leaves when its hooks are removed, e.g.
-    after a step-cache edit) is dropped first; any other (a live hook, a per-instance compile) keeps it."""
-    own = vars(block).get("forward")
-    if own is None:
-        return True
-    if getattr(own, "__self__", None) is block and getattr(own, "__func__", None) is type(block).forward:
-        del block.forward
-        return True
-    return False
-
-
 def install(transformer: torch.nn.Module) -> int:
-    """Give each ready block of `transformer` the fused prologue (`_ready`, and its calls reach its class's
-    forward: `_runs_class_forward`); returns how many changed."""
-    blocks = torch.nn.ModuleList(getattr(transformer, "transformer_blocks", []))
-    members = {id(block) for block in blocks}
+    """Give each ready block of `transformer` the fused prologue (`_ready`; `qie.speed.mixins` leaves blocks
+    whose calls bypass their class alone); returns how many changed."""
     return mix_in(
-        blocks,
-        lambda m: id(m) in members and not isinstance(m, Fp8PrologueBlock) and _ready(m) and _runs_class_forward(m),
+        transformer,
+        lambda m: not isinstance(m, Fp8PrologueBlock) and _ready(m),
         _fused_class,
         "block prologue: LayerNorm, modulation and fp8 quantization fused in %d blocks",
     )
@@ -156,10 +142,5 @@ def installed(transformer: torch.nn.Module) -> bool:
 
 
 def uninstall(transformer: torch.nn.Module) -> None:
-    """Give each block its diffusers class back (and drop a stale instance-level forward bound to the fused one)."""
-    blocks = torch.nn.ModuleList(getattr(transformer, "transformer_blocks", []))
-    for block in blocks:
-        own = vars(block).get("forward")
-        if getattr(own, "__self__", None) is block and getattr(own, "__func__", None) is Fp8PrologueBlock.forward:
-            del block.forward
-    mix_out(blocks, Fp8PrologueBlock)
+    """Give each block its diffusers class back."""
+    mix_out(transformer, Fp8PrologueBlock)
