@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.levers_timing import (
     BLOCKS,
+    by_category,
     cuda_ms,
     empty_inductor_cache,
     kernel_table,
@@ -97,7 +98,6 @@ def compile_variants(
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks import stream_gain
-    from benchmarks.profiling import classify
     from benchmarks.random_model import materialize
     from qie.memory.quantize import quantize_transformer
     from qie.speed import fa3
@@ -136,11 +136,7 @@ def compile_variants(
                 }
                 if table:
                     row["kernels_ms"] = table
-                    categories: dict[str, float] = {}
-                    for kernel, kernel_ms in table.items():
-                        category = classify(kernel)
-                        categories[category] = categories.get(category, 0.0) + kernel_ms
-                    row["categories_ms"] = categories
+                    row["categories_ms"] = by_category(table)
                 out["variants"][name] = row
                 log.info("%s: first call %.1f s, %.2f ms (%d blocks)", name, first, ms, args.layers)
                 uncompile_blocks(model)
@@ -270,7 +266,7 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     and categories, error against the bf16 weights' output."""
     from diffusers import QwenImageTransformer2DModel
 
-    from benchmarks.profiling import classify
+    from benchmarks import stream_gain
     from benchmarks.random_model import materialize
     from qie.memory.quantize import quantize_transformer
     from qie.speed import block_prologue, fa3
@@ -279,7 +275,7 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     out: dict[str, Any] = args.partial
     model = materialize(lambda: QwenImageTransformer2DModel(num_layers=BLOCKS), device, torch.bfloat16, 3)
     sizes = [int(size) for size in args.sizes.split(",")]
-    calls = {size: _forward_inputs(device, size, args.text_tokens) for size in sizes}
+    calls = {size: stream_gain.inputs(device, False, args.text_tokens, size) for size in sizes}
     with torch.inference_mode():
         references = {size: model(**call)[0] for size, call in calls.items()}
     quantize_transformer(model, device, fuse_mlp=True)
@@ -305,15 +301,12 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
                         model(**call)
                     replayed = cuda_ms(graph.replay, repeats=20)
                     del graph
-                categories: dict[str, float] = {}
-                for kernel, kernel_ms in table.items():
-                    categories[classify(kernel)] = categories.get(classify(kernel), 0.0) + kernel_ms
                 row = {
                     "forward_ms": ms,
                     "replayed_ms": replayed,
                     "first_call_s": first,
                     "rel_error_vs_bf16_weights": rel_error(result, references[size]),
-                    "categories_ms": categories,
+                    "categories_ms": by_category(table),
                     "kernels_ms": table,
                 }
                 out["sizes"].setdefault(str(size), {})[variant] = row
@@ -368,18 +361,4 @@ def run_prologue_kernel(args: argparse.Namespace, device: torch.device) -> dict[
         "default": f"{kernels.ROWS} rows, {kernels.ROW_WARPS} warps",
         "floor_norm_ms": x.numel() * 3 / 4.8e12 * 1e3,
         "floor_sum_norm_ms": x.numel() * 7 / 4.8e12 * 1e3,
-    }
-
-
-def _forward_inputs(device: torch.device, size: int, text_tokens: int) -> dict[str, Any]:
-    """Transformer kwargs for a `size`² edit with its condition at the same area, batch 1."""
-    g = torch.Generator(device=device).manual_seed(0)
-    side = size // 16
-    return {
-        "hidden_states": torch.randn(1, 2 * side * side, 64, device=device, dtype=torch.bfloat16, generator=g),
-        "encoder_hidden_states": torch.randn(1, text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=g),
-        "encoder_hidden_states_mask": None,
-        "timestep": torch.full((1,), 0.5, device=device, dtype=torch.bfloat16),
-        "img_shapes": [[(1, side, side), (1, side, side)]],
-        "return_dict": False,
     }

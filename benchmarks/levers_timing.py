@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import profiling  # noqa: F401  (tears CUPTI down after each profile)
+from benchmarks import profiling  # (importing it also tears CUPTI down after each profile)
 
 IMAGE_TOKENS = 8192  # 1024² output + 1024² condition, 16 px per token
 BLOCKS = 60
@@ -67,6 +67,15 @@ def kernel_table(fn: Callable[[], Any], repeats: int = 5, top: int = 12) -> dict
             name = event.key[:120]
             rows[name] = rows.get(name, 0.0) + event.device_time_total / 1e3 / repeats
     return dict(sorted(rows.items(), key=lambda r: -r[1])[:top])
+
+
+def by_category(table: dict[str, float]) -> dict[str, float]:
+    """A `kernel_table`'s milliseconds summed per kernel category (`profiling.classify`)."""
+    categories: dict[str, float] = {}
+    for kernel, ms in table.items():
+        category = profiling.classify(kernel)
+        categories[category] = categories.get(category, 0.0) + ms
+    return categories
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -37,12 +37,13 @@ def build_transformer(device: torch.device, seed: int = 3):
     return materialize(QwenImageTransformer2DModel, device, torch.bfloat16, seed)
 
 
-def inputs(device: torch.device, batch2: bool, text_tokens: int = TEXT) -> dict[str, Any]:
-    """Transformer kwargs at 1024² (4096 output + 4096 condition tokens, `text_tokens` prompt tokens);
-    batch 2 = cond + padded uncond."""
+def inputs(device: torch.device, batch2: bool, text_tokens: int = TEXT, size: int = 1024) -> dict[str, Any]:
+    """Transformer kwargs for a `size`² edit with its condition at the same area (at 1024²: 4096 output + 4096
+    condition tokens), `text_tokens` prompt tokens; batch 2 = cond + padded uncond."""
     g = torch.Generator(device=device).manual_seed(0)
     b = 2 if batch2 else 1
-    hidden = torch.randn(b, 8192, 64, device=device, dtype=torch.bfloat16, generator=g)
+    side = size // 16
+    hidden = torch.randn(b, 2 * side * side, 64, device=device, dtype=torch.bfloat16, generator=g)
     text = torch.randn(b, text_tokens, 3584, device=device, dtype=torch.bfloat16, generator=g)
     mask = None
     if batch2:
@@ -53,7 +54,7 @@ def inputs(device: torch.device, batch2: bool, text_tokens: int = TEXT) -> dict[
         "encoder_hidden_states": text,
         "encoder_hidden_states_mask": mask,
         "timestep": torch.full((b,), 0.5, device=device, dtype=torch.bfloat16),
-        "img_shapes": [[(1, 64, 64), (1, 64, 64)]] * b,
+        "img_shapes": [[(1, side, side), (1, side, side)]] * b,
         "return_dict": False,
     }
 
