@@ -75,6 +75,10 @@ _ELEMENTWISE = (
     r"|qk_norm_rope|^triton_|^aten::(add|add_|mul|mul_|sub|div|div_|pow|rsqrt|mean|sum|exp|sin|cos|neg|tanh|where|addcmul|lerp"
     r"|native_layer_norm|layer_norm|rms_norm|_fused_rms_norm|gelu|silu|sigmoid|fill_|clamp|view_as_complex|view_as_real)$"
 )
+# Inductor names a kernel after every aten op it fuses, the attention op its output feeds included; only
+# a template kernel (`triton_tem_fused_flex_attention_0`) runs the attention itself.
+_INDUCTOR_AROUND_ATTENTION = re.compile(r"^triton_(poi|red|per)_fused_.*(flash|attn|attention|sdpa)", re.I)
+_ATTENTION_OPS = re.compile(r"_(flash_attn_forward|scaled_dot_product_\w+?_attention|attention|sdpa)(?=_)", re.I)
 PATTERNS = [
     ("attention", re.compile(_ATTENTION, re.I)),
     ("gemm", re.compile(_GEMM, re.I)),
@@ -99,8 +103,22 @@ def classify(name: str) -> str:
     """
     if _is_copy_only_triton(name):
         return "copies"
+    if _INDUCTOR_AROUND_ATTENTION.match(name):  # names the attention op it feeds; its work is elementwise
+        return _classify_fused_ops(name)
     for category, pattern in PATTERNS:
         if pattern.search(name):
+            return category
+    return "other"
+
+
+def _classify_fused_ops(name: str) -> str:
+    """An Inductor kernel fused into an attention op's inputs (`triton_poi_fused__flash_attn_forward__to_copy_
+    cat_clamp_..._0`: the fp8 cast of the values), classified by the other ops it fuses."""
+    rest = _ATTENTION_OPS.sub("", name)
+    if "_clamp_" in rest and "_to_copy_" in rest:  # a saturating cast: the fp8 inputs
+        return "quantize"
+    for category, pattern in PATTERNS[1:]:
+        if pattern.search(rest):
             return category
     return "other"
 
@@ -129,13 +147,16 @@ def split_device_time(events: Any) -> dict[str, Any]:
         else:
             kernels[e.key] = kernels.get(e.key, 0.0) + us
             launches += getattr(e, "count", 1)
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:16]
+    short: dict[str, float] = {}  # kernels whose names share their first 80 characters are summed
+    for key, us in kernels.items():
+        short[key[:80]] = short.get(key[:80], 0.0) + us
+    top = sorted(short.items(), key=lambda kv: -kv[1])[:16]
     return {
         "kernel_s": sum(kernels.values()) / 1e6,
         "kernels": float(launches),
         "h2d_s": h2d / 1e6,
         "other_copies_s": other_copies / 1e6,
-        "top_kernels_s": {k[:80]: round(v / 1e6, 4) for k, v in top},
+        "top_kernels_s": {k: round(v / 1e6, 4) for k, v in top},
     }
 
 

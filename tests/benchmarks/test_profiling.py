@@ -62,12 +62,16 @@ KERNELS = {
         "aten::mul",
         "aten::gelu",
         "qie_qk_norm_rope",  # qie.speed.qk_prologue's Triton kernel
+        "triton_poi_fused__scaled_dot_product_flash_attention_add_mul_3",
     ],
     "quantize": [
         "triton_red_fused__to_copy_abs_amax_clamp_div_mul_reciprocal_0",
         "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::"
         "float8_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(float)#1}, std::array<char*, 2ul> >",
         "qie_gelu_quantize_rows",  # qie.memory.fp8_mlp's Triton kernel
+        # Inductor's fp8 cast of the values, named after the FA3 op it feeds
+        "triton_poi_fused__flash_attn_forward__to_copy_cat_clamp_clone_div_expand_maximum_4",
+        "triton_red_fused__flash_attn_forward__to_copy_amax_cat_clamp_clone_div_expand_maximum_5",
     ],
     "copies": [
         "Memcpy DtoD (Device -> Device)",
@@ -210,5 +214,6 @@ def test_device_time_counts_the_kernels_launched_apart_from_copies():
         event("aten::mm", 999.0, 7, torch.autograd.DeviceType.CPU),
     ]
     split = split_device_time(events)
+    assert split["top_kernels_s"]["nvjet_sm90_gemm"] == pytest.approx(300e-6, abs=1e-4)
     assert split["kernels"] == 1800 and split["kernel_s"] == pytest.approx(350e-6)
     assert split["h2d_s"] == pytest.approx(20e-6) and split["other_copies_s"] == pytest.approx(1e-6)
