@@ -56,6 +56,9 @@ Sections (each on random weights of the real widths):
              as it is and replayed from a CUDA graph, kernel tables, error against bf16 weights.
   prologue-kernel the op's kernel alone at 8192 rows (norm pass, gated sum + norm pass) for 1 to 8 rows per
              program under 4 to 16 warps: its profiled milliseconds per call, the best pair.
+  values     the same transformer under fp8 attention with the values' join and fp8 cast as Inductor
+             compiles it, then as the two-pass Triton op (`qie.speed.fp8_values`), then Inductor's
+             again, at the `--sizes`: the prologue section's tables.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -82,6 +85,7 @@ from benchmarks.levers_blocks import (
     run_prologue,
     run_prologue_kernel,
     run_transformer_graphs,
+    run_values,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
 from benchmarks.levers_kernels import run_attention, run_gelu_warps, run_kernels, run_mlp, run_ops, run_rope
@@ -106,6 +110,7 @@ SECTIONS = {
     "transformer-graphs": run_transformer_graphs,
     "prologue": run_prologue,
     "prologue-kernel": run_prologue_kernel,
+    "values": run_values,
 }
 
 
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="blocks section: full-size blocks (default: 4)")
     parser.add_argument("--text-tokens", type=int, default=230)
     parser.add_argument("--variants", default="", help="inductor-options section: comma list (default: all)")
-    parser.add_argument("--sizes", default="1024,768", help="transformer-graphs, prologue: square output sizes")
+    parser.add_argument("--sizes", default="1024,768", help="transformer-graphs, prologue, values: square output sizes")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)

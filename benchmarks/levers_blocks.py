@@ -264,6 +264,41 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     stream and norm handing fp8 rows to the projections (`qie.speed.block_prologue`, "on"), at the `--sizes`:
     CUDA milliseconds per forward, as it is and replayed from a CUDA graph (an edit's steps), kernel table
     and categories, error against the bf16 weights' output."""
+    from qie.speed import block_prologue
+
+    def variant(on: bool):
+        def toggle(model):
+            (block_prologue.install if on else block_prologue.uninstall)(model)
+            return contextlib.nullcontext()
+
+        return toggle
+
+    return transformer_ab(
+        args, device, {"off": variant(False), "on": variant(True), "off, again": variant(False)}, "prologue"
+    )
+
+
+def run_values(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The same transformer under fp8 attention (`fa3.fp8_attention()`, a request's `attention_quant="fp8"`)
+    with the values' join and fp8 cast as Inductor compiles `quantize_heads` of the concatenation ("off")
+    and as the two-pass Triton op (`qie.speed.fp8_values`, "on"), then Inductor's again: the same tables."""
+    from qie.speed import fa3, fp8_values
+
+    @contextlib.contextmanager
+    def fp8(unfused: bool):
+        with fa3.fp8_attention(), fp8_values.unfused() if unfused else contextlib.nullcontext():
+            yield
+
+    variants = {"off": lambda m: fp8(True), "on": lambda m: fp8(False), "off, again": lambda m: fp8(True)}
+    return transformer_ab(args, device, variants, "values")
+
+
+def transformer_ab(args: argparse.Namespace, device: torch.device, variants: dict, label: str) -> dict[str, Any]:
+    """The full-size fp8 transformer (`BLOCKS` blocks, fused MLP quantization, regional compile, FA3) run under
+    each of `variants` (name -> `variant(model)`, a context manager the forwards run in), traced again for
+    each, at the `--sizes`: CUDA milliseconds per forward (`forward_ms`), replayed from a CUDA graph as an
+    edit's steps replay it (`replayed_ms`), first call, kernel table and categories, error against the bf16
+    weights' output; and the "on" variant's savings against "off" and the drift between two "off" runs."""
     from diffusers import QwenImageTransformer2DModel
 
     from benchmarks import stream_gain
@@ -285,35 +320,15 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     try:
         compile_blocks(model)
         out["installed_blocks"] = sum(isinstance(b, block_prologue.Fp8PrologueBlock) for b in model.transformer_blocks)
-        for variant in ("off", "on", "off, again"):  # the third: the drift between the runs of one process
+        for name, variant in variants.items():
             torch._dynamo.reset()
-            (block_prologue.install if variant == "on" else block_prologue.uninstall)(model)
-            for size, call in calls.items():
-                with torch.inference_mode():
-                    start = time.perf_counter()
-                    result = model(**call)[0]
-                    torch.cuda.synchronize()
-                    first = time.perf_counter() - start
-                    ms = cuda_ms(lambda c=call, m=model: m(**c))
-                    table = kernel_table(lambda c=call, m=model: m(**c), repeats=3, top=40)
-                    graph = torch.cuda.CUDAGraph()  # as an edit's steps replay it (`qie.speed.transformer_graphs`)
-                    with torch.cuda.graph(graph):
-                        model(**call)
-                    replayed = cuda_ms(graph.replay, repeats=20)
-                    del graph
-                row = {
-                    "forward_ms": ms,
-                    "replayed_ms": replayed,
-                    "first_call_s": first,
-                    "rel_error_vs_bf16_weights": rel_error(result, references[size]),
-                    "categories_ms": by_category(table),
-                    "kernels_ms": table,
-                }
-                out["sizes"].setdefault(str(size), {})[variant] = row
-                log.info(
-                    "prologue %s %d²: %.2f ms, replayed %.2f ms, error %.4f",
-                    variant, size, ms, replayed, row["rel_error_vs_bf16_weights"],
-                )  # fmt: skip
+            with variant(model):
+                for size, call in calls.items():
+                    out["sizes"].setdefault(str(size), {})[name] = row = _forward_row(model, call, references[size])
+                    log.info(
+                        "%s %s %d²: %.2f ms, replayed %.2f ms, error %.4f",
+                        label, name, size, row["forward_ms"], row["replayed_ms"], row["rel_error_vs_bf16_weights"],
+                    )  # fmt: skip
         for rows in out["sizes"].values():
             if {"off", "on"} <= rows.keys():
                 rows["saved_ms"] = rows["off"]["forward_ms"] - rows["on"]["forward_ms"]
@@ -323,6 +338,30 @@ def run_prologue(args: argparse.Namespace, device: torch.device) -> dict[str, An
     finally:
         fa3.uninstall()
     return out
+
+
+def _forward_row(model: torch.nn.Module, call: dict[str, Any], reference: torch.Tensor) -> dict[str, Any]:
+    """One variant's forward at one size: first call, CUDA ms, kernel table, replayed ms, error."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        result = model(**call)[0]
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        ms = cuda_ms(lambda: model(**call))
+        table = kernel_table(lambda: model(**call), repeats=3, top=40)
+        graph = torch.cuda.CUDAGraph()  # as an edit's steps replay it (`qie.speed.transformer_graphs`)
+        with torch.cuda.graph(graph):
+            model(**call)
+        replayed = cuda_ms(graph.replay, repeats=20)
+        del graph
+    return {
+        "forward_ms": ms,
+        "replayed_ms": replayed,
+        "first_call_s": first,
+        "rel_error_vs_bf16_weights": rel_error(result, reference),
+        "categories_ms": by_category(table),
+        "kernels_ms": table,
+    }
 
 
 def run_prologue_kernel(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -18,7 +18,8 @@ largest magnitude maps to 448), which FA3 takes as descale factors; the output s
 Tolerance: `qie.core.tolerances` ("attention-fa3-fp8"). Compiled blocks trace the fp8 variant
 as a second graph on its first use. With the fused q/k prologue (`qie.speed.qk_prologue`) the
 queries and keys arrive in fp8 already, under a scale bounded by the norms' weights
-(`prequantized_attention`); only the values are scaled by their measured maximum.
+(`prequantized_attention`); only the values are scaled by their measured maximum
+(`qie.speed.fp8_values`).
 
 Example:
     >>> install(torch.device("cpu"))  # no Hopper GPU here: nothing is installed
@@ -183,13 +184,12 @@ def fp8_forward_now(module, hidden_states: torch.Tensor, backend, parallel_confi
     return forward
 
 
-def prequantized_attention(q8, q_scale, k8, k_scale, value, attn_mask, forward: Fp8Forward) -> torch.Tensor:
-    """Attention of fp8 queries and keys (B x S x H x D, [B, H] scales) on bf16 `value`, through `forward`.
+def prequantized_attention(q8, q_scale, k8, k_scale, v8, v_scale, attn_mask, forward: Fp8Forward) -> torch.Tensor:
+    """Attention of fp8 queries, keys and values (B x S x H x D, [B, H] scales each), through `forward`.
 
-    The value is cast to fp8 with one scale per sample and head (`quantize_heads`); a boolean key
-    mask becomes kept-key counts as in `joint_attention`. Returns bf16 (B x S x H x D).
+    The values come scaled per sample and head (`quantize_heads`, or `qie.speed.fp8_values.join_fp8`);
+    a boolean key mask becomes kept-key counts as in `joint_attention`. Returns bf16 (B x S x H x D).
     """
-    v8, v_scale = quantize_heads(value)
     used = None
     if attn_mask is not None:
         k8, v8, used = kept_keys_first(k8, v8, attn_mask)

@@ -16,7 +16,8 @@ backend; `qie.speed.compile.compile_blocks` does so on CUDA with Triton.
 
 Under fp8 attention (a request's `attention_quant="fp8"` with FlashAttention-3) the same kernels
 write the queries and keys as fp8 under `fp8_bound_scale` (`norm_rope_join_fp8`) and the processor
-hands them to FA3's fp8 forward (`qie.speed.fa3.prequantized_attention`): no pass to measure them.
+hands them to FA3's fp8 forward (`qie.speed.fa3.prequantized_attention`): no pass to measure them;
+the values are joined and cast by `qie.speed.fp8_values`.
 Both ops are `torch.library.triton_op`s, so compiled graphs launch the kernels themselves.
 
 The arithmetic is diffusers': variance in float32, normalized values rounded to the weight's dtype
@@ -39,7 +40,7 @@ from torch.library import triton_op, wrap_triton
 
 from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE, Fp8Activations, fp8_rows, project, to_fp8
 from qie.memory.norm_quantize import quantize_activations
-from qie.speed import fa3, rope
+from qie.speed import fa3, fp8_values, rope
 from qie.speed.fa3 import QWEN_MODULE
 
 log = logging.getLogger(__name__)
@@ -236,14 +237,19 @@ def processor_class() -> type:
             freqs = (txt_freqs, img_freqs)
             q_streams, k_streams = heads(attn.add_q_proj, attn.to_q), heads(attn.add_k_proj, attn.to_k)
             seq_txt = q_streams[0].shape[1]
-            value = torch.cat(heads(attn.add_v_proj, attn.to_v), dim=1)
+            v_streams = heads(attn.add_v_proj, attn.to_v)
             fp8_forward = fa3.fp8_forward_now(qwen, like, self._attention_backend, self._parallel_config)
             if fp8_forward is not None:
-                # fp8 attention: the prologue writes fp8 queries and keys itself (no extra pass)
+                # fp8 attention: the prologue writes fp8 queries and keys itself (no extra pass), the
+                # values are joined and cast in two passes (`fp8_values`)
                 query, q_scale = norm_rope_join_fp8(*q_streams, attn.norm_added_q, attn.norm_q, *freqs)
                 key, k_scale = norm_rope_join_fp8(*k_streams, attn.norm_added_k, attn.norm_k, *freqs)
-                joint = fa3.prequantized_attention(query, q_scale, key, k_scale, value, attention_mask, fp8_forward)
+                value, v_scale = fp8_values.join_fp8(*v_streams)
+                joint = fa3.prequantized_attention(
+                    query, q_scale, key, k_scale, value, v_scale, attention_mask, fp8_forward
+                )
             else:
+                value = torch.cat(v_streams, dim=1)
                 query = norm_rope_join(*q_streams, attn.norm_added_q, attn.norm_q, *freqs)
                 key = norm_rope_join(*k_streams, attn.norm_added_k, attn.norm_k, *freqs)
                 joint = qwen.dispatch_attention_fn(

@@ -79,7 +79,7 @@ def test_fa3_on_hopper_matches_masked_sdpa(precision, bound):
     q, k, v, mask = random_case(b=2, s=1000, h=4, d=128, device="cuda", dtype=torch.bfloat16)
     if precision == "fp8 prequantized":  # queries and keys in fp8 already (the fused prologue's output)
         (q8, qs), (k8, ks) = fa3.quantize_heads(q), fa3.quantize_heads(k)
-        got = fa3.prequantized_attention(q8, qs, k8, ks, v, mask, fa3.fa3_fp8_forward())
+        got = fa3.prequantized_attention(q8, qs, k8, ks, *fa3.quantize_heads(v), mask, fa3.fa3_fp8_forward())
     else:
         kernel = fa3.fa3_kernel() if precision == "bf16" else fa3.fa3_fp8_kernel()
         got = fa3.joint_attention(q, k, v, mask, kernel=kernel, fallback=None)
