@@ -59,6 +59,8 @@ Sections (each on random weights of the real widths):
   values     the same transformer under fp8 attention with the values' join and fp8 cast as Inductor
              compiles it, then as the two-pass Triton op (`qie.speed.fp8_values`), then Inductor's
              again, at the `--sizes`: the prologue section's tables.
+  values-kernel the op's two kernels alone at 1024²'s joint values for 16 to 128 tokens per program under
+             2 to 8 warps: their profiled milliseconds per call, the fastest setting.
 
 Writes `fast-levers-<tag>.json` in `--out` after each section; every time is a median of CUDA-event
 timings after warm-up. Stopped by SIGTERM (`timeout`), it writes what it has, the blocks section's
@@ -86,6 +88,7 @@ from benchmarks.levers_blocks import (
     run_prologue_kernel,
     run_transformer_graphs,
     run_values,
+    run_values_kernel,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
 from benchmarks.levers_kernels import run_attention, run_gelu_warps, run_kernels, run_mlp, run_ops, run_rope
@@ -111,6 +114,7 @@ SECTIONS = {
     "prologue": run_prologue,
     "prologue-kernel": run_prologue_kernel,
     "values": run_values,
+    "values-kernel": run_values_kernel,
 }
 
 

@@ -401,3 +401,29 @@ def run_prologue_kernel(args: argparse.Namespace, device: torch.device) -> dict[
         "floor_norm_ms": x.numel() * 3 / 4.8e12 * 1e3,
         "floor_sum_norm_ms": x.numel() * 7 / 4.8e12 * 1e3,
     }
+
+
+def run_values_kernel(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """`qie.speed.fp8_values`'s two kernels alone at 1024²'s joint values (`--text-tokens` + 8192 tokens,
+    24 heads of 128), for 16 to 128 tokens per program under 2, 4 and 8 warps: each kernel's profiled
+    milliseconds per call and the fastest setting. Memory floors at 4.8 TB/s: 2 bytes per element for the
+    maxima, 3 for the cast."""
+    from qie.speed import fp8_values
+
+    txt = torch.randn(1, args.text_tokens, 24, 128, device=device, dtype=torch.bfloat16)
+    img = torch.randn(1, 8192, 24, 128, device=device, dtype=torch.bfloat16)
+
+    def kernel_ms(tokens: int, warps: int) -> dict[str, float]:
+        table = kernel_table(lambda: fp8_values._launch(txt, img, tokens, warps), repeats=20, top=8)
+        return {kernel: sum(ms for name, ms in table.items() if kernel in name) for kernel in ("amax", "fp8")}
+
+    timings = {f"{t} tokens, {w} warps": kernel_ms(t, w) for t in (16, 32, 64, 128) for w in (2, 4, 8)}
+    best = min(timings, key=lambda k: sum(timings[k].values()))
+    elements = txt.numel() + img.numel()
+    return {
+        "timings": timings,
+        "best": best,
+        "default": f"{fp8_values.TOKENS_PER_PROGRAM} tokens, {fp8_values.WARPS} warps",
+        "floor_amax_ms": elements * 2 / 4.8e12 * 1e3,
+        "floor_cast_ms": elements * 3 / 4.8e12 * 1e3,
+    }

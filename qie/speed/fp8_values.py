@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -34,7 +35,9 @@ from qie.memory.fp8_matmul import FP8, FP8_MAX, fp8_scale
 from qie.speed.fa3 import quantize_heads
 
 OP = "qie::join_values_fp8"
+TRITON = importlib.util.find_spec("triton") is not None  # read by `fusable`, which compiled code traces
 TOKENS_PER_PROGRAM = 64  # 64 tokens x one 128-wide head: 16 KB of bf16 per program
+WARPS = 4
 _unfused = False  # `unfused()`: the benchmarks' A/B against Inductor's compilation of `reference`
 
 
@@ -95,29 +98,38 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-@triton_op(OP, mutates_args=())
-def _join_op(txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # A Triton op: compiled graphs launch the kernels from Inductor's generated code; the small
-    # torch ops (the zeroed maxima, the scales) compile into the graph around them.
+def _launch(
+    txt: torch.Tensor, img: torch.Tensor, tokens: int | None = None, num_warps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's body: the two passes over each stream (`tokens` per program, `num_warps`: the benchmarks'
+    sweep; defaults `TOKENS_PER_PROGRAM`, `WARPS`)."""
     triton, amax_kernel, cast_kernel = _triton_kernels()
+    tokens, num_warps = tokens or TOKENS_PER_PROGRAM, num_warps or WARPS
     batch, _, heads, dim = txt.shape
     joint_tokens = txt.shape[1] + img.shape[1]
     streams = [(_rows(txt), 0), (_rows(img), txt.shape[1])]
     amax = torch.zeros(batch, heads, dtype=torch.int32, device=txt.device)
     for x, _ in streams:
-        grid = (batch * heads, triton.cdiv(x.shape[1], TOKENS_PER_PROGRAM))
+        grid = (batch * heads, triton.cdiv(x.shape[1], tokens))
         wrap_triton(amax_kernel)[grid](
-            x, amax, x.shape[1], heads, x.stride(0), x.stride(1), D=dim, TOKENS=TOKENS_PER_PROGRAM, num_warps=4
+            x, amax, x.shape[1], heads, x.stride(0), x.stride(1), D=dim, TOKENS=tokens, num_warps=num_warps
         )
     scale = fp8_scale(amax.view(torch.float32))
     joint = txt.new_empty(batch, joint_tokens, heads, dim, dtype=FP8)
     for x, offset in streams:
-        grid = (batch * heads, triton.cdiv(x.shape[1], TOKENS_PER_PROGRAM))
+        grid = (batch * heads, triton.cdiv(x.shape[1], tokens))
         wrap_triton(cast_kernel)[grid](
             x, scale, joint, x.shape[1], heads, joint_tokens, offset, x.stride(0), x.stride(1),
-            D=dim, TOKENS=TOKENS_PER_PROGRAM, FP8_MAX_=FP8_MAX, num_warps=4,
+            D=dim, TOKENS=tokens, FP8_MAX_=FP8_MAX, num_warps=num_warps,
         )  # fmt: skip
     return joint, scale
+
+
+@triton_op(OP, mutates_args=())
+def _join_op(txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # A Triton op: compiled graphs launch the kernels from Inductor's generated code; the small
+    # torch ops (the zeroed maxima, the scales) compile into the graph around them.
+    return _launch(txt, img)
 
 
 def fusable(txt: torch.Tensor, img: torch.Tensor) -> bool:
@@ -131,7 +143,7 @@ def fusable(txt: torch.Tensor, img: torch.Tensor) -> bool:
         and img.shape[0] == txt.shape[0]
         and img.shape[2:] == txt.shape[2:]
         and dim & (dim - 1) == 0
-        and _triton_kernels() is not None
+        and TRITON
     )
 
 
