@@ -37,7 +37,7 @@ from qie.speed.fa3 import quantize_heads
 OP = "qie::join_values_fp8"
 TRITON = importlib.util.find_spec("triton") is not None  # read by `fusable`, which compiled code traces
 TOKENS_PER_PROGRAM = 64  # 64 tokens x one 128-wide head: 16 KB of bf16 per program
-WARPS = 4
+WARPS = 8  # h200-bl: 64 tokens x 8 warps the fastest of 16-128 x 2-8 (0.020 + 0.028 ms at 8426 x 24 x 128)
 _unfused = False  # `unfused()`: the benchmarks' A/B against Inductor's compilation of `reference`
 
 
