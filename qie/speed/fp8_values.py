@@ -4,15 +4,16 @@ Under fp8 attention the queries and keys leave their prologue in fp8 under a bou
 weights (`qie.speed.qk_prologue`); the values have no such bound, so each sample and head is scaled by
 its measured largest magnitude (`qie.speed.fa3.quantize_heads`, which FA3 takes as its `v_descale`).
 Compiled, that was a row reduction over the concatenated streams, a reduction over the tokens and a
-cast kernel reading the two streams again: 6.4 ms per 1024² forward on an H200 (h200-bi's profile),
-about four times the memory traffic's time.
+cast kernel reading the two streams again: 6.7 ms per 1024² forward on an H200 (h200-bk), about four
+times the memory traffic's time.
 
-Here (`join_fp8`, Triton op `qie::join_values_fp8`) one pass per stream reads tiles of tokens x one head
-and folds their largest magnitude into a [B, H] buffer with atomic maxima (order-free, so the result
-does not depend on the schedule), and one pass per stream casts its tiles into the joint fp8 tensor at
-their token offset. The scale is `fp8_scale` of the maxima and the cast divides as `to_fp8` does, so
-the output equals `quantize_heads(torch.cat([txt, img], dim=1))` bit for bit (`reference`, the op's
-code off CUDA and the tests' oracle).
+Here (`join_fp8`, Triton op `qie::join_values_fp8`, kernels in `qie.speed.fp8_values_kernels`) one
+pass per stream reads tiles of tokens x one head and folds their largest magnitude into a [B, H]
+buffer with atomic maxima (order-free, so the result does not depend on the schedule), and one pass
+per stream casts its tiles into the joint fp8 tensor at their token offset: 2.9 ms per forward
+(h200-bq). The scale is `fp8_scale` of the maxima and the cast divides as `to_fp8` does, so the
+output equals `quantize_heads(torch.cat([txt, img], dim=1))` bit for bit (`reference`, the op's code
+off CUDA and the tests' oracle).
 
 Example:
     >>> txt, img = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8)
@@ -36,8 +37,6 @@ from qie.speed.fa3 import quantize_heads
 
 OP = "qie::join_values_fp8"
 TRITON = importlib.util.find_spec("triton") is not None  # read by `fusable`, which compiled code traces
-TOKENS_PER_PROGRAM = 64  # 64 tokens x one 128-wide head: 16 KB of bf16 per program
-WARPS = 8  # h200-bl: 64 tokens x 8 warps the fastest of 16-128 x 2-8 (0.020 + 0.028 ms at 8426 x 24 x 128)
 _unfused = False  # `unfused()`: the benchmarks' A/B against Inductor's compilation of `reference`
 
 
@@ -48,46 +47,12 @@ def reference(txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch
 
 @functools.cache
 def _triton_kernels():
-    """(the `triton` module, the maximum kernel, the cast kernel), or None when Triton is not installed."""
+    """The `qie.speed.fp8_values_kernels` module, or None when Triton is not installed."""
     try:
-        import triton
-        import triton.language as tl
+        from qie.speed import fp8_values_kernels
     except ImportError:
         return None
-
-    @triton.jit
-    def qie_value_amax(
-        x_ptr, amax_ptr, tokens, heads, stride_b, stride_t, D: tl.constexpr, TOKENS: tl.constexpr,
-    ):  # fmt: skip
-        # grid (B * H, token tiles): neighbouring programs read neighbouring heads of the same rows
-        bh = tl.program_id(0)
-        b, h = (bh // heads).to(tl.int64), bh % heads
-        t = tl.program_id(1).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-        d = tl.arange(0, D)
-        live = (t < tokens)[:, None]
-        x = tl.load(x_ptr + b * stride_b + t[:, None] * stride_t + h * D + d[None, :], mask=live, other=0.0)
-        largest = tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0)
-        # non-negative floats order as their bits do: an integer maximum, exact and order-free
-        tl.atomic_max(amax_ptr + bh, largest.to(tl.int32, bitcast=True))
-
-    @triton.jit
-    def qie_value_fp8(
-        x_ptr, s_ptr, out_ptr, tokens, heads, joint_tokens, offset, stride_b, stride_t,
-        D: tl.constexpr, TOKENS: tl.constexpr, FP8_MAX_: tl.constexpr,
-    ):  # fmt: skip
-        bh = tl.program_id(0)
-        b, h = (bh // heads).to(tl.int64), bh % heads
-        t = tl.program_id(1).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-        d = tl.arange(0, D)
-        live = (t < tokens)[:, None]
-        x = tl.load(x_ptr + b * stride_b + t[:, None] * stride_t + h * D + d[None, :], mask=live, other=0.0)
-        scale = tl.load(s_ptr + bh)
-        q = tl.minimum(tl.maximum(tl.div_rn(x.to(tl.float32), scale), -FP8_MAX_), FP8_MAX_)  # as `to_fp8`
-        row = b * joint_tokens + offset + t
-        dest = out_ptr + (row[:, None] * heads + h) * D + d[None, :]
-        tl.store(dest, q.to(out_ptr.dtype.element_ty), mask=live)
-
-    return triton, qie_value_amax, qie_value_fp8
+    return fp8_values_kernels
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -102,23 +67,23 @@ def _launch(
     txt: torch.Tensor, img: torch.Tensor, tokens: int | None = None, num_warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's body: the two passes over each stream (`tokens` per program, `num_warps`: the benchmarks'
-    sweep; defaults `TOKENS_PER_PROGRAM`, `WARPS`)."""
-    triton, amax_kernel, cast_kernel = _triton_kernels()
-    tokens, num_warps = tokens or TOKENS_PER_PROGRAM, num_warps or WARPS
+    sweep; defaults in `qie.speed.fp8_values_kernels`)."""
+    kernels = _triton_kernels()
+    tokens, num_warps = tokens or kernels.TOKENS, num_warps or kernels.WARPS
     batch, _, heads, dim = txt.shape
     joint_tokens = txt.shape[1] + img.shape[1]
     streams = [(_rows(txt), 0), (_rows(img), txt.shape[1])]
     amax = torch.zeros(batch, heads, dtype=torch.int32, device=txt.device)
     for x, _ in streams:
-        grid = (batch * heads, triton.cdiv(x.shape[1], tokens))
-        wrap_triton(amax_kernel)[grid](
+        grid = (batch * heads, -(-x.shape[1] // tokens))
+        wrap_triton(kernels.qie_value_amax)[grid](
             x, amax, x.shape[1], heads, x.stride(0), x.stride(1), D=dim, TOKENS=tokens, num_warps=num_warps
         )
     scale = fp8_scale(amax.view(torch.float32))
     joint = txt.new_empty(batch, joint_tokens, heads, dim, dtype=FP8)
     for x, offset in streams:
-        grid = (batch * heads, triton.cdiv(x.shape[1], tokens))
-        wrap_triton(cast_kernel)[grid](
+        grid = (batch * heads, -(-x.shape[1] // tokens))
+        wrap_triton(kernels.qie_value_fp8)[grid](
             x, scale, joint, x.shape[1], heads, joint_tokens, offset, x.stride(0), x.stride(1),
             D=dim, TOKENS=tokens, FP8_MAX_=FP8_MAX, num_warps=num_warps,
         )  # fmt: skip
