@@ -66,8 +66,7 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
 
 def run_gelu_warps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The GELU + fp8 row kernels (whole row padded to a power of two; whole power-of-two tiles, GELU's
-    output held in float32 or, "packed", in the activation dtype) at each
+    """The GELU + fp8 row kernels (whole row padded to a power of two; whole power-of-two tiles) at each
     warp count, for the row counts of the text stream, 512², 768² and 1024² edits (12288 columns):
     milliseconds per call, launched plainly (no autotuning), and the best warp count per row count."""
     from torch._library.triton import set_wrap_triton_enabled
@@ -78,11 +77,10 @@ def run_gelu_warps(args: argparse.Namespace, device: torch.device) -> dict[str, 
     with torch.inference_mode(), set_wrap_triton_enabled(False):  # plain launches, as inside the op
         for rows in (args.text_tokens, 2048, 4608, IMAGE_TOKENS):
             h = torch.randn(rows, 12288, device=device, dtype=torch.bfloat16) * 2
-            for kernel in ("row", "tiled", "tiled packed"):
+            for kernel in ("row", "tiled"):
                 times = {}
                 for warps in (4, 8, 16, 32):
-                    tiled, packed = kernel != "row", kernel == "tiled packed"
-                    launch = functools.partial(_launch, h, tiled=tiled, num_warps=warps, packed=packed)
+                    launch = functools.partial(_launch, h, tiled=kernel == "tiled", num_warps=warps)
                     times[warps] = cuda_ms(launch, repeats=30)
                 out["ms"][f"{kernel} {rows}"] = times
                 best = min(times, key=times.get)

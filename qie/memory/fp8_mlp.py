@@ -79,13 +79,12 @@ def row_tiles(cols: int) -> tuple[int, int] | None:
 
 
 def _launch(
-    h: torch.Tensor, ieee: bool = False, tiled: bool = True, num_warps: int | None = None, packed: bool = False
+    h: torch.Tensor, ieee: bool = False, tiled: bool = True, num_warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton pass on CUDA rows `h`. `tiled`: the kernel that holds a row as whole power-of-two
     tiles (`row_tiles`) where the width allows, else the one padding the row to a power of two; `ieee`:
     IEEE divisions per element (the first version, padded kernel, for benchmarks); `num_warps`: instead
-    of the kernel's measured warp count (`gelu_kernels.TILED_WARPS` / `ROW_WARPS`); `packed`: the tiled
-    kernel holds GELU's output in the activation dtype instead of float32 (the same values)."""
+    of the kernel's measured warp count (`gelu_kernels.TILED_WARPS` / `ROW_WARPS`)."""
     kernels = _triton_kernels()
     rows, cols = h.shape
     values = torch.empty((rows, cols), dtype=FP8, device=h.device)
@@ -93,7 +92,7 @@ def _launch(
     tiles = row_tiles(cols) if tiled and not ieee else None
     if tiles is not None:
         kernel, warps = kernels.qie_gelu_quantize_rows_tiled, kernels.TILED_WARPS
-        shape = {"CHUNK": tiles[0], "CHUNKS": tiles[1], "PACKED": packed}
+        shape = {"CHUNK": tiles[0], "CHUNKS": tiles[1]}
     else:
         kernel, warps = kernels.qie_gelu_quantize_rows, kernels.ROW_WARPS
         shape = {"n_cols": cols, "BLOCK": 1 << (cols - 1).bit_length(), "IEEE": ieee}  # next power of two

@@ -52,14 +52,13 @@ def qie_gelu_quantize_rows(
 
 
 @triton.jit
-def _gelu_chunk(x_ptr, offs, DTYPE: tl.constexpr, PACKED: tl.constexpr):
-    g = gelu_bf16(tl.load(x_ptr + offs).to(tl.float32), DTYPE, False)
-    return g.to(DTYPE) if PACKED else g  # PACKED: held in the activation dtype, half the registers
+def _gelu_chunk(x_ptr, offs, DTYPE: tl.constexpr):
+    return gelu_bf16(tl.load(x_ptr + offs).to(tl.float32), DTYPE, False)
 
 
 @triton.jit
 def _store_chunk(q_ptr, offs, g, inverse, FP8_MAX_: tl.constexpr):
-    q = tl.minimum(tl.maximum(g.to(tl.float32) * inverse, -FP8_MAX_), FP8_MAX_)
+    q = tl.minimum(tl.maximum(g * inverse, -FP8_MAX_), FP8_MAX_)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty))
 
 
@@ -71,24 +70,23 @@ def _store_chunk(q_ptr, offs, g, inverse, FP8_MAX_: tl.constexpr):
 def qie_gelu_quantize_rows_tiled(
     x_ptr, q_ptr, s_ptr, stride_x, stride_q,
     FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-    PACKED: tl.constexpr = False,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CHUNK)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
-    g0 = _gelu_chunk(x_row, offs, x_ptr.dtype.element_ty, PACKED)
+    g0 = _gelu_chunk(x_row, offs, x_ptr.dtype.element_ty)
     largest = tl.abs(g0)
     if CHUNKS > 1:
-        g1 = _gelu_chunk(x_row, offs + CHUNK, x_ptr.dtype.element_ty, PACKED)
+        g1 = _gelu_chunk(x_row, offs + CHUNK, x_ptr.dtype.element_ty)
         largest = tl.maximum(largest, tl.abs(g1))
     if CHUNKS > 2:
-        g2 = _gelu_chunk(x_row, offs + 2 * CHUNK, x_ptr.dtype.element_ty, PACKED)
+        g2 = _gelu_chunk(x_row, offs + 2 * CHUNK, x_ptr.dtype.element_ty)
         largest = tl.maximum(largest, tl.abs(g2))
     if CHUNKS > 3:
-        g3 = _gelu_chunk(x_row, offs + 3 * CHUNK, x_ptr.dtype.element_ty, PACKED)
+        g3 = _gelu_chunk(x_row, offs + 3 * CHUNK, x_ptr.dtype.element_ty)
         largest = tl.maximum(largest, tl.abs(g3))
-    scale = tl.maximum(tl.max(largest, axis=0).to(tl.float32) / FP8_MAX_, MIN_SCALE_)
+    scale = tl.maximum(tl.max(largest, axis=0) / FP8_MAX_, MIN_SCALE_)
     inverse = 1.0 / scale  # one division per row
     _store_chunk(q_row, offs, g0, inverse, FP8_MAX_)
     if CHUNKS > 1:
