@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qie.cli.plan import add_plan_parser, cmd_plan
 from qie.core.load_options import LoadOptions
-from qie.core.models import prefer_expandable_segments
+from qie.core.models import prefer_expandable_segments, resolve_target
 from qie.core.registry import DEFAULT_MODEL, VARIANTS
 from qie.errors import InvalidRequestError, QieError
 from qie.settings import Settings
@@ -341,10 +341,10 @@ def quiet_library_notices() -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from qie.cli.folders import BatchReport, edit_folder, plan_folder
-    from qie.core.editor import Editor
     from qie.core.outputs import check_output_file, check_output_folder
 
     options = LoadOptions.from_args(args)  # bad engine flags fail first, naming the flag
+    resolve_target(options.model, options.device, quiet=True)  # --model and --device too, before the model code
     inputs = [Path(p) for p in args.inputs]
     params = edit_params(args)
     # Everything that can be checked is checked before the model loads.
@@ -355,7 +355,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             print(line)
         report = BatchReport()
         try:
-            edit_folder(Editor.load(options), plan, params, report, rewrite=args.rewrite)
+            edit_folder(_load_editor(options), plan, params, report, rewrite=args.rewrite)
         except KeyboardInterrupt:
             print(f"interrupted: {_progress(report)}; run the same command again to resume", file=sys.stderr)
             return 130
@@ -368,7 +368,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     output = check_output_file(args.output)
     EditRequest(images=inputs, **params)  # fail on bad input before loading the model
-    return _edit_single(Editor.load(options), inputs, output, params, rewrite=args.rewrite)
+    return _edit_single(_load_editor(options), inputs, output, params, rewrite=args.rewrite)
+
+
+def _load_editor(options: LoadOptions):
+    """The editor for `options`; the model code is imported here, after every check on the input passed."""
+    from qie.core.editor import Editor
+
+    return Editor.load(options)
 
 
 def _edit_single(editor, inputs: list[Path], output: Path, params: dict, *, rewrite: bool = False) -> int:

@@ -28,8 +28,8 @@ from qie.core.grouping import check_batchable, condition_area
 from qie.core.images import ImageInput
 from qie.core.load_options import RESIDENT_PLANS, LoadOptions, auto_vae_compile
 from qie.core.loras import LoraSpec, fuse_loras, lora_notes
-from qie.core.models import check_hardware, load_pipeline, resolve_device, resolve_dtype
-from qie.core.registry import DEFAULT_MODEL, ModelSpec, pipeline_variant, resolve_model, spec_for_pipeline
+from qie.core.models import load_pipeline, resolve_dtype, resolve_target
+from qie.core.registry import DEFAULT_MODEL, ModelSpec, pipeline_variant, spec_for_pipeline
 from qie.core.request import EditRequest, EditResult
 from qie.core.rewrite import DEFAULT_MAX_NEW_TOKENS, check_language, check_max_new_tokens, generate_rewrite
 from qie.core.safety import SafetyFilter, load_filter
@@ -122,10 +122,7 @@ class Editor:
             >>> Editor.load(LoadOptions(model="tiny", fast_lora="lightning.safetensors"))  # doctest: +SKIP
         """
         opts = _load_options(options, device=device, dtype=dtype, **overrides)
-        resolved = resolve_model(opts.model)
-        dev = resolve_device(opts.device)
-        if opts.device is None:
-            check_hardware(resolved, dev)
+        resolved, dev = resolve_target(opts.model, opts.device)
         dt = resolve_dtype(dev, opts.dtype)
         warn_known_problems()
         start = time.perf_counter()

@@ -134,6 +134,17 @@ def load_pipeline(
         raise ModelLoadError(_missing_weights_message(str(source), local, exc)) from exc
 
 
+def resolve_target(model: str, device: str | None, *, quiet: bool = False) -> tuple[ResolvedModel, torch.device]:
+    """The model and device an editor loads (`device` None: CUDA when present), refused early: an unknown
+    model, or a registered GPU model where no GPU was found and none was asked for (`check_hardware`).
+    Imports no model code, so the CLI checks its flags with it first. `quiet`: see `resolve_model`."""
+    resolved = resolve_model(model, quiet=quiet)
+    target = resolve_device(device)
+    if device is None:
+        check_hardware(resolved, target)
+    return resolved, target
+
+
 def check_hardware(model: ResolvedModel, device: torch.device) -> None:
     """Refuse early, with the numbers, when the device cannot hold a registered model at all."""
     spec = model.spec

@@ -151,10 +151,11 @@ class ResolvedModel:
         return self.spec.variant if self.spec is not None else None
 
 
-def resolve_model(model: str) -> ResolvedModel:
+def resolve_model(model: str, *, quiet: bool = False) -> ResolvedModel:
     """Resolve a registry name, hub id or local folder (see the module docstring).
 
-    Raises `InvalidRequestError` for a value that is none of them.
+    Raises `InvalidRequestError` for a value that is none of them. `quiet`: no warning for a hub id
+    outside the registry (a check before loading, which warns).
     """
     value = str(model).strip()
     spec = MODELS.get(value) or next((s for s in MODELS.values() if s.source == value and not s.is_tiny), None)
@@ -166,7 +167,7 @@ def resolve_model(model: str) -> ResolvedModel:
         variant = folder_variant(folder)
         return ResolvedModel(name=value, source=str(folder), spec=variant_spec(variant), registered=False)
     if "/" in value and not value.startswith(("/", ".", "~")) and value.count("/") == 1:
-        log.warning(
+        (log.debug if quiet else log.warning)(
             "model=%r is not in qie's registry (%s): loading it as a QwenImageEditPlusPipeline; "
             "its variant, defaults and Lightning files follow its transformer config",
             value,

@@ -18,6 +18,15 @@ def run_cli(*args, cwd=ROOT):
 
 
 FAST = ["--steps", "2", "--max-side", "128", "--condition-area", "output", "--seed", "11"]
+IMPORTS = (
+    "import sys; from qie.cli.main import main; code = main(sys.argv[1:]); "
+    "print('model code imported:', 'diffusers' in sys.modules); sys.exit(code)"
+)
+
+
+def run_cli_reporting_imports(*args):
+    """`python -m qie ARGS` that also prints, last, whether the model code (diffusers) was imported."""
+    return subprocess.run([sys.executable, "-c", IMPORTS, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def edit_cup(tiny_dir, out, *extra):
@@ -78,11 +87,12 @@ def test_edit_with_loras_records_them_and_refuses_a_foreign_file(tiny_editor, tm
 
 
 def test_an_unknown_model_name_is_a_clear_error(tmp_path):
-    proc = run_cli(
+    proc = run_cli_reporting_imports(
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", "2512"
     )
     assert proc.returncode == 2 and "--model 2512 is not valid" in proc.stderr and "tiny-2511" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "model code imported: False" in proc.stdout  # said before the slow imports
 
 
 def test_edit_folder_reports_failures_and_resumes(tiny_dir, tmp_path):
@@ -105,12 +115,13 @@ def test_edit_folder_reports_failures_and_resumes(tiny_dir, tmp_path):
 
 
 def test_bad_input_is_a_clear_error_without_loading(tmp_path):
-    proc = run_cli(
+    proc = run_cli_reporting_imports(
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", " ", "--output", str(tmp_path / "o.png"), "--model", "tiny"
     )
     assert proc.returncode == 2
     assert "--prompt ' ' is not valid" in proc.stderr and "describe the edit" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "model code imported: False" in proc.stdout
 
 
 def test_info_prints_versions():
@@ -124,10 +135,10 @@ def test_info_prints_versions():
 
 @pytest.mark.parametrize("model", ["Qwen/Qwen-Image-Edit-2509", "2511"])
 def test_real_model_without_gpu_says_what_to_do(tmp_path, model):
-    proc = run_cli(
+    proc = run_cli_reporting_imports(
         "edit", str(EXAMPLES / "cat.jpg"), "--prompt", "x", "--output", str(tmp_path / "o.png"), "--model", model
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "model code imported: False" in proc.stdout
     assert "needs a CUDA GPU" in proc.stderr and "--model tiny" in proc.stderr and "--device cpu" in proc.stderr
     assert "model='tiny'" not in proc.stderr and "device='cpu'" not in proc.stderr
     assert "Traceback" not in proc.stderr
