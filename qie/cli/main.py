@@ -344,7 +344,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from qie.core.outputs import check_output_file, check_output_folder
 
     options = LoadOptions.from_args(args)  # bad engine flags fail first, naming the flag
-    resolve_target(options.model, options.device, quiet=True)  # --model and --device too, before the model code
     inputs = [Path(p) for p in args.inputs]
     params = edit_params(args)
     # Everything that can be checked is checked before the model loads.
@@ -372,7 +371,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _load_editor(options: LoadOptions):
-    """The editor for `options`; the model code is imported here, after every check on the input passed."""
+    """The editor for `options`. The input is checked before; here the model and device (an unknown
+    `--model`, a GPU model with no GPU), and only then is the model code imported."""
+    resolve_target(options.model, options.device, quiet=True)
     from qie.core.editor import Editor
 
     return Editor.load(options)
