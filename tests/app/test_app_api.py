@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from app_server import launch, wait_until
+from app_server import close, launch, wait_until
 from conftest import EXAMPLES
 
 import qie
@@ -57,7 +57,7 @@ def recorder(tiny_editor):
 def served(recorder):
     demo, url = launch(recorder)
     yield url
-    demo.close()
+    close(demo)
 
 
 @pytest.fixture()
@@ -157,7 +157,7 @@ def test_full_queue_says_busy(tiny_editor):
                 clients[2].predict(image=image, prompt="c", **CHEAP, api_name="/edit")
         assert first.result(timeout=60)[2] and second.result(timeout=60)[2]
     finally:
-        demo.close()
+        close(demo)
 
 
 def test_gradio_cancel_stops_the_edit_within_a_step_and_frees_the_queue(client, recorder, tiny_editor):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server import launch, wait_until
+from app_server import close, launch, wait_until
 from conftest import EXAMPLES
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # drives Chromium
@@ -51,7 +51,7 @@ def page_url(tiny_editor):
     _require_browser()
     demo, url = launch(tiny_editor)
     yield url
-    demo.close()
+    close(demo)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def demo_url(tiny_editor):
 
     demo, url = launch(tiny_editor, notice=TINY_NOTICE, defaults={**CPU_DEMO_DEFAULTS, "max_side": 256})
     yield url
-    demo.close()
+    close(demo)
 
 
 @pytest.fixture(scope="module")

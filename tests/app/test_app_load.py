@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from app_server import launch
+from app_server import close, launch
 from conftest import EXAMPLES
 
 from qie.app import jobs
@@ -369,7 +369,7 @@ def test_fifty_clients_with_cancels_and_disconnects(tiny_editor, timed_cancels, 
         report["request_log"] = _request_log_outcomes(caplog.records)
         report["timeline"] = timeline(outcomes, log.traces, started)
     finally:
-        demo.close()
+        close(demo)
     path = Path(os.environ.get("QIE_LOAD_REPORT") or tmp_path / "load.json")
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(_summary(report), f"(figures in {path})")

@@ -118,7 +118,7 @@ def test_zero_gpu_decorator_applies_only_when_spaces_is_installed(monkeypatch):
 
 
 def test_resource_error_in_the_app_tells_how_to_start_the_tiny_demo():
-    from app_server import launch
+    from app_server import close, launch
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -133,7 +133,7 @@ def test_resource_error_in_the_app_tells_how_to_start_the_tiny_demo():
                 image=handle_file(str(ROOT / "examples" / "cat.jpg")), prompt="white background", api_name="/edit"
             )
     finally:
-        demo.close()
+        close(demo)
 
 
 def test_thread_safety_of_session_jobs():

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from app_server import launch
+from app_server import close, launch
 from conftest import EXAMPLES
 from crafted_images import animated, raw_png
 from PIL import Image
@@ -29,7 +29,7 @@ CLIENTS = 20
 def served(tiny_editor):
     demo, url = launch(tiny_editor, metrics=True)
     yield url
-    demo.close()
+    close(demo)
 
 
 def edit(client, image=EXAMPLES / "coffee-cup.jpg", **kw):
@@ -93,7 +93,7 @@ def test_upload_limit_and_file_serving(tiny_editor, tmp_path, monkeypatch):
             response = httpx.get(f"{url}gradio_api/file={path}")
             assert response.status_code in (403, 404), path
     finally:
-        demo.close()
+        close(demo)
 
 
 def test_concurrent_clients_get_a_result_or_busy_and_the_server_stays_healthy(tiny_editor):
@@ -134,7 +134,7 @@ def test_concurrent_clients_get_a_result_or_busy_and_the_server_stays_healthy(ti
         assert edit(Client(url, verbose=False))[2]
     finally:
         stop.set()
-        demo.close()
+        close(demo)
     print(f"{CLIENTS} clients: {outcomes.count('ok')} served, {outcomes.count('busy')} busy, {elapsed:.1f}s")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app_server import launch
+from app_server import close, launch
 from conftest import EXAMPLES
 
 from qie.app.uploads import REFUSED, received_path, upload_folder
@@ -24,7 +24,7 @@ CHEAP = {"steps": 2, "max_side": 96, "condition_area": "output"}
 def served(tiny_editor):
     demo, url = launch(tiny_editor)
     yield url
-    demo.close()
+    close(demo)
 
 
 @pytest.fixture(scope="module")
