@@ -117,8 +117,8 @@ def _classify_fused_ops(name: str) -> str:
     rest = _ATTENTION_OPS.sub("", name)
     if "_clamp_" in rest and "_to_copy_" in rest:  # a saturating cast: the fp8 inputs
         return "quantize"
-    for category, pattern in PATTERNS[1:]:
-        if pattern.search(rest):
+    for category, pattern in PATTERNS:
+        if category != "attention" and pattern.search(rest):
             return category
     return "other"
 

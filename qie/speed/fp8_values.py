@@ -57,8 +57,7 @@ def _triton_kernels():
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """`x` (B x S x H x D) with each token's heads side by side in memory (a projection's output is)."""
-    b, s, h, d = x.shape
-    if x.stride(3) == 1 and x.stride(2) == d:
+    if x.stride(3) == 1 and x.stride(2) == x.shape[3]:
         return x
     return x.contiguous()
 
