@@ -5,8 +5,9 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             (resident-fp8 + regional compile with ``--compile-mode``): 8 and 4 steps end to end at
             every ``--sizes`` (the condition area left to auto: the output's area under 0.6 MP); at the
             first size, the forward's time by kernel category next to each category's floor, and the
-            host syncs of one edit (CUDA's sync debug mode). With ``--attention-quant``, the first
-            size's rows again with that request option (e.g. FA3's fp8 attention)
+            host syncs of one edit (CUDA's sync debug mode); each row's denoise seconds and the seconds
+            no stage covers, and a cProfile of the fastest 8-step edit's host. With ``--attention-quant``,
+            the rows again at every size with that request option (e.g. FA3's fp8 attention)
   quality   a 40-step CFG edit on the fastest plan, measured end to end (not derived), with the
             forward's kernel-category profile
   compile   the regional compile's modes (``--compile-modes``): warm-up seconds, first-edit
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from benchmarks.probes import Probe, Row, probe_qie, time_e2e
+from benchmarks.profiling import host_calls
 from qie.core.tolerances import difference
 
 AUTO = {"condition_area": None}  # what a user gets: the output's area under 0.6 MP
@@ -142,13 +144,13 @@ def run_fast(bench: Any) -> None:
 
     The 4- and 8-step LoRAs have the same shapes, so once fused they cost the same per step: one
     build serves both step counts (the loaded LoRA is told it is the 4-step one for those rows).
-    With `--attention-quant`, a second pass repeats the rows of the first size with that request option.
+    With `--attention-quant`, a second pass repeats the rows at every size with that request option.
     """
     bench.check_time("fast")
     references = fast_references(bench, bench.args.sizes[0]) if getattr(bench.args, "fast_psnr", True) else {}
     editor, compiled = fastest_editor(bench, lora_steps=8)
     quant = request_options(bench)["attention_quant"]
-    passes = [("off", bench.args.sizes)] + ([(quant, bench.args.sizes[:1])] if quant != "off" else [])
+    passes = [("off", bench.args.sizes)] + ([(quant, bench.args.sizes)] if quant != "off" else [])
     for mode, sizes in passes:
         options = {**AUTO, "attention_quant": mode}
         label = plan_label(bench, compiled, editor.speed.attention_backend, mode)
@@ -161,7 +163,11 @@ def run_fast(bench: Any) -> None:
                 if probe.steps_run != steps:
                     raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
                 row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
-                row.e2e_s = {f"fast_{steps}": probe.e2e_s}
+                row.e2e_s = {f"fast_{steps}": probe.e2e_s, **outside_stages(probe)}
+                if (mode, steps, size) == (passes[-1][0], 8, sizes[0]):  # the fastest 8-step edit's host time
+                    row.profile["host_edit"] = host_calls(
+                        lambda s=size, o=options: probe_qie(editor, s, 8, False, stamp_steps=False, **o)
+                    )
                 if size == sizes[0] and steps in references:
                     diff = difference(probe.image, references[steps])
                     row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs
@@ -210,6 +216,13 @@ def fast_references(bench: Any, size: int) -> dict[int, Any]:
         images[steps] = probe_qie(editor, size, steps, False, stamp_steps=False, **AUTO).image
     del editor, pipe, fast
     return images
+
+
+def outside_stages(probe: Probe) -> dict[str, float]:
+    """The median edit's denoise seconds, and the seconds of its end-to-end time that no stage covers."""
+    if not probe.timings:
+        return {}
+    return {"denoise": probe.timings.get("denoise", 0.0), "outside_stages": probe.e2e_s - sum(probe.timings.values())}
 
 
 def graphs_note(graphs: Any) -> str:

@@ -128,13 +128,10 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     prompt) on the full-size random Qwen2.5-VL with qie's speed setup: its seconds, the seconds of its
     parts (image digests, the ~384² resize, the processor, the encoder call), GPU busy time and kernel
     count, and a cProfile of one call (host functions by own and cumulative time)."""
-    import cProfile
     import gc
-    import io
-    import pstats
 
     from benchmarks.probes import make_request
-    from benchmarks.profiling import GcPauses
+    from benchmarks.profiling import GcPauses, host_calls
     from qie.core import encode_cache, stages
     from qie.core.encode_cache import digests_of
     from qie.speed import text_graphs
@@ -199,14 +196,7 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
     averages = prof.key_averages()
     out["gpu_busy_s"] = sum(e.device_time_total for e in averages) / 1e6
     out["gpu_kernels"] = sum(e.count for e in averages if e.device_time_total > 0)
-    profile = cProfile.Profile()
-    profile.enable()
-    stage()
-    profile.disable()
-    for key in ("tottime", "cumulative"):
-        text_out = io.StringIO()
-        pstats.Stats(profile, stream=text_out).sort_stats(key).print_stats(30)
-        out[f"cprofile_{key}"] = text_out.getvalue()[-6000:]
+    out.update(host_calls(stage))
     return out
 
 

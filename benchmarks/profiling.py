@@ -268,6 +268,33 @@ def host_time(averages: Any, repeats: int, top: int = 10) -> dict[str, Any]:
     }
 
 
+def host_calls(fn: Callable[[], Any], lines: int = 30, chars: int = 6000) -> dict[str, str]:
+    """One call of `fn` under cProfile: the `lines` largest host functions by own time (`cprofile_tottime`)
+    and by cumulative time (`cprofile_cumulative`), each report's last `chars` characters.
+
+    Example:
+        >>> report = host_calls(lambda: sum(range(10)))
+        >>> sorted(report)
+        ['cprofile_cumulative', 'cprofile_tottime']
+    """
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        fn()
+    finally:
+        profile.disable()
+    out = {}
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats(key).print_stats(lines)
+        out[f"cprofile_{key}"] = text.getvalue()[-chars:]
+    return out
+
+
 def category_summary(averages: Any, events: Any, wall_s: float, repeats: int) -> dict[str, Any]:
     """`split_categories` per forward, with `idle` = wall time the GPU (on CPU: the ops) had no work."""
     split = split_categories(averages)

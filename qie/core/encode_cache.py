@@ -161,7 +161,7 @@ def encode_prompts(
     """The request's prompt (and, with CFG, negative prompt) embeddings, from the cache when there.
 
     `uses_cfg` overrides the request's own CFG setting (fast mode runs without CFG). `digests` are
-    the images' `digests_of`, when the caller has them (hashing a 1024² image takes ~10 ms).
+    the images' `digests_of`, when the caller has them (hashing a 1024² image takes a few ms).
     Returns (prompt, negative or None, True when nothing had to be encoded).
     """
     digests = digests if digests is not None else digests_of(request.images)

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DISK_BYTES = 2 * 2**30
 DEFAULT_TTL_S = 7 * 24 * 3600
-KEY_VERSION = "3"  # bump when the meaning of a key changes (2: no `options` mapping; 3: `image_digest` of qie.core)
+KEY_VERSION = "4"  # bump when the meaning of a key changes (2: no `options` mapping; 3: `image_digest` of qie.core;
+# 4: that digest in SHA-256)
 CACHE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 

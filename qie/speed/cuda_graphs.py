@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,18 +43,42 @@ def weight_addresses(model: nn.Module, device_type: str = "cuda") -> tuple[int, 
         2
     """
     addresses: list[int] = []
-    for name, module in model.named_modules():
-        where = name or type(module).__name__
-        if hasattr(module, "_hf_hook"):
-            return f"{where}: accelerate hook"
-        hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+    # A walk over the modules' own dictionaries: it runs before every edit that may replay, and
+    # `named_modules` + `named_parameters` + `hasattr` (which goes through `Module.__getattr__` when
+    # the attribute is missing) took ~40 ms of host time for the transformer's ~2,000 modules.
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    seen: set[int] = set()
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        state = module.__dict__
+        if "_hf_hook" in state:
+            return f"{name or type(module).__name__}: accelerate hook"
+        hooks = getattr(state.get("_diffusers_hook"), "hooks", None)
         if hooks:
-            return f"{where}: diffusers hooks {', '.join(hooks)}"
-        for param_name, param in module.named_parameters(recurse=False):
+            return f"{name or type(module).__name__}: diffusers hooks {', '.join(hooks)}"
+        for param_name, param in state["_parameters"].items():
+            if param is None:
+                continue
             if param.device.type != device_type:
                 return f"{f'{name}.' if name else ''}{param_name} on {param.device}"
-            addresses.extend(_addresses(param))
+            if _is_subclass(type(param)):
+                addresses.extend(_addresses(param))
+            else:
+                addresses.append(param.data_ptr())
+        children = state["_modules"]
+        if children:
+            prefix = f"{name}." if name else ""
+            stack.extend((prefix + key, child) for key, child in reversed(children.items()) if child is not None)
     return tuple(addresses)
+
+
+@functools.cache
+def _is_subclass(kind: type) -> bool:
+    """Whether tensors of type `kind` wrap other tensors (torchao's fp8 weights): asked once per type."""
+    return hasattr(kind, "__tensor_flatten__")
 
 
 def _addresses(tensor: torch.Tensor) -> list[int]:

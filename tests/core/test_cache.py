@@ -107,7 +107,7 @@ def test_lru_is_thread_safe():
 
 
 def test_an_edit_hashes_each_input_image_once(fresh_editor, photo, monkeypatch):
-    """Both stages' cache keys use the images' digests; hashing a 1024² image costs ~10 ms, so once per edit."""
+    """Both stages' cache keys use the images' digests; hashing a 1024² image costs a few ms, so once per edit."""
     from qie.core import encode_cache
 
     hashed = []

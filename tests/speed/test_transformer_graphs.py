@@ -148,6 +148,20 @@ def test_weight_addresses_name_what_stops_a_graph_and_look_inside_tensor_subclas
     a, b = torch.zeros(2, 2), torch.ones(2, 2)
     model[0].weight = torch.nn.Parameter(TwoTensor(a, b), requires_grad=False)
     assert weight_addresses(model, "cpu")[:2] == (a.data_ptr(), b.data_ptr())
+    model[1]._hf_hook = object()  # how accelerate marks a module it may move
+    assert weight_addresses(model, "cpu") == "1: accelerate hook"
+
+
+def test_weight_addresses_walk_the_modules_in_order_once_each_like_named_parameters():
+    shared = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3)), shared, torch.nn.Linear(2, 2, bias=False)
+    )
+    model.append(shared)  # the same module twice: its weights count once, as in `named_parameters`
+    model[2].register_parameter("bias", None)
+    assert weight_addresses(model, "cpu") == tuple(p.data_ptr() for p in model.parameters())
+    model[0][1].bias = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert weight_addresses(model, "cpu") == "0.1.bias on meta"
 
 
 def test_2511s_zero_cond_t_forward_is_not_replayed(tiny_2511_editor):
