@@ -165,3 +165,21 @@ def test_the_condition_is_encoded_before_the_prompt_and_as_diffusers_encodes_it(
         assert torch.equal(_encode_latents(pipe.vae, pixels), pipe._encode_vae_image(pixels, generator=None))
     like = torch.zeros(1, 1, dtype=torch.float32)
     assert _latent_stats(pipe.vae, like)[0] is _latent_stats(pipe.vae, like)[0]  # kept, not rebuilt
+
+
+def test_an_edit_releases_the_pipelines_hooks_only_where_diffusers_has_work_for_it(tiny_editor, photo, monkeypatch):
+    """`maybe_free_model_hooks` walks every module; an edit calls it only for offload hooks or a step cache left on."""
+    from qie.core.editor import release_hooks
+
+    pipe = tiny_editor.pipe
+    calls = []
+    monkeypatch.setattr(type(pipe), "maybe_free_model_hooks", lambda self: calls.append("freed"))
+    tiny_editor.edit(small_request(photo, steps=2))
+    assert calls == []
+    monkeypatch.setattr(pipe, "_all_hooks", ["offload hook"], raising=False)  # as enable_model_cpu_offload leaves
+    release_hooks(pipe)
+    assert calls == ["freed"]
+    monkeypatch.setattr(pipe, "_all_hooks", [], raising=False)
+    monkeypatch.setattr(pipe.transformer, "_cache_config", object(), raising=False)  # a step cache left on
+    release_hooks(pipe)
+    assert calls == ["freed", "freed"]
