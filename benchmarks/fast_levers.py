@@ -27,7 +27,8 @@ Sections (each on random weights of the real widths):
              GPU busy time; eager, with the vision windows as one masked call (`qie.speed.vision_attention`),
              and with the vision blocks compiled too.
   text-stage the text-encode stage as an edit runs it (`encode_prompts`): its seconds (also without the
-             language model's CUDA graphs, and their error), its parts' seconds, GPU busy time, a
+             language model's CUDA graphs, and their error; without the vision blocks' graphs, and
+             whether the embeddings are equal), its parts' seconds, GPU busy time, a
              cProfile of one call, with the garbage collector's pauses per call (h200-ad also
              measured it after a compile and with `gc.freeze`: no gain).
   encode-order both encode stages as an edit runs them (the VAE encode queued before the text encoder's

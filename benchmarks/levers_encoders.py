@@ -125,16 +125,17 @@ def encoders_editor(device: torch.device) -> Editor:
 
 def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The text-encode stage as an edit runs it (`encode_cache.encode_prompts`, caches off, fast mode: no negative
-    prompt) on the full-size random Qwen2.5-VL with qie's speed setup: its seconds, the seconds of its
-    parts (image digests, the ~384² resize, the processor, the encoder call), GPU busy time and kernel
-    count, and a cProfile of one call (host functions by own and cumulative time)."""
+    prompt) on the full-size random Qwen2.5-VL with qie's speed setup: its seconds (also without the language
+    model's and without the vision blocks' CUDA graphs), the seconds of its parts (image digests, the ~384²
+    resize, the processor, the encoder call), GPU busy time and kernel count, and a cProfile of one call
+    (host functions by own and cumulative time)."""
     import gc
 
     from benchmarks.probes import make_request
     from benchmarks.profiling import GcPauses, host_calls
     from qie.core import encode_cache, stages
     from qie.core.encode_cache import digests_of
-    from qie.speed import text_graphs
+    from qie.speed import text_graphs, vision_graphs
 
     editor = encoders_editor(device)
     pipe = editor.pipe
@@ -185,6 +186,13 @@ def run_text_stage(args: argparse.Namespace, device: torch.device) -> dict[str, 
         eager = stages.encode_prompt(pipe, request.prompt, small, device=device).embeds
     out["text_graphs_rel_error"] = rel_error(graphed, eager)
     text_graphs.install(pipe.text_encoder)
+    vision_graphs.uninstall(pipe.text_encoder)
+    out["without_vision_graphs"] = stage_in_context("without the vision blocks' CUDA graphs")
+    with torch.inference_mode():
+        eager_vision = stages.encode_prompt(pipe, request.prompt, small, device=device).embeds
+    out["vision_graphs_equal"] = bool(torch.equal(graphed, eager_vision))
+    vision_graphs.install(pipe.text_encoder)
+    out["again_with_both"] = stage_in_context("with both again")
     out.update(
         digests_s=wall(lambda: digests_of(images)),
         prompt_images_s=wall(lambda: stages.prompt_images(pipe, images)),

@@ -1,11 +1,12 @@
 """The speed options of one editor (chosen at load) and of one request (applied around its denoise).
 
 At load, `setup_speed` picks the attention backend (`qie.speed.attention`), on CUDA gives the text
-encoder's vision tower its one-call windowed attention (`qie.speed.vision_attention`), its language
-model CUDA-graph replays (`qie.speed.text_graphs`) and the VAE its single-frame convolutions
-(`qie.speed.vae_frames`), and loads the fast-mode LoRA (`qie.speed.fast_mode`) when asked. Per request,
-`request_speed` applies fast mode, quantized attention and step caching for the duration of the edit and
-undoes them afterwards (try/finally), and hands the denoise loop its early-exit observer
+encoder's vision tower its one-call windowed attention (`qie.speed.vision_attention`) and CUDA-graph
+replays of its blocks (`qie.speed.vision_graphs`), its language model CUDA-graph replays
+(`qie.speed.text_graphs`) and the VAE its single-frame convolutions (`qie.speed.vae_frames`), and
+loads the fast-mode LoRA (`qie.speed.fast_mode`) when asked. Per request, `request_speed` applies
+fast mode, quantized attention and step caching for the duration of the edit and undoes them
+afterwards (try/finally), and hands the denoise loop its early-exit observer
 (`qie.speed.early_exit`). Everything it changes or cannot do is said in the result's notes.
 
 Example:
@@ -26,7 +27,7 @@ import torch
 from qie.core.registry import pipeline_variant, variant_spec
 from qie.core.request import EditRequest
 from qie.errors import InvalidRequestError, ModelLoadError
-from qie.speed import attention, early_exit, fa3, text_graphs, vae_frames, vision_attention
+from qie.speed import attention, early_exit, fa3, text_graphs, vae_frames, vision_attention, vision_graphs
 from qie.speed.fast_mode import FastMode, load_fast_mode
 from qie.speed.options import LightningSpec
 
@@ -83,6 +84,7 @@ def setup_speed(
     setup = SpeedSetup(attention_backend=choice.name, facts=facts)
     if device.type == "cuda" and getattr(pipe, "text_encoder", None) is not None:
         vision_attention.install(pipe.text_encoder)  # no host syncs in the vision tower
+        vision_graphs.install(pipe.text_encoder)  # so its blocks can replay as CUDA graphs
         text_graphs.install(pipe.text_encoder)  # the language model's layers as one CUDA graph replay
     if device.type == "cuda" and getattr(pipe, "vae", None) is not None:
         vae_frames.install(pipe.vae)  # an image is one frame: 2-D convolutions, no zero frames

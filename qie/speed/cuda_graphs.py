@@ -98,3 +98,15 @@ def record(fn: Callable[[], T], pool: Any, *, error_mode: str = "global") -> tup
     with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
         out = fn()
     return graph, out
+
+
+def warm_up_and_record(fn: Callable[[], T], pool: Any) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`fn()` once on a side stream (cuBLAS workspaces and lazy initializations stay out of the graph),
+    then `record(fn, pool)`."""
+    device = torch.cuda.current_device()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return record(fn, pool)

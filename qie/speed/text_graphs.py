@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qie.speed.cuda_graphs import gpu_weights, record
+from qie.speed.cuda_graphs import gpu_weights, warm_up_and_record
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,10 @@ class TextGraphs:
     def _record(self, padded: int, width: int, dtype: torch.dtype, device: torch.device) -> _Graph:
         embeds = torch.zeros(1, padded, width, dtype=dtype, device=device)
         positions = default_positions(padded, device).contiguous()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, lazy inits
-            run_layers(self.model, embeds, positions)
-        torch.cuda.current_stream(device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph, out = record(lambda: run_layers(self.model, embeds, positions), self.pool)
+        with torch.cuda.device(device):
+            graph, out = warm_up_and_record(lambda: run_layers(self.model, embeds, positions), self.pool)
         log.info("text encoder: recorded the language model's CUDA graph for prompts of up to %d tokens", padded)
         return _Graph(graph, embeds, positions, out)
 

@@ -85,6 +85,11 @@ def _cached_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     return mask
 
 
+def forget_masks() -> None:
+    """Empty the cache of masks (`qie.speed.vision_graphs` records each graph's own)."""
+    _MASKS.clear()
+
+
 @functools.cache
 def _masked_class(base: type) -> type:
     rotary = importlib.import_module(base.__module__).apply_rotary_pos_emb_vision
