@@ -9,13 +9,14 @@ from qie.speed import vision_attention, vision_graphs
 
 
 class FakeGraph:
-    """Stands in for a CUDA graph on the CPU: a replay runs the recorded function again into its output."""
+    """Stands in for a CUDA graph on the CPU: a replay runs the recorded function again into its outputs."""
 
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
+    def __init__(self, fn, outs):
+        self.fn, self.outs = fn, outs
 
     def replay(self):
-        self.out.copy_(self.fn())
+        for out, new in zip(self.outs, self.fn(), strict=True):
+            out.copy_(new)
 
 
 def fake_record(fn, pool):
@@ -29,16 +30,21 @@ def encode(pipe, image: Image.Image) -> torch.Tensor:
         return stages.encode_prompt(pipe, "make it blue", small, device=torch.device("cpu")).embeds
 
 
+def as_on_a_gpu(graphs, monkeypatch):
+    """Let `graphs` record with `fake_record` and serve CPU calls as it serves CUDA ones."""
+    graphs._record = fake_record
+    graphs.tower_replayable = lambda hidden: not graphs.disabled
+    monkeypatch.setattr(vision_graphs, "gpu_weights", lambda model: (1,))  # weights "on the GPU"
+
+
 @pytest.fixture
-def graphed(tiny_editor):
-    """The tiny text encoder with the masked vision attention and the block graphs, recorded by `fake_record`
-    and replayable as on a GPU."""
+def graphed(tiny_editor, monkeypatch):
+    """The tiny text encoder with the masked vision attention and the block graphs, as on a GPU."""
     text_encoder = tiny_editor.pipe.text_encoder
     vision_attention.install(text_encoder)
     assert vision_graphs.install(text_encoder) == len(vision_graphs._tower(text_encoder).blocks)
     graphs = vision_graphs.graphs_of(text_encoder)
-    graphs._record = fake_record
-    graphs.replayable = lambda *args: not graphs.disabled
+    as_on_a_gpu(graphs, monkeypatch)
     try:
         yield graphs
     finally:
@@ -72,26 +78,46 @@ def test_off_cuda_the_blocks_run_their_own_forward(tiny_editor, photo):
     assert torch.equal(got, want)
 
 
-def test_the_graphs_chain_through_their_buffers_and_replay_what_the_blocks_compute(tiny_editor, graphed, photo):
+def test_a_grids_first_call_records_and_later_calls_replay_what_the_blocks_compute(
+    tiny_editor, graphed, photo, monkeypatch
+):
     pipe = tiny_editor.pipe
     vision_graphs.uninstall(pipe.text_encoder)  # the masked attention alone: the reference
-    want = encode(pipe, photo)
+    narrow = photo.resize((photo.width // 2, photo.height))
+    want, want_narrow = encode(pipe, photo), encode(pipe, narrow)
     vision_graphs.install(pipe.text_encoder)
     graphs = vision_graphs.graphs_of(pipe.text_encoder)
-    graphs._record, graphs.replayable = fake_record, (lambda *args: not graphs.disabled)
-    blocks = len(graphs.blocks)
-    first = encode(pipe, photo)  # records every block's graph, then replays it
-    second = encode(pipe, photo)
-    assert torch.equal(first, want) and torch.equal(second, want)
-    assert graphs.replays == 2 * blocks
+    as_on_a_gpu(graphs, monkeypatch)
+    results = [encode(pipe, photo) for _ in range(3)]  # eager and recorded, then replayed twice
+    assert all(torch.equal(r, want) for r in results)
+    assert graphs.replays == 2 and len(graphs.graphs) == 1
     (chain,) = graphs.graphs.values()
-    ordered = [graph for (index, _), graph in sorted(chain.items())]
-    assert len(ordered) == blocks
-    assert all(later.hidden is earlier.out for earlier, later in zip(ordered, ordered[1:], strict=False))
-    other = encode(pipe, photo.resize((photo.width // 2, photo.height)))  # another patch count: graphs of its own
-    assert len(graphs.graphs) == 2 and graphs.replays == 3 * blocks
-    vision_graphs.uninstall(pipe.text_encoder)
-    assert torch.equal(other, encode(pipe, photo.resize((photo.width // 2, photo.height))))
+    assert len(chain.outs) == len(graphs.blocks)
+    assert torch.equal(encode(pipe, narrow), want_narrow)  # another grid: a graph of its own
+    assert torch.equal(encode(pipe, narrow), want_narrow) and torch.equal(encode(pipe, photo), want)
+    assert len(graphs.graphs) == 2 and graphs.replays == 4
+
+
+def test_a_block_off_the_chain_runs_the_rest_of_the_pass_eagerly(tiny_editor, graphed, photo):
+    """A hook on a block (something reads its output): that block and the ones after it run their own forward."""
+    pipe = tiny_editor.pipe
+    want = encode(pipe, photo)  # recorded
+    seen = []
+    handle = graphed.blocks[-1].register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    try:
+        got = encode(pipe, photo)
+    finally:
+        handle.remove()
+    assert torch.equal(got, want) and graphed.replays == 1 and len(seen) == 1
+    assert torch.equal(encode(pipe, photo), want) and graphed.replays == 2
+    with torch.inference_mode():  # a block called outside a tower call never replays
+        chain = graphed.graphs[next(iter(graphed.graphs))]
+        (cu_shape, cos_shape) = chain.shapes[0]
+        hidden = chain.hidden.clone()
+        cu = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
+        cos = torch.zeros(cos_shape)
+        out = graphed.blocks[0](hidden, cu_seqlens=cu, position_embeddings=(cos, cos))
+    assert graphed.replays == 2 and out.shape == hidden.shape
 
 
 def test_a_recording_that_fails_turns_the_graphs_off_and_runs_eager(tiny_editor, graphed, photo, caplog):
@@ -110,19 +136,24 @@ def test_a_recording_that_fails_turns_the_graphs_off_and_runs_eager(tiny_editor,
     assert torch.equal(got, encode(pipe, photo)) and torch.equal(again, got)
 
 
-def test_calls_off_cuda_or_outside_inference_mode_do_not_replay(tiny_editor):
+def test_off_cuda_or_outside_inference_mode_the_tower_does_not_replay(tiny_editor):
     text_encoder = tiny_editor.pipe.text_encoder
+    vision_attention.install(text_encoder)
     vision_graphs.install(text_encoder)
     graphs = vision_graphs.graphs_of(text_encoder)
-    hidden, cu = torch.zeros(4, 8), torch.tensor([0, 4])
-    kwargs = {"position_embeddings": (torch.zeros(4, 2), torch.zeros(4, 2))}
     try:
         with torch.inference_mode():
-            assert not graphs.replayable(graphs.blocks[0], 0, hidden, cu, kwargs)  # on the CPU
+            assert not graphs.tower_replayable(torch.zeros(4, 8))  # on the CPU
         graphs.disabled = "a recording failed"
-        assert not graphs.replayable(graphs.blocks[0], 0, hidden, cu, kwargs)
+        assert not graphs.tower_replayable(torch.zeros(4, 8))
+        block = graphs.blocks[0]
+        pe = (torch.zeros(4, 2), torch.zeros(4, 2))
+        assert graphs.block_replayable(block, torch.tensor([0, 4]), {"position_embeddings": pe, "max_seqlen": 4})
+        assert not graphs.block_replayable(block, torch.tensor([0, 4]), {"position_embeddings": pe, "other": 1})
+        assert not graphs.block_replayable(block, torch.tensor([0, 4]), {})
     finally:
         vision_graphs.uninstall(text_encoder)
+        vision_attention.uninstall(text_encoder)
 
 
 # --- on a GPU ------------------------------------------------------------------------------------------------
@@ -143,8 +174,8 @@ def test_on_cuda_the_replayed_blocks_equal_the_eager_ones_bit_for_bit(photo):
             small = stages.prompt_images(pipe, [image])
             return stages.encode_prompt(pipe, "make it blue", small, device=device).embeds
 
-    replayed = [embeds(photo) for _ in range(3)]
-    assert graphs.replays == 3 * len(graphs.blocks)
+    replayed = [embeds(photo) for _ in range(3)]  # recorded, then replayed twice
+    assert graphs.replays == 2
     vision_graphs.uninstall(pipe.text_encoder)
     eager = embeds(photo)
     assert all(torch.equal(r, eager) for r in replayed)
