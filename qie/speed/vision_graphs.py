@@ -48,6 +48,7 @@ class _Chain:
     hidden: torch.Tensor  # the first block's input buffer
     outs: list[torch.Tensor]  # each block's output, in the graphs' memory pool
     shapes: tuple  # the blocks' (cu_seqlens, cos) shapes at recording, checked at each replay
+    inputs: list[torch.Tensor]  # the window boundaries and position embeddings it reads: kept alive with it
 
 
 @dataclass
@@ -200,7 +201,7 @@ class VisionGraphs:
         with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
             graph, outs = self._record(chain, self.pool)
         shapes = tuple((tuple(cu.shape), tuple(kw["position_embeddings"][0].shape)) for cu, kw in calls)
-        self.graphs[run.key] = _Chain(graph, hidden, outs, shapes)
+        self.graphs[run.key] = _Chain(graph, hidden, outs, shapes, list(statics.values()))
         while len(self.graphs) > MAX_GRIDS:
             self.graphs.popitem(last=False)
         log.info("vision tower: recorded its blocks' CUDA graph for %d patches", hidden.shape[0])

@@ -93,6 +93,11 @@ def test_a_grids_first_call_records_and_later_calls_replay_what_the_blocks_compu
     assert graphs.replays == 2 and len(graphs.graphs) == 1
     (chain,) = graphs.graphs.values()
     assert len(chain.outs) == len(graphs.blocks)
+    # A CUDA graph holds addresses only: the chain keeps every tensor its blocks read (boundaries, cos, sin).
+    fn = chain.graph.fn
+    calls = fn.__closure__[fn.__code__.co_freevars.index("calls")].cell_contents  # what the recording reads
+    read = {id(cu) for cu, _ in calls} | {id(t) for _, kw in calls for t in kw["position_embeddings"]}
+    assert read <= {id(t) for t in chain.inputs}
     assert torch.equal(encode(pipe, narrow), want_narrow)  # another grid: a graph of its own
     assert torch.equal(encode(pipe, narrow), want_narrow) and torch.equal(encode(pipe, photo), want)
     assert len(graphs.graphs) == 2 and graphs.replays == 4
