@@ -561,7 +561,7 @@ def release_hooks(pipe: Any) -> None:
     (`enable_model_cpu_offload`) or a diffusers step cache left enabled on the transformer.
 
     Its other work, resetting stateful diffusers hooks, walks every module of every component
-    (~8 ms of host time per edit for the transformer alone); qie's step caches remove their hooks
+    (0.020 s of the fast edit's host time under cProfile on an H200); qie's step caches remove their hooks
     at the end of each request (`qie.speed.early_exit.step_cache`), so there is nothing to reset.
     """
     if getattr(pipe, "_all_hooks", None) or getattr(getattr(pipe, "transformer", None), "_cache_config", None):

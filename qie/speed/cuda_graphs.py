@@ -45,7 +45,8 @@ def weight_addresses(model: nn.Module, device_type: str = "cuda") -> tuple[int, 
     addresses: list[int] = []
     # A walk over the modules' own dictionaries: it runs before every edit that may replay, and
     # `named_modules` + `named_parameters` + `hasattr` (which goes through `Module.__getattr__` when
-    # the attribute is missing) took ~40 ms of host time for the transformer's ~2,000 modules.
+    # the attribute is missing) took 3-4x as long for the transformer's ~2,300 modules (18 against
+    # 5 ms for the bf16 tree on a CPU; 0.075 s of the fast edit's host time under cProfile on an H200).
     stack: list[tuple[str, nn.Module]] = [("", model)]
     seen: set[int] = set()
     while stack:
