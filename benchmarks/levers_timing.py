@@ -61,11 +61,8 @@ def kernel_table(fn: Callable[[], Any], repeats: int = 5, top: int = 12) -> dict
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    rows: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_time_total > 0:  # kernels whose names share their first 120 characters add up
-            name = event.key[:120]
-            rows[name] = rows.get(name, 0.0) + event.device_time_total / 1e3 / repeats
+    kernels = ((e.key, e.device_time_total / 1e3 / repeats) for e in prof.key_averages() if e.device_time_total > 0)
+    rows = profiling.sum_by_prefix(kernels, chars=120)  # kernels whose names share their first 120 characters
     return dict(sorted(rows.items(), key=lambda r: -r[1])[:top])
 
 

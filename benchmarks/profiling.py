@@ -18,7 +18,7 @@ import gc
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -147,10 +147,7 @@ def split_device_time(events: Any) -> dict[str, Any]:
         else:
             kernels[e.key] = kernels.get(e.key, 0.0) + us
             launches += getattr(e, "count", 1)
-    short: dict[str, float] = {}  # kernels whose names share their first 80 characters are summed
-    for key, us in kernels.items():
-        short[key[:80]] = short.get(key[:80], 0.0) + us
-    top = sorted(short.items(), key=lambda kv: -kv[1])[:16]
+    top = sorted(sum_by_prefix(kernels.items()).items(), key=lambda kv: -kv[1])[:16]
     return {
         "kernel_s": sum(kernels.values()) / 1e6,
         "kernels": float(launches),
@@ -158,6 +155,20 @@ def split_device_time(events: Any) -> dict[str, Any]:
         "other_copies_s": other_copies / 1e6,
         "top_kernels_s": {k: round(v / 1e6, 4) for k, v in top},
     }
+
+
+def sum_by_prefix(items: Iterable[tuple[str, float]], chars: int = 80) -> dict[str, float]:
+    """Values summed per name cut to its first `chars` characters (kernel names that long differ only in
+    template arguments), so that two such kernels add up instead of one hiding the other.
+
+    Example:
+        >>> sum_by_prefix([("kernel<a>", 1.0), ("kernel<b>", 2.0), ("other", 1.0)], chars=6)
+        {'kernel': 3.0, 'other': 1.0}
+    """
+    out: dict[str, float] = {}
+    for name, value in items:
+        out[name[:chars]] = out.get(name[:chars], 0.0) + value
+    return out
 
 
 def _self_us(event: Any) -> float:
@@ -175,13 +186,13 @@ def split_categories(events: Any) -> dict[str, Any]:
         (e.key, e.self_cpu_time_total) for e in rows if not _SKIP.search(e.key)
     ]
     seconds = dict.fromkeys(CATEGORIES, 0.0)
-    other: dict[str, float] = {}
+    other: list[tuple[str, float]] = []
     for name, us in items:
         category = classify(name)
         seconds[category] += us / 1e6
         if category == "other":
-            other[name[:80]] = other.get(name[:80], 0.0) + us / 1e6
-    top_other = dict(sorted(other.items(), key=lambda kv: -kv[1])[:8])
+            other.append((name, us / 1e6))
+    top_other = dict(sorted(sum_by_prefix(other).items(), key=lambda kv: -kv[1])[:8])
     return {
         "categories_s": seconds,
         "busy_s": sum(seconds.values()),

@@ -12,10 +12,11 @@ bit for bit), and its memory pool holds one block's temporaries plus the 32 outp
 
 Only calls a graph can replay take this path: on CUDA, under `torch.inference_mode` (as edits run),
 the masked attention installed in every block, no keyword arguments with values other than the
-position embeddings and `max_seqlen`, no forward hooks on a block, every weight of the tower on the
-GPU with no offloading hook, blocks called in order on the previous block's output. Every other call
-runs the block's own forward. Graphs are dropped when the tower's weights move (a plan change, fp8
-storage), and a failed recording turns the graphs off for good, said once.
+position embeddings and `max_seqlen`, no forward hooks on a block (transformers' output-capturing
+hooks count only while they capture), every weight of the tower on the GPU with no offloading hook,
+blocks called in order on the previous block's output. Every other call runs the block's own forward.
+Graphs are dropped when the tower's weights move (a plan change, fp8 storage), and a failed
+recording turns the graphs off for good, said once.
 
 Example:
     >>> install(pipe.text_encoder)  # doctest: +SKIP
@@ -137,8 +138,8 @@ class VisionGraphs:
 
     @staticmethod
     def block_replayable(block: nn.Module, cu_seqlens: Any, kwargs: dict) -> bool:
-        """Whether a block call is one the graph records: no hooks, only the keyword values it takes."""
-        if block._forward_hooks or block._forward_pre_hooks or not isinstance(cu_seqlens, torch.Tensor):
+        """Whether a block call is one the graph records: no hooks that act, only the keyword values it takes."""
+        if not _idle_hooks(block) or not isinstance(cu_seqlens, torch.Tensor):
             return False
         embeddings = kwargs.get("position_embeddings")
         if not (isinstance(embeddings, tuple) and len(embeddings) == 2):
@@ -211,6 +212,37 @@ class VisionGraphs:
         self.graphs.clear()
         self.pool = None
         self._pass = None
+
+
+def _idle_hooks(block: nn.Module) -> bool:
+    """Whether `block` has no hooks, or only transformers' output-capturing ones while nothing is captured.
+
+    transformers installs those on the vision blocks at the first call that asks for hidden states
+    (e.g. the full text encoder with `output_hidden_states=True`) and leaves them; they return at once
+    unless a collector is active, and then they would keep the graph's buffers, so the block runs eagerly.
+    """
+    if block._forward_pre_hooks:
+        return False
+    hooks = list(block._forward_hooks.values())
+    if not hooks:
+        return True
+    if not all(getattr(h, "__name__", "") == "output_capturing_hook" for h in hooks):
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another layout: assume they act
+        return False
+    collected = _active_collector.get()  # the outputs being captured now, by name (a model may set an empty one)
+    names = [_captured_name(hook) for hook in hooks]
+    return collected is None or not any(name is None or name in collected for name in names)
+
+
+def _captured_name(hook: Callable) -> str | None:
+    """The output an output-capturing hook collects ("hidden_states", "attentions"; its closure's `key`)."""
+    try:
+        return hook.__closure__[hook.__code__.co_freevars.index("key")].cell_contents
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _tower(text_encoder: nn.Module) -> nn.Module | None:

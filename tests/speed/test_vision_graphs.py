@@ -125,6 +125,24 @@ def test_a_block_off_the_chain_runs_the_rest_of_the_pass_eagerly(tiny_editor, gr
     assert graphed.replays == 2 and out.shape == hidden.shape
 
 
+def test_transformers_output_capturing_hooks_stop_a_replay_only_while_they_capture(tiny_editor, graphed, photo):
+    """Asking the full text encoder for hidden states leaves transformers' hooks on the vision blocks: idle
+    afterwards (the graphs replay), active during such a call (the blocks run eagerly, the states are right)."""
+    pipe = tiny_editor.pipe
+    small = stages.prompt_images(pipe, [photo])
+    text = pipe.prompt_template_encode.format(stages.IMAGE_PROMPT.format(1) + "make it blue")
+    inputs = pipe.processor(text=[text], images=small, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want = pipe.text_encoder(**inputs, output_hidden_states=True).hidden_states
+    assert all(block._forward_hooks for block in graphed.blocks)  # left by transformers
+    recorded = encode(pipe, photo)
+    assert torch.equal(encode(pipe, photo), recorded) and graphed.replays == 1
+    with torch.inference_mode():
+        got = pipe.text_encoder(**inputs, output_hidden_states=True).hidden_states
+    assert graphed.replays == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_a_recording_that_fails_turns_the_graphs_off_and_runs_eager(tiny_editor, graphed, photo, caplog):
     pipe = tiny_editor.pipe
 
