@@ -217,3 +217,17 @@ def test_device_time_counts_the_kernels_launched_apart_from_copies():
     assert split["top_kernels_s"]["nvjet_sm90_gemm"] == pytest.approx(300e-6, abs=1e-4)
     assert split["kernels"] == 1800 and split["kernel_s"] == pytest.approx(350e-6)
     assert split["h2d_s"] == pytest.approx(20e-6) and split["other_copies_s"] == pytest.approx(1e-6)
+
+
+def test_kernels_whose_names_share_their_first_80_characters_add_up_in_the_top_table():
+    from types import SimpleNamespace
+
+    from benchmarks.profiling import split_device_time, sum_by_prefix
+
+    stem = "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<"
+    events = [
+        SimpleNamespace(key=stem + tail, device_type=torch.autograd.DeviceType.CUDA, self_device_time_total=us, count=1)
+        for tail, us in (("fp8>", 40.0), ("bf16>", 60.0))
+    ]
+    assert split_device_time(events)["top_kernels_s"] == {stem[:80]: pytest.approx(100e-6, abs=1e-6)}
+    assert sum_by_prefix([("ab", 1.0), ("ac", 2.0), ("b", 4.0)], chars=1) == {"a": 3.0, "b": 4.0}
