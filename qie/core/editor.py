@@ -539,7 +539,7 @@ class Editor:
                 device=self.device,
             )
         finally:
-            self.pipe.maybe_free_model_hooks()
+            release_hooks(self.pipe)
             self.lock.release()
         try:
             return EditRequest(images=check.images, prompt=text).prompt  # usable as an edit's prompt
@@ -557,8 +557,9 @@ class Editor:
 
 
 def release_hooks(pipe: Any) -> None:
-    """`pipe.maybe_free_model_hooks()` after an edit, when it has work to do: the model-offload plan's hooks
-    (`enable_model_cpu_offload`) or a diffusers step cache left enabled on the transformer.
+    """`pipe.maybe_free_model_hooks()` after an edit or a prompt rewrite, when it has work to do: the
+    model-offload plan's hooks (`enable_model_cpu_offload`) or a diffusers step cache left enabled on the
+    transformer.
 
     Its other work, resetting stateful diffusers hooks, walks every module of every component
     (0.020 s of the fast edit's host time under cProfile on an H200); qie's step caches remove their hooks

@@ -179,7 +179,9 @@ class VisionGraphs:
         def static(tensor: Any) -> Any:
             if not isinstance(tensor, torch.Tensor):
                 return tensor
-            return statics.setdefault(id(tensor), tensor.clone())
+            if id(tensor) not in statics:
+                statics[id(tensor)] = tensor.clone()
+            return statics[id(tensor)]
 
         calls = [
             (static(cu), {key: tuple(map(static, v)) if isinstance(v, tuple) else static(v) for key, v in kw.items()})
