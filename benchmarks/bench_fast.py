@@ -6,7 +6,8 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             every ``--sizes`` (the condition area left to auto: the output's area under 0.6 MP); at the
             first size, the forward's time by kernel category next to each category's floor, and the
             host syncs of one edit (CUDA's sync debug mode); each row's denoise seconds and the seconds
-            no stage covers, and a cProfile of the fastest 8-step edit's host. With ``--attention-quant``,
+            no stage covers; at every size a cProfile of the fastest 8-step edit's host and where the GPU
+            idled in it, by stage and longest gaps (``profile["gpu_idle"]``). With ``--attention-quant``,
             the rows again at every size with that request option (e.g. FA3's fp8 attention)
   quality   a 40-step CFG edit on the fastest plan, measured end to end (not derived), with the
             forward's kernel-category profile
@@ -25,6 +26,7 @@ come from one more edit with a synchronized timestamp per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from benchmarks.probes import Probe, Row, probe_qie, time_e2e
-from benchmarks.profiling import host_calls
+from benchmarks.profiling import gpu_idle, host_calls
 from qie.core.tolerances import difference
 
 AUTO = {"condition_area": None}  # what a user gets: the output's area under 0.6 MP
@@ -164,10 +166,10 @@ def run_fast(bench: Any) -> None:
                     raise RuntimeError(f"fast mode ran {probe.steps_run} steps, {steps} asked")
                 row = stage_row(f"fast mode {steps} steps (fused LoRA) + {label}", size, bench.fast_plan(), probe)
                 row.e2e_s = {f"fast_{steps}": probe.e2e_s, **outside_stages(probe)}
-                if (mode, steps, size) == (passes[-1][0], 8, sizes[0]):  # the fastest 8-step edit's host time
-                    row.profile["host_edit"] = host_calls(
-                        lambda s=size, o=options: probe_qie(editor, s, 8, False, stamp_steps=False, **o)
-                    )
+                if (mode, steps) == (passes[-1][0], 8):  # the fastest 8-step edits: host time, GPU idle
+                    edit = functools.partial(probe_qie, editor, size, 8, False, stamp_steps=False, **options)
+                    row.profile["host_edit"] = host_calls(edit)
+                    row.profile["gpu_idle"] = gpu_idle(edit)
                 if size == sizes[0] and steps in references:
                     diff = difference(probe.image, references[steps])
                     row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs

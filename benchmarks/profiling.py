@@ -410,3 +410,103 @@ class GcPauses:
 
     def summary(self) -> dict[str, Any]:
         return {"gc_s": self.seconds, "gc_collections": dict(self.collections)}
+
+
+def gpu_idle(fn: Callable[[], Any], min_gap_ms: float = 0.05, top: int = 10) -> dict[str, Any]:
+    """One call of `fn` (an edit) under the profiler: where the GPU had no work, by the edit's stages
+    (the `qie.<stage>` ranges `StageTimer` opens) and its `top` longest gaps (`idle_report`).
+    Off CUDA: {"on_device": False}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qie.telemetry import STAGE_RANGE
+
+    if not torch.cuda.is_available():
+        return {"on_device": False}
+    cuda_sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        cuda_sync()
+    device, stages, host = [], [], []
+    for event in prof.events():
+        span = (event.time_range.start, event.time_range.end)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            device.append((*span, event.name))
+        elif event.name.startswith(STAGE_RANGE):
+            stages.append((*span, event.name[len(STAGE_RANGE) :]))
+        else:
+            host.append((*span, event.name))
+    return {"on_device": True, **idle_report(device, stages, host, min_gap_ms=min_gap_ms, top=top)}
+
+
+def idle_report(
+    device: Sequence[tuple[float, float, str]],
+    stages: Sequence[tuple[float, float, str]],
+    host: Sequence[tuple[float, float, str]],
+    *,
+    min_gap_ms: float = 0.05,
+    top: int = 10,
+) -> dict[str, Any]:
+    """Where the GPU idled between the first stage's start and the last stage's end, from (start_us,
+    end_us, name) spans of GPU work, stages and host ops: idle and busy ms per stage (a gap counts in
+    the stage its start lies in, "between stages" outside them), the gaps of at least `min_gap_ms`,
+    and the `top` longest with the kernels on either side and the host ops that overlapped them most
+    (host work outside any op, such as PIL or Python, leaves `host_ops_ms` short of `ms`).
+
+    Example:
+        >>> r = idle_report([(0, 100, "a"), (300, 400, "b")], [(0, 400, "denoise")], [(120, 280, "aten::randn")])
+        >>> r["idle_ms"], r["gaps"][0]["after"], r["gaps"][0]["host_ops"]
+        (0.2, 'b', {'aten::randn': 0.16})
+    """
+    if not stages:
+        return {"idle_ms": None, "note": "no stage ranges in the trace"}
+    lo, hi = min(s[0] for s in stages), max(s[1] for s in stages)
+    busy: list[list[Any]] = []  # merged [start, end, first kernel, last kernel]
+    for start, end, name in sorted(d for d in device if d[1] > lo and d[0] < hi):
+        if busy and start <= busy[-1][1]:
+            if end > busy[-1][1]:
+                busy[-1][1], busy[-1][3] = end, name
+        else:
+            busy.append([start, end, name, name])
+    gaps, cursor, before = [], lo, ""
+    for start, end, first, last in busy + [[hi, hi, "", ""]]:
+        if start - cursor >= min_gap_ms * 1e3:
+            gaps.append((cursor, min(start, hi), before, first))
+        cursor, before = max(cursor, end), last
+    ordered = sorted(stages)
+
+    def stage_at(t: float) -> str:
+        return next((name for s, e, name in ordered if s <= t < e), "between stages")
+
+    by_stage: dict[str, dict[str, float]] = {name: {"idle_ms": 0.0, "wall_ms": 0.0} for _, _, name in ordered}
+    by_stage["between stages"] = {"idle_ms": 0.0, "wall_ms": 0.0}
+    for s, e, name in ordered:
+        by_stage[name]["wall_ms"] += (e - s) / 1e3
+    for s, e, _, _ in gaps:
+        by_stage[stage_at(s)]["idle_ms"] += (e - s) / 1e3
+    longest = []
+    for s, e, before_name, after_name in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        overlap: dict[str, float] = {}
+        for hs, he, name in host:
+            covered = min(he, e) - max(hs, s)
+            if covered > 0:
+                overlap[name] = overlap.get(name, 0.0) + covered / 1e3
+        ops = dict(sorted(overlap.items(), key=lambda kv: -kv[1])[:3])
+        longest.append(
+            {
+                "stage": stage_at(s),
+                "at_ms": round((s - lo) / 1e3, 3),
+                "ms": round((e - s) / 1e3, 3),
+                "before": before_name[:60],
+                "after": after_name[:60],
+                "host_ops": {k[:60]: round(v, 3) for k, v in ops.items()},
+            }
+        )
+    return {
+        "wall_ms": round((hi - lo) / 1e3, 3),
+        "idle_ms": round(sum(e - s for s, e, _, _ in gaps) / 1e3, 3),
+        "gap_count": len(gaps),
+        "by_stage": {
+            k: {m: round(v, 3) for m, v in d.items()} for k, d in by_stage.items() if d["wall_ms"] or d["idle_ms"]
+        },
+        "gaps": longest,
+    }

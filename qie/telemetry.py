@@ -24,6 +24,8 @@ import torch
 
 from qie.settings import read as read_setting
 
+STAGE_RANGE = "qie."  # the prefix of the profiler range each timed stage opens
+
 
 class StageTimer:
     """Times named stages; on CUDA each stage lasts until both the host and the GPU are done with it.
@@ -33,7 +35,8 @@ class StageTimer:
     image preparation while the VAE encodes, could no longer overlap it): each boundary is marked
     by a CUDA event and a host clock reading, and lies at the later of the two
     (`stage_boundary`); a stage lasts from its start boundary to its end boundary. Reading
-    `timings` waits for the GPU. Peak memory is the allocator's, per stage.
+    `timings` waits for the GPU. Peak memory is the allocator's, per stage. Under `torch.profiler`
+    each stage is a range named `qie.<stage>` (`STAGE_RANGE`).
 
     Example:
         >>> timer = StageTimer(torch.device("cpu"))
@@ -67,7 +70,8 @@ class StageTimer:
     def __call__(self, stage: str) -> Iterator[None]:
         start = self._mark()
         try:
-            yield
+            with torch.profiler.record_function(f"{STAGE_RANGE}{stage}"):  # a range in a profiler's trace
+                yield
         finally:
             self._spans.append((stage, start, self._mark()))
             if self._gpu:

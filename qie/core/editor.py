@@ -22,7 +22,7 @@ from PIL import Image
 
 from qie import telemetry
 from qie.core import encode_cache as cache
-from qie.core import masking, stages
+from qie.core import image_prep, masking, stages
 from qie.core.faults import Fault, arm_spec
 from qie.core.grouping import check_batchable, condition_area
 from qie.core.images import ImageInput
@@ -490,6 +490,7 @@ class Editor:
         # images (the timer does not wait between stages), and its latents take the prompt's dtype.
         with timer("condition_encode"):
             ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
+            small = image_prep.prompt_images_later(pipe, request.images)  # on another core meanwhile
             area = condition_area(request)
             if request.condition_area is None:
                 notes.append(f"condition_area=auto: {request.condition_area_used}")
@@ -499,7 +500,7 @@ class Editor:
             notes += ["condition cache hit"] if hit else []
         with timer("text_encode"):
             prompt, negative, hit = cache.encode_prompts(
-                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg
+                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg, small=small
             )
             if hit:
                 notes.insert(0, "prompt cache hit")

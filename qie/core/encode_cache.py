@@ -157,21 +157,23 @@ def encode_prompts(
     device: torch.device,
     uses_cfg: bool | None = None,
     digests: tuple[str, ...] | None = None,
+    small: Callable[[], list[Image.Image]] | None = None,
 ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, bool]:
     """The request's prompt (and, with CFG, negative prompt) embeddings, from the cache when there.
 
     `uses_cfg` overrides the request's own CFG setting (fast mode runs without CFG). `digests` are
-    the images' `digests_of`, when the caller has them (hashing a 1024² image takes a few ms).
-    Returns (prompt, negative or None, True when nothing had to be encoded).
+    the images' `digests_of`, when the caller has them (hashing a 1024² image takes a few ms);
+    `small` gives the images' `stages.prompt_images` when the caller started them early
+    (`qie.core.image_prep`). Returns (prompt, negative or None, True when nothing had to be encoded).
     """
     digests = digests if digests is not None else digests_of(request.images)
     fix = fixes["mm_token_type_ids"]
-    small: list[Image.Image] = []
+    images: list[Image.Image] = []
 
     def encode(text: str) -> stages.PromptEmbeds:
-        if not small:
-            small.extend(stages.prompt_images(pipe, request.images))
-        return stages.encode_prompt(pipe, text, small, device=device, forward_mm_token_type_ids=fix)
+        if not images:
+            images.extend(small() if small is not None else stages.prompt_images(pipe, request.images))
+        return stages.encode_prompt(pipe, text, images, device=device, forward_mm_token_type_ids=fix)
 
     base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))
     prompt, hit = cached(cache.prompts, ("prompt", request.prompt, *base), lambda: encode(request.prompt))

@@ -231,3 +231,29 @@ def test_kernels_whose_names_share_their_first_80_characters_add_up_in_the_top_t
     ]
     assert split_device_time(events)["top_kernels_s"] == {stem[:80]: pytest.approx(100e-6, abs=1e-6)}
     assert sum_by_prefix([("ab", 1.0), ("ac", 2.0), ("b", 4.0)], chars=1) == {"a": 3.0, "b": 4.0}
+
+
+def test_idle_report_finds_each_gap_in_its_stage_with_the_host_ops_over_it():
+    from benchmarks.profiling import idle_report
+
+    ms = 1000.0  # the profiler's spans are in microseconds
+    device = [
+        (0, 2 * ms, "vae_encode"),
+        (1 * ms, 3 * ms, "vae_tail"),  # overlaps the first: one busy span [0, 3] ms
+        (8 * ms, 9 * ms, "text_encoder"),
+        (9.01 * ms, 20 * ms, "transformer"),  # 0.01 ms after: below the smallest gap counted
+        (40 * ms, 50 * ms, "outside the stages"),
+    ]
+    stages = [(0, 6 * ms, "condition_encode"), (6 * ms, 10 * ms, "text_encode"), (10 * ms, 24 * ms, "denoise")]
+    host = [(3.5 * ms, 5.5 * ms, "aten::copy_"), (4 * ms, 8 * ms, "aten::to"), (21 * ms, 22 * ms, "aten::cat")]
+    report = idle_report(device, stages, host, top=2)
+    assert report["wall_ms"] == 24 and report["gap_count"] == 2
+    assert report["idle_ms"] == pytest.approx(5 + 4)  # [3, 8] in condition_encode, [20, 24] up to the last stage's end
+    assert report["by_stage"]["condition_encode"] == {"idle_ms": 5, "wall_ms": 6}
+    assert report["by_stage"]["denoise"]["idle_ms"] == 4 and report["by_stage"]["text_encode"]["idle_ms"] == 0
+    longest = report["gaps"][0]
+    assert (longest["stage"], longest["at_ms"], longest["ms"]) == ("condition_encode", 3, 5)
+    assert (longest["before"], longest["after"]) == ("vae_tail", "text_encoder")
+    assert longest["host_ops"] == {"aten::to": 4, "aten::copy_": 2}
+    assert report["gaps"][1]["host_ops"] == {"aten::cat": 1}
+    assert idle_report(device, [], host)["idle_ms"] is None
