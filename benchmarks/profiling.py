@@ -418,30 +418,45 @@ def gpu_idle(fn: Callable[[], Any], min_gap_ms: float = 0.05, top: int = 10) -> 
     Off CUDA: {"on_device": False}."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qie.telemetry import STAGE_RANGE
-
     if not torch.cuda.is_available():
         return {"on_device": False}
     cuda_sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         cuda_sync()
-    device, stages, host = [], [], []
-    for event in prof.events():
-        span = (event.time_range.start, event.time_range.end)
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            device.append((*span, event.name))
-        elif event.name.startswith(STAGE_RANGE):
-            stages.append((*span, event.name[len(STAGE_RANGE) :]))
-        else:
-            host.append((*span, event.name))
+    device, stages, host = split_spans(prof.events())
     return {"on_device": True, **idle_report(device, stages, host, min_gap_ms=min_gap_ms, top=top)}
 
 
+Span = tuple[float, float, str]
+
+
+def split_spans(events: Iterable[Any]) -> tuple[list[Span], list[Span], list[Span]]:
+    """A profiler's events as (start_us, end_us, name) spans of GPU work, of the edit's stages (the
+    `qie.<stage>` ranges, named without the prefix) and of host ops. A range's GPU-side span (a stage,
+    Inductor's "## Call CompiledFxGraph ##") is not GPU work: it would cover the idle time inside it."""
+    from qie.telemetry import STAGE_RANGE
+
+    device: list[Span] = []
+    stages: list[Span] = []
+    host: list[Span] = []
+    for event in events:
+        span = (event.time_range.start, event.time_range.end)
+        stage = event.name.startswith(STAGE_RANGE)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            if not (stage or getattr(event, "is_user_annotation", False)):
+                device.append((*span, event.name))
+        elif stage:
+            stages.append((*span, event.name[len(STAGE_RANGE) :]))
+        else:
+            host.append((*span, event.name))
+    return device, stages, host
+
+
 def idle_report(
-    device: Sequence[tuple[float, float, str]],
-    stages: Sequence[tuple[float, float, str]],
-    host: Sequence[tuple[float, float, str]],
+    device: Sequence[Span],
+    stages: Sequence[Span],
+    host: Sequence[Span],
     *,
     min_gap_ms: float = 0.05,
     top: int = 10,

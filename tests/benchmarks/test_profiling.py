@@ -257,3 +257,31 @@ def test_idle_report_finds_each_gap_in_its_stage_with_the_host_ops_over_it():
     assert longest["host_ops"] == {"aten::to": 4, "aten::copy_": 2}
     assert report["gaps"][1]["host_ops"] == {"aten::cat": 1}
     assert idle_report(device, [], host)["idle_ms"] is None
+
+
+def test_split_spans_keeps_ranges_out_of_the_gpu_work():
+    from types import SimpleNamespace
+
+    from benchmarks.profiling import split_spans
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device, annotation=False):
+        return SimpleNamespace(
+            name=name,
+            device_type=device,
+            is_user_annotation=annotation,
+            time_range=SimpleNamespace(start=start, end=end),
+        )
+
+    events = [
+        event("qie.denoise", 0, 100, cpu, True),
+        event("qie.denoise", 1, 99, cuda, True),  # the stage's GPU-side span
+        event("## Call CompiledFxGraph f1 ##", 5, 90, cuda, True),
+        event("sm90_fp8_gemm", 10, 20, cuda),
+        event("aten::copy_", 2, 4, cpu),
+    ]
+    device, stages, host = split_spans(events)
+    assert device == [(10, 20, "sm90_fp8_gemm")]
+    assert stages == [(0, 100, "denoise")]
+    assert host == [(2, 4, "aten::copy_")]
