@@ -404,16 +404,18 @@ class Editor:
         with torch.inference_mode(), request_speed(pipe, self.speed, first) as run:
             encoded = [self.encode(r, timer, uses_cfg=run.uses_cfg) for r in requests]
             with timer("denoise"):
-                inputs = stages.prepare(
-                    pipe,
-                    [e for e, _ in encoded],
-                    [r.seed for r in requests],
-                    width=first.width,
-                    height=first.height,
-                    steps=run.steps,
-                    true_cfg_scale=run.true_cfg_scale,
-                )
-                predict = self._predictor(first, run, control.predict)
+                with telemetry.step_range("prepare"):
+                    inputs = stages.prepare(
+                        pipe,
+                        [e for e, _ in encoded],
+                        [r.seed for r in requests],
+                        width=first.width,
+                        height=first.height,
+                        steps=run.steps,
+                        true_cfg_scale=run.true_cfg_scale,
+                    )
+                with telemetry.step_range("predictor"):  # the transformer graphs' weight check
+                    predict = self._predictor(first, run, control.predict)
                 latents = stages.denoise(pipe, inputs, replace(control, observer=run.observer, predict=predict))
                 if isinstance(predict, stages.GraphedPrediction):
                     run.notes.append(predict.note())
@@ -489,7 +491,8 @@ class Editor:
         # The condition first: its VAE encode runs on the GPU while the host prepares the text encoder's
         # images (the timer does not wait between stages), and its latents take the prompt's dtype.
         with timer("condition_encode"):
-            ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
+            with telemetry.step_range("digests"):
+                ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
             small = image_prep.prompt_images_later(pipe, request.images)  # on another core meanwhile
             area = condition_area(request)
             if request.condition_area is None:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from qie.core import stages
 from qie.core.images import image_digest
+from qie.telemetry import step_range
 
 T = TypeVar("T")
 
@@ -172,7 +173,8 @@ def encode_prompts(
 
     def encode(text: str) -> stages.PromptEmbeds:
         if not images:
-            images.extend(small() if small is not None else stages.prompt_images(pipe, request.images))
+            with step_range("prompt-images"):
+                images.extend(small() if small is not None else stages.prompt_images(pipe, request.images))
         return stages.encode_prompt(pipe, text, images, device=device, forward_mm_token_type_ids=fix)
 
     base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))

@@ -33,6 +33,7 @@ from qie.errors import CancelledError, InvalidRequestError
 from qie.memory.tiling import Tiling, tiled_decode, tiled_encode
 from qie.speed.early_exit import StepObserver
 from qie.speed.transformer_graphs import TransformerGraphs
+from qie.telemetry import step_range
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,13 @@ def encode_prompt(
     template = pipe.prompt_template_encode
     drop = pipe.prompt_template_encode_start_idx
     image_prompt = "".join(IMAGE_PROMPT.format(i + 1) for i in range(len(images)))
-    inputs = pipe.processor(
-        text=[template.format(image_prompt + prompt)],
-        images=list(images) or None,
-        padding=True,
-        return_tensors="pt",
-    )
+    with step_range("processor"):
+        inputs = pipe.processor(
+            text=[template.format(image_prompt + prompt)],
+            images=list(images) or None,
+            padding=True,
+            return_tensors="pt",
+        )
     n_tokens = int(inputs["attention_mask"].sum())  # counted on the host, before anything reaches the GPU
     if n_tokens > MAX_PROMPT_TOKENS:
         raise InvalidRequestError(
@@ -105,7 +107,8 @@ def encode_prompt(
     # One prompt has no padding: without a mask the attention is the same causal attention, and neither
     # transformers nor the slicing below reads the mask back from the GPU.
     every_token = n_tokens == inputs["attention_mask"].numel()
-    inputs = inputs.to(device)
+    with step_range("prompt-upload"):
+        inputs = inputs.to(device)
     encoder = hidden_state_model(pipe.text_encoder)
     full_model = _accepts(encoder, "logits_to_keep")  # the full model (see `hidden_state_model`)
     extra = {}
@@ -114,13 +117,14 @@ def encode_prompt(
         extra["output_hidden_states"] = True  # its output has no `last_hidden_state`
     if forward_mm_token_type_ids and "mm_token_type_ids" in inputs and _accepts(encoder, "mm_token_type_ids"):
         extra["mm_token_type_ids"] = inputs["mm_token_type_ids"]
-    out = encoder(
-        input_ids=inputs["input_ids"],
-        attention_mask=None if every_token else inputs["attention_mask"],
-        pixel_values=inputs.get("pixel_values"),
-        image_grid_thw=inputs.get("image_grid_thw"),
-        **extra,
-    )
+    with step_range("text-encoder"):
+        out = encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=None if every_token else inputs["attention_mask"],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            **extra,
+        )
     # The last layer's output after the final norm: diffusers' `hidden_states[-1]` is the same tensor.
     last = (out.hidden_states[-1] if full_model else out.last_hidden_state)[0]
     hidden = (last if every_token else last[inputs["attention_mask"][0].bool()])[drop:]
@@ -177,8 +181,10 @@ def encode_condition(
     latents, shapes = [], []
     for img in images:
         w, h = calculate_dimensions(area, img.width / img.height)
-        pixels = to_pixels(pipe.image_processor, img, h, w, device=device, dtype=dtype)
-        lat = _encode_latents(pipe.vae, pixels) if tile is None else _tiled_encode_latents(pipe.vae, pixels, tile)
+        with step_range("to-pixels"):
+            pixels = to_pixels(pipe.image_processor, img, h, w, device=device, dtype=dtype)
+        with step_range("vae-encode"):
+            lat = _encode_latents(pipe.vae, pixels) if tile is None else _tiled_encode_latents(pipe.vae, pixels, tile)
         lh, lw = lat.shape[3:]
         latents.append(pipe._pack_latents(lat, 1, pipe.latent_channels, lh, lw))
         shapes.append((1, h // factor // 2, w // factor // 2))
@@ -336,7 +342,8 @@ def denoise(pipe, inputs: DenoiseInputs, control: LoopControl | None = None) -> 
     out_shape = (1, inputs.height // factor // 2, inputs.width // factor // 2)
     img_shapes = [[out_shape, *condition.shapes]] * latents.shape[0]
     predict = control.predict or guided_prediction
-    timesteps = timesteps_for(pipe, inputs.steps, latents.shape[1], latents.device)
+    with step_range("timesteps"):
+        timesteps = timesteps_for(pipe, inputs.steps, latents.shape[1], latents.device)
     sigmas: list[float] = []
     if observer is not None:  # the same schedule set on the CPU: reading the device's sigmas waits for the GPU
         host = copy.copy(pipe.scheduler)
@@ -505,12 +512,13 @@ def decode(pipe, latents: torch.Tensor, width: int, height: int, tile: Tiling | 
     In fp16 the VAE can overflow; then it is moved to fp32 for good and the decode repeated.
     """
     vae = pipe.vae
+    dtype = vae.dtype  # diffusers looks through all ~260 modules for hooks each time: asked once (0.7 ms)
     unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    image = _vae_decode(vae, unpacked, tile)
-    if vae.dtype == torch.float16 and not torch.isfinite(image).all():
+    image = _vae_decode(vae, unpacked.to(dtype), tile)
+    if dtype == torch.float16 and not torch.isfinite(image).all():
         log.warning("VAE decode overflowed in fp16; switching the VAE to fp32")
         vae.to(torch.float32)
-        image = _vae_decode(vae, unpacked, tile)
+        image = _vae_decode(vae, unpacked.to(torch.float32), tile)
     return to_pil(pipe.image_processor, image)
 
 
@@ -535,7 +543,7 @@ def to_pil(processor, image: torch.Tensor) -> Image.Image:
 
 
 def _vae_decode(vae, latents: torch.Tensor, tile: Tiling | None = None) -> torch.Tensor:
-    latents = latents.to(vae.dtype)
+    """Un-normalize `latents` (in the VAE's dtype) and decode them: (B, 3, H, W) in [-1, 1]."""
     mean, std = _latent_stats(vae, latents)
     # Written as the pipeline writes it (divide by 1/std), so results match it bit for bit.
     latents = latents / (1.0 / std) + mean
