@@ -13,7 +13,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -402,7 +402,17 @@ class Editor:
         pipe, first = self.pipe, requests[0]
         timer = StageTimer(self.device)
         with torch.inference_mode(), request_speed(pipe, self.speed, first) as run:
-            encoded = [self.encode(r, timer, uses_cfg=run.uses_cfg) for r in requests]
+            chosen: list[stages.Predictor | None] = []
+
+            def choose_predictor() -> None:  # its weight check runs while the first request's images resize
+                with telemetry.step_range("predictor"):
+                    chosen.append(self._predictor(first, run, control.predict))
+
+            encoded = [
+                self.encode(r, timer, uses_cfg=run.uses_cfg, meanwhile=None if i else choose_predictor)
+                for i, r in enumerate(requests)
+            ]
+            predict = chosen[0]
             with timer("denoise"):
                 with telemetry.step_range("prepare"):
                     inputs = stages.prepare(
@@ -414,8 +424,6 @@ class Editor:
                         steps=run.steps,
                         true_cfg_scale=run.true_cfg_scale,
                     )
-                with telemetry.step_range("predictor"):  # the transformer graphs' weight check
-                    predict = self._predictor(first, run, control.predict)
                 latents = stages.denoise(pipe, inputs, replace(control, observer=run.observer, predict=predict))
                 if isinstance(predict, stages.GraphedPrediction):
                     run.notes.append(predict.note())
@@ -477,12 +485,18 @@ class Editor:
         return self.batched_cfg if batched else None
 
     def encode(
-        self, request: EditRequest, timer: StageTimer, uses_cfg: bool | None = None
+        self,
+        request: EditRequest,
+        timer: StageTimer,
+        uses_cfg: bool | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> tuple[stages.Encoded, list[str]]:
         """VAE-encode and text-encode (prompt, negative) one request, through the condition/prompt
         cache; the caller holds the lock. Returns the encodings and notes on cache hits.
 
-        `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG).
+        `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG). `meanwhile` runs
+        on this thread while the text encoder's images are still resizing on the worker (the edit's
+        weight check for its transformer graphs: host work that would otherwise hold the GPU later).
         """
         pipe, device = self.pipe, self.device
         self.cache.bind(pipe)
@@ -491,9 +505,9 @@ class Editor:
         # The condition first: its VAE encode runs on the GPU while the host prepares the text encoder's
         # images (the timer does not wait between stages), and its latents take the prompt's dtype.
         with timer("condition_encode"):
+            small = image_prep.prompt_images_later(pipe, request.images)  # on another core from here on
             with telemetry.step_range("digests"):
                 ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
-            small = image_prep.prompt_images_later(pipe, request.images)  # on another core meanwhile
             area = condition_area(request)
             if request.condition_area is None:
                 notes.append(f"condition_area=auto: {request.condition_area_used}")
@@ -502,6 +516,8 @@ class Editor:
             )
             notes += ["condition cache hit"] if hit else []
         with timer("text_encode"):
+            if meanwhile is not None:
+                meanwhile()
             prompt, negative, hit = cache.encode_prompts(
                 self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg, small=small
             )

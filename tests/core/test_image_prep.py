@@ -62,3 +62,36 @@ def test_an_edit_encodes_its_prompt_with_the_workers_images(tiny_editor, photo, 
     tiny_editor.cache.clear()
     tiny_editor.edit(small_request(photo, steps=2, prompt="a prompt only this test uses"))
     assert made and seen and seen[0] == made[0]  # the very images the worker resized
+
+
+def test_the_edit_chooses_its_predictor_while_the_prompt_images_resize(tiny_editor, photo, monkeypatch):
+    """The transformer graphs' weight check (in `_predictor`) runs after the worker started the resize and
+    before the prompt is encoded: host work that no longer waits until the denoise stage."""
+    from qie.core.editor import Editor
+
+    order: list[str] = []
+    original_later, original_predictor, original_encode = (
+        image_prep.prompt_images_later,
+        Editor._predictor,
+        stages.encode_prompt,
+    )
+
+    def later(pipe, images):
+        order.append("resize started")
+        return original_later(pipe, images)
+
+    def predictor(self, *args):
+        order.append("predictor")
+        return original_predictor(self, *args)
+
+    def encode(pipe, prompt, images, **kw):
+        order.append("prompt encoded")
+        return original_encode(pipe, prompt, images, **kw)
+
+    monkeypatch.setattr(image_prep, "prompt_images_later", later)
+    monkeypatch.setattr(Editor, "_predictor", predictor)
+    monkeypatch.setattr(stages, "encode_prompt", encode)
+    tiny_editor.cache.clear()
+    tiny_editor.edit(small_request(photo, prompt="another prompt only this test uses"))
+    assert order[:3] == ["resize started", "predictor", "prompt encoded"]  # then the negative prompt (CFG)
+    assert order.count("predictor") == 1 and set(order[3:]) <= {"prompt encoded"}
