@@ -13,7 +13,7 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             forward's kernel-category profile
   compile   the regional compile's modes (``--compile-modes``): warm-up seconds, first-edit
             seconds, step times and peak memory of each
-  encoders  around the transformer: the VAE decoder compiled (plain, channels-last) and the text
+  encoders  around the transformer: the VAE compiled (plain, channels-last) and the text
             encoder stored in fp8: their stage seconds, memory and PSNR against the plain pipeline
   restart   a first edit in a new process, twice: with empty compile caches, then with the caches
             the first process left on disk (the quality section at 2 CFG steps, in a child process)
@@ -80,14 +80,14 @@ def fastest_editor(
     plan: str | None = None,
     budget_gib: float | None = None,
 ):
-    """A fresh pipeline on the fastest plan (or `plan` within `budget_gib`), compiled (the VAE decoder
+    """A fresh pipeline on the fastest plan (or `plan` within `budget_gib`), compiled (the VAE
     too with `--vae-compile`), with a random Lightning LoRA fused when `lora_steps`.
 
     `fixes=False` turns qie's prompt fix off, for images comparable with the stock reference.
     """
     from qie.core.load_options import auto_vae_compile
     from qie.core.speed_setup import setup_speed
-    from qie.speed.compile import compile_blocks, compile_vae_decoder
+    from qie.speed.compile import compile_blocks, compile_vae
     from qie.speed.fast_mode import random_lightning_lora
 
     pipe = bench.fresh_pipe()
@@ -105,7 +105,7 @@ def fastest_editor(
     vae_mode = getattr(bench.args, "vae_compile", None) or "auto"
     if vae_mode == "auto":  # as `Editor.load` does: with the transformer, on the resident plans
         vae_mode = auto_vae_compile(vae_mode, editor.plan.name) if compiled else "off"
-    compile_vae_decoder(pipe.vae, vae_mode)
+    compile_vae(pipe.vae, vae_mode)
     editor.compiled, editor.compile_stats = compiled, {"mode": compile_mode(bench)}
     editor.enable_graphs(getattr(bench.args, "transformer_graphs", None) or "auto")
     return editor, compiled
@@ -317,20 +317,20 @@ def _runner(editor):
 
 
 def run_encoders(bench: Any) -> None:
-    """VAE decoder compile (plain, channels-last) and fp8 text-encoder storage, on the plain resident plan.
+    """VAE compile (plain, channels-last) and fp8 text-encoder storage, on the plain resident plan.
 
     Each VAE variant gets a fresh pipeline (same seed and weights): plain, VAE compiled, VAE
     compiled channels-last; the text encoder in fp8 is then applied to the last one. Each row's
     PSNR is against the plain pipeline's image (same weights and seed); the VAE variants need CUDA.
     """
     from qie.memory.quantize import store_text_encoder_fp8
-    from qie.speed.compile import compile_vae_decoder
+    from qie.speed.compile import compile_vae
 
     size = bench.args.sizes[0]
     pipe = bench.fresh_pipe()
     editor = bench.editor(pipe, "resident")
     plain = encoder_row(bench, editor, "encoders: plain", size, None)
-    variants = [("on", "VAE decoder compiled"), ("channels-last", "VAE decoder compiled, channels-last")]
+    variants = [("on", "VAE compiled"), ("channels-last", "VAE compiled, channels-last")]
     for mode, label in variants if bench.device.type == "cuda" else []:
         bench.check_time(label)
         # A fresh pipeline (same seed, same weights) per variant: a compiled decoder asserts the weight
@@ -338,7 +338,7 @@ def run_encoders(bench: Any) -> None:
         del editor, pipe
         pipe = bench.fresh_pipe()
         editor = bench.editor(pipe, "resident")
-        compile_vae_decoder(pipe.vae, mode)
+        compile_vae(pipe.vae, mode)
         encoder_row(bench, editor, f"encoders: {label}", size, plain)
     bench.check_time("text encoder fp8")
     before = bench.resident_gib()
@@ -380,7 +380,7 @@ def encoder_row(
 
 def restart_command(bench: Any, size: int, out: str) -> list[str]:
     """The restart section's child: the quality section at 2 CFG steps and `size`, with this run's model,
-    device, seed and speed flags (compile mode, attention, its quantization, the VAE decoder's compile)."""
+    device, seed and speed flags (compile mode, attention, its quantization, the VAE's compile)."""
     args = bench.args
     command = [sys.executable, "-m", "qie", "bench", "--sections", "quality", "--quality-steps", "2"]
     command += ["--sizes", str(size), "--scale", args.scale, "--model-variant", bench.variant]

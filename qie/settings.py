@@ -134,7 +134,7 @@ VARIABLES: tuple[Variable, ...] = (
         "QIE_VAE_COMPILE",
         "vae_compile",
         _text,
-        "VAE decoder: auto (with QIE_COMPILE, resident plans), off, on, channels-last",
+        "VAE decoder and encoder compile: auto (with QIE_COMPILE, resident plans), off, on, channels-last",
     ),
     Variable("QIE_ATTENTION", "attention", _text, "attention backend at load (default auto)"),
     Variable("QIE_FAST_LORA", "fast_lora", _text, "Lightning LoRA for fast mode: file, folder or hub id"),

@@ -147,9 +147,9 @@ class Editor:
         chosen = choose_plan(pipe, dev, opts.plan, opts.vram_budget_gib)
         chosen.apply(pipe, dev, opts.vram_budget_gib)
         if opts.vae_compile not in ("off", "auto"):  # "auto": with the transformer, in `enable_compile`
-            from qie.speed.compile import compile_vae_decoder
+            from qie.speed.compile import compile_vae
 
-            compile_vae_decoder(pipe.vae, opts.vae_compile)
+            compile_vae(pipe.vae, opts.vae_compile)
         took = time.perf_counter() - start
         log.info("loaded %s (%s) on %s (%s, plan %s) in %.1fs", resolved.name, spec.variant, dev, dt, chosen.name, took)
         editor = cls(
@@ -178,7 +178,7 @@ class Editor:
     def enable_compile(self, warm_up_size: int = 1024, mode: str = "default", vae_compile: str = "off") -> bool:
         """Compile the transformer block (regional, `torch.compile` `mode`) and warm it up; False and eager on failure.
 
-        `vae_compile` ("on", "channels-last") compiles the VAE decoder too, before the warm-up, so its
+        `vae_compile` ("on", "channels-last") compiles the VAE (decoder and encoder) too, before the warm-up, so its
         compile is part of it. `compile_stats` then holds the mode and the warm-up seconds; the first
         edit after it adds its own time.
         """
@@ -186,9 +186,9 @@ class Editor:
             check_mode,
             check_vae_mode,
             compile_blocks,
-            compile_vae_decoder,
+            compile_vae,
             uncompile_blocks,
-            uncompile_vae_decoder,
+            uncompile_vae,
         )
 
         check_mode(mode)
@@ -198,14 +198,14 @@ class Editor:
             return False
         if not compile_blocks(self.pipe.transformer, mode=mode):
             return False
-        compile_vae_decoder(self.pipe.vae, vae_compile)
+        compile_vae(self.pipe.vae, vae_compile)
         start = time.perf_counter()
         try:
             self.warm_up(warm_up_size)
         except Exception as exc:  # an unsupported op shows up only when the graph is traced
             log.warning("compiled warm-up failed (%s: %s); running eager", type(exc).__name__, exc)
             uncompile_blocks(self.pipe.transformer)
-            uncompile_vae_decoder(self.pipe.vae)
+            uncompile_vae(self.pipe.vae)
             return False
         self.compiled = True
         self.compile_stats = {"mode": mode, "warm_up_s": time.perf_counter() - start}

@@ -37,15 +37,15 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 FAST_STEPS = tuple(sorted({n for spec in MODELS.values() if spec.lightning for n in spec.lightning.steps}))
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
 # The plans that keep every weight on the GPU with no budget in force. On them `vae_compile="auto"`
-# compiles the VAE decoder with the transformer (it runs untiled there, as measured: h200-ai, h200-an;
-# under the budget plans the VAE may run in tiles and the compiled decoder's memory is not measured;
+# compiles the VAE (decoder, encoder) with the transformer (it runs untiled there, as measured: h200-ai, h200-an;
+# under the budget plans the VAE may run in tiles and the compiled VAE's memory is not measured;
 # `vae_compile="on"` asks anyway), and `transformer_graphs` may keep its graphs' memory pool.
 RESIDENT_PLANS = ("resident", "resident-fp8")
 AUTO_VAE_COMPILE_PLANS = RESIDENT_PLANS
 
 
 def auto_vae_compile(vae_compile: str, plan: str) -> str:
-    """The VAE decoder's compile that `Editor.enable_compile` adds for `vae_compile` on `plan`: "on" for
+    """The VAE's compile that `Editor.enable_compile` adds for `vae_compile` on `plan`: "on" for
     "auto" on `AUTO_VAE_COMPILE_PLANS`, else "off" (the other values compile at load, or never).
 
     Example:
@@ -90,7 +90,7 @@ class LoadOptions:
     and `fault` come from the environment in the adapters (`qie.settings`): the safety filter and
     a fault drill (`component:error[:after[:times]]`) armed at load. `compile_mode` is the
     `torch.compile` mode of the regional compile (with `compile`); `text_encoder_fp8` stores the text
-    encoder's weights in fp8 (upcast per layer); `vae_compile` compiles the VAE decoder ("on"), in
+    encoder's weights in fp8 (upcast per layer); `vae_compile` compiles the VAE decoder and encoder ("on"), in
     channels-last layout too ("channels-last"), or ("auto") with the transformer on the resident plans;
     `transformer_graphs` replays the transformer's forward as CUDA graphs where edits repeat their shapes
     ("auto": with `compile` on the resident plans; "on": on those plans compiled or not; "off").
@@ -242,8 +242,8 @@ class LoadOptions:
             "vae_compile": dict(
                 default=d.vae_compile,
                 choices=VAE_COMPILE_MODES,
-                help="compile the VAE decoder; channels-last: in channels-last layout too; auto: with --compile "
-                "on the resident plans (default: %(default)s)",
+                help="compile the VAE decoder and encoder; channels-last: in channels-last layout too; auto: with "
+                "--compile on the resident plans (default: %(default)s)",
             ),
             "transformer_graphs": dict(
                 default=d.transformer_graphs,

@@ -55,7 +55,7 @@ def check_mode(mode: str, name: str = "compile_mode") -> str:
 
 
 def check_vae_mode(mode: str) -> str:
-    """`mode` if the VAE decoder's compile can take it (a `VAE_COMPILE_MODES` value but "auto", which
+    """`mode` if the VAE's compile can take it (a `VAE_COMPILE_MODES` value but "auto", which
     `Editor.load` resolves), else `InvalidRequestError` naming `vae_compile`."""
     if mode not in VAE_COMPILE_MODES or mode == "auto":
         choices = ", ".join(m for m in VAE_COMPILE_MODES if m != "auto")
@@ -239,39 +239,42 @@ def inductor_options(module: torch.nn.Module) -> dict | None:
     return dict(config) if isinstance(config, dict) else None
 
 
-def compile_vae_decoder(vae: torch.nn.Module, mode: str = "on") -> bool:
-    """Compile the VAE's decoder (`mode` "on"), in channels-last layout too ("channels-last"); "off": nothing.
-    ("auto" is decided by the caller: `Editor.load` compiles the decoder with the transformer.)
+def compile_vae(vae: torch.nn.Module, mode: str = "on") -> bool:
+    """Compile the VAE's decoder and encoder (`mode` "on"), in channels-last layout too ("channels-last");
+    "off": nothing. ("auto" is decided by the caller: `Editor.load` compiles the VAE with the transformer.)
 
-    The decoder runs once per edit over one latent frame (its convolutions as 2-D convolutions on
-    CUDA, `qie.speed.vae_frames`); compiled, its norms and activations fuse around them, and
-    channels-last (`torch.channels_last_3d`) can give cuDNN faster kernels. Compilation happens on
-    the first decode at each size. Returns True when compiled. Call it once per VAE, at load: a
-    compiled decoder asserts the weight layout it was traced with, so changing the mode afterwards
-    fails at the next decode. `uncompile_vae_decoder` undoes it.
+    The decoder runs once per edit over one latent frame, the encoder once per new input image (its
+    convolutions as 2-D convolutions on CUDA, `qie.speed.vae_frames`); compiled, their norms and
+    activations fuse around the convolutions, and channels-last (`torch.channels_last_3d`) can give
+    cuDNN faster kernels. Compilation happens on the first decode and encode at each size. Returns
+    True when compiled. Call it once per VAE, at load: a compiled module asserts the weight layout it
+    was traced with, so changing the mode afterwards fails at the next call. `uncompile_vae` undoes it.
 
     On an H200 the compiled decoder takes a 1024² edit's decode from 0.048 to 0.019 s and its first
     decode compiles in 8-10 s from an empty cache (`bench-h200-an.json`, `bench-h200-ai.json`).
     Before `quantize_transformer` kept torchao's Inductor options to the blocks' compile, that first
     decode took 195 s (`bench-h200-ah.json`): coordinate-descent tuning was on for the whole process.
-    The encoder stays eager: compiled, it took 3-5 ms off an edit's condition encode but 16.6-16.9 s
-    more off the first one from an empty cache (`bench-h200-bz.json`, `bench-h200-ca.json`), and the
-    condition cache skips it for an image it has seen.
+    The eager encoder's launches held the host for ~14 ms of a 768² edit's condition encode while
+    the text encoder's inputs waited (`bench-h200-by.json`, `profile["gpu_idle"]`); compiled, the
+    encoder adds 16.6-16.9 s to a first edit from an empty cache (`bench-h200-bz.json`,
+    `bench-h200-ca.json`), inside the compile warm-up when `Editor.load` compiles.
     """
     if check_vae_mode(mode) == "off":
         return False
     set_cache_dir()
-    if mode == "channels-last":  # conv weights only: the norms' 4-D gammas have no 3-D channels-last layout
-        for module in vae.decoder.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    vae.decoder.compile()
+    for part in (vae.decoder, vae.encoder):
+        if mode == "channels-last":  # conv weights only: the norms' 4-D gammas have no 3-D channels-last layout
+            for module in part.modules():
+                if isinstance(module, torch.nn.Conv3d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        part.compile()
     return True
 
 
-def uncompile_vae_decoder(vae: torch.nn.Module) -> None:
-    """Undo `compile_vae_decoder`'s compile (the layout stays): the decoder runs eager again."""
+def uncompile_vae(vae: torch.nn.Module) -> None:
+    """Undo `compile_vae`'s compile (the layout stays): the decoder and encoder run eager again."""
     vae.decoder._compiled_call_impl = None
+    vae.encoder._compiled_call_impl = None
 
 
 def compile_streamed_blocks(blocks: torch.nn.ModuleList, backend: str = "inductor", mode: str | None = None) -> None:

@@ -14,7 +14,7 @@ from qie.errors import InvalidRequestError
 
 ATTENTION_QUANT_MODES = ("off", "int8", "fp8")  # qie.speed.attention
 STEP_CACHE_MODES = ("off", "fbcache", "taylorseer")  # qie.speed.early_exit
-# `torch.compile` modes of the regional compile (qie.speed.compile), and the VAE decoder's compile choices
+# `torch.compile` modes of the regional compile (qie.speed.compile), and the VAE's compile choices
 # ("auto": compiled together with the transformer on the resident plans, `qie.core.load_options`).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 VAE_COMPILE_MODES = ("auto", "off", "on", "channels-last")

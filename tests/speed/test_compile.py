@@ -7,10 +7,10 @@ from qie import Editor, InvalidRequestError
 from qie.core.load_options import LoadOptions
 from qie.speed.compile import (
     compile_blocks,
-    compile_vae_decoder,
+    compile_vae,
     inductor_options,
     uncompile_blocks,
-    uncompile_vae_decoder,
+    uncompile_vae,
 )
 from qie.speed.options import COMPILE_MODES
 
@@ -78,22 +78,22 @@ def test_an_unknown_compile_mode_is_refused_by_name(transformer, tmp_path):
         Editor.load("tiny", compile=True, compile_mode="turbo")  # checked before anything loads
 
 
-def test_vae_decoder_compile_and_channels_last(tiny_editor):
+def test_vae_compile_and_channels_last(tiny_editor):
     from diffusers import AutoencoderKLQwenImage
 
     vae = AutoencoderKLQwenImage.from_config(tiny_editor.pipe.vae.config)
-    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert not compile_vae_decoder(vae, "off") and inductor_options(vae.decoder) is None
-    assert compile_vae_decoder(vae, "channels-last")
-    assert inductor_options(vae.decoder) == {}
+    parts = (vae.decoder, vae.encoder)
+    convs = [m for part in parts for m in part.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert not compile_vae(vae, "off") and all(inductor_options(part) is None for part in parts)
+    assert compile_vae(vae, "channels-last")
+    assert all(inductor_options(part) == {} for part in parts)
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
-    assert inductor_options(vae.encoder) is None
     with pytest.raises(InvalidRequestError, match="^vae_compile='yes'"):
-        compile_vae_decoder(vae, "yes")
+        compile_vae(vae, "yes")
     with pytest.raises(InvalidRequestError, match="^vae_compile='auto'"):  # Editor.load decides what auto means
-        compile_vae_decoder(vae, "auto")
-    uncompile_vae_decoder(vae)
-    assert inductor_options(vae.decoder) is None
+        compile_vae(vae, "auto")
+    uncompile_vae(vae)
+    assert all(inductor_options(part) is None for part in parts)
 
 
 def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
@@ -103,7 +103,7 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
     linears = {f"{n}.weight" for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     assert linears <= stored  # every Linear weight but the LM head's
     assert not any("embed" in n for n in stored)
-    assert inductor_options(editor.pipe.vae.decoder) == {}
+    assert inductor_options(editor.pipe.vae.decoder) == {} and inductor_options(editor.pipe.vae.encoder) == {}
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_load_options_apply_the_text_encoder_fp8_and_vae_compile():
     + [({"vae_compile": "on"}, True, None), ({"compile": True, "vae_compile": "channels-last"}, True, "off")],
 )
 def test_vae_compile_auto_follows_the_transformer_compile(monkeypatch, options, at_load, with_compile):
-    """ "auto" (the default) compiles the decoder in `enable_compile`, so only with `compile=True`;
+    """ "auto" (the default) compiles the VAE in `enable_compile`, so only with `compile=True`;
     "on" and "channels-last" compile it at load whatever `compile` says."""
     calls = []
     monkeypatch.setattr(Editor, "enable_compile", lambda self, **kwargs: calls.append(kwargs["vae_compile"]) or False)
@@ -121,7 +121,7 @@ def test_vae_compile_auto_follows_the_transformer_compile(monkeypatch, options, 
     assert calls == ([with_compile] if with_compile else [])
 
 
-def test_vae_compile_auto_compiles_the_decoder_only_on_the_resident_plans():
+def test_vae_compile_auto_compiles_the_vae_only_on_the_resident_plans():
     """Measured there (untiled VAE, no budget); under a budget plan the VAE may be tiled, its memory not measured."""
     from qie.core.load_options import PLAN_NAMES, auto_vae_compile
     from qie.speed.options import VAE_COMPILE_MODES
@@ -132,17 +132,20 @@ def test_vae_compile_auto_compiles_the_decoder_only_on_the_resident_plans():
     assert all(auto_vae_compile(mode, plan) == "off" for mode in others for plan in PLAN_NAMES)
 
 
-def test_enable_compile_compiles_the_vae_decoder_before_its_warm_up_and_undoes_it_on_failure(monkeypatch):
+def test_enable_compile_compiles_the_vae_before_its_warm_up_and_undoes_it_on_failure(monkeypatch):
     import qie.speed.compile
 
     editor = Editor.load("tiny")
     monkeypatch.setattr(qie.speed.compile, "compile_blocks", lambda transformer, mode: True)
     monkeypatch.setattr(editor, "device", torch.device("cuda"))  # enable_compile's gate; nothing runs on it here
     seen = []
-    monkeypatch.setattr(editor, "warm_up", lambda size: seen.append(inductor_options(editor.pipe.vae.decoder)))
+    vae = editor.pipe.vae
+    monkeypatch.setattr(
+        editor, "warm_up", lambda size: seen.append((inductor_options(vae.decoder), inductor_options(vae.encoder)))
+    )
     assert editor.enable_compile(vae_compile="on")
-    assert seen == [{}]  # compiled when the warm-up ran, so its compile is part of the warm-up
-    uncompile_vae_decoder(editor.pipe.vae)
+    assert seen == [({}, {})]  # compiled when the warm-up ran, so its compile is part of the warm-up
+    uncompile_vae(editor.pipe.vae)
     with pytest.raises(InvalidRequestError, match="^vae_compile='auto'"):  # before anything compiles
         editor.enable_compile(vae_compile="auto")
     assert inductor_options(editor.pipe.vae.decoder) is None
@@ -152,7 +155,7 @@ def test_enable_compile_compiles_the_vae_decoder_before_its_warm_up_and_undoes_i
 
     monkeypatch.setattr(editor, "warm_up", failing)
     assert not editor.enable_compile(vae_compile="on")
-    assert inductor_options(editor.pipe.vae.decoder) is None
+    assert inductor_options(editor.pipe.vae.decoder) is None and inductor_options(editor.pipe.vae.encoder) is None
 
 
 @pytest.mark.parametrize("setup", ["batched", "streamed-batched", "fast"])
