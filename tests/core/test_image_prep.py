@@ -95,3 +95,29 @@ def test_the_edit_chooses_its_predictor_while_the_prompt_images_resize(tiny_edit
     tiny_editor.edit(small_request(photo, prompt="another prompt only this test uses"))
     assert order[:3] == ["resize started", "predictor", "prompt encoded"]  # then the negative prompt (CFG)
     assert order.count("predictor") == 1 and set(order[3:]) <= {"prompt encoded"}
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_working_worker(tiny_editor):
+    """A process forked after an edit (a server's workers) has none of its parent's threads: a pool
+    that still counted them would never run the resize and the child's edit would wait forever."""
+    import os
+
+    image = Image.new("RGB", (64, 48), "red")
+    image_prep.prompt_images_later(tiny_editor.pipe, [image])()  # the parent's pool now has its threads
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether its resize came back within 20 s
+        code = 1
+        try:
+            later = image_prep._executor().submit(stages.prompt_images, tiny_editor.pipe, [image])
+            code = (
+                0 if later.result(timeout=20)[0].size == stages.prompt_images(tiny_editor.pipe, [image])[0].size else 2
+            )
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    status = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert status == bytes([0])
