@@ -75,9 +75,12 @@ def weight_addresses(model: nn.Module, device_type: str = "cuda") -> tuple[int, 
 
 
 def _name_of(model: nn.Module, module: nn.Module, param: str | None = None) -> str:
-    """`module`'s dotted name in `model` (the class name for `model` itself), with `.param` if given."""
-    name = next((n for n, m in model.named_modules(remove_duplicate=False) if m is module), "") or type(model).__name__
-    return f"{name}.{param}" if param else name
+    """`module`'s dotted name in `model` with `.param` if given (a weight of `model` itself: `param`;
+    `model` itself: its class name)."""
+    name = next((n for n, m in model.named_modules(remove_duplicate=False) if m is module), "")
+    if param:
+        return f"{name}.{param}" if name else param
+    return name or type(module).__name__
 
 
 @functools.cache

@@ -140,6 +140,7 @@ def test_weight_addresses_name_what_stops_a_graph_and_look_inside_tensor_subclas
     plain = weight_addresses(model, "cpu")
     assert plain == tuple(p.data_ptr() for p in model.parameters())
     assert weight_addresses(model) == "0.weight on cpu"
+    assert weight_addresses(model[0]) == "weight on cpu"  # a weight of the model itself: its own name
     registry = HookRegistry.check_if_exists_or_initialize(model[1])  # as diffusers' cache_context leaves it
     assert weight_addresses(model, "cpu") == plain
     registry.register_hook(ModelHook(), "probe")
