@@ -242,16 +242,15 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
         request = make_request(size, 4, False)
         row: dict[str, Any] = {}
         with torch.inference_mode():
+            inline_images = functools.partial(mock.patch.object, image_prep, "prompt_images_later", inline)
             variants = (
-                ("as an edit", StageTimer),
-                ("wait between", WaitingTimer),
-                ("prompt images inline", StageTimer),
+                ("as an edit", StageTimer, nullcontext),
+                ("wait between", WaitingTimer, nullcontext),
+                ("prompt images inline", StageTimer, inline_images),
             )
-            for name, timer in variants:
+            for name, timer, patched in variants:
                 encode = functools.partial(editor.encode, request, uses_cfg=False)
-                with (
-                    mock.patch.object(image_prep, "prompt_images_later", inline) if "inline" in name else nullcontext()
-                ):
+                with patched():
                     row[f"{name}_s"] = wall_ms(lambda e=encode, t=timer: e(t(device)), repeats=7, warm=1) / 1e3
             timer = StageTimer(device)
             editor.encode(request, timer, uses_cfg=False)

@@ -462,10 +462,10 @@ def idle_report(
     top: int = 10,
 ) -> dict[str, Any]:
     """Where the GPU idled between the first stage's start and the last stage's end, from (start_us,
-    end_us, name) spans of GPU work, stages and host ops: idle and busy ms per stage (a gap counts in
+    end_us, name) spans of GPU work, stages and host ops: idle and wall ms per stage (a gap counts in
     the stage its start lies in, "between stages" outside them), the gaps of at least `min_gap_ms`,
     and the `top` longest with the kernels on either side and the host ops that overlapped them most
-    (host work outside any op, such as PIL or Python, leaves `host_ops_ms` short of `ms`).
+    (host work outside any op or `qie:` range, such as PIL, leaves `host_ops` short of the gap's `ms`).
 
     Example:
         >>> r = idle_report([(0, 100, "a"), (300, 400, "b")], [(0, 400, "denoise")], [(120, 280, "aten::randn")])

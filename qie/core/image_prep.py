@@ -31,8 +31,8 @@ _pool_lock = threading.Lock()
 
 def prompt_images_later(pipe: Any, images: Sequence[Image.Image]) -> Callable[[], list[Image.Image]]:
     """`stages.prompt_images(pipe, images)` started on a worker thread; calling the result waits for the
-    images (and raises what the resize raised). The images must be loaded (PIL loads lazily; an edit's
-    digests load them first)."""
+    images (and raises what the resize raised). The images are loaded here first: PIL loads lazily, and
+    the caller's thread reads them meanwhile (digests, the condition's resize)."""
     images = list(images)
     for image in images:
         image.load()  # two threads must not load one lazily opened file at once
