@@ -10,6 +10,9 @@ Sections (each on random weights of the real widths):
              compiled blocks: seconds, the 60-block estimates, error against bf16 weights, kernel tables.
   gelu-warps the GELU + fp8 row kernels (whole padded row, whole tiles) at 4 to 32 warps for the row
              counts of the text stream and 512² to 1024² edits: milliseconds, best warp count per row count.
+  gelu-graph the same kernel against its candidate forms (`benchmarks.gelu_variants`: rows per program,
+             a persistent loop over rows with pipeline stages, the text and image rows in one launch),
+             each timed from a CUDA graph (no launch cost) and checked equal to it.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
   ops        the host cost of the two Triton kernels in compiled code: as Triton ops (launched by
              Inductor's generated code) against opaque custom ops (a Python call per launch), 120 calls
@@ -92,13 +95,22 @@ from benchmarks.levers_blocks import (
     run_values_kernel,
 )
 from benchmarks.levers_encoders import run_encode_order, run_text, run_text_stage, run_vae, run_vae_compile
-from benchmarks.levers_kernels import run_attention, run_gelu_warps, run_kernels, run_mlp, run_ops, run_rope
+from benchmarks.levers_kernels import (
+    run_attention,
+    run_gelu_graph,
+    run_gelu_warps,
+    run_kernels,
+    run_mlp,
+    run_ops,
+    run_rope,
+)
 
 log = logging.getLogger("benchmarks.fast_levers")
 
 SECTIONS = {
     "kernels": run_kernels,
     "gelu-warps": run_gelu_warps,
+    "gelu-graph": run_gelu_graph,
     "ops": run_ops,
     "mlp": run_mlp,
     "attention": run_attention,

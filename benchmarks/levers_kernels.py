@@ -16,6 +16,7 @@ from benchmarks.levers_timing import (
     IMAGE_TOKENS,
     cuda_ms,
     empty_inductor_cache,
+    graph_ms,
     kernel_table,
     rel_error,
     wall_ms,
@@ -298,4 +299,85 @@ def run_rope(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         )
     for name in ("real rope", "fused kernel"):
         out[f"{name}_saved_per_forward_ms"] = (out["complex rope_ms"] - out[f"{name}_ms"]) * BLOCKS
+    return out
+
+
+def run_gelu_graph(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The GELU + fp8 row kernel against its candidate forms (`benchmarks.gelu_variants`), each timed from a
+    CUDA graph (no launch cost) at the text stream's and 1024²'s image rows, checked equal to it; and the
+    text and image rows in one launch against two."""
+    import triton
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from benchmarks import gelu_variants as variants
+    from qie.memory.fp8_matmul import FP8, FP8_MAX, MIN_SCALE
+    from qie.memory.fp8_mlp import _launch
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    consts = {"FP8_MAX_": FP8_MAX, "MIN_SCALE_": MIN_SCALE, "CHUNK": 4096, "CHUNKS": 3}
+
+    def buffers(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = torch.randn(rows, 12288, device=device, dtype=torch.bfloat16) * 2
+        return h, torch.empty(rows, 12288, dtype=FP8, device=device), torch.empty(rows, 1, device=device)
+
+    def single(kernel, grid, h, q, s, **extra):
+        def launch():
+            kernel[grid](h, q, s, h.shape[0], h.stride(0), q.stride(0), **consts, **extra)
+
+        return launch
+
+    out: dict[str, Any] = {"cols": 12288, "ms": {}, "equal": {}}
+    with torch.inference_mode(), set_wrap_triton_enabled(False):
+        for rows in (args.text_tokens, IMAGE_TOKENS):
+            h, q, s = buffers(rows)
+            ref_q, ref_s = _launch(h)
+            ms = out["ms"][str(rows)] = {"package": graph_ms(lambda h=h: _launch(h))}
+            candidates = {}
+            for warps in (8, 16, 32):
+                for per in (1, 2, 4):
+                    grid = (triton.cdiv(rows, per),)
+                    candidates[f"multi rows={per} warps={warps}"] = single(
+                        variants.gelu_rows_multi, grid, h, q, s, ROWS=per, num_warps=warps
+                    )
+                for waves in (1, 2, 4):
+                    for stages in (1, 2, 3):
+                        grid = (min(rows, waves * sms),)
+                        candidates[f"persistent waves={waves} stages={stages} warps={warps}"] = single(
+                            variants.gelu_rows_persistent, grid, h, q, s, STAGES=stages, num_warps=warps
+                        )
+            for name, launch in candidates.items():
+                try:
+                    q.zero_(), s.zero_()
+                    launch()
+                    out["equal"][f"{name} {rows}"] = torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and (
+                        torch.equal(s, ref_s)
+                    )
+                    ms[name] = graph_ms(launch)
+                except Exception as exc:  # noqa: BLE001  (a form that does not compile is a result too)
+                    ms[name] = f"{type(exc).__name__}: {exc}"[:300]
+            best = min((k for k, v in ms.items() if isinstance(v, float)), key=ms.get)
+            out[f"best {rows}"] = {"form": best, "ms": ms[best], "package_ms": ms["package"]}
+            log.info("gelu graph %d rows: best %s %.4f ms (package %.4f)", rows, best, ms[best], ms["package"])
+        (a, qa, sa), (b, qb, sb) = buffers(args.text_tokens), buffers(IMAGE_TOKENS)
+        joint_grid = (a.shape[0] + b.shape[0],)
+
+        def joint(warps: int):
+            def launch():
+                variants.gelu_rows_joint[joint_grid](
+                    a, qa, sa, a.shape[0], b, qb, sb, a.stride(0), qa.stride(0), b.stride(0), qb.stride(0),
+                    **consts, num_warps=warps,
+                )  # fmt: skip
+
+            return launch
+
+        out["two launches ms"] = graph_ms(lambda: (_launch(a), _launch(b)))
+        for warps in (8, 16, 32):
+            out[f"joint warps={warps} ms"] = graph_ms(joint(warps))
+        joint(16)()
+        (ra, rsa), (rb, rsb) = _launch(a), _launch(b)
+        out["joint equal"] = (
+            all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in ((qa, ra), (qb, rb)))
+            and torch.equal(sa, rsa)
+            and torch.equal(sb, rsb)
+        )
     return out

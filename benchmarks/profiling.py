@@ -252,6 +252,8 @@ def profile_forward(
     per["top_kernels_s"] = {k: round(v / repeats, 4) for k, v in split["top_kernels_s"].items()}
     summary = {"forward_s": wall, **per, **category_summary(averages, prof.events(), wall, repeats)}
     summary.update(host_time(averages, repeats))
+    if split["kernels"] and torch.cuda.is_available():
+        summary["block_kernels"] = block_sequence(split_spans(prof.events())[0])
     floor = floors_for_call(module, args, kwargs, device_name)
     if floor:
         summary.update(floor)
@@ -451,6 +453,35 @@ def split_spans(events: Iterable[Any]) -> tuple[list[Span], list[Span], list[Spa
         else:
             host.append((*span, event.name))
     return device, stages, host
+
+
+def block_sequence(device: Sequence[Span], chars: int = 48) -> dict[str, Any]:
+    """One transformer block's kernels in launch order, from the middle of a profiled forward: from one
+    attention kernel up to the next, each as [name, microseconds, idle microseconds before it], with the
+    totals (where a block's launches and the gaps between them go).
+
+    Example:
+        >>> spans = [(0.0, 50.0, "flash"), (52.0, 60.0, "gemm_a"), (65.0, 70.0, "triton_b"), (71.0, 99.0, "flash")]
+        >>> r = block_sequence(spans)
+        >>> r["kernels"], r["busy_us"], r["gap_us"], r["sequence"][2]
+        (3, 63.0, 7.0, ['triton_b', 5.0, 5.0])
+    """
+    ordered = sorted(device)
+    marks = [i for i, (_, _, name) in enumerate(ordered) if classify(name) == "attention"]
+    if len(marks) < 2:
+        return {"note": "fewer than two attention kernels in the trace"}
+    middle = len(marks) // 2
+    sequence = []
+    for i in range(marks[middle - 1], marks[middle]):
+        start, end, name = ordered[i]
+        gap = max(0.0, start - ordered[i - 1][1]) if i else 0.0  # streams may overlap: no negative gaps
+        sequence.append([name[:chars], round(end - start, 1), round(gap, 1)])
+    return {
+        "kernels": len(sequence),
+        "busy_us": round(sum(row[1] for row in sequence), 1),
+        "gap_us": round(sum(row[2] for row in sequence), 1),
+        "sequence": sequence,
+    }
 
 
 def idle_report(
