@@ -13,6 +13,9 @@ Sections (each on random weights of the real widths):
   gelu-graph the same kernel against its candidate forms (`benchmarks.gelu_variants`: rows per program,
              a persistent loop over rows with pipeline stages, the text and image rows in one launch),
              each timed from a CUDA graph (no launch cost) and checked equal to it.
+  small-gemm fp8 GEMMs of few rows (the modulation's one row, the text stream's projections, batched
+             CFG's text): cuBLAS against a Triton tile kernel at several tile shapes and a GEMV kernel
+             (`benchmarks.gemm_variants`), from CUDA graphs, with the weight-read floor.
   mlp        one block MLP at 8192 tokens, torchao fp8 + compile: unfused against fused quantization
   ops        the host cost of the two Triton kernels in compiled code: as Triton ops (launched by
              Inductor's generated code) against opaque custom ops (a Python call per launch), 120 calls
@@ -103,6 +106,7 @@ from benchmarks.levers_kernels import (
     run_mlp,
     run_ops,
     run_rope,
+    run_small_gemm,
 )
 
 log = logging.getLogger("benchmarks.fast_levers")
@@ -111,6 +115,7 @@ SECTIONS = {
     "kernels": run_kernels,
     "gelu-warps": run_gelu_warps,
     "gelu-graph": run_gelu_graph,
+    "small-gemm": run_small_gemm,
     "ops": run_ops,
     "mlp": run_mlp,
     "attention": run_attention,

@@ -381,3 +381,87 @@ def run_gelu_graph(args: argparse.Namespace, device: torch.device) -> dict[str, 
             and torch.equal(sb, rsb)
         )
     return out
+
+
+SMALL_GEMMS = {  # (rows, K, N): the modulation's one row, the text stream's projections, batched CFG's text
+    "modulation": (1, 3072, 18432),
+    "text qkv/out": (234, 3072, 3072),
+    "text fc1": (234, 3072, 12288),
+    "text fc2": (234, 12288, 3072),
+    "cfg text qkv/out": (468, 3072, 3072),
+    "cfg text fc2": (468, 12288, 3072),
+}
+
+
+def run_small_gemm(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """fp8 GEMMs of few rows: `torch._scaled_mm` (cuBLAS, as `scaled_mm_rows` calls it) against a Triton
+    tile kernel at several tile shapes and, for one row, a GEMV kernel (`benchmarks.gemm_variants`), each
+    timed from a CUDA graph, with the weight-read floor and the largest difference to cuBLAS."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from benchmarks.floors import peaks_for
+
+    bandwidth = peaks_for(torch.cuda.get_device_name(device)).hbm_bytes_s
+    out: dict[str, Any] = {}
+    with torch.inference_mode(), set_wrap_triton_enabled(False):
+        for label, shape in SMALL_GEMMS.items():
+            out[label] = _small_gemm(*shape, device, bandwidth)
+            best = out[label].get("best", {})
+            log.info("small gemm %s: cuBLAS %.1f us, best %s", label, out[label]["cublas_us"], best)
+    return out
+
+
+def _small_gemm(m: int, k: int, n: int, device: torch.device, bandwidth: float) -> dict[str, Any]:
+    """One `SMALL_GEMMS` shape of `run_small_gemm`."""
+    import triton
+
+    from benchmarks import gemm_variants as variants
+    from qie.memory.fp8_matmul import quantize_rows, scaled_mm_rows
+
+    xq, xs = quantize_rows(torch.randn(m, k, device=device, dtype=torch.bfloat16))
+    wq, ws = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5)
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    ref = scaled_mm_rows(xq, xs, wq, ws, bias, torch.bfloat16)
+    y = torch.empty_like(ref)
+    forms: dict[str, Any] = {}
+
+    def timed(name: str, launch) -> None:
+        try:
+            launch()
+            diff = (y.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+            forms[name] = [round(graph_ms(launch) * 1e3, 2), diff]
+        except Exception as exc:  # noqa: BLE001  (a form that does not compile is a result too)
+            forms[name] = f"{type(exc).__name__}: {exc}"[:200]
+
+    def tile(bm: int, bn: int, bk: int, stages: int):
+        grid = (n // bn, triton.cdiv(m, bm))
+        return lambda: variants.fp8_rows_gemm[grid](
+            xq, xs, wq, ws, bias, y, m, k, xq.stride(0), wq.stride(0), y.stride(0), HAS_BIAS=True,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=4,
+        )  # fmt: skip
+
+    def gemv(bn: int, bk: int):
+        return lambda: variants.fp8_rows_gemv[(n // bn,)](
+            xq, xs, wq, ws, bias, y, k, wq.stride(0), HAS_BIAS=True, BLOCK_N=bn, BLOCK_K=bk, STAGES=3, num_warps=4
+        )  # fmt: skip
+
+    for bm in (16, 32, 64) if m > 1 else (16,):
+        for bn in (32, 64, 128):
+            for bk in (128, 256):
+                for stages in (3, 5):
+                    timed(f"tile m{bm} n{bn} k{bk} s{stages}", tile(bm, bn, bk, stages))
+    if m == 1:
+        for bn in (16, 32, 64):
+            for bk in (128, 256, 512):
+                timed(f"gemv n{bn} k{bk}", gemv(bn, bk))
+    row: dict[str, Any] = {
+        "shape": [m, k, n],
+        "floor_us": round((wq.numel() + xq.numel() + ref.numel() * 2) / bandwidth * 1e6, 2),
+        "cublas_us": round(graph_ms(lambda: scaled_mm_rows(xq, xs, wq, ws, bias, torch.bfloat16)) * 1e3, 2),
+        "triton_us": forms,
+    }
+    times = {name: v[0] for name, v in forms.items() if isinstance(v, list)}
+    if times:
+        best = min(times, key=times.get)
+        row["best"] = {"form": best, "us": times[best], "max_rel_diff": forms[best][1]}
+    return row
