@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from qie.memory import few_rows_gemm
+
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -111,8 +113,11 @@ def scaled_mm_rows(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """`(xq * xs) @ (values * scales).T + bias` for fp8 rows on both sides: `xq` (M × K) with `xs` (M × 1),
-    `values` (N × K) with `scales` (N × 1). One `torch._scaled_mm` on CUDA, float32 emulation elsewhere."""
+    `values` (N × K) with `scales` (N × 1). On CUDA one `torch._scaled_mm`, or for few rows the Triton
+    kernel that beats it there (`qie.memory.few_rows_gemm`); float32 emulation elsewhere."""
     bias = None if bias is None else bias.to(out_dtype)
+    if xq.is_cuda and few_rows_gemm.serves(xq, values):
+        return few_rows_gemm.fp8_rows_gemm(xq, xs, values, scales, bias, out_dtype)
     if xq.is_cuda:  # the bias is added in the GEMM's epilogue
         return torch._scaled_mm(
             xq, values.t(), scale_a=xs, scale_b=scales.t(), bias=bias, out_dtype=out_dtype, use_fast_accum=True

@@ -4,7 +4,8 @@ In diffusers' `QwenImageTransformerBlock.forward` each stream is normalized, mod
 quantized again inside every fp8 projection that reads it. `Fp8PrologueBlock.forward` is that
 forward with the three steps as one op per stream and norm (`qie.memory.norm_quantize`): the q/k/v
 projections (through `QwenFusedQKAttnProcessor`, `qie.speed.qk_prologue`) and the MLP's first layer
-(`Fp8GeluFeedForward`) multiply the fp8 rows it wrote (`qie.memory.fp8_matmul.project`). Before the
+(`Fp8GeluFeedForward`) multiply the fp8 rows it wrote (`qie.memory.fp8_matmul.project`); the image
+and text modulation layers run as one launch (`qie.memory.few_rows_gemm.silu_modulations`). Before the
 MLP the op also writes the gated residual sum after attention, which it normalizes; the residual sum
 after the MLP stays as diffusers writes it. Edit-2511's per-token modulation (`modulate_index`,
 `zero_cond_t`) is selected as in diffusers' `_modulate`.
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from qie.memory.few_rows_gemm import silu_modulations
 from qie.memory.fp8_matmul import fp8_rows
 from qie.memory.fp8_mlp import Fp8GeluFeedForward
 from qie.memory.norm_quantize import add_norm_modulate_quantize, norm_modulate_quantize
@@ -78,10 +80,11 @@ class Fp8PrologueBlock(torch.nn.Module):
                 hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
                 joint_attention_kwargs, modulate_index,
             )  # fmt: skip
-        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
-        if self.zero_cond_t:
-            temb = torch.chunk(temb, 2, dim=0)[0]
-        txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+        img_params, txt_params = silu_modulations(self.img_mod, self.txt_mod, temb)  # one launch on CUDA
+        img_mod1, img_mod2 = img_params.chunk(2, dim=-1)
+        if self.zero_cond_t:  # the text stream takes the first half of the samples' modulation
+            txt_params = txt_params[: temb.shape[0] // 2]
+        txt_mod1, txt_mod2 = txt_params.chunk(2, dim=-1)
 
         img_rows, img_gate1 = self._rows(hidden_states, self.img_norm1, img_mod1, modulate_index)
         txt_rows, txt_gate1 = self._rows(encoder_hidden_states, self.txt_norm1, txt_mod1)
