@@ -394,9 +394,11 @@ SMALL_GEMMS = {  # (rows, K, N): the modulation's one row, the text stream's pro
 
 
 def run_small_gemm(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """fp8 GEMMs of few rows: `torch._scaled_mm` (cuBLAS, as `scaled_mm_rows` calls it) against a Triton
-    tile kernel at several tile shapes and, for one row, a GEMV kernel (`benchmarks.gemm_variants`), each
-    timed from a CUDA graph, with the weight-read floor and the largest difference to cuBLAS."""
+    """fp8 GEMMs of few rows: cuBLAS's `torch._scaled_mm` against the Triton tile kernel
+    (`qie.memory.few_rows_gemm_kernels`) at several tile shapes and, for one row, a GEMV kernel
+    (`benchmarks.gemm_variants`), each timed from a CUDA graph, with the weight-read floor and the
+    largest difference to cuBLAS. (h200-ce ran this before `scaled_mm_rows` routed few rows to the tile
+    kernel: its "cublas_us" were cuBLAS's.)"""
     from torch._library.triton import set_wrap_triton_enabled
 
     from benchmarks.floors import peaks_for
@@ -416,12 +418,19 @@ def _small_gemm(m: int, k: int, n: int, device: torch.device, bandwidth: float) 
     import triton
 
     from benchmarks import gemm_variants as variants
-    from qie.memory.fp8_matmul import quantize_rows, scaled_mm_rows
+    from qie.memory import few_rows_gemm_kernels
+    from qie.memory.fp8_matmul import quantize_rows
 
     xq, xs = quantize_rows(torch.randn(m, k, device=device, dtype=torch.bfloat16))
     wq, ws = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5)
     bias = torch.randn(n, device=device, dtype=torch.bfloat16)
-    ref = scaled_mm_rows(xq, xs, wq, ws, bias, torch.bfloat16)
+
+    def cublas(xq, xs, wq, ws, bias):
+        return torch._scaled_mm(
+            xq, wq.t(), scale_a=xs, scale_b=ws.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
+    ref = cublas(xq, xs, wq, ws, bias)
     y = torch.empty_like(ref)
     forms: dict[str, Any] = {}
 
@@ -435,9 +444,9 @@ def _small_gemm(m: int, k: int, n: int, device: torch.device, bandwidth: float) 
 
     def tile(bm: int, bn: int, bk: int, stages: int):
         grid = (n // bn, triton.cdiv(m, bm))
-        return lambda: variants.fp8_rows_gemm[grid](
-            xq, xs, wq, ws, bias, y, m, k, xq.stride(0), wq.stride(0), y.stride(0), HAS_BIAS=True,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=4,
+        return lambda: few_rows_gemm_kernels.qie_fp8_rows_gemm[grid](
+            xq, xs, wq, ws, bias, y, m, k, xq.stride(0), xs.stride(0), wq.stride(0), ws.stride(0), y.stride(0),
+            HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=4,
         )  # fmt: skip
 
     def gemv(bn: int, bk: int):
@@ -457,7 +466,7 @@ def _small_gemm(m: int, k: int, n: int, device: torch.device, bandwidth: float) 
     row: dict[str, Any] = {
         "shape": [m, k, n],
         "floor_us": round((wq.numel() + xq.numel() + ref.numel() * 2) / bandwidth * 1e6, 2),
-        "cublas_us": round(graph_ms(lambda: scaled_mm_rows(xq, xs, wq, ws, bias, torch.bfloat16)) * 1e3, 2),
+        "cublas_us": round(graph_ms(lambda: cublas(xq, xs, wq, ws, bias)) * 1e3, 2),
         "triton_us": forms,
     }
     times = {name: v[0] for name, v in forms.items() if isinstance(v, list)}

@@ -8,9 +8,9 @@ kernel that quantizes `silu(temb)` (measured on an H200: 25.5 us a layer against
 read, h200-ce).
 
 - `fp8_rows_gemm`: `(xq * xs) @ (values * scales).T + bias` in 64 x 128 tiles where that beats cuBLAS
-  (`tile_for`), with `torch._scaled_mm`'s arithmetic for rowwise scales (float32 accumulation, both
-  scales and the bias applied once, one rounding). `qie.memory.fp8_matmul.scaled_mm_rows` routes the
-  products it `serves`.
+  (`tile_for`), with the arithmetic of `torch._scaled_mm(use_fast_accum=True)` for rowwise scales
+  (Hopper's fp8 tensor-core sums, both scales and the bias applied once, one rounding).
+  `qie.memory.fp8_matmul.scaled_mm_rows` routes the products it `serves`.
 - `silu_modulations`: a block's image and text modulation, `linear(silu(temb))` for both layers in one
   launch, reading each fp8 weight once; SiLU's bf16 values multiply the weights as they are (no fp8
   quantization of `temb`: closer to bf16 weights than the torchao path it replaces).
@@ -33,7 +33,6 @@ from torch.library import triton_op, wrap_triton
 OP = "qie::fp8_rows_gemm"
 MODULATIONS_OP = "qie::silu_modulations"
 TRITON = importlib.util.find_spec("triton") is not None
-FP8 = torch.float8_e4m3fn
 
 
 class Tile(NamedTuple):
@@ -85,8 +84,8 @@ def serves(xq: torch.Tensor, values: torch.Tensor) -> bool:
     return (
         TRITON
         and xq.is_cuda
-        and xq.dtype == FP8
-        and values.dtype == FP8
+        and xq.dtype == torch.float8_e4m3fn
+        and values.dtype == torch.float8_e4m3fn
         and xq.dim() == 2
         and xq.stride(1) == 1
         and values.stride(1) == 1
@@ -109,23 +108,6 @@ def _launch(xq, xs, values, scales, bias, out_dtype: torch.dtype, tile: Tile) ->
 
 
 @triton_op(OP, mutates_args=())
-def _gemm_op(
-    xq: torch.Tensor,
-    xs: torch.Tensor,
-    values: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    # A Triton op: compiled blocks launch the kernel from Inductor's generated code (no call back into
-    # Python per projection); the body stays traceable.
-    tile = tile_for(xq.shape[0], xq.shape[1], values.shape[0])
-    if tile is not None and xq.is_cuda and _triton_kernels() is not None:
-        return _launch(xq, xs, values, scales, bias, out_dtype, tile)
-    y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
-    return y if bias is None else y + bias
-
-
 def fp8_rows_gemm(
     xq: torch.Tensor,
     xs: torch.Tensor,
@@ -135,8 +117,18 @@ def fp8_rows_gemm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """`(xq * xs) @ (values * scales).T + bias` (`xq` M x K fp8 with `xs` M x 1, `values` N x K fp8 with
-    `scales` N x 1), rounded once to `out_dtype`: the Triton kernels where `serves` says so."""
-    return _gemm_op(xq, xs, values, scales, None if bias is None else bias.to(out_dtype), out_dtype)
+    `scales` N x 1), rounded once to `out_dtype`: the Triton kernel where `serves` says so, else
+    `qie.memory.fp8_matmul.scaled_mm_rows`.
+
+    A Triton op: compiled blocks launch the kernel from Inductor's generated code (no call back into
+    Python per projection); the body stays traceable.
+    """
+    bias = None if bias is None else bias.to(out_dtype)
+    if not (serves(xq, values) and _triton_kernels() is not None):
+        from qie.memory.fp8_matmul import scaled_mm_rows
+
+        return scaled_mm_rows(xq, xs, values, scales, bias, out_dtype)
+    return _launch(xq, xs, values, scales, bias, out_dtype, tile_for(xq.shape[0], xq.shape[1], values.shape[0]))
 
 
 GEMV_N, GEMV_K = 16, 256  # outputs per program, reduction slice per step (h200-ce: 17.7-20.3 us a layer)

@@ -1,6 +1,7 @@
 """Triton kernels of `qie.memory.few_rows_gemm` (imported only where Triton is installed).
 
-`qie_fp8_rows_gemm` multiplies BLOCK_M x BLOCK_N tiles of fp8 rows (`tl.dot`, float32 accumulation),
+`qie_fp8_rows_gemm` multiplies BLOCK_M x BLOCK_N tiles of fp8 rows (`tl.dot`: on Hopper Triton's fp8 sums
+stay in the tensor cores' accumulator, as cuBLAS's fast accumulation does),
 scales by the two rows' scales at the end, adds the bias and rounds once, as `torch._scaled_mm` does
 with rowwise scales. `qie_silu_modulations` is a block's two modulation layers, `linear(silu(temb))`,
 in one launch: SiLU in the activation dtype, its bf16 values times the fp8 weights summed in float32
