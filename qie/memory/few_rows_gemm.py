@@ -11,9 +11,10 @@ read, h200-ce).
   (`tile_for`), with the arithmetic of `torch._scaled_mm(use_fast_accum=True)` for rowwise scales
   (Hopper's fp8 tensor-core sums, both scales and the bias applied once, one rounding).
   `qie.memory.fp8_matmul.scaled_mm_rows` routes the products it `serves`.
-- `silu_modulations`: a block's image and text modulation, `linear(silu(temb))` for both layers in one
+- `silu_linears`: a block's image and text modulation, `linear(silu(temb))` for both layers in one
   launch, reading each fp8 weight once; SiLU's bf16 values multiply the weights as they are (no fp8
-  quantization of `temb`: closer to bf16 weights than the torchao path it replaces).
+  quantization of `temb`: closer to bf16 weights than the torchao path it replaces). The block
+  prologue (`qie.speed.block_prologue.modulations`) hands it the layers' fp8 rows.
 
 Example:
     >>> tile_for(234, 3072, 3072) is not None, tile_for(8192, 3072, 3072)
@@ -118,36 +119,23 @@ def fp8_rows_gemm(
 ) -> torch.Tensor:
     """`(xq * xs) @ (values * scales).T + bias` (`xq` M x K fp8 with `xs` M x 1, `values` N x K fp8 with
     `scales` N x 1), rounded once to `out_dtype`: the Triton kernel where `serves` says so, else
-    `qie.memory.fp8_matmul.scaled_mm_rows`.
+    `emulate` (`qie.memory.fp8_matmul.scaled_mm_rows` routes only what this serves).
 
     A Triton op: compiled blocks launch the kernel from Inductor's generated code (no call back into
     Python per projection); the body stays traceable.
     """
     bias = None if bias is None else bias.to(out_dtype)
-    if not (serves(xq, values) and _triton_kernels() is not None):
-        from qie.memory.fp8_matmul import scaled_mm_rows
-
-        return scaled_mm_rows(xq, xs, values, scales, bias, out_dtype)
+    if not (serves(xq, values) and _triton_kernels() is not None):  # callers route through `scaled_mm_rows`
+        return emulate(xq, xs, values, scales, bias, out_dtype)
     return _launch(xq, xs, values, scales, bias, out_dtype, tile_for(xq.shape[0], xq.shape[1], values.shape[0]))
 
 
 GEMV_N, GEMV_K = 16, 256  # outputs per program, reduction slice per step (h200-ce: 17.7-20.3 us a layer)
-
-
-def _rows_and_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(fp8 values, scales, bias) of a diffusers modulation `Sequential(SiLU, Linear)` stored as fp8 rows."""
-    from qie.memory.fp8_matmul import fp8_rows
-
-    if not isinstance(mod, nn.Sequential) or len(mod) != 2 or not isinstance(mod[0], nn.SiLU):
-        return None
-    rows = fp8_rows(mod[1])
-    if rows is None or mod[1].bias is None:
-        return None
-    return rows[0], rows[1], mod[1].bias
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a layer's fp8 values (N x K), scales (N x 1), bias (N)
 
 
 @triton_op(MODULATIONS_OP, mutates_args=())
-def _modulations_op(
+def _silu_linears_op(
     temb: torch.Tensor,
     a_values: torch.Tensor,
     a_scales: torch.Tensor,
@@ -156,7 +144,7 @@ def _modulations_op(
     b_scales: torch.Tensor,
     b_bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # A Triton op (see `_gemm_op`); off CUDA, the same arithmetic in PyTorch
+    # A Triton op (see `fp8_rows_gemm`); off CUDA, the same arithmetic in PyTorch
     if not (temb.is_cuda and _triton_kernels() is not None):
         silu = nn.functional.silu(temb).float()
         return tuple(
@@ -176,37 +164,38 @@ def _modulations_op(
     return a_y, b_y
 
 
-def silu_modulations(img_mod: nn.Module, txt_mod: nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(img_mod(temb), txt_mod(temb))` for a block's modulation layers (`Sequential(SiLU, Linear)`): one
-    launch on CUDA where both are fp8 rows with a bias and `temb` has 1 or 2 rows (`modulations_fusable`),
-    else the layers themselves.
+def silu_linears(temb: torch.Tensor, a: Rows, b: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear(silu(temb))` for two fp8-row layers `a` and `b` (a block's image and text modulation), one
+    launch on CUDA (see `silu_linears_fusable`): SiLU in `temb`'s dtype, its values times the fp8 weights
+    summed in float32, times the row scales, plus the biases, one rounding.
 
     Example:
-        >>> mod = nn.Sequential(nn.SiLU(), nn.Linear(8, 12))
-        >>> img, txt = silu_modulations(mod, mod, torch.randn(1, 8))
-        >>> tuple(img.shape), torch.equal(img, txt)
-        ((1, 12), True)
+        >>> values, scales = torch.ones(16, 8, dtype=torch.float8_e4m3fn), torch.full((16, 1), 0.5)
+        >>> a, b = (values, scales, torch.ones(16)), (values, scales, torch.zeros(16))
+        >>> img, txt = silu_linears(torch.zeros(1, 8), a, b)
+        >>> img[0, 0].item(), txt[0, 0].item()
+        (1.0, 0.0)
     """
-    if not modulations_fusable(img_mod, txt_mod, temb):
-        return img_mod(temb), txt_mod(temb)
-    a, b = _rows_and_bias(img_mod), _rows_and_bias(txt_mod)
-    return _modulations_op(temb, *a, *b)
+    return _silu_linears_op(temb, *a, *b)
 
 
-def modulations_fusable(img_mod: nn.Module, txt_mod: nn.Module, temb: torch.Tensor) -> bool:
-    """Whether `silu_modulations` takes these layers in one launch: CUDA, Triton, 1 or 2 rows of a bf16/fp16
-    `temb` read along its width, fp8-row weights with biases whose shapes divide into the kernel's tiles."""
+def silu_linears_fusable(temb: torch.Tensor, *layers: Rows) -> bool:
+    """Whether `silu_linears` runs its kernel: CUDA, Triton, 1 or 2 rows of a bf16/fp16 `temb` read along
+    its width, weights read along K in whole tiles, biases in `temb`'s dtype."""
     if not (TRITON and temb.is_cuda and temb.dim() == 2 and temb.shape[0] in (1, 2) and temb.stride(1) == 1):
         return False
-    if temb.dtype not in (torch.bfloat16, torch.float16):
+    if temb.dtype not in (torch.bfloat16, torch.float16) or temb.shape[1] % GEMV_K:
         return False
-    layers = (_rows_and_bias(img_mod), _rows_and_bias(txt_mod))
     return all(
-        layer is not None
-        and layer[0].shape[1] == temb.shape[1]
-        and layer[0].stride(1) == 1
-        and layer[0].shape[0] % GEMV_N == 0
-        and temb.shape[1] % GEMV_K == 0
-        and layer[2].dtype == temb.dtype
-        for layer in layers
+        values.shape[1] == temb.shape[1]
+        and values.stride(1) == 1
+        and values.shape[0] % GEMV_N == 0
+        and bias.dtype == temb.dtype
+        for values, _, bias in layers
     )
+
+
+def emulate(xq, xs, values, scales, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_rows_gemm`'s product in float32 on any device (the CPU path of `scaled_mm_rows`)."""
+    y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
+    return y if bias is None else y + bias.to(out_dtype)

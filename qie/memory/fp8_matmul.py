@@ -122,8 +122,7 @@ def scaled_mm_rows(
         return torch._scaled_mm(
             xq, values.t(), scale_a=xs, scale_b=scales.t(), bias=bias, out_dtype=out_dtype, use_fast_accum=True
         )
-    y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
-    return y if bias is None else y + bias
+    return few_rows_gemm.emulate(xq, xs, values, scales, bias, out_dtype)
 
 
 class Fp8RowLinear(nn.Linear):

@@ -5,7 +5,7 @@ quantized again inside every fp8 projection that reads it. `Fp8PrologueBlock.for
 forward with the three steps as one op per stream and norm (`qie.memory.norm_quantize`): the q/k/v
 projections (through `QwenFusedQKAttnProcessor`, `qie.speed.qk_prologue`) and the MLP's first layer
 (`Fp8GeluFeedForward`) multiply the fp8 rows it wrote (`qie.memory.fp8_matmul.project`); the image
-and text modulation layers run as one launch (`qie.memory.few_rows_gemm.silu_modulations`). Before the
+and text modulation layers run as one launch (`modulations`, `qie.memory.few_rows_gemm.silu_linears`). Before the
 MLP the op also writes the gated residual sum after attention, which it normalizes; the residual sum
 after the MLP stays as diffusers writes it. Edit-2511's per-token modulation (`modulate_index`,
 `zero_cond_t`) is selected as in diffusers' `_modulate`.
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qie.memory.few_rows_gemm import silu_modulations
+from qie.memory.few_rows_gemm import silu_linears, silu_linears_fusable
 from qie.memory.fp8_matmul import fp8_rows
 from qie.memory.fp8_mlp import Fp8GeluFeedForward
 from qie.memory.norm_quantize import add_norm_modulate_quantize, norm_modulate_quantize
@@ -47,6 +47,33 @@ def modulation(mod_params: torch.Tensor, index: torch.Tensor | None = None) -> t
     half = shift.size(0) // 2
     first = index.unsqueeze(-1) == 0
     return tuple(torch.where(first, p[:half].unsqueeze(1), p[half:].unsqueeze(1)) for p in (shift, scale, gate))
+
+
+def _modulation_rows(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(fp8 values, scales, bias) of a diffusers modulation layer, `Sequential(SiLU, Linear)`, stored as fp8
+    rows with a bias; else None."""
+    if not isinstance(mod, torch.nn.Sequential) or len(mod) != 2 or not isinstance(mod[0], torch.nn.SiLU):
+        return None
+    rows = fp8_rows(mod[1])
+    if rows is None or mod[1].bias is None:
+        return None
+    return rows[0], rows[1], mod[1].bias
+
+
+def modulations(img_mod, txt_mod, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(img_mod(temb), txt_mod(temb))`: one Triton launch (`silu_linears`) where both layers are fp8 rows
+    with a bias and the kernel takes `temb` (`silu_linears_fusable`), else the layers themselves.
+
+    Example:
+        >>> mod = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(8, 12))
+        >>> img, txt = modulations(mod, mod, torch.randn(1, 8))
+        >>> tuple(img.shape), torch.equal(img, txt)
+        ((1, 12), True)
+    """
+    layers = (_modulation_rows(img_mod), _modulation_rows(txt_mod))
+    if None not in layers and silu_linears_fusable(temb, *layers):
+        return silu_linears(temb, *layers)
+    return img_mod(temb), txt_mod(temb)
 
 
 class Fp8PrologueBlock(torch.nn.Module):
@@ -80,7 +107,7 @@ class Fp8PrologueBlock(torch.nn.Module):
                 hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
                 joint_attention_kwargs, modulate_index,
             )  # fmt: skip
-        img_params, txt_params = silu_modulations(self.img_mod, self.txt_mod, temb)  # one launch on CUDA
+        img_params, txt_params = modulations(self.img_mod, self.txt_mod, temb)  # one launch on CUDA
         img_mod1, img_mod2 = img_params.chunk(2, dim=-1)
         if self.zero_cond_t:  # the text stream takes the first half of the samples' modulation
             txt_params = txt_params[: temb.shape[0] // 2]

@@ -5,15 +5,9 @@ import torch
 from torch import nn
 
 from qie.memory import few_rows_gemm
-from qie.memory.few_rows_gemm import (
-    TILE,
-    fp8_rows_gemm,
-    modulations_fusable,
-    serves,
-    silu_modulations,
-    tile_for,
-)
+from qie.memory.few_rows_gemm import TILE, fp8_rows_gemm, serves, silu_linears, silu_linears_fusable, tile_for
 from qie.memory.fp8_matmul import Fp8RowLinear, quantize_rows, scaled_mm_rows
+from qie.speed.block_prologue import _modulation_rows, modulations
 
 CUDA = torch.cuda.is_available() and few_rows_gemm.TRITON
 
@@ -52,11 +46,11 @@ def test_products_off_cuda_stay_with_scaled_mm_rows_emulation():
 
 def test_modulations_off_cuda_are_the_layers_themselves():
     img, txt = fp8_modulation(256, 96), fp8_modulation(256, 64)
-    temb = torch.randn(2, 256)
-    assert not modulations_fusable(img, txt, temb)
+    temb = torch.randn(2, 256).bfloat16()
+    assert not silu_linears_fusable(temb, _modulation_rows(img), _modulation_rows(txt))
     with torch.no_grad():
-        got_img, got_txt = silu_modulations(img, txt, temb)
-        assert torch.equal(got_img, img(temb)) and torch.equal(got_txt, txt(temb))
+        got_img, got_txt = modulations(img, txt, temb.float())
+        assert torch.equal(got_img, img(temb.float())) and torch.equal(got_txt, txt(temb.float()))
 
 
 def test_the_modulation_op_multiplies_silu_values_by_the_fp8_weights_without_quantizing_them():
@@ -64,7 +58,7 @@ def test_the_modulation_op_multiplies_silu_values_by_the_fp8_weights_without_qua
     temb = torch.randn(1, 256).bfloat16()
     a = (img[1].weight, img[1].weight_scale, img[1].bias.data.bfloat16())
     b = (txt[1].weight, txt[1].weight_scale, txt[1].bias.data.bfloat16())
-    got_img, got_txt = few_rows_gemm._modulations_op(temb, *a, *b)
+    got_img, got_txt = silu_linears(temb, a, b)
     silu = nn.functional.silu(temb).float()
     for got, (values, scales, bias) in ((got_img, a), (got_txt, b)):
         want = ((silu @ values.float().t()) * scales.t() + bias.float()).to(torch.bfloat16)
@@ -76,11 +70,11 @@ def test_the_modulation_op_multiplies_silu_values_by_the_fp8_weights_without_qua
 def test_modulations_need_fp8_rows_with_a_bias_on_both_layers():
     plain = nn.Sequential(nn.SiLU(), nn.Linear(256, 96))
     fp8 = fp8_modulation(256, 96)
-    assert few_rows_gemm._rows_and_bias(plain) is None
-    assert few_rows_gemm._rows_and_bias(fp8) is not None
+    assert _modulation_rows(plain) is None
+    assert _modulation_rows(fp8) is not None
     fp8[1].bias = None
-    assert few_rows_gemm._rows_and_bias(fp8) is None
-    assert few_rows_gemm._rows_and_bias(nn.Linear(4, 4)) is None
+    assert _modulation_rows(fp8) is None
+    assert _modulation_rows(nn.Linear(4, 4)) is None
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -116,9 +110,9 @@ def test_the_joint_modulation_kernel_matches_its_reference_and_stays_closer_to_b
     width = 3072
     img, txt = (fp8_modulation(width, n, torch.bfloat16).cuda() for n in (6 * width, 6 * width))
     temb = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    assert modulations_fusable(img, txt, temb)
+    assert silu_linears_fusable(temb, _modulation_rows(img), _modulation_rows(txt))
     with torch.no_grad():
-        got_img, got_txt = silu_modulations(img, txt, temb)
+        got_img, got_txt = modulations(img, txt, temb)
         silu = nn.functional.silu(temb).float()
         for got, mod in ((got_img, img), (got_txt, txt)):
             values, scales, bias = mod[1].weight, mod[1].weight_scale, mod[1].bias
@@ -137,7 +131,7 @@ def test_compiled_code_launches_both_kernels_itself_at_any_row_count():
     values, scales = quantize_rows(torch.randn(3072, 3072, device="cuda", dtype=torch.bfloat16))
 
     def block(xq, xs, temb):
-        a, b = silu_modulations(img, txt, temb)
+        a, b = modulations(img, txt, temb)
         return scaled_mm_rows(xq, xs, values, scales, None, torch.bfloat16), a, b
 
     compiled = torch.compile(block, dynamic=True, fullgraph=True)
