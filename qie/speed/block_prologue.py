@@ -60,20 +60,23 @@ def _modulation_rows(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, 
     return rows[0], rows[1], mod[1].bias
 
 
-def modulations(img_mod, txt_mod, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(img_mod(temb), txt_mod(temb))`: one Triton launch (`silu_linears`) where both layers are fp8 rows
-    with a bias and the kernel takes `temb` (`silu_linears_fusable`), else the layers themselves.
+def modulations(img_mod, txt_mod, temb: torch.Tensor, zero_cond_t: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(img_mod(temb), txt_mod(temb))`, the text stream's from the first half of `temb`'s samples with
+    `zero_cond_t` (Edit-2511, as diffusers' block does): one Triton launch (`silu_linears`) where both
+    layers are fp8 rows with a bias and the kernel takes `temb` (`silu_linears_fusable`), else the layers.
 
     Example:
         >>> mod = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(8, 12))
-        >>> img, txt = modulations(mod, mod, torch.randn(1, 8))
-        >>> tuple(img.shape), torch.equal(img, txt)
-        ((1, 12), True)
+        >>> img, txt = modulations(mod, mod, torch.randn(2, 8), zero_cond_t=True)
+        >>> tuple(img.shape), tuple(txt.shape), torch.allclose(img[:1], txt)
+        ((2, 12), (1, 12), True)
     """
+    text_samples = temb.shape[0] // 2 if zero_cond_t else temb.shape[0]
     layers = (_modulation_rows(img_mod), _modulation_rows(txt_mod))
-    if None not in layers and silu_linears_fusable(temb, *layers):
-        return silu_linears(temb, *layers)
-    return img_mod(temb), txt_mod(temb)
+    if None not in layers and silu_linears_fusable(temb, *layers):  # the rows of one launch are independent
+        img, txt = silu_linears(temb, *layers)
+        return img, txt[:text_samples]
+    return img_mod(temb), txt_mod(temb[:text_samples])
 
 
 class Fp8PrologueBlock(torch.nn.Module):
@@ -107,10 +110,8 @@ class Fp8PrologueBlock(torch.nn.Module):
                 hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
                 joint_attention_kwargs, modulate_index,
             )  # fmt: skip
-        img_params, txt_params = modulations(self.img_mod, self.txt_mod, temb)  # one launch on CUDA
+        img_params, txt_params = modulations(self.img_mod, self.txt_mod, temb, self.zero_cond_t)
         img_mod1, img_mod2 = img_params.chunk(2, dim=-1)
-        if self.zero_cond_t:  # the text stream takes the first half of the samples' modulation
-            txt_params = txt_params[: temb.shape[0] // 2]
         txt_mod1, txt_mod2 = txt_params.chunk(2, dim=-1)
 
         img_rows, img_gate1 = self._rows(hidden_states, self.img_norm1, img_mod1, modulate_index)

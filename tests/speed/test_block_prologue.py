@@ -281,3 +281,15 @@ def test_torchao_fp8_blocks_compiled_with_the_prologue_stay_as_close_to_bf16(tin
     assert rel(got, ref) <= 1.1 * rel(want, ref) + 1e-3, (rel(got, ref), rel(want, ref))
     source = "\n".join(code)
     assert "qie_norm_modulate_quantize" in source and "torch.ops.qie" not in source
+
+
+def test_2511s_text_modulation_is_computed_from_the_first_half_of_the_samples_as_diffusers_does():
+    torch.manual_seed(0)
+    img_mod, txt_mod = (torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(8, 12)) for _ in range(2))
+    temb = torch.randn(2, 8)  # zero_cond_t: the samples' timesteps, then the condition's zero timesteps
+    with torch.no_grad():
+        img, txt = block_prologue.modulations(img_mod, txt_mod, temb, zero_cond_t=True)
+        assert torch.equal(img, img_mod(temb))
+        assert torch.equal(txt, txt_mod(torch.chunk(temb, 2, dim=0)[0]))  # not a slice of a 2-row product
+        img, txt = block_prologue.modulations(img_mod, txt_mod, temb)
+        assert torch.equal(txt, txt_mod(temb))
