@@ -32,7 +32,7 @@ from torch import nn
 from torch.library import triton_op, wrap_triton
 
 OP = "qie::fp8_rows_gemm"
-MODULATIONS_OP = "qie::silu_modulations"
+SILU_LINEARS_OP = "qie::silu_linears"
 TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -134,7 +134,7 @@ GEMV_N, GEMV_K = 16, 256  # outputs per program, reduction slice per step (h200-
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a layer's fp8 values (N x K), scales (N x 1), bias (N)
 
 
-@triton_op(MODULATIONS_OP, mutates_args=())
+@triton_op(SILU_LINEARS_OP, mutates_args=())
 def _silu_linears_op(
     temb: torch.Tensor,
     a_values: torch.Tensor,
@@ -196,6 +196,7 @@ def silu_linears_fusable(temb: torch.Tensor, *layers: Rows) -> bool:
 
 
 def emulate(xq, xs, values, scales, bias, out_dtype: torch.dtype) -> torch.Tensor:
-    """`fp8_rows_gemm`'s product in float32 on any device (the CPU path of `scaled_mm_rows`)."""
+    """`fp8_rows_gemm`'s product in float32 on any device (the CPU path of `scaled_mm_rows`); `bias`
+    already in `out_dtype` (both callers cast it)."""
     y = ((xq.float() @ values.float().t()) * xs * scales.t()).to(out_dtype)
-    return y if bias is None else y + bias.to(out_dtype)
+    return y if bias is None else y + bias

@@ -93,7 +93,7 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors a wrapper subclass holds, read from its attributes (recursively).
 
     `__tensor_flatten__` and attribute reads (`.device`) run the subclass's Python code, torchao's
-    `__torch_function__` among it: 11.3 against 4.0 ms for the fp8 transformer's walk on a CPU.
+    `__torch_function__` among it: the fp8 transformer's walk took 11.3 ms that way, 7.4 ms this way, on a CPU.
     """
     out: list[torch.Tensor] = []
     for value in tensor.__dict__.values():
