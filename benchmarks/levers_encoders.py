@@ -212,9 +212,10 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
     """Both encode stages of an edit (`Editor.encode`, caches off, fast mode: no negative prompt) on the
     full-size random pipeline at 1024² and 768², as an edit runs them (the condition's VAE encode queued,
     then the text encoder's host-side image preparation, no wait between) against the same call with a
-    timer that waits for the GPU at the end of each stage, as the timer did before (no overlap), and
-    against the text encoder's images resized on the main thread in the text stage (`image_prep`'s
-    worker off): median seconds of 7 synchronized calls, and the stage seconds the edit's timer reports.
+    timer that waits for the GPU at the end of each stage, as the timer did before (no overlap), against
+    the processor run on the main thread in the text stage (the images still resized on the worker), and
+    against both on the main thread (`image_prep`'s worker off): median seconds of 7 synchronized calls,
+    and the stage seconds the edit's timer reports.
     Then both sizes again with the VAE compiled (`compile_vae`), and the first call that compiles it."""
     from contextlib import contextmanager, nullcontext
     from unittest import mock
@@ -233,8 +234,23 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
                 yield
                 torch.cuda.synchronize(self.device)
 
-    def inline(pipe, images):  # the text encoder's images resized on the main thread, in the text stage
-        return functools.partial(stages.prompt_images, pipe, images)
+    class ProcessorInline(image_prep.PromptPrep):
+        """The images on the worker; the processor on the main thread, in the text stage."""
+
+        def start(self, prompts):
+            pass
+
+    class AllInline(ProcessorInline):
+        """The images too resized on the main thread, in the text stage."""
+
+        def __init__(self, pipe, images):
+            self.pipe, self._inputs, self._later = pipe, None, list(images)
+
+        def images(self):
+            return stages.prompt_images(self.pipe, self._later)
+
+        def settle(self):
+            pass
 
     editor = encoders_editor(device)
     out: dict[str, Any] = {"sizes": {}}
@@ -242,11 +258,19 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
         request = make_request(size, 4, False)
         row: dict[str, Any] = {}
         with torch.inference_mode():
-            inline_images = functools.partial(mock.patch.object, image_prep, "prompt_images_later", inline)
             variants = (
                 ("as an edit", StageTimer, nullcontext),
                 ("wait between", WaitingTimer, nullcontext),
-                ("prompt images inline", StageTimer, inline_images),
+                (
+                    "processor inline",
+                    StageTimer,
+                    functools.partial(mock.patch.object, image_prep, "PromptPrep", ProcessorInline),
+                ),
+                (
+                    "prompt images inline",
+                    StageTimer,
+                    functools.partial(mock.patch.object, image_prep, "PromptPrep", AllInline),
+                ),
             )
             for name, timer, patched in variants:
                 encode = functools.partial(editor.encode, request, uses_cfg=False)
@@ -257,6 +281,7 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
             row["timer_s"] = timer.timings
         row["overlap_saved_s"] = row["wait between_s"] - row["as an edit_s"]
         row["worker_saved_s"] = row["prompt images inline_s"] - row["as an edit_s"]
+        row["processor_on_worker_saved_s"] = row["processor inline_s"] - row["as an edit_s"]
         out["sizes"][str(size)] = row
         log.info("encode order %d²: %s", size, row)
     if device.type == "cuda":  # then with the VAE compiled (`vae_compile`): its encoder in the condition stage
