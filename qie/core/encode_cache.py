@@ -175,7 +175,9 @@ def encode_prompts(
     True when nothing had to be encoded).
     """
     digests = digests if digests is not None else digests_of(request.images)
-    keys = _prompt_keys(pipe, request, model, revision, fixes, device, uses_cfg, digests)
+    keys = _prompt_keys(
+        pipe, request, model=model, revision=revision, fixes=fixes, device=device, uses_cfg=uses_cfg, digests=digests
+    )
     images: list[Image.Image] = []
 
     def encode(text: str) -> stages.PromptEmbeds:
@@ -195,8 +197,13 @@ def encode_prompts(
     return prompt, negative, hit
 
 
-def prompts_to_encode(
-    cache: EditCache,
+def prompts_to_encode(cache: EditCache, pipe: Any, request: Any, **args: Any) -> list[str]:
+    """The texts `encode_prompts(cache, pipe, request, **args)` would run the text encoder on now: those not
+    cached (asking counts neither a hit nor a miss). `args` are its keyword arguments, `digests` required."""
+    return [text for text, key in _prompt_keys(pipe, request, **args) if key not in cache.prompts]
+
+
+def _prompt_keys(
     pipe: Any,
     request: Any,
     *,
@@ -205,22 +212,6 @@ def prompts_to_encode(
     fixes: dict[str, bool],
     device: torch.device,
     uses_cfg: bool | None = None,
-    digests: tuple[str, ...],
-) -> list[str]:
-    """The texts `encode_prompts` would run the text encoder on now, with the same arguments: those not
-    cached (a hit and a miss are not counted here)."""
-    keys = _prompt_keys(pipe, request, model, revision, fixes, device, uses_cfg, digests)
-    return [text for text, key in keys if key not in cache.prompts]
-
-
-def _prompt_keys(
-    pipe: Any,
-    request: Any,
-    model: str,
-    revision: str | None,
-    fixes: dict[str, bool],
-    device: torch.device,
-    uses_cfg: bool | None,
     digests: tuple[str, ...],
 ) -> list[tuple[str, tuple]]:
     """(text, cache key) of the prompt and, with CFG, the negative prompt."""
