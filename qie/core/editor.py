@@ -502,15 +502,13 @@ class Editor:
         self.cache.bind(pipe)
         notes: list[str] = []
         ids = {"model": self.model, "revision": self.revision}
-        # The condition first: its VAE encode runs on the GPU while a worker prepares the text encoder's
-        # images and tensors (the timer does not wait between stages); its latents take the prompt's dtype.
+        # The condition first: its VAE encode runs on the GPU while a worker resizes the text encoder's images
+        # and then makes its tensors (the timer does not wait between stages); its latents take the prompt's dtype.
         prep = image_prep.PromptPrep(pipe, request.images)  # on another core from here on
         try:
             with timer("condition_encode"):
                 with telemetry.step_range("digests"):
                     ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
-                prompt_args = dict(ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg)
-                prep.start(cache.prompts_to_encode(self.cache, pipe, request, **prompt_args))
                 area = condition_area(request)
                 if request.condition_area is None:
                     notes.append(f"condition_area=auto: {request.condition_area_used}")
@@ -518,6 +516,9 @@ class Editor:
                     self.cache, pipe, request, **ids, area=area, device=device, dtype=pipe.text_encoder.dtype
                 )
                 notes += ["condition cache hit"] if hit else []
+                # The processor once the VAE encode is queued: its Python would slow the launches before.
+                prompt_args = dict(ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg)
+                prep.start(cache.prompts_to_encode(self.cache, pipe, request, **prompt_args))
             with timer("text_encode"):
                 if meanwhile is not None:
                     meanwhile()

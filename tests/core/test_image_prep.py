@@ -126,8 +126,11 @@ def test_prompts_to_encode_are_those_not_cached(tiny_editor, photo):
 
 
 def test_a_failed_edit_leaves_nothing_running_on_the_worker(tiny_editor, photo, monkeypatch):
-    """The processor's tokenizer must not run on two threads at once: an edit that fails before its text
-    stage still waits for its worker task, so the next edit (or a rewrite) has the processor to itself."""
+    """The processor's tokenizer must not run on two threads at once: an edit that fails while its worker
+    still makes the prompt's tensors waits for that task, so the next edit (or a rewrite) has the processor
+    to itself."""
+    from qie.core.editor import Editor
+
     preps: list[image_prep.PromptPrep] = []
     original = image_prep.PromptPrep
 
@@ -143,13 +146,13 @@ def test_a_failed_edit_leaves_nothing_running_on_the_worker(tiny_editor, photo, 
         return inline(pipe, prompt, images)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("the VAE failed")
+        raise RuntimeError("the weight check failed")
 
     monkeypatch.setattr(image_prep, "PromptPrep", Spy)
     monkeypatch.setattr(stages, "prompt_inputs", slow)
-    monkeypatch.setattr(stages, "encode_condition", broken)
+    monkeypatch.setattr(Editor, "_predictor", broken)
     tiny_editor.cache.clear()
-    with pytest.raises(RuntimeError, match="the VAE failed"):
+    with pytest.raises(RuntimeError, match="the weight check failed"):
         tiny_editor.edit(small_request(photo, steps=2, prompt="a prompt for a failing edit"))
     assert preps and preps[0]._inputs is not None and preps[0]._inputs.done()
 
