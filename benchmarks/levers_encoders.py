@@ -220,8 +220,8 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
     from contextlib import contextmanager, nullcontext
     from unittest import mock
 
-    from benchmarks.probes import make_request
-    from qie.core import image_prep, stages
+    from benchmarks.probes import AllInline, ProcessorInline, make_request
+    from qie.core import image_prep
     from qie.speed.compile import compile_vae
     from qie.telemetry import StageTimer
 
@@ -233,24 +233,6 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
             with super().__call__(stage):
                 yield
                 torch.cuda.synchronize(self.device)
-
-    class ProcessorInline(image_prep.PromptPrep):
-        """The images on the worker; the processor on the main thread, in the text stage."""
-
-        def start(self, prompts):
-            pass
-
-    class AllInline(ProcessorInline):
-        """The images too resized on the main thread, in the text stage."""
-
-        def __init__(self, pipe, images):
-            self.pipe, self._inputs, self._later = pipe, None, list(images)
-
-        def images(self):
-            return stages.prompt_images(self.pipe, self._later)
-
-        def settle(self):
-            pass
 
     editor = encoders_editor(device)
     out: dict[str, Any] = {"sizes": {}}
