@@ -7,9 +7,7 @@ Sections (``python -m qie bench --sections ...``), each on fresh full-size rando
             first size, the forward's time by kernel category next to each category's floor, and the
             host syncs of one edit (CUDA's sync debug mode); each row's denoise seconds and the seconds
             no stage covers; at every size a cProfile of the fastest 8-step edit's host and where the GPU
-            idled in it, by stage and longest gaps (``profile["gpu_idle"]``), and that edit with the text
-            encoder's processor on the worker against the main thread, alternated (``profile["prompt_prep_ab"]``).
-            With ``--attention-quant``,
+            idled in it, by stage and longest gaps (``profile["gpu_idle"]``). With ``--attention-quant``,
             the rows again at every size with that request option (e.g. FA3's fp8 attention)
   quality   a 40-step CFG edit on the fastest plan, measured end to end (not derived), with the
             forward's kernel-category profile
@@ -136,25 +134,6 @@ def run_fast_under_budget(bench: Any, budget: float, size: int = 1024) -> None:
         del editor
 
 
-def prompt_prep_ab(editor, size: int, repeats: int = 9, **options: Any) -> dict[str, float]:
-    """Median end-to-end seconds of the fast 8-step edit with the text encoder's processor on the worker
-    (as edits run) and on the main thread in the text stage (`ProcessorInline`), `repeats` edits each,
-    alternated so that both meet the same machine state."""
-    from unittest import mock
-
-    from benchmarks.probes import ProcessorInline
-    from qie.core import image_prep
-
-    times: dict[str, list[float]] = {"worker_s": [], "main_thread_s": []}
-    for _ in range(repeats):
-        times["worker_s"].append(probe_qie(editor, size, 8, False, stamp_steps=False, **options).e2e_s)
-        with mock.patch.object(image_prep, "PromptPrep", ProcessorInline):
-            times["main_thread_s"].append(probe_qie(editor, size, 8, False, stamp_steps=False, **options).e2e_s)
-    out = {name: statistics.median(values) for name, values in times.items()}
-    out["worker_saved_s"] = out["main_thread_s"] - out["worker_s"]
-    return out
-
-
 def plan_label(bench: Any, compiled: bool, attention: str, quant: str | None = None) -> str:
     compiled_part = f" + compile ({compile_mode(bench)})" if compiled else ""
     quant = quant or request_options(bench)["attention_quant"]
@@ -191,7 +170,6 @@ def run_fast(bench: Any) -> None:
                     edit = functools.partial(probe_qie, editor, size, 8, False, stamp_steps=False, **options)
                     row.profile["host_edit"] = host_calls(edit)
                     row.profile["gpu_idle"] = gpu_idle(edit)
-                    row.profile["prompt_prep_ab"] = prompt_prep_ab(editor, size, **options)
                 if size == sizes[0] and steps in references:
                     diff = difference(probe.image, references[steps])
                     row.psnr_vs_ref, row.max_abs_vs_ref = diff.psnr, diff.max_abs

@@ -212,16 +212,15 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
     """Both encode stages of an edit (`Editor.encode`, caches off, fast mode: no negative prompt) on the
     full-size random pipeline at 1024² and 768², as an edit runs them (the condition's VAE encode queued,
     then the text encoder's host-side image preparation, no wait between) against the same call with a
-    timer that waits for the GPU at the end of each stage, as the timer did before (no overlap), against
-    the processor run on the main thread in the text stage (the images still resized on the worker), and
-    against both on the main thread (`image_prep`'s worker off): median seconds of 7 synchronized calls,
-    and the stage seconds the edit's timer reports.
+    timer that waits for the GPU at the end of each stage, as the timer did before (no overlap), and
+    against the text encoder's images resized on the main thread in the text stage (`image_prep`'s
+    worker off): median seconds of 7 synchronized calls, and the stage seconds the edit's timer reports.
     Then both sizes again with the VAE compiled (`compile_vae`), and the first call that compiles it."""
     from contextlib import contextmanager, nullcontext
     from unittest import mock
 
-    from benchmarks.probes import AllInline, ProcessorInline, make_request
-    from qie.core import image_prep
+    from benchmarks.probes import make_request
+    from qie.core import image_prep, stages
     from qie.speed.compile import compile_vae
     from qie.telemetry import StageTimer
 
@@ -234,25 +233,20 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
                 yield
                 torch.cuda.synchronize(self.device)
 
+    def inline(pipe, images):  # the text encoder's images resized on the main thread, in the text stage
+        return functools.partial(stages.prompt_images, pipe, images)
+
     editor = encoders_editor(device)
     out: dict[str, Any] = {"sizes": {}}
     for size in (1024, 768):
         request = make_request(size, 4, False)
         row: dict[str, Any] = {}
         with torch.inference_mode():
+            inline_images = functools.partial(mock.patch.object, image_prep, "prompt_images_later", inline)
             variants = (
                 ("as an edit", StageTimer, nullcontext),
                 ("wait between", WaitingTimer, nullcontext),
-                (
-                    "processor inline",
-                    StageTimer,
-                    functools.partial(mock.patch.object, image_prep, "PromptPrep", ProcessorInline),
-                ),
-                (
-                    "prompt images inline",
-                    StageTimer,
-                    functools.partial(mock.patch.object, image_prep, "PromptPrep", AllInline),
-                ),
+                ("prompt images inline", StageTimer, inline_images),
             )
             for name, timer, patched in variants:
                 encode = functools.partial(editor.encode, request, uses_cfg=False)
@@ -263,7 +257,6 @@ def run_encode_order(args: argparse.Namespace, device: torch.device) -> dict[str
             row["timer_s"] = timer.timings
         row["overlap_saved_s"] = row["wait between_s"] - row["as an edit_s"]
         row["worker_saved_s"] = row["prompt images inline_s"] - row["as an edit_s"]
-        row["processor_on_worker_saved_s"] = row["processor inline_s"] - row["as an edit_s"]
         out["sizes"][str(size)] = row
         log.info("encode order %d²: %s", size, row)
     if device.type == "cuda":  # then with the VAE compiled (`vae_compile`): its encoder in the condition stage

@@ -17,7 +17,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.profiling import GcPauses, cuda_sync
-from qie.core import image_prep, stages
 from qie.core.editor import run_stock
 
 PROMPT = "Replace the background with pure white and add a red price tag that says 'Sale $19.9' bottom right"
@@ -164,24 +163,3 @@ def time_e2e(editor, size: int, steps: int, cfg: bool, repeats: int = 3, **optio
     return dataclasses.replace(
         median, step_s=stamped.step_s, first_e2e_s=first.e2e_s, first_timings=dict(first.timings)
     )
-
-
-class ProcessorInline(image_prep.PromptPrep):
-    """`PromptPrep` with the small images on the worker and the processor on the main thread, in the text
-    stage (for A/B runs: patch `qie.core.image_prep.PromptPrep` with it)."""
-
-    def start(self, prompts: Any) -> None:
-        pass
-
-
-class AllInline(ProcessorInline):
-    """`PromptPrep` with the small images too made on the main thread, in the text stage."""
-
-    def __init__(self, pipe: Any, images: Any) -> None:
-        self.pipe, self._inputs, self._later = pipe, None, list(images)
-
-    def images(self) -> list[Image.Image]:
-        return stages.prompt_images(self.pipe, self._later)
-
-    def settle(self) -> None:
-        pass

@@ -404,7 +404,7 @@ class Editor:
         with torch.inference_mode(), request_speed(pipe, self.speed, first) as run:
             chosen: list[stages.Predictor | None] = []
 
-            def choose_predictor() -> None:  # its weight check runs while the worker prepares the prompt
+            def choose_predictor() -> None:  # its weight check runs while the first request's images resize
                 with telemetry.step_range("predictor"):
                     chosen.append(self._predictor(first, run, control.predict))
 
@@ -495,38 +495,34 @@ class Editor:
         cache; the caller holds the lock. Returns the encodings and notes on cache hits.
 
         `uses_cfg` overrides the request's CFG setting (fast mode runs without CFG). `meanwhile` runs
-        on this thread while the worker still prepares the text encoder's inputs (the edit's weight
-        check for its transformer graphs: host work that would otherwise hold the GPU later).
+        on this thread while the text encoder's images are still resizing on the worker (the edit's
+        weight check for its transformer graphs: host work that would otherwise hold the GPU later).
         """
         pipe, device = self.pipe, self.device
         self.cache.bind(pipe)
         notes: list[str] = []
         ids = {"model": self.model, "revision": self.revision}
-        # The condition first: its VAE encode runs on the GPU while a worker resizes the text encoder's images
-        # and then makes its tensors (the timer does not wait between stages); its latents take the prompt's dtype.
-        prep = image_prep.PromptPrep(pipe, request.images)  # on another core from here on
-        try:
-            with timer("condition_encode"):
-                with telemetry.step_range("digests"):
-                    ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
-                area = condition_area(request)
-                if request.condition_area is None:
-                    notes.append(f"condition_area=auto: {request.condition_area_used}")
-                condition, hit = cache.encode_condition(
-                    self.cache, pipe, request, **ids, area=area, device=device, dtype=pipe.text_encoder.dtype
-                )
-                notes += ["condition cache hit"] if hit else []
-                # The processor once the VAE encode is queued: its Python would slow the launches before.
-                prompt_args = dict(ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg)
-                prep.start(cache.prompts_to_encode(self.cache, pipe, request, **prompt_args))
-            with timer("text_encode"):
-                if meanwhile is not None:
-                    meanwhile()
-                prompt, negative, hit = cache.encode_prompts(self.cache, pipe, request, **prompt_args, prep=prep)
-                if hit:
-                    notes.insert(0, "prompt cache hit")
-        finally:
-            prep.settle()  # nothing of this edit uses the processor after it
+        # The condition first: its VAE encode runs on the GPU while the host prepares the text encoder's
+        # images (the timer does not wait between stages), and its latents take the prompt's dtype.
+        with timer("condition_encode"):
+            small = image_prep.prompt_images_later(pipe, request.images)  # on another core from here on
+            with telemetry.step_range("digests"):
+                ids["digests"] = cache.digests_of(request.images)  # both stages' cache keys: hashed once
+            area = condition_area(request)
+            if request.condition_area is None:
+                notes.append(f"condition_area=auto: {request.condition_area_used}")
+            condition, hit = cache.encode_condition(
+                self.cache, pipe, request, **ids, area=area, device=device, dtype=pipe.text_encoder.dtype
+            )
+            notes += ["condition cache hit"] if hit else []
+        with timer("text_encode"):
+            if meanwhile is not None:
+                meanwhile()
+            prompt, negative, hit = cache.encode_prompts(
+                self.cache, pipe, request, **ids, fixes=self.fixes, device=device, uses_cfg=uses_cfg, small=small
+            )
+            if hit:
+                notes.insert(0, "prompt cache hit")
         return stages.Encoded(prompt, negative, condition), notes
 
     def rewrite_prompt(

@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from qie.core import stages
-from qie.core.image_prep import PromptPrep
 from qie.core.images import image_digest
 from qie.telemetry import step_range
 
@@ -86,11 +85,6 @@ class LRUCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __contains__(self, key: Hashable) -> bool:
-        """Whether `key` is stored (neither a hit nor a miss; it may be evicted before a `get`)."""
-        with self._lock:
-            return key in self._entries
 
     def stats(self) -> dict[str, int]:
         """Entries, bytes held, hits and misses."""
@@ -164,62 +158,34 @@ def encode_prompts(
     device: torch.device,
     uses_cfg: bool | None = None,
     digests: tuple[str, ...] | None = None,
-    prep: PromptPrep | None = None,
+    small: Callable[[], list[Image.Image]] | None = None,
 ) -> tuple[stages.PromptEmbeds, stages.PromptEmbeds | None, bool]:
     """The request's prompt (and, with CFG, negative prompt) embeddings, from the cache when there.
 
     `uses_cfg` overrides the request's own CFG setting (fast mode runs without CFG). `digests` are
     the images' `digests_of`, when the caller has them (hashing a 1024² image takes a few ms);
-    `prep` gives the small images and the processor's tensors when the caller started them early
-    (`qie.core.image_prep`; `prompts_to_encode` says which). Returns (prompt, negative or None,
-    True when nothing had to be encoded).
+    `small` gives the images' `stages.prompt_images` when the caller started them early
+    (`qie.core.image_prep`). Returns (prompt, negative or None, True when nothing had to be encoded).
     """
     digests = digests if digests is not None else digests_of(request.images)
-    keys = _prompt_keys(
-        pipe, request, model=model, revision=revision, fixes=fixes, device=device, uses_cfg=uses_cfg, digests=digests
-    )
+    fix = fixes["mm_token_type_ids"]
     images: list[Image.Image] = []
 
     def encode(text: str) -> stages.PromptEmbeds:
         if not images:
             with step_range("prompt-images"):
-                images.extend(prep.images() if prep is not None else stages.prompt_images(pipe, request.images))
-        inputs = prep.inputs(text) if prep is not None else None
-        fix = fixes["mm_token_type_ids"]
-        return stages.encode_prompt(pipe, text, images, device=device, forward_mm_token_type_ids=fix, inputs=inputs)
+                images.extend(small() if small is not None else stages.prompt_images(pipe, request.images))
+        return stages.encode_prompt(pipe, text, images, device=device, forward_mm_token_type_ids=fix)
 
-    (text, key), *rest = keys
-    prompt, hit = cached(cache.prompts, key, lambda: encode(text))
+    base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))
+    prompt, hit = cached(cache.prompts, ("prompt", request.prompt, *base), lambda: encode(request.prompt))
     negative = None
-    for text, key in rest:
-        negative, neg_hit = cached(cache.prompts, key, lambda t=text: encode(t))
+    if request.uses_cfg if uses_cfg is None else uses_cfg:
+        negative, neg_hit = cached(
+            cache.prompts, ("negative", request.negative_prompt, *base), lambda: encode(request.negative_prompt)
+        )
         hit = hit and neg_hit
     return prompt, negative, hit
-
-
-def prompts_to_encode(cache: EditCache, pipe: Any, request: Any, **args: Any) -> list[str]:
-    """The texts `encode_prompts(cache, pipe, request, **args)` would run the text encoder on now: those not
-    cached (asking counts neither a hit nor a miss). `args` are its keyword arguments, `digests` required."""
-    return [text for text, key in _prompt_keys(pipe, request, **args) if key not in cache.prompts]
-
-
-def _prompt_keys(
-    pipe: Any,
-    request: Any,
-    *,
-    model: str,
-    revision: str | None,
-    fixes: dict[str, bool],
-    device: torch.device,
-    uses_cfg: bool | None = None,
-    digests: tuple[str, ...],
-) -> list[tuple[str, tuple]]:
-    """(text, cache key) of the prompt and, with CFG, the negative prompt."""
-    base = (model, revision, digests, tuple(sorted(fixes.items())), str(device), str(pipe.text_encoder.dtype))
-    keys = [(request.prompt, ("prompt", request.prompt, *base))]
-    if request.uses_cfg if uses_cfg is None else uses_cfg:
-        keys.append((request.negative_prompt, ("negative", request.negative_prompt, *base)))
-    return keys
 
 
 def encode_condition(

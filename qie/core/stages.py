@@ -16,7 +16,6 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,14 +70,27 @@ def prompt_images(pipe, images: Sequence[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def prompt_inputs(pipe, prompt: str, images: Sequence[Image.Image]) -> Any:
-    """The processor's tensors for the templated `prompt` and the (small) input images, on the host:
-    token ids, attention mask, pixel values and grids (a transformers `BatchFeature`).
+def encode_prompt(
+    pipe,
+    prompt: str,
+    images: Sequence[Image.Image],
+    *,
+    device: torch.device,
+    forward_mm_token_type_ids: bool = True,
+) -> PromptEmbeds:
+    """Run the Qwen2.5-VL text encoder on the templated prompt and the (small) input images.
 
-    The host half of `encode_prompt`, which an edit runs on a worker thread (`qie.core.image_prep`).
-    Raises `InvalidRequestError` for a prompt of more than `MAX_PROMPT_TOKENS` tokens with its images.
+    Only the last hidden states are read, so the base model runs without the LM head
+    (`hidden_state_model`); the result is bit-identical to the full model's.
+
+    With transformers 5.x the processor returns `mm_token_type_ids`, which Qwen2.5-VL needs to
+    build its 3-D M-RoPE positions for image tokens; stock diffusers (<= 0.42) does not pass it
+    and the encoder silently falls back to sequential positions (diffusers issue #14194). qie
+    passes it when the processor returns it and the encoder accepts it. Remove this once the
+    upstream pipeline forwards it (tests/test_prompt_encoding.py will say so).
     """
     template = pipe.prompt_template_encode
+    drop = pipe.prompt_template_encode_start_idx
     image_prompt = "".join(IMAGE_PROMPT.format(i + 1) for i in range(len(images)))
     with step_range("processor"):
         inputs = pipe.processor(
@@ -92,34 +104,8 @@ def prompt_inputs(pipe, prompt: str, images: Sequence[Image.Image]) -> Any:
         raise InvalidRequestError(
             "prompt", f"<{n_tokens} tokens with images>", f"shorten it: at most {MAX_PROMPT_TOKENS} tokens"
         )
-    return inputs
-
-
-def encode_prompt(
-    pipe,
-    prompt: str,
-    images: Sequence[Image.Image],
-    *,
-    device: torch.device,
-    forward_mm_token_type_ids: bool = True,
-    inputs: Any = None,
-) -> PromptEmbeds:
-    """Run the Qwen2.5-VL text encoder on the templated prompt and the (small) input images.
-
-    `inputs` are `prompt_inputs(pipe, prompt, images)` when the caller made them already (else they
-    are made here). Only the last hidden states are read, so the base model runs without the LM head
-    (`hidden_state_model`); the result is bit-identical to the full model's.
-
-    With transformers 5.x the processor returns `mm_token_type_ids`, which Qwen2.5-VL needs to
-    build its 3-D M-RoPE positions for image tokens; stock diffusers (<= 0.42) does not pass it
-    and the encoder silently falls back to sequential positions (diffusers issue #14194). qie
-    passes it when the processor returns it and the encoder accepts it. Remove this once the
-    upstream pipeline forwards it (tests/test_prompt_encoding.py will say so).
-    """
-    drop = pipe.prompt_template_encode_start_idx
-    if inputs is None:
-        inputs = prompt_inputs(pipe, prompt, images)
-    n_tokens = int(inputs["attention_mask"].sum())
+    # One prompt has no padding: without a mask the attention is the same causal attention, and neither
+    # transformers nor the slicing below reads the mask back from the GPU.
     every_token = n_tokens == inputs["attention_mask"].numel()
     with step_range("prompt-upload"):
         inputs = inputs.to(device)

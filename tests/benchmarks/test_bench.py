@@ -70,9 +70,6 @@ def test_fast_path_sections_on_the_tiny_model(tmp_path, monkeypatch):
     # against the same fast edits on a fresh pipeline: the same plan and precision on the CPU, so equal
     assert fast4["psnr_vs_ref"] == fast8["psnr_vs_ref"] == float("inf")
     assert "first_edit" not in fast4["e2e_s"]  # only the section's first edit compiles
-    ab = fast8["profile"]["prompt_prep_ab"]  # the fastest 8-step edit, processor on the worker against inline
-    assert ab["worker_s"] > 0 and ab["main_thread_s"] > 0
-    assert ab["worker_saved_s"] == pytest.approx(ab["main_thread_s"] - ab["worker_s"])
     profile = fast4["profile"]
     assert profile["categories_s"]["gemm"] > 0 and profile["floors_s"]["attention"] > 0
     assert profile["counts"]["image_tokens"] == 2 * 4 * 4 and profile["host_syncs"] == {}
