@@ -20,7 +20,10 @@ Sections (``--sections``):
   placement text encoder (bf16 / fp8 storage) and VAE tiling choices on fp8-te-stream (`benchmarks.placement`)
 
 The JSON goes to ``--out`` (default ``benchmarks/``), one line of summary per configuration
-is printed, and a table at the end. Arguments: see `python -m qie bench --help`.
+is printed, and a table at the end. On CUDA, ``nvidia-smi`` samples the GPU's SM clock, power and
+clock-limit reasons every 100 ms beside the run (``smi-<tag>.csv``), and each row gets a summary of
+the samples taken while the GPU was busy in its window (``clocks``; `benchmarks.clocks`).
+Arguments: see `python -m qie bench --help`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from benchmarks.clocks import ClockTrace
 from benchmarks.placement import run_placement
 from benchmarks.probes import PROMPT, Row, probe_qie, probe_stock
 from qie.core.registry import check_variant
@@ -77,6 +81,9 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
+        self.clocks: ClockTrace | None = None
+        self.clock_note = self.start_clocks()
+        self.row_start = time.time()  # the current row's window in the clock trace begins here
 
     def check_time(self, what: str) -> None:
         """Stop starting new work once `--max-seconds` have passed, so the JSON always comes back."""
@@ -211,8 +218,29 @@ class Bench:
         """The fastest plan this device runs: resident-fp8 (with compile) on a GPU, resident on the CPU."""
         return "resident-fp8" if self.device.type == "cuda" else "resident"
 
+    def start_clocks(self) -> str:
+        """Start sampling the GPU's clock and power into `smi-<tag>.csv` (`benchmarks.clocks`); what runs."""
+        if self.device.type != "cuda":
+            return "off: not a CUDA device"
+        uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
+        trace = ClockTrace(self.out / f"smi-{self.args.tag}.csv", gpu=f"GPU-{uuid}" if uuid else self.device.index or 0)
+        why_not = trace.start()
+        if why_not:
+            return f"off: {why_not}"
+        self.clocks = trace
+        return f"nvidia-smi every {trace.interval_ms} ms: smi-{self.args.tag}.csv"
+
+    def stop_clocks(self) -> None:
+        if self.clocks is not None:
+            self.clocks.stop()
+
     def add(self, row: Row) -> None:
-        """Keep `row`, print its line and save the JSON."""
+        """Keep `row` (with the clock summary of its window: since the previous row or the section's start),
+        print its line and save the JSON."""
+        now = time.time()
+        if self.clocks is not None:
+            row.clocks = self.clocks.summary(self.row_start, now)
+        self.row_start = now
         self.rows.append(row)
         self.report(row)
         self.save()
@@ -228,10 +256,18 @@ class Bench:
             f"  psnr {f(row.psnr_vs_ref, '{:.1f}')}" + "".join(f"  {k} {v:.2f}s" for k, v in row.e2e_s.items()),
             flush=True,
         )
+        if row.clocks:
+            c = row.clocks
+            print(
+                f"[bench]   GPU busy: SM {c['sm_mhz_median']:.0f} MHz (10th percentile {c['sm_mhz_p10']:.0f}),"
+                f" {c['power_w_median']:.0f} W, power-capped {c['power_capped']:.0%} of {c['samples']} samples",
+                flush=True,
+            )
 
     def section(self, name: str, fn) -> None:
         print(f"[bench] --- {name}", flush=True)
         start = time.perf_counter()
+        self.row_start = time.time()
         try:
             fn()
         except Exception as exc:  # keep the other sections' numbers
@@ -266,6 +302,7 @@ class Bench:
                 "probe_steps_cfg": self.args.probe_steps,
                 "prompt": PROMPT,
                 "weights": "random (seeded), full-size configs" if self.args.scale == "full" else "tiny random",
+                "clock_trace": self.clock_note,
             },
             "rows": [{**asdict(r), "model_variant": self.variant} for r in self.rows],
             "budgets": self.budgets,
@@ -545,12 +582,17 @@ def run(args: argparse.Namespace) -> int:
     every = {**SECTIONS, **bench_fast.SECTIONS}
     for name in sections:
         if name not in every:
+            bench.stop_clocks()
             raise SystemExit(f"--sections: unknown section {name!r}; use {list(every)}")
-        cuda_only = ("fp8", "budgets", "placement", "fast-budget", *bench_fast.CUDA_ONLY)
-        if name in cuda_only and bench.device.type != "cuda":
-            print(f"[bench] section {name} needs CUDA; skipped", flush=True)
-            continue
-        bench.section(name, lambda n=name: every[n](bench))
+    try:
+        for name in sections:
+            cuda_only = ("fp8", "budgets", "placement", "fast-budget", *bench_fast.CUDA_ONLY)
+            if name in cuda_only and bench.device.type != "cuda":
+                print(f"[bench] section {name} needs CUDA; skipped", flush=True)
+                continue
+            bench.section(name, lambda n=name: every[n](bench))
+    finally:
+        bench.stop_clocks()
     path = bench.save()
     print(bench.table())
     print(f"[bench] wrote {path}")

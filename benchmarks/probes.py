@@ -46,6 +46,7 @@ class Row:
     ratio_step_nocfg: float | None = None
     e2e_s: dict[str, float] = field(default_factory=dict)  # other end-to-end timings, by label
     profile: dict[str, Any] = field(default_factory=dict)  # `benchmarks.profiling.profile_forward` at this size
+    clocks: dict[str, Any] | None = None  # `benchmarks.clocks.summarize` of the row's window (CUDA with nvidia-smi)
     notes: list[str] = field(default_factory=list)
 
 
