@@ -222,13 +222,18 @@ class Bench:
         """Start sampling the GPU's clock and power into `smi-<tag>.csv` (`benchmarks.clocks`); what runs."""
         if self.device.type != "cuda":
             return "off: not a CUDA device"
-        uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
-        trace = ClockTrace(self.out / f"smi-{self.args.tag}.csv", gpu=f"GPU-{uuid}" if uuid else self.device.index or 0)
-        why_not = trace.start()
-        if why_not:
-            return f"off: {why_not}"
-        self.clocks = trace
-        return f"nvidia-smi every {trace.interval_ms} ms: smi-{self.args.tag}.csv"
+        uuid = str(getattr(torch.cuda.get_device_properties(self.device), "uuid", "") or "")
+        gpus: list[int | str] = [uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"] if uuid else []
+        gpus.append(self.device.index or 0)  # nvidia-smi's index: right unless CUDA_VISIBLE_DEVICES reorders
+        reasons = []
+        for gpu in gpus:
+            trace = ClockTrace(self.out / f"smi-{self.args.tag}.csv", gpu=gpu)
+            why_not = trace.start()
+            if why_not is None:
+                self.clocks = trace
+                return f"nvidia-smi --id={gpu} every {trace.interval_ms} ms: smi-{self.args.tag}.csv"
+            reasons.append(why_not)
+        return "off: " + "; ".join(reasons)
 
     def stop_clocks(self) -> None:
         if self.clocks is not None:

@@ -30,6 +30,7 @@ TIME_FORMAT = "%Y/%m/%d %H:%M:%S.%f"  # nvidia-smi's timestamp, in the machine's
 BUSY_UTIL = 50.0  # samples below this GPU utilization (compiles, host work) are left out of a summary
 POWER_REASONS = 0x4 | 0x80  # software power cap, hardware power brake
 THERMAL_REASONS = 0x20 | 0x40  # software and hardware thermal slowdown
+STARTUP_S = 0.3  # how long `start` waits to see that nvidia-smi keeps running
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,13 @@ class ClockTrace:
         self._file = self.path.open("w")
         try:
             self._process = subprocess.Popen(command, stdout=self._file, stderr=subprocess.DEVNULL)
+            code = self._process.wait(timeout=STARTUP_S)  # a GPU it does not know: it exits at once
+        except subprocess.TimeoutExpired:
+            return None  # sampling
         except OSError as exc:
-            self._file.close()
-            return f"{self.binary} did not start: {exc}"
-        return None
+            code = f"did not start: {exc}"
+        self.stop()
+        return f"{self.binary} --id={self.gpu}: {code if isinstance(code, str) else f'exited at once (code {code})'}"
 
     def samples(self) -> list[Sample]:
         """The samples written so far."""

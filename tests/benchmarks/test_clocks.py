@@ -73,6 +73,18 @@ def test_a_trace_samples_until_stopped(fake_smi, tmp_path):
     assert len(trace.samples()) == written  # stopped: nothing more is written
 
 
+def test_an_nvidia_smi_that_exits_at_once_is_no_trace(tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/bash\necho 'No devices were found' >&2\nexit 6\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    trace = ClockTrace(tmp_path / "smi.csv", gpu="GPU-unknown")
+    assert trace.start() == "nvidia-smi --id=GPU-unknown: exited at once (code 6)"
+    assert trace.samples() == []
+
+
 def test_without_nvidia_smi_a_trace_says_why_and_runs_nothing(tmp_path):
     trace = ClockTrace(tmp_path / "smi.csv", binary="nvidia-smi-that-is-not-there")
     assert trace.start() == "nvidia-smi-that-is-not-there not found"
