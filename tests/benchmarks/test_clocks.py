@@ -109,3 +109,36 @@ def test_a_bench_row_gets_the_clocks_of_its_window(fake_smi, tmp_path):
         bench.stop_clocks()
     clocks = bench.payload()["rows"][0]["clocks"]
     assert clocks["samples"] >= 3 and clocks["power_w_median"] == 690.5
+
+
+@pytest.mark.parametrize(
+    ("accepted", "expected"),
+    [("GPU-ffc79498-8ff3-c2dc-3b0d-fafd804516ae", "--id=GPU-ffc79498"), ("0", "--id=0 "), ("none", "off: ")],
+)
+def test_the_bench_names_its_gpu_by_uuid_then_by_index(tmp_path, monkeypatch, accepted, expected):
+    """torch gives the UUID without nvidia-smi's "GPU-" prefix; an nvidia-smi that does not know it gets the index."""
+    import types
+
+    import torch
+
+    from benchmarks.bench import Bench
+    from qie.cli.main import build_parser
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "nvidia-smi"
+    script.write_text(
+        f'#!/bin/bash\ncase "$*" in *--id={accepted}) ;; *) exit 6;; esac\nwhile true; do sleep 0.05; done\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    props = types.SimpleNamespace(uuid="ffc79498-8ff3-c2dc-3b0d-fafd804516ae")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    bench = Bench(build_parser().parse_args(["bench", "--out", str(tmp_path), "--tag", "t", "--device", "cpu"]))
+    bench.device = torch.device("cuda", 0)  # as on a GPU machine
+    try:
+        note = bench.start_clocks()
+    finally:
+        bench.stop_clocks()
+    assert expected in f"{note} "
+    assert (bench.clocks is None) == (accepted == "none")
