@@ -578,17 +578,16 @@ def run(args: argparse.Namespace) -> int:
     for mode in str(getattr(args, "compile_modes", "")).split(","):
         if mode and mode not in COMPILE_MODES:
             raise SystemExit(f"--compile-modes: unknown mode {mode!r}; use {', '.join(COMPILE_MODES)}")
-    bench = Bench(args)
-    sections = [s for s in args.sections.split(",") if s]
-    if "stock" not in sections:
-        print("[bench] note: without the stock section there are no ratios", flush=True)
     from benchmarks import bench_fast
 
+    sections = [s for s in args.sections.split(",") if s]
     every = {**SECTIONS, **bench_fast.SECTIONS}
     for name in sections:
         if name not in every:
-            bench.stop_clocks()
             raise SystemExit(f"--sections: unknown section {name!r}; use {list(every)}")
+    bench = Bench(args)  # starts the clock trace: after the arguments are checked
+    if "stock" not in sections:
+        print("[bench] note: without the stock section there are no ratios", flush=True)
     try:
         for name in sections:
             cuda_only = ("fp8", "budgets", "placement", "fast-budget", *bench_fast.CUDA_ONLY)

@@ -419,18 +419,12 @@ def _small_gemm(m: int, k: int, n: int, device: torch.device, bandwidth: float) 
 
     from benchmarks import gemm_variants as variants
     from qie.memory import few_rows_gemm_kernels
-    from qie.memory.fp8_matmul import quantize_rows
+    from qie.memory.fp8_matmul import cublas_rows, quantize_rows
 
     xq, xs = quantize_rows(torch.randn(m, k, device=device, dtype=torch.bfloat16))
     wq, ws = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5)
     bias = torch.randn(n, device=device, dtype=torch.bfloat16)
-
-    def cublas(xq, xs, wq, ws, bias):
-        return torch._scaled_mm(
-            xq, wq.t(), scale_a=xs, scale_b=ws.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
-        )
-
-    ref = cublas(xq, xs, wq, ws, bias)
+    ref = cublas_rows(xq, xs, wq, ws, bias, torch.bfloat16)
     y = torch.empty_like(ref)
     forms: dict[str, Any] = {}
 
@@ -466,7 +460,7 @@ def _small_gemm(m: int, k: int, n: int, device: torch.device, bandwidth: float) 
     row: dict[str, Any] = {
         "shape": [m, k, n],
         "floor_us": round((wq.numel() + xq.numel() + ref.numel() * 2) / bandwidth * 1e6, 2),
-        "cublas_us": round(graph_ms(lambda: cublas(xq, xs, wq, ws, bias)) * 1e3, 2),
+        "cublas_us": round(graph_ms(lambda: cublas_rows(xq, xs, wq, ws, bias, torch.bfloat16)) * 1e3, 2),
         "triton_us": forms,
     }
     times = {name: v[0] for name, v in forms.items() if isinstance(v, list)}

@@ -118,11 +118,24 @@ def scaled_mm_rows(
     bias = None if bias is None else bias.to(out_dtype)
     if xq.is_cuda and few_rows_gemm.serves(xq, values):
         return few_rows_gemm.fp8_rows_gemm(xq, xs, values, scales, bias, out_dtype)
-    if xq.is_cuda:  # the bias is added in the GEMM's epilogue
-        return torch._scaled_mm(
-            xq, values.t(), scale_a=xs, scale_b=scales.t(), bias=bias, out_dtype=out_dtype, use_fast_accum=True
-        )
+    if xq.is_cuda:
+        return cublas_rows(xq, xs, values, scales, bias, out_dtype)
     return few_rows_gemm.emulate(xq, xs, values, scales, bias, out_dtype)
+
+
+def cublas_rows(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`scaled_mm_rows`' product as one cuBLAS `torch._scaled_mm` at any row count (CUDA; `bias` already in
+    `out_dtype`, added in the GEMM's epilogue): what the few-rows kernel is measured against."""
+    return torch._scaled_mm(
+        xq, values.t(), scale_a=xs, scale_b=scales.t(), bias=bias, out_dtype=out_dtype, use_fast_accum=True
+    )
 
 
 class Fp8RowLinear(nn.Linear):

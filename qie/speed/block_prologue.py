@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qie.memory.few_rows_gemm import silu_linears, silu_linears_fusable
+from qie.memory.few_rows_gemm import Rows, silu_linears, silu_linears_fusable
 from qie.memory.fp8_matmul import fp8_rows
 from qie.memory.fp8_mlp import Fp8GeluFeedForward
 from qie.memory.norm_quantize import add_norm_modulate_quantize, norm_modulate_quantize
@@ -49,7 +49,7 @@ def modulation(mod_params: torch.Tensor, index: torch.Tensor | None = None) -> t
     return tuple(torch.where(first, p[:half].unsqueeze(1), p[half:].unsqueeze(1)) for p in (shift, scale, gate))
 
 
-def _modulation_rows(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _modulation_rows(mod: torch.nn.Module) -> Rows | None:
     """(fp8 values, scales, bias) of a diffusers modulation layer, `Sequential(SiLU, Linear)`, stored as fp8
     rows with a bias; else None."""
     if not isinstance(mod, torch.nn.Sequential) or len(mod) != 2 or not isinstance(mod[0], torch.nn.SiLU):

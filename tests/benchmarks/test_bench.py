@@ -82,6 +82,17 @@ def test_fast_path_sections_on_the_tiny_model(tmp_path, monkeypatch):
     assert not any(name.startswith("compile mode") for name in rows)  # needs CUDA
 
 
+def test_an_unknown_section_stops_the_bench_before_it_starts(tmp_path):
+    from benchmarks.bench import run
+    from qie.cli.main import build_parser
+
+    out = tmp_path / "out"
+    args = build_parser().parse_args(["bench", "--sections", "stock,turbo", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--sections: unknown section 'turbo'"):
+        run(args)
+    assert not out.exists()  # no bench was made (nor a clock trace started)
+
+
 def test_an_unknown_compile_mode_stops_the_bench(tmp_path):
     from benchmarks.bench import run
     from qie.cli.main import build_parser
